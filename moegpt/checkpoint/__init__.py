@@ -1,0 +1,1 @@
+"""Model directories (HF Mixtral format) and training checkpoints."""

@@ -1,0 +1,171 @@
+"""HF Mixtral model directories: config.json <-> ModelConfig, and the one name-mapping table between
+our parameter names and HF's.
+
+A directory holds config.json (model_type "mixtral"), model.safetensors (or shards with
+model.safetensors.index.json), tokenizer.json and generation_config.json. HF stores each expert's
+matrices separately (w1 = gate, w3 = up, w2 = down); we stack them per layer as (E, out, in).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from moegpt.config import MLPKind, ModelConfig
+
+# Our name -> HF name, "{i}" for the layer. Expert weights are handled by EXPERT_NAMES.
+NAME_MAP: dict[str, str] = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "layers.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "layers.{i}.attn.wq.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "layers.{i}.attn.wk.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "layers.{i}.attn.wv.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "layers.{i}.attn.wo.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "layers.{i}.ffn.router.weight": "model.layers.{i}.block_sparse_moe.gate.weight",
+}
+# Our stacked expert tensor -> HF per-expert name, "{e}" for the expert.
+EXPERT_NAMES: dict[str, str] = {
+    "layers.{i}.ffn.experts.w_gate": "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
+    "layers.{i}.ffn.experts.w_down": "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
+    "layers.{i}.ffn.experts.w_up": "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
+}
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def mixtral_incompatibility(cfg: ModelConfig) -> str | None:
+    """Why Mixtral's format cannot express this shape, or None when it can."""
+    if cfg.mlp != MLPKind.SWIGLU:
+        return f"mlp={cfg.mlp.value} experts (Mixtral experts are SwiGLU)"
+    if cfg.moe_every != 1:
+        return f"moe_every={cfg.moe_every} dense layers (every Mixtral layer is MoE)"
+    if cfg.capacity_factor is not None:
+        return f"capacity_factor={cfg.capacity_factor} (Mixtral routes every token; use capacity_factor=None)"
+    return None
+
+
+def config_to_hf(cfg: ModelConfig, bos_id: int | None, eos_id: int | None, pad_id: int | None) -> dict:
+    reason = mixtral_incompatibility(cfg)
+    if reason is not None:
+        raise ValueError(f"cannot save as an HF Mixtral directory: {reason}")
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "num_local_experts": cfg.n_experts,
+        "num_experts_per_tok": cfg.top_k,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        # transformers 4.x reads rope_theta, 5.x reads rope_parameters.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "sliding_window": None,
+        "attention_dropout": 0.0,
+        "router_jitter_noise": 0.0,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "torch_dtype": "float32",
+    }
+
+
+def config_from_hf(d: dict, where: str = "config.json") -> ModelConfig:
+    if d.get("model_type") != "mixtral":
+        raise ValueError(f"{where}: model_type={d.get('model_type')!r}, expected 'mixtral'")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act={d['hidden_act']!r}, only 'silu' Mixtral experts are supported")
+    if d.get("sliding_window") not in (None, 0) and d["sliding_window"] < d.get("max_position_embeddings", 0):
+        raise ValueError(f"{where}: sliding_window={d['sliding_window']} is not supported")
+    rope = d.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{where}: rope_type={rope['rope_type']!r} is not supported (only 'default')")
+    theta = rope.get("rope_theta", d.get("rope_theta", 1e6))
+    try:
+        return ModelConfig(
+            vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=d["num_hidden_layers"],
+            n_heads=d["num_attention_heads"], n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim"), d_ff=d["intermediate_size"], mlp=MLPKind.SWIGLU,
+            n_experts=d["num_local_experts"], top_k=d["num_experts_per_tok"], moe_every=1,
+            rope_theta=float(theta), max_seq_len=d.get("max_position_embeddings", 4096),
+            norm_eps=d.get("rms_norm_eps", 1e-5), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        )
+    except KeyError as e:
+        raise ValueError(f"{where}: missing field {e.args[0]!r}") from None
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict -> HF Mixtral tensor names (experts unstacked)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        m = _LAYER.match(name)
+        i = m.group(1) if m else None
+        template = _LAYER.sub("layers.{i}.", name)
+        if template in NAME_MAP:
+            out[NAME_MAP[template].format(i=i)] = t.contiguous()
+        elif template in EXPERT_NAMES:
+            for e in range(t.shape[0]):
+                out[EXPERT_NAMES[template].format(i=i, e=e)] = t[e].contiguous()
+        else:
+            raise KeyError(f"no HF name for parameter {name!r}")
+    return out
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF Mixtral tensors -> our state dict; every expected tensor must be present."""
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def take(hf_name: str) -> torch.Tensor:
+        if hf_name not in hf:
+            raise ValueError(f"checkpoint is missing tensor {hf_name!r}")
+        used.add(hf_name)
+        return hf[hf_name]
+
+    for ours, theirs in NAME_MAP.items():
+        if ours == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        layers = range(cfg.n_layers) if "{i}" in ours else [None]
+        for i in layers:
+            out[ours.format(i=i)] = take(theirs.format(i=i))
+    for ours, theirs in EXPERT_NAMES.items():
+        for i in range(cfg.n_layers):
+            out[ours.format(i=i)] = torch.stack([take(theirs.format(i=i, e=e)) for e in range(cfg.n_experts)])
+    if cfg.tie_embeddings:
+        used.add("lm_head.weight")  # some writers store the tied head anyway
+    unused = sorted(set(hf) - used)
+    if unused:
+        raise ValueError(f"checkpoint has {len(unused)} unexpected tensor(s), e.g. {unused[0]!r}")
+    return out
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or the shards listed in model.safetensors.index.json."""
+    from safetensors.torch import load_file
+
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    try:
+        if single.exists():
+            return load_file(single)
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            tensors: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                tensors.update(load_file(directory / shard))
+            return tensors
+    except Exception as e:  # safetensors raises several types for truncated/corrupt files
+        raise ValueError(f"{directory}: cannot read weights ({type(e).__name__}: {e})") from None
+    raise ValueError(f"{directory}: no model.safetensors or model.safetensors.index.json")

@@ -1,0 +1,99 @@
+"""Save and load model directories in HF Mixtral's format (weights + config + tokenizer).
+
+``load(dir)`` reads any Mixtral directory, including one written by transformers'
+``MixtralForCausalLM.save_pretrained``; ``save(model, tokenizer, dir)`` writes one that
+``transformers.AutoModelForCausalLM.from_pretrained`` loads. Each file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from moegpt.checkpoint.hf import config_from_hf, config_to_hf, from_hf_state_dict, read_safetensors, to_hf_state_dict
+from moegpt.config import ModelConfig
+from moegpt.data.tokenizer import Tokenizer
+from moegpt.model import MoEGPT, build_model
+
+
+class LoadedModel(NamedTuple):
+    model: MoEGPT
+    tokenizer: Tokenizer | None  # None when the directory has no tokenizer.json
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    _write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def read_config(directory: str | Path) -> ModelConfig:
+    directory = Path(directory)
+    path = directory / "config.json"
+    if not directory.is_dir():
+        raise ValueError(f"model directory {str(directory)!r} does not exist")
+    try:
+        return config_from_hf(json.loads(path.read_text()), where=str(path))
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load a Mixtral-format model directory. ``dtype`` None keeps the stored dtype."""
+    directory = Path(directory)
+    cfg = read_config(directory)
+    tensors = read_safetensors(directory)
+    state = from_hf_state_dict(tensors, cfg)
+    with torch.device("meta"):
+        model = MoEGPT(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"{directory}: tensor {name} has shape {tuple(state[name].shape)}, config implies {shape}")
+    model.load_state_dict(state, assign=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    model = model.to(device)
+    tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").exists() else None
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{directory}: tokenizer vocab ({tokenizer.vocab_size}) exceeds model vocab_size ({cfg.vocab_size})")
+    return LoadedModel(model.eval(), tokenizer)
+
+
+def save(model: MoEGPT, tokenizer: Tokenizer | None, directory: str | Path) -> Path:
+    """Write ``model`` (and ``tokenizer``) as an HF Mixtral directory; returns the directory."""
+    from safetensors.torch import save_file
+
+    cfg = model.cfg
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer vocab ({tokenizer.vocab_size}) exceeds model vocab_size ({cfg.vocab_size})")
+    ids = {k: getattr(tokenizer, k, None) for k in ("bos_id", "eos_id", "pad_id")}
+    hf_config = config_to_hf(cfg, ids["bos_id"], ids["eos_id"], ids["pad_id"])  # raises for non-Mixtral shapes
+    dtype = next(model.parameters()).dtype
+    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu() for k, v in to_hf_state_dict(model.state_dict()).items()}
+    _write_atomic(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _write_json(directory / "config.json", hf_config)
+    generation = {"bos_token_id": ids["bos_id"], "eos_token_id": ids["eos_id"], "pad_token_id": ids["pad_id"]}
+    _write_json(directory / "generation_config.json", generation)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory

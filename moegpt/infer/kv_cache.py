@@ -1,0 +1,57 @@
+"""A plain contiguous KV cache: one (B, G, T_max, Dh) buffer pair per layer.
+
+Enough for single-stream generation; the paged cache of the inference engine builds on the same
+``KVCacheView`` seam. Legend: B batch, G kv heads, T new tokens, S cached length, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moegpt.config import ModelConfig
+
+
+class LayerCache:
+    """One layer's view: writes new K/V at their positions, returns the filled prefix."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v  # (B, G, T_max, Dh)
+        self.length = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        start, T = int(positions[0]), k.shape[2]
+        if start != self.length:
+            raise ValueError(f"cache holds {self.length} positions, new tokens start at {start}")
+        end = start + T
+        if end > self.k.shape[2]:
+            raise ValueError(f"sequence length {end} exceeds the cache's max_len {self.k.shape[2]}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        key_positions = torch.arange(end, device=k.device)  # (S,)
+        return self.k[:, :, :end], self.v[:, :, :end], key_positions
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (used to roll back rejected speculative tokens)."""
+        self.length = min(self.length, length)
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.layers = [LayerCache(torch.zeros(shape, device=device, dtype=dtype),
+                                  torch.zeros(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def __getitem__(self, i: int) -> LayerCache:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def truncate(self, length: int) -> None:
+        for layer in self.layers:
+            layer.truncate(length)

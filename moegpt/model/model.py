@@ -1,0 +1,112 @@
+"""The moegpt model: embedding -> N x [RMSNorm -> attention -> RMSNorm -> MoE/MLP] -> RMSNorm -> head.
+
+A plain module: no torch.distributed, no hidden state. Build it on the meta device to count or plan,
+then ``to_empty`` + ``init_weights`` to materialise. Parallelism is applied from outside.
+
+Legend: B batch, T tokens, D d_model, V vocab, E experts, Lm MoE layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from moegpt.config import ModelConfig
+from moegpt.model.attention import Attention, KVCacheView
+from moegpt.model.layers import MLP, RMSNorm, rope_cos_sin
+from moegpt.model.moe import MoE, RouterStats
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    router: list[RouterStats]  # one per MoE layer
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Mean load-balancing loss over MoE layers (0 for a dense model)."""
+        if not self.router:
+            return self.logits.new_zeros(())
+        return torch.stack([s.aux_loss for s in self.router]).mean()
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        if not self.router:
+            return self.logits.new_zeros(())
+        return torch.stack([s.z_loss for s in self.router]).mean()
+
+    @property
+    def expert_counts(self) -> torch.Tensor:
+        """(Lm, E) assignments per expert per MoE layer."""
+        return torch.stack([s.expert_counts for s in self.router])
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.d_model, cfg.d_ff, cfg.mlp)
+
+    def forward(self, x, cos, sin, positions, cache: KVCacheView | None = None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, positions, cache)
+        y, stats = self.ffn(self.ffn_norm(x))
+        return x + y, stats
+
+
+class MoEGPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: Sequence[KVCacheView] | None = None) -> ModelOutput:
+        """tokens (B, T); positions (T,) absolute positions (default 0..T-1); cache: one view per layer."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)  # (T, Dh) each
+        x = self.embed(tokens)  # (B, T, D)
+        stats: list[RouterStats] = []
+        for i, layer in enumerate(self.layers):
+            x, s = layer(x, cos, sin, positions, None if cache is None else cache[i])
+            if s is not None:
+                stats.append(s)
+        x = self.norm(x)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = x @ weight.t()  # (B, T, V)
+        return ModelOutput(logits=logits, router=stats)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """GPT-2 style: N(0, 0.02), output projections scaled by 1/sqrt(2L); norms at 1."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        std = 0.02
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+                continue
+            s = out_std if name.endswith(("wo.weight", "w_down")) else std
+            p.copy_(torch.randn(p.shape, generator=g) * s)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> MoEGPT:
+    """Build on the meta device, then materialise on ``device`` and initialise (meta stays empty)."""
+    with torch.device("meta"):
+        model = MoEGPT(cfg)
+    if torch.device(device).type == "meta":
+        return model
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model.to(dtype)
