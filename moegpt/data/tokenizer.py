@@ -1,0 +1,219 @@
+"""Byte-level BPE tokenizer: a thin wrapper over a Hugging Face `tokenizers.Tokenizer`.
+
+`Tokenizer.train` builds our own vocabulary (special tokens first, then the 256-byte
+alphabet, then merges), `Tokenizer.load` reads any `tokenizer.json` (ours or e.g. a
+Llama/Mixtral one), and `save` writes a directory that `transformers.AutoTokenizer`
+loads with identical ids. `encode` never adds special tokens behind the caller's back:
+the only special token it ever inserts is BOS, and only when asked (`add_bos=True`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+BOS = "<|bos|>"
+EOS = "<|eos|>"
+PAD = "<|pad|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+IMAGE = "<|image|>"
+NUM_RESERVED = 10
+# Order fixes the ids: bos=0, eos=1, pad=2, then chat/image markers, then spare slots
+# so later features can claim a special token without changing the vocabulary.
+SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, IM_START, IM_END, IMAGE) + tuple(
+    f"<|reserved_{i}|>" for i in range(NUM_RESERVED)
+)
+BYTE_ALPHABET_SIZE = 256
+
+# Fallback names tried (in order) when no tokenizer_config.json names the token.
+_KNOWN_BOS = (BOS, "<s>", "<|begin_of_text|>")
+_KNOWN_EOS = (EOS, "</s>", "<|endoftext|>", "<|end_of_text|>")
+_KNOWN_PAD = (PAD, "<pad>")
+
+
+class Tokenizer:
+    """Encode/decode text; knows its bos/eos/pad ids (None where the vocab has none)."""
+
+    def __init__(
+        self,
+        hf: HFTokenizer,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+    ) -> None:
+        self._hf = hf
+        self._bos_token = bos_token
+        self._eos_token = eos_token
+        self._pad_token = pad_token
+        self._bos_id = self._id_of(bos_token)
+        self._eos_id = self._id_of(eos_token)
+        self._pad_id = self._id_of(pad_token)
+
+    def _id_of(self, token: str | None) -> int | None:
+        if token is None:
+            return None
+        token_id = self._hf.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"special token {token!r} is not in the tokenizer's vocabulary")
+        return token_id
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        """Train a byte-level BPE vocabulary of exactly `vocab_size` entries on `texts`."""
+        minimum = len(SPECIAL_TOKENS) + BYTE_ALPHABET_SIZE
+        if vocab_size < minimum:
+            raise ValueError(f"vocab_size {vocab_size} is below the minimum {minimum} (bytes + special tokens)")
+        hf = HFTokenizer(models.BPE())
+        # use_regex=True gives GPT-2-style word splitting, so merges never cross word
+        # boundaries; add_prefix_space=False keeps decode(encode(s)) == s exactly.
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            # The full byte alphabet up front: any input is encodable, never <unk>.
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            min_frequency=2,
+            show_progress=False,
+        )
+        hf.train_from_iterator(texts, trainer=trainer)
+        shortfall = vocab_size - hf.get_vocab_size(with_added_tokens=True)
+        if shortfall > 0:
+            # A small corpus can run out of merges; pad with more reserved slots so the
+            # model's embedding size is always what the caller asked for.
+            extra = [f"<|reserved_{NUM_RESERVED + i}|>" for i in range(shortfall)]
+            hf.add_special_tokens(extra)
+        return cls(hf, BOS, EOS, PAD)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load a model directory (tokenizer.json [+ tokenizer_config.json]) or a tokenizer.json file."""
+        path = Path(path)
+        directory = path if path.is_dir() else path.parent
+        json_path = path / "tokenizer.json" if path.is_dir() else path
+        if not json_path.is_file():
+            raise ValueError(f"no tokenizer.json found at {json_path}")
+        try:
+            hf = HFTokenizer.from_file(str(json_path))
+        except Exception as exc:  # the Rust side raises a bare Exception on bad JSON
+            first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"cannot parse tokenizer file {json_path}: {first_line}") from None
+        config = _read_token_config(directory)
+        vocab = hf.get_vocab(with_added_tokens=True)
+        bos = config.get("bos_token") or _first_known(vocab, _KNOWN_BOS)
+        eos = config.get("eos_token") or _first_known(vocab, _KNOWN_EOS)
+        pad = config.get("pad_token") or _first_known(vocab, _KNOWN_PAD)
+        return cls(hf, bos, eos, pad)
+
+    def save(self, directory: str | Path, model_max_length: int | None = None) -> None:
+        """Write tokenizer.json + tokenizer_config.json loadable by transformers.AutoTokenizer."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._hf.save(str(directory / "tokenizer.json"))
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            # Off, or transformers' decode would rewrite " ." into "." and break round trips.
+            "clean_up_tokenization_spaces": False,
+        }
+        named = {"bos_token": self._bos_token, "eos_token": self._eos_token, "pad_token": self._pad_token}
+        config.update({key: token for key, token in named.items() if token is not None})
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+    # ---------------------------------------------------------------------- coding
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`; BOS is prepended only when `add_bos` is true."""
+        # add_special_tokens=False disables any post-processor template a loaded
+        # tokenizer.json carries (e.g. Llama's implicit <s>).
+        ids = self._hf.encode(text, add_special_tokens=False).ids
+        return [self._require_bos(), *ids] if add_bos else ids
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
+        """`encode` over many texts, tokenized in parallel on the Rust side."""
+        encodings = self._hf.encode_batch_fast(list(texts), add_special_tokens=False)
+        if add_bos:
+            bos = self._require_bos()
+            return [[bos, *e.ids] for e in encodings]
+        return [e.ids for e in encodings]
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        return self._hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def _require_bos(self) -> int:
+        if self._bos_id is None:
+            raise ValueError("add_bos=True but this tokenizer has no bos token")
+        return self._bos_id
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included (the model's embedding rows)."""
+        return self._hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos_id
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._pad_id
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._hf.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._hf.id_to_token(token_id)
+
+    def to_json(self) -> str:
+        """The full tokenizer.json text; identifies the tokenizer for cache fingerprints."""
+        return self._hf.to_str()
+
+    @property
+    def fingerprint(self) -> str:
+        """Short stable hash of the tokenizer definition and its bos/eos/pad choice."""
+        digest = hashlib.sha256(self.to_json().encode("utf-8"))
+        digest.update(repr((self._bos_token, self._eos_token, self._pad_token)).encode("utf-8"))
+        return digest.hexdigest()[:16]
+
+    @property
+    def hf(self) -> HFTokenizer:
+        """The wrapped `tokenizers.Tokenizer`, for callers needing features we don't wrap."""
+        return self._hf
+
+
+def _read_token_config(directory: Path) -> dict[str, str]:
+    """bos/eos/pad token strings from tokenizer_config.json (values may be str or {"content": str})."""
+    config_path = directory / "tokenizer_config.json"
+    if not config_path.is_file():
+        return {}
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot parse {config_path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path} is not a JSON object")
+    found: dict[str, str] = {}
+    for key in ("bos_token", "eos_token", "pad_token"):
+        value = raw.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            found[key] = value
+    return found
+
+
+def _first_known(vocab: dict[str, int], names: tuple[str, ...]) -> str | None:
+    return next((name for name in names if name in vocab), None)
