@@ -1,0 +1,12 @@
+"""`make bench`: every benchmark, one after another (never in parallel: timings would interfere)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHES = ["bench.train_throughput", "bench.generate_throughput"]
+
+if __name__ == "__main__":
+    failed = [m for m in BENCHES if subprocess.call([sys.executable, "-m", m], cwd=ROOT) != 0]
+    sys.exit(f"failed: {failed}" if failed else 0)

@@ -1,0 +1,5 @@
+import sys
+
+from moegpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,279 @@
+"""The ``moegpt`` command: train | generate | info | demo.
+
+Every subcommand validates its inputs before doing any work and reports bad input as one line,
+``moegpt: error: ...``, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from moegpt.train.config import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a ModelConfig field of the preset, e.g. --set n_layers=2 (repeatable)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step once ramped")
+    p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per forward/backward")
+    p.add_argument("--batch-start", type=int, default=None, help="sequences per step at the start of the ramp")
+    p.add_argument("--ramp-tokens", type=int, default=d.ramp_tokens, help="tokens over which the batch ramps up")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--aux-loss-coef", type=float, default=d.aux_loss_coef)
+    p.add_argument("--z-loss-coef", type=float, default=d.z_loss_coef)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--data", default="text:2,code:4",
+                   help="mixture as name:epochs,... (text, code, or name=PATH:epochs); default text:2,code:4")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: measured)")
+    p.add_argument("--cache-dir", default=None, help="token cache (default: $MOEGPT_CACHE or ~/.cache/moegpt)")
+    p.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this step")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text.lower() == "none":
+        return None
+    return text
+
+
+def model_config_from_args(args):
+    from moegpt.config import preset
+
+    cfg = preset(args.preset)
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        overrides[key.strip()] = _parse_value(value.strip())
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def train_config_from_args(args):
+    from moegpt.train.config import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, micro_batch=args.micro_batch,
+        batch_start=args.batch_start, ramp_tokens=args.ramp_tokens, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        aux_loss_coef=args.aux_loss_coef, z_loss_coef=args.z_loss_coef, bf16=args.bf16, seed=args.seed,
+        val_fraction=args.val_fraction, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        ckpt_every=args.ckpt_every, keep_checkpoints=args.keep_checkpoints, peak_flops=args.peak_flops,
+    )
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGINT/SIGTERM finish the current step, write a checkpoint and exit (a second one aborts)."""
+    event = threading.Event()
+
+    def handler(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt
+        print(f"\nmoegpt: signal {signum}: checkpointing after this step (again to abort)", file=sys.stderr)
+        event.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return event
+
+
+def run_training(args, out: Path, resume: bool):
+    from moegpt.data.sources import parse_mixture
+    from moegpt.train.trainer import Trainer, default_cache_dir
+
+    model_cfg, train_cfg = model_config_from_args(args), train_config_from_args(args)
+    sources = parse_mixture(args.data)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    trainer = Trainer(model_cfg, train_cfg, out, sources, cache_dir, resume=resume)
+    from moegpt.counts import param_counts
+
+    counts = param_counts(model_cfg)
+    print(f"moegpt: training {args.preset}: {counts.total / 1e6:.2f}M params ({counts.active_per_token / 1e6:.2f}M active/token), "
+          f"data {', '.join(f'{n} x{e:g}' for n, e in zip(trainer.data.names, trainer.data.epochs))}, "
+          f"from step {trainer.step} to {train_cfg.steps}", flush=True)
+    result = trainer.run(stop_at=args.stop_at, stop_requested=_stop_on_signals(), progress=not args.no_progress)
+    print(f"validation loss (nats/token; unigram baseline {result.unigram_baseline:.3f}):")
+    for step, val in result.val_losses:
+        print(f"  step {step:6d}  {val:.3f}")
+    if result.finished:
+        print(f"model directory: {out}")
+    else:
+        print(f"stopped at step {result.step}; continue with --resume --out {out}")
+    return trainer, result
+
+
+def cmd_train(args) -> int:
+    run_training(args, Path(args.out), args.resume)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from moegpt.checkpoint.model_dir import load
+    from moegpt.infer.generate import generate_tokens
+    from moegpt.infer.sampling import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    model, tokenizer = load(args.model)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer.json")
+    ids = tokenizer.encode(args.prompt, add_bos=tokenizer.bos_id is not None)
+    prompt = torch.tensor([ids])
+    gen = torch.Generator().manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    out: list[int] = []
+    shown = ""
+    for tok in generate_tokens(model, prompt, args.max_tokens, params, tokenizer.eos_id, gen):
+        if tokenizer.eos_id is not None and int(tok) == tokenizer.eos_id:
+            break
+        out.append(int(tok))
+        text = tokenizer.decode(out)
+        if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write(tokenizer.decode(out)[len(shown):] + "\n")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from moegpt.config import preset
+    from moegpt.counts import forward_flops_per_token, kv_cache_bytes_per_token, param_counts
+
+    cfg = preset(args.preset)
+    c = param_counts(cfg)
+    info = {
+        "preset": args.preset,
+        "config": cfg.to_dict(),
+        "params": c.to_dict(),
+        "forward_flops_per_token": forward_flops_per_token(cfg),
+        "forward_flops_per_token_at_context": forward_flops_per_token(cfg, args.context),
+        "context": args.context,
+        "kv_cache_bytes_per_token_fp16": kv_cache_bytes_per_token(cfg, 2),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+
+    def n(x: float) -> str:
+        for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+            if x >= div:
+                return f"{x / div:.3g}{unit}"
+        return str(x)
+
+    rows = [
+        ("total parameters", n(c.total)), ("active per token", n(c.active_per_token)),
+        ("attention", n(c.attention)), ("embedding (+ head)", n(c.embedding)),
+        ("per expert (all layers)", n(c.per_expert)), ("all experts", n(c.experts_total)),
+        ("router", n(c.router)), ("forward FLOPs/token", n(info["forward_flops_per_token"])),
+        (f"forward FLOPs/token @ {args.context} ctx", n(info["forward_flops_per_token_at_context"])),
+        ("KV cache bytes/token (fp16)", n(info["kv_cache_bytes_per_token_fp16"])),
+    ]
+    print(f"{args.preset}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads x {cfg.head_dim}, "
+          f"{cfg.n_kv_heads} KV head(s), {cfg.n_experts} experts top-{cfg.top_k} ({cfg.mlp.value}, d_ff {cfg.d_ff}), "
+          f"vocab {cfg.vocab_size}")
+    for label, value in rows:
+        print(f"  {label:<34} {value:>10}")
+    return 0
+
+
+DEMO_PROMPTS = ("ROMEO:\n", "def fibonacci(n):\n")
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from moegpt.infer.generate import generate
+    from moegpt.infer.sampling import SamplingParams
+
+    out = Path(args.out)
+    if (out / "checkpoints").exists():
+        import shutil
+
+        shutil.rmtree(out / "checkpoints")  # the demo's own run directory starts afresh each time
+    trainer, result = run_training(args, out, resume=False)
+    if not result.finished:
+        return 1
+    first, last = result.val_losses[0][1], result.val_losses[-1][1]
+    print(f"val loss {first:.3f} -> {last:.3f}; unigram baseline {result.unigram_baseline:.3f} "
+          f"({result.unigram_baseline - last:+.3f} nats below it)")
+    tok, model = trainer.tokenizer, trainer.model.eval()
+    for prompt in DEMO_PROMPTS:
+        ids = torch.tensor([tok.encode(prompt, add_bos=True)])
+        gen = generate(model, ids, 120, SamplingParams(temperature=0.8, top_k=50), tok.eos_id, seed=args.seed)
+        print(f"\n--- sample: {prompt!r} ---\n{tok.decode(gen[0, 1:].tolist())}")
+    print(f"\nmodel directory: {out}  (try: moegpt generate --model {out} --prompt 'JULIET:')")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moegpt", description="GPT-4-style sparse MoE: train, generate, inspect")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (one process)")
+    _add_train_args(p)
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, final model)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate text from a model directory")
+    p.add_argument("--model", required=True, help="model directory (HF Mixtral format)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="parameter and FLOP counts of a preset")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--context", type=int, default=8192, help="context for the attention FLOPs (default 8192)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="train tiny on the bundled corpus, save it, print samples")
+    _add_train_args(p)
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        parser.exit(2, f"moegpt: error: {e}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Planner: the article's arithmetic as a tool (hardware figures so far)."""

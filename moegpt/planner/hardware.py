@@ -1,0 +1,39 @@
+"""Measured hardware figures for this machine (the planner's ``local`` entry builds on these).
+
+Peak FLOP/s are measured with a square matmul; MFU divides achieved FLOP/s by this figure.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", n: int = 1024,
+                         repeats: int = 5) -> float:
+    """Best-of-``repeats`` FLOP/s of an (n x n) @ (n x n) matmul on ``device``."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up
+        t0 = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def measure_copy_bandwidth(device: str = "cpu", n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Best-of-``repeats`` memory copy bandwidth in bytes/s (read + write counted)."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n_bytes / best

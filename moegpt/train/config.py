@@ -1,0 +1,60 @@
+"""TrainConfig: the optimisation and bookkeeping settings of a run (the model shape is ModelConfig)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# Fields that change only bookkeeping, not the numbers a run computes: they may differ on resume.
+BOOKKEEPING = frozenset({"eval_every", "eval_batches", "ckpt_every", "keep_checkpoints", "log_every", "peak_flops"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 600
+    seq_len: int = 128
+    batch_size: int = 16  # sequences per optimizer step once the ramp is done
+    micro_batch: int = 16  # sequences per forward/backward; batch_size / micro_batch accumulation steps
+    batch_start: int | None = None  # sequences per step at the start of the ramp; None: no ramp
+    ramp_tokens: int = 0  # tokens over which the batch ramps from batch_start to batch_size
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
+    z_loss_coef: float = 1e-3  # router z-loss weight (ST-MoE)
+    bf16: bool = False  # bf16 autocast for forward/backward
+    seed: int = 0
+    val_fraction: float = 0.05
+    eval_every: int = 100
+    eval_batches: int | None = 16  # None: the whole validation split
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    peak_flops: float | None = None  # for MFU; None: measured on this machine at start
+
+    def __post_init__(self):
+        for name in ("steps", "seq_len", "batch_size", "micro_batch", "eval_every", "ckpt_every",
+                     "keep_checkpoints", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.batch_size % self.micro_batch != 0:
+            raise ValueError(f"batch_size ({self.batch_size}) is not a multiple of micro_batch ({self.micro_batch})")
+        if self.batch_start is not None and not 0 < self.batch_start <= self.batch_size:
+            raise ValueError(f"batch_start={self.batch_start} must be in [1, batch_size={self.batch_size}]")
+        if self.grad_clip <= 0 or self.lr <= 0:
+            raise ValueError(f"lr ({self.lr}) and grad_clip ({self.grad_clip}) must be positive")
+        if self.eval_batches is not None and self.eval_batches <= 0:
+            raise ValueError(f"eval_batches={self.eval_batches} must be positive or None")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def differences(self, other: "TrainConfig") -> list[str]:
+        """Fields that change the computation and differ, as 'name: self -> other'."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{k}: {mine[k]!r} -> {theirs[k]!r}" for k in mine if k not in BOOKKEEPING and mine[k] != theirs[k]]

@@ -1,0 +1,263 @@
+"""The single-process training loop: data, model, optimizer, logs, validation and checkpoints.
+
+A run directory holds everything::
+
+    OUT/checkpoints/   resumable training state (see checkpoint/store.py)
+    OUT/log.jsonl      one JSON row per logged step (and per validation)
+    OUT/log.csv        the same step rows as CSV
+    OUT/config.json, model.safetensors, tokenizer.json ...   the final model directory
+
+A resumed run sees exactly the samples, learning rates and random numbers that an unbroken run
+would: the step, the sampler position, the optimizer and the RNG states are all in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from moegpt.checkpoint.model_dir import save as save_model_dir
+from moegpt.checkpoint.store import latest_checkpoint, load_checkpoint, save_checkpoint
+from moegpt.config import ModelConfig
+from moegpt.counts import train_flops_per_token
+from moegpt.data.corpus_tokenizer import corpus_tokenizer
+from moegpt.data.dataset import MixtureData, build_mixture
+from moegpt.data.sources import Source
+from moegpt.data.tokenizer import Tokenizer
+from moegpt.model import MoEGPT, build_model
+from moegpt.planner.hardware import measure_matmul_flops
+from moegpt.train.config import TrainConfig
+from moegpt.train.schedule import BatchRamp, LRSchedule
+from moegpt.train.step import LossWeights, StepMetrics, evaluate, train_step
+
+CSV_FIELDS = ("step", "loss", "aux_loss", "z_loss", "lr", "batch_size", "tokens", "tokens_per_s", "mfu",
+              "load_imbalance", "grad_norm", "val_loss")
+
+
+@dataclass
+class RunResult:
+    step: int  # steps completed
+    finished: bool  # reached cfg.steps (and saved the model directory)
+    losses: list[float] = field(default_factory=list)  # training loss of each step run in this call
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, val loss)
+    unigram_baseline: float = 0.0
+
+
+def make_optimizer(model: MoEGPT, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, norm scales do not."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+def check_resume_compatible(ckpt: dict, model_cfg: ModelConfig, train_cfg: TrainConfig, where: Path) -> None:
+    saved_model = ModelConfig.from_dict(ckpt["model_config"])
+    if saved_model != model_cfg:
+        diffs = [f"{k}: {v!r} -> {model_cfg.to_dict()[k]!r}" for k, v in saved_model.to_dict().items()
+                 if model_cfg.to_dict()[k] != v]
+        raise ValueError(f"cannot resume {where}: model config differs ({'; '.join(diffs)})")
+    diffs = TrainConfig(**ckpt["train_config"]).differences(train_cfg)
+    if diffs:
+        raise ValueError(f"cannot resume {where}: train config differs ({'; '.join(diffs)})")
+
+
+class RunLog:
+    """Appends step rows to log.jsonl and log.csv; on resume, drops rows past the resumed step."""
+
+    def __init__(self, out: Path, resume_step: int | None):
+        self.jsonl, self.csv = out / "log.jsonl", out / "log.csv"
+        if resume_step is None:
+            for p in (self.jsonl, self.csv):
+                p.unlink(missing_ok=True)
+        else:
+            self._truncate(resume_step)
+        new_csv = not self.csv.exists()
+        self._csv_file = open(self.csv, "a", newline="")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new_csv:
+            self._csv.writeheader()
+        self._jsonl_file = open(self.jsonl, "a")
+
+    def _truncate(self, step: int) -> None:
+        # Rows logged after the checkpoint by the interrupted run will be logged again.
+        if self.jsonl.exists():
+            rows = [line for line in self.jsonl.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            self.jsonl.write_text("".join(r + "\n" for r in rows))
+        if self.csv.exists():
+            with open(self.csv, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+            with open(self.csv, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+                w.writeheader()
+                w.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        self._jsonl_file.write(json.dumps(row) + "\n")
+        self._jsonl_file.flush()
+        if "loss" in row:
+            self._csv.writerow(row)
+            self._csv_file.flush()
+
+    def close(self) -> None:
+        self._jsonl_file.close()
+        self._csv_file.close()
+
+
+class Trainer:
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path,
+                 sources: Sequence[Source], cache_dir: str | Path, resume: bool = False):
+        self.model_cfg, self.cfg, self.out = model_cfg, train_cfg, Path(out)
+        if train_cfg.seq_len > model_cfg.max_seq_len:
+            raise ValueError(f"seq_len ({train_cfg.seq_len}) exceeds the model's max_seq_len ({model_cfg.max_seq_len})")
+        self.ckpt_dir = self.out / "checkpoints"
+        self.ckpt: dict | None = None
+        existing = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir.exists() else None
+        if resume:
+            if existing is None:
+                raise ValueError(f"--resume: no checkpoint in {self.ckpt_dir}")
+            self.ckpt = load_checkpoint(existing)
+            check_resume_compatible(self.ckpt, model_cfg, train_cfg, existing)
+        elif existing is not None:
+            raise ValueError(f"{self.out} already holds checkpoints ({existing.name}); pass --resume or use another --out")
+
+        # Tokenizer: trained on the run's own corpus, or the one the run started with.
+        if resume:
+            self.tokenizer = Tokenizer.load(self.out / "tokenizer.json")
+        else:
+            self.tokenizer = corpus_tokenizer(sources, model_cfg.vocab_size, cache_dir)
+        if self.tokenizer.vocab_size != model_cfg.vocab_size:
+            raise ValueError(f"tokenizer vocab ({self.tokenizer.vocab_size}) != model vocab_size ({model_cfg.vocab_size})")
+        self.data: MixtureData = build_mixture(sources, self.tokenizer, train_cfg.seq_len, cache_dir, train_cfg.val_fraction)
+        self.sampler = self.data.make_sampler(train_cfg.seed)
+
+        torch.manual_seed(train_cfg.seed)
+        self.model = build_model(model_cfg, seed=train_cfg.seed)
+        self.model.train()
+        self.optimizer = make_optimizer(self.model, train_cfg)
+        self.lr_at = LRSchedule(train_cfg.lr, train_cfg.warmup_steps, train_cfg.steps, train_cfg.min_lr_ratio)
+        start = train_cfg.batch_start or train_cfg.batch_size
+        self.batch_at = BatchRamp(start, train_cfg.batch_size, train_cfg.ramp_tokens, train_cfg.micro_batch)
+        self.step, self.tokens_seen = 0, 0
+        if self.ckpt is not None:
+            self._restore(self.ckpt)
+        self.flops_per_token = train_flops_per_token(model_cfg, train_cfg.seq_len)
+        self.peak_flops = train_cfg.peak_flops or measure_matmul_flops(torch.bfloat16 if train_cfg.bf16 else torch.float32)
+
+    # ---- checkpoint state ----------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+            "model_config": self.model_cfg.to_dict(),
+            "train_config": self.cfg.to_dict(),
+            "tokenizer_fingerprint": self.tokenizer.fingerprint,
+        }
+
+    def _restore(self, ckpt: dict) -> None:
+        if ckpt["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
+            raise ValueError(f"tokenizer.json in {self.out} is not the one the checkpoint was trained with")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.sampler.load_state_dict(ckpt["sampler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.step, self.tokens_seen = int(ckpt["step"]), int(ckpt["tokens_seen"])
+
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(self.ckpt_dir, self.step, self.state(), keep=self.cfg.keep_checkpoints)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def validate(self) -> float:
+        batches = self.data.val_batches(self.cfg.micro_batch)
+        if self.cfg.eval_batches is not None:
+            batches = (b for i, b in zip(range(self.cfg.eval_batches), batches))
+        return evaluate(self.model, batches, self.cfg.bf16)
+
+    def run(self, stop_at: int | None = None, stop_requested: threading.Event | None = None,
+            progress: bool = True, on_step: Callable[[dict], None] | None = None) -> RunResult:
+        """Train until cfg.steps (or ``stop_at``, or ``stop_requested``); checkpoint on the way out."""
+        cfg = self.cfg
+        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.ckpt is None:
+            self.tokenizer.save(self.out)  # the run's tokenizer, for resume and the final model
+        log = RunLog(self.out, resume_step=self.step if self.ckpt is not None else None)
+        result = RunResult(step=self.step, finished=False, unigram_baseline=self.data.unigram_entropy())
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        try:
+            if self.step == 0:
+                val = self.validate()
+                result.val_losses.append((0, val))
+                log.write({"step": 0, "val_loss": val, "unigram_baseline": result.unigram_baseline})
+            while self.step < end:
+                row = self._one_step()
+                result.losses.append(row["loss"])
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    row["val_loss"] = self.validate()
+                    result.val_losses.append((self.step, row["val_loss"]))
+                if self.step % cfg.log_every == 0 or "val_loss" in row:
+                    log.write(row)
+                if on_step is not None:
+                    on_step(row)
+                if bar is not None:
+                    bar.update(1)
+                    postfix = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}", "mfu": f"{row['mfu']:.1%}"}
+                    if result.val_losses:
+                        postfix["val"] = f"{result.val_losses[-1][1]:.3f}"
+                    bar.set_postfix(postfix)
+                stopping = stop_requested is not None and stop_requested.is_set()
+                if self.step % cfg.ckpt_every == 0 or self.step == end or stopping:
+                    self.save_checkpoint()
+                if stopping:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            log.close()
+        result.step = self.step
+        if self.step == cfg.steps:
+            save_model_dir(self.model, self.tokenizer, self.out)
+            result.finished = True
+        return result
+
+    def _one_step(self) -> dict:
+        cfg = self.cfg
+        batch_size = self.batch_at(self.tokens_seen)
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.data.gather(self.sampler.next_batch(batch_size))  # (B, T+1)
+        t0 = time.perf_counter()
+        metrics: StepMetrics = train_step(self.model, self.optimizer, batch, cfg.micro_batch,
+                                          LossWeights(cfg.aux_loss_coef, cfg.z_loss_coef), cfg.grad_clip, cfg.bf16)
+        elapsed = time.perf_counter() - t0
+        tokens = batch_size * cfg.seq_len
+        self.step += 1
+        self.tokens_seen += tokens
+        tokens_per_s = tokens / elapsed
+        return {
+            "step": self.step, "loss": metrics.loss, "aux_loss": metrics.aux_loss, "z_loss": metrics.z_loss,
+            "lr": lr, "batch_size": batch_size, "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+            "load_imbalance": metrics.load_imbalance, "grad_norm": metrics.grad_norm,
+        }
+
+
+def default_cache_dir() -> Path:
+    """``$MOEGPT_CACHE``, else ``~/.cache/moegpt``."""
+    return Path(os.environ.get("MOEGPT_CACHE", Path.home() / ".cache" / "moegpt"))

@@ -1,0 +1,94 @@
+"""Checkpoints and exact resume: an interrupted run continues as if it never stopped."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moegpt.checkpoint.store import latest_checkpoint, load_checkpoint, save_checkpoint
+from moegpt.train.trainer import Trainer
+
+
+def _run(model_cfg, train_cfg, out, sources, cache, resume=False, stop_at=None):
+    trainer = Trainer(model_cfg, train_cfg, out, sources, cache, resume=resume)
+    return trainer, trainer.run(stop_at=stop_at, progress=False)
+
+
+def test_resumed_run_gives_bit_identical_losses_and_weights(tmp_path, small_source, micro_model, micro_train):
+    cache = tmp_path / "cache"
+    _, straight = _run(micro_model, micro_train, tmp_path / "a", small_source, cache)
+    _, first = _run(micro_model, micro_train, tmp_path / "b", small_source, cache, stop_at=4)
+    assert not first.finished and first.step == 4
+    _, second = _run(micro_model, micro_train, tmp_path / "b", small_source, cache, resume=True)
+    assert second.finished
+    assert first.losses + second.losses == straight.losses  # exact float equality
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # The log of the resumed run has each step exactly once.
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(l)]
+    assert steps == list(range(1, 9))
+
+
+def test_batch_ramp_grows_batch_and_training_lowers_val_loss(tmp_path, small_source, micro_model, micro_train):
+    rows = []
+    trainer = Trainer(micro_model, micro_train, tmp_path / "r", small_source, tmp_path / "cache")
+    result = trainer.run(progress=False, on_step=rows.append)
+    sizes = [r["batch_size"] for r in rows]
+    assert sizes[0] == 4 and sizes[-1] == 8 and sizes == sorted(sizes)
+    assert result.val_losses[-1][1] < result.val_losses[0][1]
+    for key in ("loss", "aux_loss", "z_loss", "lr", "tokens_per_s", "mfu", "load_imbalance"):
+        assert key in rows[-1]
+    assert (tmp_path / "r" / "log.csv").read_text().startswith("step,loss,aux_loss")
+
+
+def test_resume_with_a_different_config_names_the_values(tmp_path, small_source, micro_model, micro_train):
+    _run(micro_model, micro_train, tmp_path / "r", small_source, tmp_path / "c", stop_at=3)
+    with pytest.raises(ValueError, match=r"lr: 0.003 -> 0.001"):
+        Trainer(micro_model, micro_train.__class__(**{**micro_train.to_dict(), "lr": 1e-3}), tmp_path / "r",
+                small_source, tmp_path / "c", resume=True)
+    with pytest.raises(ValueError, match=r"n_layers: 2 -> 3"):
+        Trainer(micro_model.replace(n_layers=3), micro_train, tmp_path / "r", small_source, tmp_path / "c", resume=True)
+
+
+def test_fresh_run_refuses_to_overwrite_checkpoints(tmp_path, small_source, micro_model, micro_train):
+    _run(micro_model, micro_train, tmp_path / "r", small_source, tmp_path / "c", stop_at=3)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        Trainer(micro_model, micro_train, tmp_path / "r", small_source, tmp_path / "c")
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, small_source, micro_model, micro_train):
+    with pytest.raises(ValueError, match="no checkpoint"):
+        Trainer(micro_model, micro_train, tmp_path / "empty", small_source, tmp_path / "c", resume=True)
+
+
+def test_crash_mid_write_leaves_previous_checkpoint_usable(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, {"step": 1, "w": torch.ones(3)})
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 2, {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "step_000001"
+    assert load_checkpoint(latest)["step"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".step")]  # no half-written folder left
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
+    path = save_checkpoint(tmp_path, 5, {"step": 5})
+    (path / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"step_000005.*corrupt"):
+        load_checkpoint(path)
+
+
+def test_old_checkpoints_are_pruned(tmp_path):
+    for s in range(1, 5):
+        save_checkpoint(tmp_path, s, {"step": s}, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000003", "step_000004"]
