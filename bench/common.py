@@ -13,15 +13,18 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
+def interleaved_medians(fns, repeats: int, warmup: int = 1) -> list[float]:
+    """Median seconds of each function, run in turn (a, b, a, b, ...) so drift hits all alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def machine() -> dict:

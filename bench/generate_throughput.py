@@ -14,7 +14,7 @@ import tempfile
 import torch
 import transformers
 
-from bench.common import median_time, write_result
+from bench.common import interleaved_medians, write_result
 from moegpt.checkpoint.model_dir import save
 from moegpt.config import preset
 from moegpt.infer.generate import generate
@@ -39,7 +39,7 @@ def bench_preset(name: str, repeats: int) -> dict:
         return hf.generate(prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
 
     same = run_ours().tolist() == run_hf().tolist()
-    t_ours, t_hf = median_time(run_ours, repeats), median_time(run_hf, repeats)
+    t_ours, t_hf = interleaved_medians([run_ours, run_hf], repeats)
     row = {"preset": name, "batch": 1, "prompt": PROMPT, "new_tokens": NEW,
            "ours_tokens_per_s": NEW / t_ours, "hf_tokens_per_s": NEW / t_hf, "speedup_vs_hf": t_hf / t_ours,
            "same_tokens": same}

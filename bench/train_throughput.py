@@ -1,6 +1,7 @@
 """Training throughput: moegpt vs HF transformers' MixtralForCausalLM on the same shape, same batch.
 
-One optimizer step = forward + backward + AdamW over B x T tokens, fp32 on this machine's CPU.
+One optimizer step = forward + backward + fused AdamW (the same optimizer for both) over B x T tokens,
+fp32 on this machine's CPU.
 Reports median tokens/s over repeats, MFU against the measured fp32 matmul peak, and the ratio.
 
     python bench/train_throughput.py [--presets tiny small] [--repeats 3]
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import tempfile
 
 import torch
 import torch.nn.functional as F
 import transformers
 
-from bench.common import median_time, write_result
-from moegpt.checkpoint.hf import config_to_hf, to_hf_state_dict
+from bench.common import interleaved_medians, write_result
+from moegpt.checkpoint.model_dir import save
 from moegpt.config import preset
 from moegpt.counts import train_flops_per_token
 from moegpt.model import build_model
@@ -27,14 +29,11 @@ SHAPES = {"tiny": (16, 128), "small": (4, 128)}  # (batch, seq_len) per step
 
 
 def hf_model_like(ours):
-    cfg = transformers.MixtralConfig(**{k: v for k, v in config_to_hf(ours.cfg, None, None, None).items()
-                                       if k not in ("architectures", "model_type", "torch_dtype")})
-    cfg.output_router_logits = True  # so HF computes its load-balancing loss too, as we do
-    with torch.device("meta"):
-        hf = transformers.MixtralForCausalLM(cfg)
-    hf.load_state_dict(to_hf_state_dict(ours.state_dict()), assign=True, strict=False)
-    hf.tie_weights()
-    return hf.train()
+    """The same weights in transformers, through a model directory (its own loader converts them)."""
+    with tempfile.TemporaryDirectory() as d:
+        save(ours, None, d)
+        # output_router_logits: HF then computes its load-balancing loss too, as we do.
+        return transformers.AutoModelForCausalLM.from_pretrained(d, output_router_logits=True).train()
 
 
 def bench_preset(name: str, repeats: int, peak: float) -> dict:
@@ -44,27 +43,27 @@ def bench_preset(name: str, repeats: int, peak: float) -> dict:
     flops = train_flops_per_token(cfg, T)
 
     ours = build_model(cfg, seed=0).train()
-    opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True)
-    weights = LossWeights(aux=0.01, z=1e-3)
-    t_ours = median_time(lambda: train_step(ours, opt, batch, B, weights, 1.0), repeats)
-    del opt
     hf = hf_model_like(ours)
-    del ours
-    gc.collect()
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=True)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
+    weights = LossWeights(aux=0.01, z=1e-3)
+
+    def ours_step():
+        train_step(ours, opt_ours, batch, B, weights, 1.0)
 
     def hf_step():
-        opt.zero_grad(set_to_none=True)
-        out = hf(batch[:, :-1], labels=None)
+        opt_hf.zero_grad(set_to_none=True)
+        out = hf(batch[:, :-1])
         logits = out.logits.float()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         loss = loss + 0.01 * out.aux_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        opt.step()
+        opt_hf.step()
 
-    t_hf = median_time(hf_step, repeats)
-    del hf, opt
+    # Interleaved, so that drift in the machine's speed hits both alike.
+    t_ours, t_hf = interleaved_medians([ours_step, hf_step], repeats)
+    del ours, hf, opt_ours, opt_hf
     gc.collect()
     tok = B * T
     row = {

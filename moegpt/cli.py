@@ -262,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train tiny on the bundled corpus, save it, print samples")
     _add_train_args(p)
     p.add_argument("--out", default="runs/demo")
-    p.set_defaults(func=cmd_demo)
+    # The demo ramps its batch from 8 to 16 sequences over the first 256K tokens, as the article's
+    # recipe ramps to its full batch.
+    p.set_defaults(func=cmd_demo, micro_batch=8, batch_start=8, ramp_tokens=262_144)
     return parser
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moegpt.config import MLPKind, ModelConfig
-from moegpt.model.layers import mlp_forward
+from moegpt.model.grouped import grouped_linear
 
 
 @dataclass
@@ -82,16 +82,13 @@ class Experts(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(n_experts, d_ff, d_model)) if kind == MLPKind.SWIGLU else None
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (A, D) grouped by expert, counts (E,) -> (A, D); one matmul chain per expert."""
-        out = torch.empty_like(x)
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            gate = self.w_gate[e] if self.w_gate is not None else None
-            out[start:start + n] = mlp_forward(x[start:start + n], self.w_up[e], self.w_down[e], gate, self.kind)
-            start += n
-        return out
+        """x (A, D) grouped by expert, counts (E,) -> (A, D): every expert's MLP on its own rows."""
+        sizes = counts.tolist()
+        if self.kind == MLPKind.SWIGLU:
+            h = F.silu(grouped_linear(x, self.w_gate, sizes)) * grouped_linear(x, self.w_up, sizes)  # (A, F)
+        else:
+            h = F.gelu(grouped_linear(x, self.w_up, sizes), approximate="tanh")  # (A, F)
+        return grouped_linear(h, self.w_down, sizes)  # (A, D)
 
 
 class MoE(nn.Module):
@@ -114,7 +111,7 @@ class MoE(nn.Module):
         logits = self.router(flat)  # (N, E)
         routing, probs, counts = route(logits, self.top_k, self.capacity(B * T))
         y = self.experts(flat[routing.token], routing.counts)  # (A', D)
-        y = y * routing.weight.to(y.dtype)[:, None]
+        y = (y * routing.weight[:, None]).to(flat.dtype)
         out = torch.zeros_like(flat).index_add_(0, routing.token, y)  # combine: sum over the k experts
         stats = RouterStats(
             aux_loss=load_balancing_loss(probs, counts, self.top_k),

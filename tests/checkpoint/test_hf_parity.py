@@ -52,3 +52,27 @@ def test_gelu_experts_refuse_to_save_as_mixtral(tmp_path):
     with pytest.raises(ValueError, match="mlp=gelu"):
         save(build_model(cfg), None, tmp_path)
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_sharded_and_tied_hf_directories_load(tmp_path):
+    hf = _hf_model(2, tie=True)
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours, tokenizer = load(tmp_path)
+    assert ours.cfg.tie_embeddings and tokenizer is None
+    tokens = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        assert (ours(tokens).logits - hf(tokens).logits).abs().max().item() <= 1e-4
+
+
+def test_corrupt_or_missing_model_directory_is_a_one_line_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load(tmp_path / "nope")
+    hf = _hf_model(1)
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="cannot read weights"):
+        load(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load(tmp_path)

@@ -92,3 +92,9 @@ def test_old_checkpoints_are_pruned(tmp_path):
     for s in range(1, 5):
         save_checkpoint(tmp_path, s, {"step": s}, keep=2)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000003", "step_000004"]
+
+
+def test_bf16_autocast_step_trains(tmp_path, small_source, micro_model, micro_train):
+    cfg = micro_train.__class__(**{**micro_train.to_dict(), "bf16": True, "steps": 2, "eval_every": 2})
+    result = Trainer(micro_model, cfg, tmp_path / "r", small_source, tmp_path / "c").run(progress=False)
+    assert result.finished and all(l == l for l in result.losses)  # finite, not NaN

@@ -1,0 +1,39 @@
+"""Grouped matmul: rows of x grouped by expert, each group times its own expert's weight.
+
+Legend: A rows (assignments) sorted by expert, E experts, I in features, O out features.
+
+PyTorch's ``grouped_mm`` does all experts in one kernel (and one weight-gradient buffer in backward);
+the per-expert loop is the fallback where it is missing or unsupported, and the reference in tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def grouped_linear_loop(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """x (A, I), w (E, O, I), counts per expert summing to A -> (A, O)."""
+    # unbind once: its backward stacks the E gradients in one go, where indexing w[e] per expert
+    # would scatter into a zero tensor of the whole (E, O, I) stack for every expert.
+    ws = w.unbind(0)
+    outs = [chunk @ ws[e].t() for e, chunk in enumerate(x.split(counts)) if chunk.shape[0] > 0]
+    return torch.cat(outs) if outs else x.new_zeros(x.shape[0], w.shape[1])
+
+
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    # CUDA kernels need sm80+ and bf16 operands.
+    return x.device.type == "cuda" and w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """x (A, I), w (E, O, I), counts per expert summing to A -> (A, O)."""
+    x = x.to(w.dtype)  # grouped_mm is not autocast-aware
+    if not grouped_mm_supported(x, w):
+        return grouped_linear_loop(x, w, counts)
+    offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)  # (E,) end of each group
+    return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
