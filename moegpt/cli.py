@@ -40,7 +40,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="mixture as name:epochs,... (text, code, or name=PATH:epochs); default text:2,code:4")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    p.add_argument("--eval-sequences", type=int, default=d.eval_sequences,
+                   help="validation sequences per source (default: the whole validation split)")
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: measured)")
@@ -83,7 +84,7 @@ def train_config_from_args(args):
         batch_start=args.batch_start, ramp_tokens=args.ramp_tokens, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         aux_loss_coef=args.aux_loss_coef, z_loss_coef=args.z_loss_coef, bf16=args.bf16, seed=args.seed,
-        val_fraction=args.val_fraction, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        val_fraction=args.val_fraction, eval_every=args.eval_every, eval_sequences=args.eval_sequences,
         ckpt_every=args.ckpt_every, keep_checkpoints=args.keep_checkpoints, peak_flops=args.peak_flops,
     )
 
@@ -222,8 +223,9 @@ def cmd_demo(args) -> int:
     if not result.finished:
         return 1
     first, last = result.val_losses[0][1], result.val_losses[-1][1]
-    print(f"val loss {first:.3f} -> {last:.3f}; unigram baseline {result.unigram_baseline:.3f} "
-          f"({result.unigram_baseline - last:+.3f} nats below it)")
+    per_source = ", ".join(f"{k.removeprefix('val_loss_')} {v:.3f}" for k, v in result.last_val.items() if k != "val_loss")
+    print(f"val loss {first:.3f} -> {last:.3f} ({per_source}); unigram baseline {result.unigram_baseline:.3f} "
+          f"({result.unigram_baseline - last:.3f} nats below it)")
     tok, model = trainer.tokenizer, trainer.model.eval()
     for prompt in DEMO_PROMPTS:
         ids = torch.tensor([tok.encode(prompt, add_bos=True)])

@@ -45,7 +45,7 @@ def test_bad_input_is_one_line_error_before_any_work(argv, message, capsys, tmp_
 def test_train_stop_resume_then_generate_from_the_model_directory(tmp_path, small_source_path):
     common = ["--set", "vocab_size=512", "--set", "d_model=64", "--set", "n_layers=2", "--set", "d_ff=64",
               "--set", "n_experts=4", "--steps", "6", "--seq-len", "32", "--batch-size", "4", "--micro-batch", "4",
-              "--eval-every", "3", "--eval-batches", "1", "--ckpt-every", "2", "--peak-flops", "1e11",
+              "--eval-every", "3", "--eval-sequences", "4", "--ckpt-every", "2", "--peak-flops", "1e11",
               "--data", f"plays={small_source_path}:1", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
               "--out", str(tmp_path / "run")]
     run = [sys.executable, "-m", "moegpt", "train"]

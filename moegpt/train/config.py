@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 # Fields that change only bookkeeping, not the numbers a run computes: they may differ on resume.
-BOOKKEEPING = frozenset({"eval_every", "eval_batches", "ckpt_every", "keep_checkpoints", "log_every", "peak_flops"})
+BOOKKEEPING = frozenset({"eval_every", "eval_sequences", "ckpt_every", "keep_checkpoints", "log_every", "peak_flops"})
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.05
     eval_every: int = 100
-    eval_batches: int | None = 16  # None: the whole validation split
+    eval_sequences: int | None = None  # validation sequences per source; None: the whole split
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -48,8 +48,8 @@ class TrainConfig:
             raise ValueError(f"batch_start={self.batch_start} must be in [1, batch_size={self.batch_size}]")
         if self.grad_clip <= 0 or self.lr <= 0:
             raise ValueError(f"lr ({self.lr}) and grad_clip ({self.grad_clip}) must be positive")
-        if self.eval_batches is not None and self.eval_batches <= 0:
-            raise ValueError(f"eval_batches={self.eval_batches} must be positive or None")
+        if self.eval_sequences is not None and self.eval_sequences <= 0:
+            raise ValueError(f"eval_sequences={self.eval_sequences} must be positive or None")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

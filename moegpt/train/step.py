@@ -69,8 +69,8 @@ def train_step(model: MoEGPT, optimizer: torch.optim.Optimizer, batch: torch.Ten
 
 
 @torch.no_grad()
-def evaluate(model: MoEGPT, batches, bf16: bool = False) -> float:
-    """Mean next-token cross-entropy over ``batches`` of (B, T+1) blocks."""
+def evaluate(model: MoEGPT, batches, bf16: bool = False) -> tuple[float, int]:
+    """(summed next-token cross-entropy, target count) over ``batches`` of (B, T+1) blocks."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -80,4 +80,4 @@ def evaluate(model: MoEGPT, batches, bf16: bool = False) -> float:
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
         count += batch[:, 1:].numel()
     model.train(was_training)
-    return total / max(count, 1)
+    return total, count

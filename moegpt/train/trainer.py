@@ -49,6 +49,7 @@ class RunResult:
     losses: list[float] = field(default_factory=list)  # training loss of each step run in this call
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, val loss)
     unigram_baseline: float = 0.0
+    last_val: dict[str, float] = field(default_factory=dict)  # newest validation, overall and per source
 
 
 def make_optimizer(model: MoEGPT, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -179,11 +180,18 @@ class Trainer:
         return save_checkpoint(self.ckpt_dir, self.step, self.state(), keep=self.cfg.keep_checkpoints)
 
     # ---- the loop ------------------------------------------------------------------------------
-    def validate(self) -> float:
-        batches = self.data.val_batches(self.cfg.micro_batch)
-        if self.cfg.eval_batches is not None:
-            batches = (b for i, b in zip(range(self.cfg.eval_batches), batches))
-        return evaluate(self.model, batches, self.cfg.bf16)
+    def validate(self) -> dict[str, float]:
+        """Validation loss per source and over all of them (token-weighted), as log fields."""
+        fields, total, count = {}, 0.0, 0
+        for name in self.data.names:
+            batches = self.data.val_batches(self.cfg.micro_batch, source=name)
+            if self.cfg.eval_sequences is not None:
+                n_batches = -(-self.cfg.eval_sequences // self.cfg.micro_batch)
+                batches = (b[: self.cfg.eval_sequences - i * self.cfg.micro_batch] for i, b in zip(range(n_batches), batches))
+            nll, n = evaluate(self.model, batches, self.cfg.bf16)
+            fields[f"val_loss_{name}"] = nll / n
+            total, count = total + nll, count + n
+        return {"val_loss": total / count, **fields}
 
     def run(self, stop_at: int | None = None, stop_requested: threading.Event | None = None,
             progress: bool = True, on_step: Callable[[dict], None] | None = None) -> RunResult:
@@ -202,13 +210,15 @@ class Trainer:
         try:
             if self.step == 0:
                 val = self.validate()
-                result.val_losses.append((0, val))
-                log.write({"step": 0, "val_loss": val, "unigram_baseline": result.unigram_baseline})
+                result.val_losses.append((0, val["val_loss"]))
+                result.last_val = val
+                log.write({"step": 0, **val, "unigram_baseline": result.unigram_baseline})
             while self.step < end:
                 row = self._one_step()
                 result.losses.append(row["loss"])
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    row["val_loss"] = self.validate()
+                    result.last_val = self.validate()
+                    row.update(result.last_val)
                     result.val_losses.append((self.step, row["val_loss"]))
                 if self.step % cfg.log_every == 0 or "val_loss" in row:
                     log.write(row)

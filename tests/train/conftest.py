@@ -22,4 +22,4 @@ def micro_model():
 @pytest.fixture
 def micro_train():
     return TrainConfig(steps=8, seq_len=32, batch_size=8, micro_batch=4, batch_start=4, ramp_tokens=512,
-                       warmup_steps=2, eval_every=4, ckpt_every=3, eval_batches=2, peak_flops=1e11)
+                       warmup_steps=2, eval_every=4, ckpt_every=3, eval_sequences=8, peak_flops=1e11)
