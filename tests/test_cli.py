@@ -60,3 +60,14 @@ def test_train_stop_resume_then_generate_from_the_model_directory(tmp_path, smal
                          capture_output=True, text=True)
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("KING:") and len(gen.stdout) > len("KING:\n")
+
+
+def test_demo_trains_saves_and_prints_samples(tmp_path, small_source_path):
+    argv = [sys.executable, "-m", "moegpt", "demo", "--out", str(tmp_path / "demo"), "--steps", "4",
+            "--set", "vocab_size=512", "--set", "d_model=64", "--set", "n_layers=2", "--set", "d_ff=64",
+            "--seq-len", "32", "--eval-every", "2", "--eval-sequences", "8", "--ramp-tokens", "128",
+            "--data", f"plays={small_source_path}:1", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "unigram baseline" in done.stdout and "--- sample: 'ROMEO:\\n' ---" in done.stdout
+    assert (tmp_path / "demo" / "config.json").exists() and (tmp_path / "demo" / "tokenizer.json").exists()

@@ -1,0 +1,40 @@
+"""Sampling: greedy, temperature, top-k and top-p change the distribution as documented."""
+
+import pytest
+import torch
+
+from moegpt.infer.sampling import SamplingParams, filtered_probs, sample
+
+
+def test_greedy_takes_the_argmax():
+    logits = torch.tensor([[0.1, 3.0, 2.0], [5.0, 1.0, 0.0]])
+    assert sample(logits, SamplingParams(temperature=0)).tolist() == [1, 0]
+
+
+def test_top_k_keeps_only_the_k_most_likely():
+    probs = filtered_probs(torch.tensor([[1.0, 4.0, 3.0, 2.0]]), SamplingParams(top_k=2))
+    assert probs[0, 0] == 0 and probs[0, 3] == 0
+    assert probs.sum().item() == pytest.approx(1.0)
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs = filtered_probs(logits, SamplingParams(top_p=0.7))  # 0.5 + 0.3 reaches 0.7
+    assert probs[0].tolist() == pytest.approx([0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0])
+
+
+def test_same_seed_same_samples_and_frequencies_follow_the_distribution():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).expand(20_000, 3)
+    a = sample(logits, SamplingParams(), torch.Generator().manual_seed(3))
+    b = sample(logits, SamplingParams(), torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    freq = torch.bincount(a, minlength=3).float() / a.numel()
+    assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.02)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1), "temperature=-1"), (dict(top_k=0), "top_k=0"), (dict(top_p=1.5), "top_p=1.5"),
+])
+def test_bad_sampling_params_name_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
