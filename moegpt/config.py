@@ -33,9 +33,9 @@ class ModelConfig:
     d_model: int
     n_layers: int
     n_heads: int
+    d_ff: int
     n_kv_heads: int = 1
     head_dim: int | None = None  # None: d_model // n_heads
-    d_ff: int = 0
     mlp: MLPKind = MLPKind.SWIGLU
     n_experts: int = 16
     top_k: int = 2
@@ -47,32 +47,36 @@ class ModelConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.mlp, str) and not isinstance(self.mlp, MLPKind):
+        if not isinstance(self.mlp, MLPKind):
             try:
                 object.__setattr__(self, "mlp", MLPKind(self.mlp))
             except ValueError:
                 raise ValueError(f"mlp={self.mlp!r} is not one of {[k.value for k in MLPKind]}") from None
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "n_kv_heads", "n_experts", "top_k",
+                     "moe_every", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        for name in ("rope_theta", "norm_eps") + (("capacity_factor",) if self.capacity_factor is not None else ()):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive number")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings={self.tie_embeddings!r} must be true or false")
         if self.head_dim is None:
             if self.n_heads <= 0 or self.d_model % self.n_heads != 0:
                 raise ValueError(
                     f"d_model ({self.d_model}) is not divisible by n_heads ({self.n_heads}); set head_dim"
                 )
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-                     "n_experts", "top_k", "moe_every", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim <= 0:
+            raise ValueError(f"head_dim={self.head_dim!r} must be a positive integer")
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"n_heads ({self.n_heads}) is not divisible by n_kv_heads ({self.n_kv_heads})")
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k ({self.top_k}) > n_experts ({self.n_experts})")
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(f"capacity_factor={self.capacity_factor} must be positive or None (dropless)")
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
-            raise ValueError(f"rope_theta ({self.rope_theta}) and norm_eps ({self.norm_eps}) must be positive")
 
     # ---- derived shape -------------------------------------------------------------------------
     @property
@@ -92,9 +96,13 @@ class ModelConfig:
 
     # ---- (de)serialisation ---------------------------------------------------------------------
     def replace(self, **overrides) -> "ModelConfig":
+        """A copy with ``overrides``. A head_dim that followed d_model / n_heads follows the new ones."""
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"unknown ModelConfig field(s): {sorted(unknown)}")
+        reshaped = {"d_model", "n_heads"} & set(overrides)
+        if reshaped and "head_dim" not in overrides and self.head_dim * self.n_heads == self.d_model:
+            overrides["head_dim"] = None
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
@@ -130,7 +138,7 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=32_000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
         d_ff=14_336, n_experts=8, top_k=2, max_seq_len=32_768, rope_theta=1e6,
     ),
-    # The article's estimate (see PLANNER.md): ~1.83T total, ~282B active; meta device only.
+    # The article's estimate (the planner spec's shape): ~1.83T total, ~282B active; meta device only.
     "gpt4": ModelConfig(
         vocab_size=100_277, d_model=15_360, n_layers=120, n_heads=120, n_kv_heads=1, head_dim=128,
         d_ff=30_080, mlp=MLPKind.GELU, n_experts=16, top_k=2, max_seq_len=8192, rope_theta=10_000.0,

@@ -8,13 +8,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from moegpt.atomic import write_atomic, write_text_atomic
 from moegpt.checkpoint.hf import config_from_hf, config_to_hf, from_hf_state_dict, read_safetensors, to_hf_state_dict
 from moegpt.config import ModelConfig
 from moegpt.data.tokenizer import Tokenizer
@@ -26,19 +25,8 @@ class LoadedModel(NamedTuple):
     tokenizer: Tokenizer | None  # None when the directory has no tokenizer.json
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, obj: dict) -> None:
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_config(directory: str | Path) -> ModelConfig:
@@ -90,7 +78,7 @@ def save(model: MoEGPT, tokenizer: Tokenizer | None, directory: str | Path) -> P
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu() for k, v in to_hf_state_dict(model.state_dict()).items()}
-    _write_atomic(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomic(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _write_json(directory / "config.json", hf_config)
     generation = {"bos_token_id": ids["bos_id"], "eos_token_id": ids["eos_id"], "pad_token_id": ids["pad_id"]}
     _write_json(directory / "generation_config.json", generation)

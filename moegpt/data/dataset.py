@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moegpt.atomic import write_atomic
 from moegpt.data.sampler import MixtureSampler
-from moegpt.data.sources import Source, iter_documents
+from moegpt.data.sources import Source, files_signature, iter_documents
 from moegpt.data.tokenizer import Tokenizer
 
 CACHE_FORMAT_VERSION = 1  # bump when the on-disk layout or document joining changes
@@ -38,9 +37,7 @@ _ENCODE_CHUNK = 64  # documents per encode_batch call: parallel, yet bounded mem
 def source_fingerprint(source: Source, tokenizer: Tokenizer) -> str:
     """Hash of the source files (path, size, mtime) and the tokenizer definition."""
     digest = hashlib.sha256(f"moegpt-tokens-v{CACHE_FORMAT_VERSION}\n".encode())
-    for path in source.paths:
-        stat = path.stat()
-        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogatepass"))
+    digest.update(files_signature(source.paths))
     digest.update(tokenizer.to_json().encode("utf-8"))
     digest.update(f"\neos={tokenizer.eos_id}".encode())
     return digest.hexdigest()[:16]
@@ -67,15 +64,11 @@ def tokenize_source(source: Source, tokenizer: Tokenizer, cache_dir: str | Path)
                 pieces.append(separator)  # EOS between documents, not after the last
             pieces.append(np.asarray(ids, dtype=dtype))
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.save(file, tokens)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
+            np.save(f, tokens)
+
+    write_atomic(path, save)
     return path
 
 

@@ -12,7 +12,7 @@ import math
 import os
 import re
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,15 @@ class Source:
             raise ValueError(f"source {self.name!r} epochs {self.epochs!r} must be a positive finite number")
         if not self.paths:
             raise ValueError(f"source {self.name!r} has no files")
+
+
+def files_signature(paths: Iterable[Path]) -> bytes:
+    """What identifies a set of files for caching: each one's resolved path, size and mtime."""
+    lines = []
+    for path in paths:
+        stat = path.stat()
+        lines.append(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n")
+    return "".join(lines).encode("utf-8", "surrogatepass")
 
 
 def iter_documents(source: Source) -> Iterator[str]:

@@ -18,6 +18,8 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from moegpt.atomic import write_text_atomic
+
 BOS = "<|bos|>"
 EOS = "<|eos|>"
 PAD = "<|pad|>"
@@ -117,7 +119,7 @@ class Tokenizer:
         """Write tokenizer.json + tokenizer_config.json loadable by transformers.AutoTokenizer."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self._hf.save(str(directory / "tokenizer.json"))
+        write_text_atomic(directory / "tokenizer.json", self.to_json())
         config: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             # Off, or transformers' decode would rewrite " ." into "." and break round trips.
@@ -127,7 +129,7 @@ class Tokenizer:
         config.update({key: token for key, token in named.items() if token is not None})
         if model_max_length is not None:
             config["model_max_length"] = model_max_length
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
 
     # ---------------------------------------------------------------------- coding
     def encode(self, text: str, add_bos: bool = False) -> list[int]:

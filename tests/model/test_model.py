@@ -104,3 +104,22 @@ def test_unknown_preset_names_the_choices():
 def test_config_round_trips_through_dict():
     cfg = preset("gpt4")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_replace_rederives_head_dim_from_new_d_model_and_heads():
+    cfg = preset("tiny").replace(d_model=64, n_heads=4)
+    assert cfg.head_dim == 16 and cfg.q_dim == 64
+    assert preset("tiny").replace(n_heads=8).head_dim == 16
+    assert preset("mixtral-8x7b").replace(n_layers=2).head_dim == 128
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(rope_theta="abc"), "rope_theta='abc'"),
+    (dict(mlp=3), "mlp=3"),
+    (dict(tie_embeddings="yes"), "tie_embeddings='yes'"),
+    (dict(n_heads="4"), "n_heads='4'"),
+    (dict(capacity_factor="x"), "capacity_factor='x'"),
+])
+def test_wrongly_typed_fields_are_value_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        preset("tiny").replace(**overrides)
