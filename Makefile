@@ -5,6 +5,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
+# Extra pip arguments for the torch install, e.g. a CPU-only index on a machine whose default
+# index serves CUDA builds: make demo TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
 
 .PHONY: demo test bench install install-dev clean
 
@@ -12,8 +15,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.torch: | $(BIN)/python
-	$(BIN)/python -m pip install --quiet $(TORCH)
+$(VENV)/.torch: Makefile | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) $(TORCH)
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch

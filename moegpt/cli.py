@@ -7,6 +7,7 @@ Every subcommand validates its inputs before doing any work and reports bad inpu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -89,8 +90,10 @@ def train_config_from_args(args):
     )
 
 
-def _stop_on_signals() -> threading.Event:
-    """SIGINT/SIGTERM finish the current step, write a checkpoint and exit (a second one aborts)."""
+@contextlib.contextmanager
+def stop_on_signals():
+    """While training, SIGINT/SIGTERM finish the current step, write a checkpoint and stop (a second
+    signal aborts at once). The previous handlers come back afterwards."""
     event = threading.Event()
 
     def handler(signum, frame):
@@ -99,26 +102,39 @@ def _stop_on_signals() -> threading.Event:
         print(f"\nmoegpt: signal {signum}: checkpointing after this step (again to abort)", file=sys.stderr)
         event.set()
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return event
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield event
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
-def run_training(args, out: Path, resume: bool):
+def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=None):
+    """Check every input, then set up (tokenizer, data, model) and train. The hooks run around the
+    set-up (the demo clears its directory before, and marks it as its own after)."""
     from moegpt.data.sources import parse_mixture
     from moegpt.train.trainer import Trainer, default_cache_dir
 
     model_cfg, train_cfg = model_config_from_args(args), train_config_from_args(args)
     sources = parse_mixture(args.data)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if before_setup is not None:
+        before_setup()
     trainer = Trainer(model_cfg, train_cfg, out, sources, cache_dir, resume=resume)
+    if after_setup is not None:
+        after_setup()
     from moegpt.counts import param_counts
 
     counts = param_counts(model_cfg)
     print(f"moegpt: training {args.preset}: {counts.total / 1e6:.2f}M params ({counts.active_per_token / 1e6:.2f}M active/token), "
           f"data {', '.join(f'{n} x{e:g}' for n, e in zip(trainer.data.names, trainer.data.epochs))}, "
           f"from step {trainer.step} to {train_cfg.steps}", flush=True)
-    result = trainer.run(stop_at=args.stop_at, stop_requested=_stop_on_signals(), progress=not args.no_progress)
+    with stop_on_signals() as stop:
+        result = trainer.run(stop_at=args.stop_at, stop_requested=stop, progress=not args.no_progress)
+    seen = ", ".join(f"{name} {epochs:.2f}" for name, epochs in trainer.epochs_seen().items())
+    print(f"epochs seen so far: {seen} (targets for a whole pass: "
+          f"{', '.join(f'{n} {e:g}' for n, e in zip(trainer.data.names, trainer.data.epochs))})")
     print(f"validation loss (nats/token; unigram baseline {result.unigram_baseline:.3f}):")
     for step, val in result.val_losses:
         print(f"  step {step:6d}  {val:.3f}")
@@ -206,6 +222,7 @@ def cmd_info(args) -> int:
 
 
 DEMO_PROMPTS = ("ROMEO:\n", "def fibonacci(n):\n")
+DEMO_MARKER = ".moegpt-demo"
 
 
 def cmd_demo(args) -> int:
@@ -215,14 +232,27 @@ def cmd_demo(args) -> int:
     from moegpt.infer.sampling import SamplingParams
 
     out = Path(args.out)
-    if (out / "checkpoints").exists():
+    marker = out / DEMO_MARKER
+    if out.exists() and any(out.iterdir()) and not marker.exists():
+        raise ValueError(f"--out {out} is not empty and was not made by 'moegpt demo'; choose another --out")
+
+    def start_afresh():  # the demo's own directory is replaced on each run
         import shutil
 
-        shutil.rmtree(out / "checkpoints")  # the demo's own run directory starts afresh each time
-    trainer, result = run_training(args, out, resume=False)
+        if marker.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+
+    def mark():
+        marker.write_text("made by 'moegpt demo', which replaces this directory on each run\n")
+
+    trainer, result = run_training(args, out, resume=False, before_setup=start_afresh, after_setup=mark)
     if not result.finished:
         return 1
     first, last = result.val_losses[0][1], result.val_losses[-1][1]
+    if last >= result.unigram_baseline:
+        print(f"WARNING: validation loss {last:.3f} is not below the unigram baseline {result.unigram_baseline:.3f}: "
+              f"train longer (--steps)")
     per_source = ", ".join(f"{k.removeprefix('val_loss_')} {v:.3f}" for k, v in result.last_val.items() if k != "val_loss")
     print(f"val loss {first:.3f} -> {last:.3f} ({per_source}); unigram baseline {result.unigram_baseline:.3f} "
           f"({result.unigram_baseline - last:.3f} nats below it)")

@@ -71,3 +71,16 @@ def test_demo_trains_saves_and_prints_samples(tmp_path, small_source_path):
     assert done.returncode == 0, done.stderr
     assert "unigram baseline" in done.stdout and "--- sample: 'ROMEO:\\n' ---" in done.stdout
     assert (tmp_path / "demo" / "config.json").exists() and (tmp_path / "demo" / "tokenizer.json").exists()
+    assert "epochs seen so far: plays" in done.stdout
+    again = subprocess.run(argv, capture_output=True, text=True)  # idempotent: replaces its own directory
+    assert again.returncode == 0, again.stderr
+
+
+def test_demo_refuses_a_directory_it_did_not_make(tmp_path, capsys):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(precious), "--no-progress"])
+    assert "not made by 'moegpt demo'" in capsys.readouterr().err
+    assert (precious / "notes.txt").read_text() == "keep me"

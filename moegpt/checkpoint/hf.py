@@ -44,9 +44,7 @@ def mixtral_incompatibility(cfg: ModelConfig) -> str | None:
         return f"mlp={cfg.mlp.value} experts (Mixtral experts are SwiGLU)"
     if cfg.moe_every != 1:
         return f"moe_every={cfg.moe_every} dense layers (every Mixtral layer is MoE)"
-    if cfg.capacity_factor is not None:
-        return f"capacity_factor={cfg.capacity_factor} (Mixtral routes every token; use capacity_factor=None)"
-    return None
+    return None  # a capacity factor is a training-time limit: saved models route every token, as Mixtral
 
 
 def config_to_hf(cfg: ModelConfig, bos_id: int | None, eos_id: int | None, pad_id: int | None) -> dict:
@@ -90,8 +88,11 @@ def config_from_hf(d: dict, where: str = "config.json") -> ModelConfig:
     if d.get("sliding_window") not in (None, 0) and d["sliding_window"] < d.get("max_position_embeddings", 0):
         raise ValueError(f"{where}: sliding_window={d['sliding_window']} is not supported")
     rope = d.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"{where}: rope_type={rope['rope_type']!r} is not supported (only 'default')")
+    scaling = d.get("rope_scaling") or {}  # transformers 4.x name
+    for params in (rope, scaling):
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"{where}: rope_type={kind!r} is not supported (only 'default')")
     theta = rope.get("rope_theta", d.get("rope_theta", 1e6))
     try:
         return ModelConfig(
@@ -123,16 +124,34 @@ def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def unfuse_experts(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """transformers 5 can also save experts fused, ``mlp.experts.gate_up_proj`` (E, 2F, D) with the
+    gate rows first and ``mlp.experts.down_proj`` (E, D, F), and the router as ``mlp.gate``. Rewrite
+    such tensors in place under the per-expert names of NAME_MAP / EXPERT_NAMES."""
+    for i in range(cfg.n_layers):
+        prefix = f"model.layers.{i}.mlp."
+        if prefix + "experts.gate_up_proj" not in hf:
+            continue
+        gate_up, down = hf.pop(prefix + "experts.gate_up_proj"), hf.pop(prefix + "experts.down_proj")
+        gate, up = gate_up.chunk(2, dim=1)  # (E, F, D) each
+        for e in range(gate_up.shape[0]):
+            for ours, theirs in EXPERT_NAMES.items():
+                part = {"w_gate": gate, "w_up": up, "w_down": down}[ours.rsplit(".", 1)[1]]
+                hf[theirs.format(i=i, e=e)] = part[e]
+        if prefix + "gate.weight" in hf:
+            hf[NAME_MAP["layers.{i}.ffn.router.weight"].format(i=i)] = hf.pop(prefix + "gate.weight")
+
+
 def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF Mixtral tensors -> our state dict; every expected tensor must be present."""
+    """HF Mixtral tensors -> our state dict; every expected tensor must be present. Consumes ``hf``
+    (tensors are popped as they are used, so peak memory stays near one copy)."""
+    unfuse_experts(hf, cfg)
     out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
 
     def take(hf_name: str) -> torch.Tensor:
         if hf_name not in hf:
             raise ValueError(f"checkpoint is missing tensor {hf_name!r}")
-        used.add(hf_name)
-        return hf[hf_name]
+        return hf.pop(hf_name)
 
     for ours, theirs in NAME_MAP.items():
         if ours == "lm_head.weight" and cfg.tie_embeddings:
@@ -144,8 +163,8 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         for i in range(cfg.n_layers):
             out[ours.format(i=i)] = torch.stack([take(theirs.format(i=i, e=e)) for e in range(cfg.n_experts)])
     if cfg.tie_embeddings:
-        used.add("lm_head.weight")  # some writers store the tied head anyway
-    unused = sorted(set(hf) - used)
+        hf.pop("lm_head.weight", None)  # some writers store the tied head anyway
+    unused = sorted(hf)
     if unused:
         raise ValueError(f"checkpoint has {len(unused)} unexpected tensor(s), e.g. {unused[0]!r}")
     return out

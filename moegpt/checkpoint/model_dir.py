@@ -35,7 +35,10 @@ def read_config(directory: str | Path) -> ModelConfig:
     if not directory.is_dir():
         raise ValueError(f"model directory {str(directory)!r} does not exist")
     try:
-        return config_from_hf(json.loads(path.read_text()), where=str(path))
+        d = json.loads(path.read_text())
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} is not a JSON object")
+        return config_from_hf(d, where=str(path))
     except FileNotFoundError:
         raise ValueError(f"{path} is missing") from None
     except json.JSONDecodeError as e:
@@ -46,21 +49,21 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     """Load a Mixtral-format model directory. ``dtype`` None keeps the stored dtype."""
     directory = Path(directory)
     cfg = read_config(directory)
+    tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").exists() else None
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{directory}: tokenizer vocab ({tokenizer.vocab_size}) exceeds model vocab_size ({cfg.vocab_size})")
     tensors = read_safetensors(directory)
     state = from_hf_state_dict(tensors, cfg)
     with torch.device("meta"):
         model = MoEGPT(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
+        if tuple(state[name].shape) != shape:  # from_hf_state_dict guarantees every name is present
             raise ValueError(f"{directory}: tensor {name} has shape {tuple(state[name].shape)}, config implies {shape}")
     model.load_state_dict(state, assign=True)
     if dtype is not None:
         model = model.to(dtype)
     model = model.to(device)
-    tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").exists() else None
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"{directory}: tokenizer vocab ({tokenizer.vocab_size}) exceeds model vocab_size ({cfg.vocab_size})")
     return LoadedModel(model.eval(), tokenizer)
 
 

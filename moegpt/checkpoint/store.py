@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from moegpt.atomic import write_text_atomic
+
 LATEST = "latest"
 
 
@@ -41,31 +43,38 @@ def save_checkpoint(root: str | Path, step: int, state: dict, keep: int = 2) -> 
             f.flush()
             os.fsync(f.fileno())
         final = root / name
-        if final.exists():
+        if final.exists():  # the same step saved again (e.g. a stop signal on a checkpoint step)
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pointer = root / f".{LATEST}.tmp"
-    pointer.write_text(name + "\n")
-    os.replace(pointer, root / LATEST)
+    write_text_atomic(root / LATEST, name + "\n")
     _fsync_dir(root)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+    for old in _complete_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders that hold a state.pt, oldest first (by step number, not by name)."""
+    found = [p for p in root.glob("step_*") if p.name[5:].isdigit() and (p / "state.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root``, or None when there is none."""
+    """The newest complete checkpoint under ``root``, or None when there is none.
+
+    ``latest`` names it; if that pointer is missing or names nothing usable (a crash between the
+    rename and the pointer update), the newest folder with a state.pt is taken."""
     root = Path(root)
     pointer = root / LATEST
-    if not pointer.exists():
-        return None
-    path = root / pointer.read_text().strip()
-    if not (path / "state.pt").exists():
-        raise ValueError(f"{pointer} names {path.name}, which has no state.pt")
-    return path
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if path != root and (path / "state.pt").is_file():
+            return path
+    complete = _complete_checkpoints(root) if root.is_dir() else []
+    return complete[-1] if complete else None
 
 
 def load_checkpoint(path: str | Path) -> dict:

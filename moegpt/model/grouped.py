@@ -24,6 +24,12 @@ def grouped_linear_loop(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
+    # The kernels need row strides (in and out features) in multiples of 16 bytes, aligned storage.
+    out_features, in_features = w.shape[-2], w.shape[-1]
+    if (in_features * w.element_size()) % 16 or (out_features * w.element_size()) % 16:
+        return False
+    if x.data_ptr() % 16 or w.data_ptr() % 16:
+        return False
     if x.device.type == "cpu":
         return True
     # CUDA kernels need sm80+ and bf16 operands.
@@ -32,7 +38,10 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """x (A, I), w (E, O, I), counts per expert summing to A -> (A, O)."""
-    x = x.to(w.dtype)  # grouped_mm is not autocast-aware
+    # grouped_mm is not autocast-aware: cast both operands to the autocast dtype ourselves.
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w.dtype
+    x, w = x.to(dtype), w.to(dtype)
     if not grouped_mm_supported(x, w):
         return grouped_linear_loop(x, w, counts)
     offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)  # (E,) end of each group

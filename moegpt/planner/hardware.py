@@ -14,8 +14,9 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, device: str = "cpu"
                          repeats: int = 5, budget_s: float = 1.0) -> float:
     """Best-of-``repeats`` FLOP/s of an (n x n) @ (n x n) matmul on ``device``, stopping early once
     ``budget_s`` is spent (bf16 on a CPU without bf16 units is ~100x slower than fp32)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    g = torch.Generator().manual_seed(0)  # not the global RNG: a training run's stream stays untouched
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     best = float("inf")
     start = time.perf_counter()
     for i in range(repeats + 1):  # the first run warms up
@@ -31,7 +32,7 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, device: str = "cpu"
 
 def measure_copy_bandwidth(device: str = "cpu", n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """Best-of-``repeats`` memory copy bandwidth in bytes/s (read + write counted)."""
-    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    src = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(repeats + 1):

@@ -46,6 +46,16 @@ class TrainConfig:
             raise ValueError(f"batch_size ({self.batch_size}) is not a multiple of micro_batch ({self.micro_batch})")
         if self.batch_start is not None and not 0 < self.batch_start <= self.batch_size:
             raise ValueError(f"batch_start={self.batch_start} must be in [1, batch_size={self.batch_size}]")
+        if self.batch_start is not None and self.batch_start % self.micro_batch != 0:
+            raise ValueError(f"batch_start ({self.batch_start}) is not a multiple of micro_batch ({self.micro_batch})")
+        if self.warmup_steps < 0 or self.ramp_tokens < 0:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) and ramp_tokens ({self.ramp_tokens}) must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 1)")
+        if self.weight_decay < 0 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"weight_decay ({self.weight_decay}) must be >= 0 and betas ({self.beta1}, {self.beta2}) in [0, 1)")
         if self.grad_clip <= 0 or self.lr <= 0:
             raise ValueError(f"lr ({self.lr}) and grad_clip ({self.grad_clip}) must be positive")
         if self.eval_sequences is not None and self.eval_sequences <= 0:

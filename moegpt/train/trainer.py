@@ -13,8 +13,6 @@ would: the step, the sampler position, the optimizer and the RNG states are all 
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import threading
 import time
@@ -24,6 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from moegpt.checkpoint.hf import mixtral_incompatibility
 from moegpt.checkpoint.model_dir import save as save_model_dir
 from moegpt.checkpoint.store import latest_checkpoint, load_checkpoint, save_checkpoint
 from moegpt.config import ModelConfig
@@ -35,12 +34,9 @@ from moegpt.data.tokenizer import Tokenizer
 from moegpt.model import MoEGPT, build_model
 from moegpt.planner.hardware import measure_matmul_flops
 from moegpt.train.config import TrainConfig
+from moegpt.train.log import RunLog
 from moegpt.train.schedule import BatchRamp, LRSchedule
 from moegpt.train.step import LossWeights, StepMetrics, evaluate, train_step
-
-CSV_FIELDS = ("step", "loss", "aux_loss", "z_loss", "lr", "batch_size", "tokens", "tokens_per_s", "mfu",
-              "load_imbalance", "grad_norm", "val_loss")
-
 
 @dataclass
 class RunResult:
@@ -60,7 +56,13 @@ def make_optimizer(model: MoEGPT, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def check_resume_compatible(ckpt: dict, model_cfg: ModelConfig, train_cfg: TrainConfig, where: Path) -> None:
+def check_resume_compatible(ckpt: dict, model_cfg: ModelConfig, train_cfg: TrainConfig, mixture: list,
+                            where: Path) -> None:
+    missing = {"model_config", "train_config", "mixture", "tokenizer_fingerprint", "step"} - set(ckpt)
+    if missing:
+        raise ValueError(f"checkpoint {where} is not a moegpt training checkpoint (missing {sorted(missing)})")
+    if [list(m) for m in ckpt["mixture"]] != mixture:
+        raise ValueError(f"cannot resume {where}: data mixture differs ({ckpt['mixture']} -> {mixture})")
     saved_model = ModelConfig.from_dict(ckpt["model_config"])
     if saved_model != model_cfg:
         diffs = [f"{k}: {v!r} -> {model_cfg.to_dict()[k]!r}" for k, v in saved_model.to_dict().items()
@@ -71,74 +73,38 @@ def check_resume_compatible(ckpt: dict, model_cfg: ModelConfig, train_cfg: Train
         raise ValueError(f"cannot resume {where}: train config differs ({'; '.join(diffs)})")
 
 
-class RunLog:
-    """Appends step rows to log.jsonl and log.csv; on resume, drops rows past the resumed step."""
-
-    def __init__(self, out: Path, resume_step: int | None):
-        self.jsonl, self.csv = out / "log.jsonl", out / "log.csv"
-        if resume_step is None:
-            for p in (self.jsonl, self.csv):
-                p.unlink(missing_ok=True)
-        else:
-            self._truncate(resume_step)
-        new_csv = not self.csv.exists()
-        self._csv_file = open(self.csv, "a", newline="")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if new_csv:
-            self._csv.writeheader()
-        self._jsonl_file = open(self.jsonl, "a")
-
-    def _truncate(self, step: int) -> None:
-        # Rows logged after the checkpoint by the interrupted run will be logged again.
-        if self.jsonl.exists():
-            rows = [line for line in self.jsonl.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            self.jsonl.write_text("".join(r + "\n" for r in rows))
-        if self.csv.exists():
-            with open(self.csv, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-            with open(self.csv, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-                w.writeheader()
-                w.writerows(rows)
-
-    def write(self, row: dict) -> None:
-        self._jsonl_file.write(json.dumps(row) + "\n")
-        self._jsonl_file.flush()
-        if "loss" in row:
-            self._csv.writerow(row)
-            self._csv_file.flush()
-
-    def close(self) -> None:
-        self._jsonl_file.close()
-        self._csv_file.close()
-
-
 class Trainer:
+    """Builds everything a run needs, checking inputs and any checkpoint before the costly work."""
+
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path,
                  sources: Sequence[Source], cache_dir: str | Path, resume: bool = False):
         self.model_cfg, self.cfg, self.out = model_cfg, train_cfg, Path(out)
         if train_cfg.seq_len > model_cfg.max_seq_len:
             raise ValueError(f"seq_len ({train_cfg.seq_len}) exceeds the model's max_seq_len ({model_cfg.max_seq_len})")
+        reason = mixtral_incompatibility(model_cfg)
+        if reason is not None:  # the final model directory is in HF Mixtral format
+            raise ValueError(f"cannot train to a model directory: {reason}")
+        self.mixture = [[s.name, s.epochs] for s in sources]
         self.ckpt_dir = self.out / "checkpoints"
         self.ckpt: dict | None = None
-        existing = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir.exists() else None
         if resume:
+            existing = latest_checkpoint(self.ckpt_dir)
             if existing is None:
                 raise ValueError(f"--resume: no checkpoint in {self.ckpt_dir}")
             self.ckpt = load_checkpoint(existing)
-            check_resume_compatible(self.ckpt, model_cfg, train_cfg, existing)
-        elif existing is not None:
-            raise ValueError(f"{self.out} already holds checkpoints ({existing.name}); pass --resume or use another --out")
-
-        # Tokenizer: trained on the run's own corpus, or the one the run started with.
-        if resume:
-            self.tokenizer = Tokenizer.load(self.out / "tokenizer.json")
+            check_resume_compatible(self.ckpt, model_cfg, train_cfg, self.mixture, existing)
+            self.tokenizer = Tokenizer.load(self.out / "tokenizer.json")  # the one the run started with
+            if self.ckpt["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
+                raise ValueError(f"{self.out / 'tokenizer.json'} is not the tokenizer checkpoint {existing.name} was trained with")
         else:
+            if self.out.exists() and any(self.out.iterdir()):
+                raise ValueError(f"--out {self.out} exists and is not empty; pass --resume to continue a run, or choose another --out")
             self.tokenizer = corpus_tokenizer(sources, model_cfg.vocab_size, cache_dir)
         if self.tokenizer.vocab_size != model_cfg.vocab_size:
             raise ValueError(f"tokenizer vocab ({self.tokenizer.vocab_size}) != model vocab_size ({model_cfg.vocab_size})")
         self.data: MixtureData = build_mixture(sources, self.tokenizer, train_cfg.seq_len, cache_dir, train_cfg.val_fraction)
         self.sampler = self.data.make_sampler(train_cfg.seed)
+        self.source_draws = [0] * len(sources)  # training samples drawn from each source so far
 
         torch.manual_seed(train_cfg.seed)
         self.model = build_model(model_cfg, seed=train_cfg.seed)
@@ -148,10 +114,16 @@ class Trainer:
         start = train_cfg.batch_start or train_cfg.batch_size
         self.batch_at = BatchRamp(start, train_cfg.batch_size, train_cfg.ramp_tokens, train_cfg.micro_batch)
         self.step, self.tokens_seen = 0, 0
-        if self.ckpt is not None:
-            self._restore(self.ckpt)
         self.flops_per_token = train_flops_per_token(model_cfg, train_cfg.seq_len)
         self.peak_flops = train_cfg.peak_flops or measure_matmul_flops(torch.bfloat16 if train_cfg.bf16 else torch.float32)
+        if self.ckpt is not None:
+            self._restore(self.ckpt)
+
+    def epochs_seen(self) -> dict[str, float]:
+        """Passes over each source's training blocks so far (the mixture's epochs are targets for
+        a whole pass; a short run sees a fraction of them, in the same proportions)."""
+        return {name: draws / blocks for name, draws, blocks in
+                zip(self.data.names, self.source_draws, self.data.train_block_counts)}
 
     # ---- checkpoint state ----------------------------------------------------------------------
     def state(self) -> dict:
@@ -165,16 +137,17 @@ class Trainer:
             "model_config": self.model_cfg.to_dict(),
             "train_config": self.cfg.to_dict(),
             "tokenizer_fingerprint": self.tokenizer.fingerprint,
+            "mixture": self.mixture,
+            "source_draws": list(self.source_draws),
         }
 
     def _restore(self, ckpt: dict) -> None:
-        if ckpt["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
-            raise ValueError(f"tokenizer.json in {self.out} is not the one the checkpoint was trained with")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.sampler.load_state_dict(ckpt["sampler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.step, self.tokens_seen = int(ckpt["step"]), int(ckpt["tokens_seen"])
+        self.source_draws = [int(n) for n in ckpt["source_draws"]]
 
     def save_checkpoint(self) -> Path:
         return save_checkpoint(self.ckpt_dir, self.step, self.state(), keep=self.cfg.keep_checkpoints)
@@ -251,7 +224,10 @@ class Trainer:
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.data.gather(self.sampler.next_batch(batch_size))  # (B, T+1)
+        samples = self.sampler.next_batch(batch_size)  # (B, 2) [source, block]
+        for source, n in enumerate(torch.bincount(samples[:, 0], minlength=len(self.source_draws)).tolist()):
+            self.source_draws[source] += n
+        batch = self.data.gather(samples)  # (B, T+1)
         t0 = time.perf_counter()
         metrics: StepMetrics = train_step(self.model, self.optimizer, batch, cfg.micro_batch,
                                           LossWeights(cfg.aux_loss_coef, cfg.z_loss_coef), cfg.grad_clip, cfg.bf16)

@@ -76,3 +76,27 @@ def test_corrupt_or_missing_model_directory_is_a_one_line_error(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load(tmp_path)
+
+
+def test_fused_expert_layout_of_transformers_5_loads(tmp_path):
+    hf = _hf_model(1)
+    hf.save_pretrained(tmp_path, save_original_format=False)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert any(k.endswith("experts.gate_up_proj") for k in f.keys())
+    ours, _ = load(tmp_path)
+    tokens = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert (ours(tokens).logits - hf(tokens).logits).abs().max().item() <= 1e-4
+
+
+def test_scaled_rope_is_refused_rather_than_silently_wrong(tmp_path):
+    import json
+
+    _hf_model(1).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_scaling"] = {"type": "linear", "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rope_type='linear' is not supported"):
+        load(tmp_path)

@@ -20,3 +20,22 @@ def test_grouped_matmul_matches_per_expert_loop_with_empty_groups():
     for fast, slow in zip(*results):
         torch.testing.assert_close(fast, slow)
     assert results[0][2][1].abs().sum() == 0  # an expert with no tokens gets no gradient
+
+
+def test_grouped_matmul_follows_bf16_autocast():
+    x, w = torch.randn(6, 16), torch.randn(3, 8, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_linear(x, w, [2, 0, 4])
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32  # master weights stay fp32
+    torch.testing.assert_close(y.float(), grouped_linear_loop(x, w, [2, 0, 4]), rtol=0.05, atol=0.1)
+
+
+def test_fast_path_is_taken_where_pytorch_has_grouped_mm():
+    import torch.nn.functional as F
+
+    from moegpt.model.grouped import grouped_mm_supported
+
+    assert grouped_mm_supported(torch.zeros(2, 64), torch.zeros(4, 32, 64)) == hasattr(F, "grouped_mm")
+    assert not grouped_mm_supported(torch.zeros(2, 3), torch.zeros(4, 5, 3))  # unaligned rows: the loop

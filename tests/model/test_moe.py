@@ -18,11 +18,13 @@ def _moe(kind=MLPKind.SWIGLU, capacity_factor=None, seed=0):
     return moe
 
 
-def per_token_oracle(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """Slow and obvious: for each token, softmax, top-k, renormalise, sum weighted expert outputs."""
+def per_token_oracle(moe: MoE, x: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
+    """Slow and obvious: for each token in order, softmax, top-k, renormalise, sum weighted expert
+    outputs; with a capacity, an expert takes only its first ``capacity`` assignments."""
     B, T, D = x.shape
     out = torch.zeros_like(x)
     ex = moe.experts
+    taken = [0] * moe.n_experts
     for b in range(B):
         for t in range(T):
             h = x[b, t]
@@ -30,6 +32,9 @@ def per_token_oracle(moe: MoE, x: torch.Tensor) -> torch.Tensor:
             w, idx = probs.topk(moe.top_k)
             w = w / w.sum()
             for wi, e in zip(w, idx.tolist()):
+                taken[e] += 1
+                if capacity is not None and taken[e] > capacity:
+                    continue  # dropped: this expert is full
                 gate = ex.w_gate[e] if ex.w_gate is not None else None
                 out[b, t] += wi * mlp_forward(h[None], ex.w_up[e], ex.w_down[e], gate, ex.kind)[0]
     return out
@@ -66,12 +71,15 @@ def test_capacity_drops_assignments_past_the_limit():
     assert routing.token.tolist() == [0, 1]  # earliest tokens keep their slot
 
 
-def test_capacity_factor_layer_drops_and_reports():
+def test_capacity_factor_matches_oracle_that_fills_experts_in_token_order():
     moe = _moe(capacity_factor=0.5)
-    x = torch.randn(2, 16, 32)
-    y, stats = moe(x)
-    assert stats.dropped.item() > 0
-    assert y.shape == x.shape
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y, stats = moe(x)
+        capacity = moe.capacity(32)  # ceil(0.5 * 32 * 2 / 8) = 4
+        torch.testing.assert_close(y, per_token_oracle(moe, x, capacity), rtol=1e-5, atol=1e-5)
+    assert capacity == 4
+    assert stats.dropped.item() == (stats.expert_counts - capacity).clamp(min=0).sum().item() > 0
 
 
 def test_balance_loss_is_one_for_uniform_routing_and_larger_when_skewed():

@@ -1,6 +1,7 @@
 """Checkpoints and exact resume: an interrupted run continues as if it never stopped."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -54,10 +55,47 @@ def test_resume_with_a_different_config_names_the_values(tmp_path, small_source,
         Trainer(micro_model.replace(n_layers=3), micro_train, tmp_path / "r", small_source, tmp_path / "c", resume=True)
 
 
-def test_fresh_run_refuses_to_overwrite_checkpoints(tmp_path, small_source, micro_model, micro_train):
+def test_fresh_run_refuses_a_non_empty_out_and_leaves_it_untouched(tmp_path, small_source, micro_model, micro_train):
     _run(micro_model, micro_train, tmp_path / "r", small_source, tmp_path / "c", stop_at=3)
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(ValueError, match="exists and is not empty; pass --resume"):
         Trainer(micro_model, micro_train, tmp_path / "r", small_source, tmp_path / "c")
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        Trainer(micro_model, micro_train, exported, small_source, tmp_path / "c")
+    assert (exported / "tokenizer.json").read_text() == "{}"
+
+
+def test_crash_after_a_checkpoint_resumes_from_it_and_relogs_each_step_once(tmp_path, small_source, micro_model,
+                                                                             micro_train):
+    cache = tmp_path / "cache"
+    _, straight = _run(micro_model, micro_train, tmp_path / "a", small_source, cache)
+
+    def crash(row):
+        if row["step"] == 5:  # checkpoints at 3 and 6: steps 4 and 5 are lost and must be redone
+            raise RuntimeError("node failure")
+
+    trainer = Trainer(micro_model, micro_train, tmp_path / "b", small_source, cache)
+    with pytest.raises(RuntimeError):
+        trainer.run(progress=False, on_step=crash)
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # a line torn by the crash
+    resumed = Trainer(micro_model, micro_train, tmp_path / "b", small_source, cache, resume=True)
+    assert resumed.step == 3
+    result = resumed.run(progress=False)
+    assert result.losses == straight.losses[3:]
+    rows = [json.loads(l) for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+    csv_steps = [line.split(",")[0] for line in (tmp_path / "b" / "log.csv").read_text().splitlines()[1:]]
+    assert csv_steps == [str(s) for s in range(1, 9)]
+
+
+def test_resume_with_a_different_mixture_is_refused_before_tokenizing(tmp_path, small_source, micro_model, micro_train):
+    _run(micro_model, micro_train, tmp_path / "r", small_source, tmp_path / "c", stop_at=3)
+    other = (small_source[0].__class__("plays", 1.0, small_source[0].paths),)
+    with pytest.raises(ValueError, match=r"data mixture differs \(\[\['plays', 2.0\]\] -> \[\['plays', 1.0\]\]\)"):
+        Trainer(micro_model, micro_train, tmp_path / "r", other, tmp_path / "c", resume=True)
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, small_source, micro_model, micro_train):
@@ -97,4 +135,19 @@ def test_old_checkpoints_are_pruned(tmp_path):
 def test_bf16_autocast_step_trains(tmp_path, small_source, micro_model, micro_train):
     cfg = micro_train.__class__(**{**micro_train.to_dict(), "bf16": True, "steps": 2, "eval_every": 2})
     result = Trainer(micro_model, cfg, tmp_path / "r", small_source, tmp_path / "c").run(progress=False)
-    assert result.finished and all(l == l for l in result.losses)  # finite, not NaN
+    assert result.finished and all(math.isfinite(l) for l in result.losses)
+
+
+def test_latest_falls_back_to_newest_complete_checkpoint_when_pointer_is_broken(tmp_path):
+    for s in (9, 10):
+        save_checkpoint(tmp_path, s, {"step": s}, keep=5)
+    (tmp_path / "latest").write_text("")  # torn pointer
+    assert latest_checkpoint(tmp_path).name == "step_000010"  # by number: 10 after 9
+    (tmp_path / "latest").unlink()
+    assert latest_checkpoint(tmp_path).name == "step_000010"
+
+
+def test_pruning_orders_by_step_number_past_six_digits(tmp_path):
+    for s in (999_999, 1_000_000, 1_000_001):
+        save_checkpoint(tmp_path, s, {"step": s}, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_1000000", "step_1000001"]

@@ -25,6 +25,10 @@ def test_batch_ramps_from_start_to_full_in_micro_batch_multiples():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(batch_size=10, micro_batch=4), r"batch_size \(10\) is not a multiple of micro_batch \(4\)"),
     (dict(batch_start=64), r"batch_start=64"),
+    (dict(batch_start=4, micro_batch=8), r"batch_start \(4\) is not a multiple of micro_batch \(8\)"),
+    (dict(warmup_steps=-1), r"warmup_steps \(-1\)"),
+    (dict(min_lr_ratio=2.0), r"min_lr_ratio=2.0"),
+    (dict(val_fraction=0.0), r"val_fraction=0.0"),
     (dict(steps=0), r"steps=0"),
 ])
 def test_bad_train_configs_name_the_value(kwargs, message):
