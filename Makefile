@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 # Extra pip arguments for the torch install, e.g. a CPU-only index on a machine whose default
-# index serves CUDA builds: make demo TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# index serves CUDA builds: make demo TORCH_PIP_ARGS="--index-url <your CPU-only wheel index>"
 TORCH_PIP_ARGS ?=
 
 .PHONY: demo test bench install install-dev clean

@@ -1,4 +1,4 @@
-"""Small building blocks: RMSNorm, rotary position embeddings, and one MLP of either kind.
+"""Small building blocks: RMSNorm and rotary position embeddings.
 
 Legend: B batch, T tokens, H heads, Dh head dim, D d_model, F d_ff.
 """
@@ -6,10 +6,7 @@ Legend: B batch, T tokens, H heads, Dh head dim, D d_model, F d_ff.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-from moegpt.config import MLPKind
 
 
 class RMSNorm(nn.Module):
@@ -41,32 +38,3 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
-
-
-def mlp_forward(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, w_gate: torch.Tensor | None,
-                kind: MLPKind) -> torch.Tensor:
-    """One feed-forward block on x (N, D) with weights stored (out, in) as nn.Linear does.
-
-    SwiGLU: down(silu(gate x) * up x).  GELU: down(gelu(up x)).
-    """
-    if kind == MLPKind.SWIGLU:
-        h = F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)  # (N, F)
-    else:
-        h = F.gelu(F.linear(x, w_up), approximate="tanh")  # (N, F)
-    return F.linear(h, w_down)  # (N, D)
-
-
-class MLP(nn.Module):
-    """The feed-forward block of a dense (non-MoE) layer."""
-
-    def __init__(self, d_model: int, d_ff: int, kind: MLPKind):
-        super().__init__()
-        self.kind = kind
-        self.w_up = nn.Parameter(torch.empty(d_ff, d_model))
-        self.w_down = nn.Parameter(torch.empty(d_model, d_ff))
-        self.w_gate = nn.Parameter(torch.empty(d_ff, d_model)) if kind == MLPKind.SWIGLU else None
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        B, T, D = x.shape
-        y = mlp_forward(x.reshape(B * T, D), self.w_up, self.w_down, self.w_gate, self.kind)
-        return y.view(B, T, D), None

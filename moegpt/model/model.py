@@ -17,7 +17,8 @@ from torch import nn
 
 from moegpt.config import ModelConfig
 from moegpt.model.attention import Attention, KVCacheView
-from moegpt.model.layers import MLP, RMSNorm, rope_cos_sin
+from moegpt.model.experts import DenseMLP
+from moegpt.model.layers import RMSNorm, rope_cos_sin
 from moegpt.model.moe import MoE, RouterStats
 
 
@@ -51,7 +52,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.d_model, cfg.d_ff, cfg.mlp)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else DenseMLP(cfg.d_model, cfg.d_ff, cfg.mlp)
 
     def forward(self, x, cos, sin, positions, cache: KVCacheView | None = None):
         x = x + self.attn(self.attn_norm(x), cos, sin, positions, cache)

@@ -14,11 +14,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moegpt.config import MLPKind, ModelConfig
-from moegpt.model.grouped import grouped_linear
+from moegpt.config import ModelConfig
+from moegpt.model.experts import Experts
 
 
 @dataclass
@@ -69,26 +68,6 @@ def route(logits: torch.Tensor, top_k: int, capacity: int | None) -> tuple[Routi
         token, weight = token[keep], weight[keep]
         kept_counts = counts.clamp(max=capacity)
     return Routing(token=token, weight=weight, counts=kept_counts), probs, counts
-
-
-class Experts(nn.Module):
-    """E expert MLPs as stacked weights (E, out, in)."""
-
-    def __init__(self, n_experts: int, d_model: int, d_ff: int, kind: MLPKind):
-        super().__init__()
-        self.kind = kind
-        self.w_up = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
-        self.w_down = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
-        self.w_gate = nn.Parameter(torch.empty(n_experts, d_ff, d_model)) if kind == MLPKind.SWIGLU else None
-
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (A, D) grouped by expert, counts (E,) -> (A, D): every expert's MLP on its own rows."""
-        sizes = counts.tolist()
-        if self.kind == MLPKind.SWIGLU:
-            h = F.silu(grouped_linear(x, self.w_gate, sizes)) * grouped_linear(x, self.w_up, sizes)  # (A, F)
-        else:
-            h = F.gelu(grouped_linear(x, self.w_up, sizes), approximate="tanh")  # (A, F)
-        return grouped_linear(h, self.w_down, sizes)  # (A, D)
 
 
 class MoE(nn.Module):

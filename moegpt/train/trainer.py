@@ -42,9 +42,9 @@ from moegpt.train.step import LossWeights, StepMetrics, evaluate, train_step
 class RunResult:
     step: int  # steps completed
     finished: bool  # reached cfg.steps (and saved the model directory)
+    unigram_baseline: float  # val loss of a model that knows only token frequencies (nats/token)
     losses: list[float] = field(default_factory=list)  # training loss of each step run in this call
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, val loss)
-    unigram_baseline: float = 0.0
     last_val: dict[str, float] = field(default_factory=dict)  # newest validation, overall and per source
 
 

@@ -5,8 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from moegpt.config import MLPKind, PRESETS
-from moegpt.model.layers import mlp_forward
 from moegpt.model.moe import MoE, load_balancing_loss, route
+
+
+def mlp_forward(x, w_up, w_down, w_gate, kind):
+    """One expert, written out: SwiGLU down(silu(gate x) * up x), or GELU down(gelu(up x))."""
+    if kind == MLPKind.SWIGLU:
+        return (F.silu(x @ w_gate.t()) * (x @ w_up.t())) @ w_down.t()
+    return F.gelu(x @ w_up.t(), approximate="tanh") @ w_down.t()
 
 
 def _moe(kind=MLPKind.SWIGLU, capacity_factor=None, seed=0):
@@ -99,3 +105,20 @@ def test_routing_weights_are_renormalised_top_k():
     assert routing.weight.sum().item() == pytest.approx(1.0)
     p = probs[0, :2]
     assert sorted(routing.weight.tolist()) == pytest.approx(sorted((p / p.sum()).tolist()))
+
+
+@pytest.mark.parametrize("kind", list(MLPKind))
+def test_dense_layer_is_one_expert_that_every_token_uses(kind):
+    from moegpt.model.experts import DenseMLP
+
+    torch.manual_seed(0)
+    dense = DenseMLP(32, 48, kind)
+    for p in dense.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 5, 32)
+    m = dense.mlp
+    gate = m.w_gate[0] if m.w_gate is not None else None
+    expected = mlp_forward(x.reshape(10, 32), m.w_up[0], m.w_down[0], gate, kind).view(2, 5, 32)
+    y, stats = dense(x)
+    assert stats is None
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
