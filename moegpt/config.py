@@ -122,6 +122,11 @@ class ModelConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+def field_differences(old: dict, new: dict, ignore: frozenset[str] = frozenset()) -> list[str]:
+    """'name: old -> new' for each field that differs (for one-line resume errors)."""
+    return [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in old if k not in ignore and old[k] != new.get(k)]
+
+
 PRESETS: dict[str, ModelConfig] = {
     # Trains on 2 CPU cores in minutes; the same architecture as gpt4 (16 experts, top-2, MQA).
     "tiny": ModelConfig(

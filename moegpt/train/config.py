@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from moegpt.config import field_differences
+
 # Fields that change only bookkeeping, not the numbers a run computes: they may differ on resume.
 BOOKKEEPING = frozenset({"eval_every", "eval_sequences", "ckpt_every", "keep_checkpoints", "log_every", "peak_flops"})
 
@@ -66,5 +68,4 @@ class TrainConfig:
 
     def differences(self, other: "TrainConfig") -> list[str]:
         """Fields that change the computation and differ, as 'name: self -> other'."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        return [f"{k}: {mine[k]!r} -> {theirs[k]!r}" for k in mine if k not in BOOKKEEPING and mine[k] != theirs[k]]
+        return field_differences(self.to_dict(), other.to_dict(), ignore=BOOKKEEPING)

@@ -25,7 +25,7 @@ import torch
 from moegpt.checkpoint.hf import mixtral_incompatibility
 from moegpt.checkpoint.model_dir import save as save_model_dir
 from moegpt.checkpoint.store import latest_checkpoint, load_checkpoint, save_checkpoint
-from moegpt.config import ModelConfig
+from moegpt.config import ModelConfig, field_differences
 from moegpt.counts import train_flops_per_token
 from moegpt.data.corpus_tokenizer import corpus_tokenizer
 from moegpt.data.dataset import MixtureData, build_mixture
@@ -63,10 +63,8 @@ def check_resume_compatible(ckpt: dict, model_cfg: ModelConfig, train_cfg: Train
         raise ValueError(f"checkpoint {where} is not a moegpt training checkpoint (missing {sorted(missing)})")
     if [list(m) for m in ckpt["mixture"]] != mixture:
         raise ValueError(f"cannot resume {where}: data mixture differs ({ckpt['mixture']} -> {mixture})")
-    saved_model = ModelConfig.from_dict(ckpt["model_config"])
-    if saved_model != model_cfg:
-        diffs = [f"{k}: {v!r} -> {model_cfg.to_dict()[k]!r}" for k, v in saved_model.to_dict().items()
-                 if model_cfg.to_dict()[k] != v]
+    diffs = field_differences(ckpt["model_config"], model_cfg.to_dict())
+    if diffs:
         raise ValueError(f"cannot resume {where}: model config differs ({'; '.join(diffs)})")
     diffs = TrainConfig(**ckpt["train_config"]).differences(train_cfg)
     if diffs:
