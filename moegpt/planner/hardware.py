@@ -10,8 +10,8 @@ import time
 import torch
 
 
-def measure_matmul_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", n: int = 1024,
-                         repeats: int = 5, budget_s: float = 1.0) -> float:
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", n: int = 2048,
+                         repeats: int = 10, budget_s: float = 3.0) -> float:
     """Best-of-``repeats`` FLOP/s of an (n x n) @ (n x n) matmul on ``device``, stopping early once
     ``budget_s`` is spent (bf16 on a CPU without bf16 units is ~100x slower than fp32)."""
     g = torch.Generator().manual_seed(0)  # not the global RNG: a training run's stream stays untouched
