@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from moegpt.config import ModelConfig
+from moegpt.model.attention import attention_over_keys
 
 
 class LayerCache:
@@ -18,7 +19,8 @@ class LayerCache:
         self.k, self.v = k, v  # (B, G, T_max, Dh)
         self.length = 0
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Store k/v (B, G, T, Dh) at ``positions`` (T,), attend q (B, H, T, Dh) to the filled prefix."""
         start, T = int(positions[0]), k.shape[2]
         if start != self.length:
             raise ValueError(f"cache holds {self.length} positions, new tokens start at {start}")
@@ -29,7 +31,7 @@ class LayerCache:
         self.v[:, :, start:end] = v
         self.length = end
         key_positions = torch.arange(end, device=k.device)  # (S,)
-        return self.k[:, :, :end], self.v[:, :, :end], key_positions
+        return attention_over_keys(q, self.k[:, :, :end], self.v[:, :, :end], positions, key_positions)
 
     def truncate(self, length: int) -> None:
         """Forget positions >= length (used to roll back rejected speculative tokens)."""

@@ -17,11 +17,25 @@ from moegpt.model.layers import apply_rope
 
 
 class KVCacheView(Protocol):
-    """One layer's view of a KV cache. ``update`` stores the new keys/values at ``positions`` and
-    returns every key/value the new queries may attend to, plus the keys' positions."""
+    """One layer's view of a KV cache: it stores the new keys/values and attends the new queries to
+    everything cached, so where keys live (a contiguous buffer, paged blocks) is the cache's
+    business. The model passes it in as an argument; it holds no global state."""
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """q (B, H, T, Dh), k/v (B, G, T, Dh) of the new tokens at ``positions`` (T,) -> (B, H, T, Dh)."""
+        ...
+
+
+def attention_over_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        key_positions: torch.Tensor) -> torch.Tensor:
+    """q (B, H, T, Dh) at ``positions`` (T,) attending to k/v (B, G, S, Dh) at ``key_positions`` (S,):
+    each query sees the keys at or before its own position. -> (B, H, T, Dh)."""
+    T, H, G = q.shape[2], q.shape[1], k.shape[1]
+    if T == 1 and bool(key_positions.max() <= positions[0]):
+        mask = None  # one query at the newest position sees everything
+    else:
+        mask = key_positions[None, :] <= positions[:, None]  # (T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G != H)
 
 
 class Attention(nn.Module):
@@ -44,17 +58,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if cache is None:
-            mask, causal = None, True
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G != H)  # (B, H, T, Dh)
         else:
-            k, v, key_positions = cache.update(k, v, positions)  # (B, G, S, Dh), (S,)
-            # A query sees keys at or before its own position (prefill after context, or a
-            # speculative block); a single query at the newest position sees everything.
-            if T == 1 and bool(key_positions.max() <= positions[0]):
-                mask = None
-            else:
-                mask = key_positions[None, :] <= positions[:, None]  # (T, S)
-            causal = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             enable_gqa=G != H)  # (B, H, T, Dh)
+            out = cache.attend(q, k, v, positions)  # (B, H, T, Dh)
         out = out.transpose(1, 2).reshape(B, T, H * Dh)  # (B, T, H*Dh)
         return self.wo(out)
