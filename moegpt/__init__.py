@@ -7,7 +7,11 @@
 
 from moegpt.checkpoint.model_dir import load, save
 from moegpt.config import PRESETS, MLPKind, ModelConfig, preset
+from moegpt.infer.engine import EngineConfig, LLMEngine, Request
+from moegpt.infer.llm import LLM
+from moegpt.infer.sampling import SamplingParams
 from moegpt.model import MoEGPT, build_model
 
-__all__ = ["PRESETS", "MLPKind", "ModelConfig", "MoEGPT", "build_model", "load", "preset", "save"]
+__all__ = ["LLM", "PRESETS", "EngineConfig", "LLMEngine", "MLPKind", "ModelConfig", "MoEGPT", "Request",
+           "SamplingParams", "build_model", "load", "preset", "save"]
 __version__ = "0.1.0"

@@ -66,3 +66,22 @@ def test_seeded_sampling_is_the_same_alone_or_in_a_crowd():
     alone = LLMEngine(model).generate(prompts[:1], req)[0]
     crowd = LLMEngine(model).generate(prompts, req)[0]
     assert alone == crowd
+
+
+def test_llm_generates_text_from_a_model_directory(tmp_path):
+    from moegpt import LLM
+    from moegpt.checkpoint.model_dir import save
+    from moegpt.data.tokenizer import Tokenizer
+    from moegpt.infer.sequence import FinishReason
+
+    tok = Tokenizer.train(["to be or not to be, that is the question\n" * 50], vocab_size=300)
+    model = build_model(preset("tiny").replace(vocab_size=300, n_layers=1), seed=0)
+    save(model, tok, tmp_path)
+    llm = LLM(tmp_path)
+    completions = llm.generate(["to be", "question"], Request(max_tokens=5))
+    assert [c.prompt for c in completions] == ["to be", "question"]
+    for c in completions:
+        assert c.finish_reason in (FinishReason.LENGTH, FinishReason.STOP) and len(c.token_ids) <= 5
+        prompt = torch.tensor([tok.encode(c.prompt, add_bos=True)])
+        expected = generate(model, prompt, 5, eos_id=tok.eos_id)[0, prompt.shape[1]:].tolist()
+        assert list(c.token_ids) == expected[:len(c.token_ids)]
