@@ -1,4 +1,4 @@
-"""The ``moegpt`` command: train | generate | info | demo.
+"""The ``moegpt`` command: train | generate | info | plan | demo.
 
 Every subcommand validates its inputs before doing any work and reports bad input as one line,
 ``moegpt: error: ...``, with exit status 2.
@@ -290,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=8192, help="context for the attention FLOPs (default 8192)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    from moegpt.planner.cli import add_plan_parser
+
+    add_plan_parser(sub)
 
     p = sub.add_parser("demo", help="train tiny on the bundled corpus, save it, print samples")
     _add_train_args(p)

@@ -1,11 +1,13 @@
-"""Measured hardware figures for this machine (the planner's ``local`` entry builds on these).
+"""Hardware for the planner: the datasheet table, and measurements of this machine.
 
-Peak FLOP/s are measured with a square matmul; MFU divides achieved FLOP/s by this figure.
+Peak FLOP/s are measured with a square matmul; MFU divides achieved FLOP/s by this figure. The
+``local`` entry (moegpt.planner.local) is built from these two measurements.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -42,3 +44,80 @@ def measure_copy_bandwidth(device: str = "cpu", n_bytes: int = 256 * 2**20, repe
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return 2 * n_bytes / best
+
+
+# ---- the hardware table ------------------------------------------------------------------------
+# Units: bytes, bytes/s, FLOP/s, bits/s. Peaks are dense (no 2:4 sparsity).
+
+
+@dataclass(frozen=True)
+class PeakFlops:
+    """Dense peak FLOP/s (or OP/s for int8) per precision; None where the chip has no such unit."""
+
+    bf16: float
+    fp8: float | None = None
+    int8: float | None = None
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One accelerator as the planner sees it. ``measured_on`` is set for a measured entry (local)."""
+
+    name: str
+    mem_bytes: float  # device memory per GPU
+    hbm_bytes_per_s: float  # memory bandwidth per GPU
+    peak_flops: PeakFlops
+    nvlink_bytes_per_s: float | None  # total bidirectional per GPU; None: no NVLink
+    nic_bits_per_s_per_gpu: float | None  # scale-out network per GPU
+    gpus_per_nvlink_domain: int  # TP is capped at this (article: 8-way TP, "the NVLink limit")
+    measured_on: str | None = None  # ISO date of a measurement, for `local`
+    peak_flops_fp32: float | None = None  # measured entries only (shown, not used for MFU)
+
+    @property
+    def ridge_flop_per_byte(self) -> float:
+        """BF16 FLOPs per byte of HBM traffic at which compute and memory take equal time."""
+        return self.peak_flops.bf16 / self.hbm_bytes_per_s
+
+    def peak_for(self, weight_bytes: int) -> float:
+        """Precision selects the peak: BF16 for 2-byte weights, else FP8 (H100) or INT8 (A100)."""
+        if weight_bytes >= 2:
+            return self.peak_flops.bf16
+        eight_bit = self.peak_flops.fp8 or self.peak_flops.int8
+        if eight_bit is None:
+            raise ValueError(f"--weight-bytes {weight_bytes}: {self.name} has no 8-bit peak (use 2)")
+        return eight_bit
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "mem_bytes": self.mem_bytes, "hbm_bytes_per_s": self.hbm_bytes_per_s,
+            "peak_flops": asdict(self.peak_flops), "nvlink_bytes_per_s": self.nvlink_bytes_per_s,
+            "nic_bits_per_s_per_gpu": self.nic_bits_per_s_per_gpu,
+            "gpus_per_nvlink_domain": self.gpus_per_nvlink_domain,
+            "ridge_flop_per_byte": self.ridge_flop_per_byte,
+        }
+
+
+GB, TB = 1e9, 1e12
+
+# NVIDIA datasheets (SXM, dense): PLANNER.md's table; H200 from the H200 SXM datasheet (same
+# Hopper compute as H100, 141 GB HBM3e at 4.8 TB/s).
+DATASHEETS: dict[str, Hardware] = {
+    "a100-40gb": Hardware("a100-40gb", 40 * GB, 1555 * GB, PeakFlops(bf16=312 * TB, int8=624 * TB),
+                          nvlink_bytes_per_s=600 * GB, nic_bits_per_s_per_gpu=200e9, gpus_per_nvlink_domain=8),
+    "a100-80gb": Hardware("a100-80gb", 80 * GB, 2039 * GB, PeakFlops(bf16=312 * TB, int8=624 * TB),
+                          nvlink_bytes_per_s=600 * GB, nic_bits_per_s_per_gpu=200e9, gpus_per_nvlink_domain=8),
+    "h100-sxm": Hardware("h100-sxm", 80 * GB, 3350 * GB,
+                         PeakFlops(bf16=989.4 * TB, fp8=1978.9 * TB, int8=1978.9 * TB),
+                         nvlink_bytes_per_s=900 * GB, nic_bits_per_s_per_gpu=400e9, gpus_per_nvlink_domain=8),
+    "h200": Hardware("h200", 141 * GB, 4800 * GB, PeakFlops(bf16=989.4 * TB, fp8=1978.9 * TB, int8=1978.9 * TB),
+                     nvlink_bytes_per_s=900 * GB, nic_bits_per_s_per_gpu=400e9, gpus_per_nvlink_domain=8),
+}
+HARDWARE_NAMES = (*DATASHEETS, "local")
+
+
+def datasheet(name: str) -> Hardware:
+    """A datasheet entry by name (``local`` is measured: see moegpt.planner.local)."""
+    try:
+        return DATASHEETS[name]
+    except KeyError:
+        raise ValueError(f"unknown hardware {name!r}; choose one of {list(HARDWARE_NAMES)}") from None

@@ -1,0 +1,136 @@
+"""``moegpt plan``: the planner's subcommand. ``add_plan_parser(subparsers)`` adds it; ``cmd_plan(args)``
+runs it. Bad input raises a one-line ValueError naming the value (the main CLI prints it, exit 2).
+
+Three uses: a plan (a table, or ``--json`` with PLANNER.md's fields), ``--article`` (every figure of
+the article beside ours; ``--markdown`` for docs/article.md), and ``--plot DIR`` (the charts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from moegpt.planner.hardware import HARDWARE_NAMES
+
+# flag -> ModelConfig field, for the model overrides applied on top of a preset
+OVERRIDES = {"n_layers": "n_layers", "d_model": "d_model", "n_heads": "n_heads", "n_kv_heads": "n_kv_heads",
+             "head_dim": "head_dim", "d_ff": "d_ff", "n_experts": "n_experts", "top_k": "top_k", "vocab": "vocab_size"}
+
+
+def number(text: str) -> int | float:
+    """'8', '60e6', '2.15e25', '-1' -> a number (an int when integral); the checks come later."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    return int(value) if value.is_integer() and abs(value) < 2**63 else value
+
+
+def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("plan", help="the article's arithmetic: params, FLOPs, memory, latency, MFU, cost",
+                              description=__doc__.split("\n\n")[1])
+    n = dict(type=number, default=None)
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="gpt4", help="gpt4 (default), gpt4-mha, gpt4-gqa, dense-1t, palm540b-mha, "
+                   "davinci, or a model preset")
+    g.add_argument("--model", default=None, metavar="DIR", help="a model directory (its config.json) instead")
+    for flag in OVERRIDES:
+        g.add_argument("--" + flag.replace("_", "-"), dest=flag, **n)
+    g.add_argument("--gated-mlp", action=argparse.BooleanOptionalAction, default=None, help="SwiGLU (else GELU)")
+    g.add_argument("--tied-embeddings", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--params", **n, help="set the depth so the total comes nearest this many parameters")
+    g = p.add_argument_group("hardware and layout")
+    g.add_argument("--hardware", default="a100-40gb", help=f"one of {', '.join(HARDWARE_NAMES)}")
+    g.add_argument("--cache-dir", default=None, help="where `local` is cached ($MOEGPT_CACHE or ~/.cache/moegpt)")
+    g.add_argument("--remeasure", action="store_true", help="measure `local` again")
+    for flag in ("tp", "pp", "ep"):
+        g.add_argument("--" + flag, type=number, default=1)
+    g.add_argument("--dp", **n)
+    g.add_argument("--gpus", **n, help="total GPUs; dp = gpus / (tp * pp)")
+    g.add_argument("--mode", default="inference", help="inference (default) or train")
+    g.add_argument("--kv-sharding", default="replicated", help="replicated (default) or batch")
+    g.add_argument("--zero-stage", type=number, default=0)
+    g.add_argument("--micro-batch", type=number, default=1)
+    g = p.add_argument_group("workload and precision")
+    g.add_argument("--batch", type=number, default=1, help="sequences decoded together (inference)")
+    for flag in ("context", "seq_len", "batch_tokens", "tokens", "train_flops", "compare_tokens"):
+        g.add_argument("--" + flag.replace("_", "-"), dest=flag, **n)
+    g.add_argument("--weight-bytes", type=number, default=2)
+    g.add_argument("--kv-bytes", type=number, default=2)
+    g = p.add_argument_group("efficiency and prices")
+    g.add_argument("--mfu", **n)
+    for flag in ("hbm_efficiency", "flops_efficiency", "overhead_factor"):
+        g.add_argument("--" + flag.replace("_", "-"), dest=flag, type=number, default=1.0)
+    for flag in ("days", "gpu_hour_usd", "target_tps", "words_per_min", "tokens_per_word", "draft_tokens",
+                 "acceptance_rate", "nic_gbps_per_gpu", "bytes_per_token_text", "bytes_per_token_vision"):
+        g.add_argument("--" + flag.replace("_", "-"), dest=flag, **n)
+    g.add_argument("--tokens-per-param", type=number, default=20)
+    g.add_argument("--compare-preset", default="davinci")
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="PLANNER.md's JSON instead of the table")
+    g.add_argument("--article", action="store_true", help="the article's figures beside ours, with verdicts")
+    g.add_argument("--markdown", action="store_true", help="with --article: docs/article.md's Markdown")
+    g.add_argument("--plot", default=None, metavar="DIR", help="write the charts (PNG) into DIR")
+    p.set_defaults(func=cmd_plan)
+    return p
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MOEGPT_CACHE", Path.home() / ".cache" / "moegpt"))
+
+
+def inputs_from_args(args):
+    from moegpt.planner.inputs import make_inputs
+
+    hardware = args.hardware
+    if hardware == "local":
+        from moegpt.planner.local import local_hardware
+
+        cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        hardware = local_hardware(cache_dir, remeasure=args.remeasure)
+    model, preset = None, args.preset
+    if args.model is not None:
+        from moegpt.checkpoint.model_dir import read_config
+
+        model, preset = read_config(args.model), str(args.model)
+    overrides = {field: getattr(args, flag) for flag, field in OVERRIDES.items() if getattr(args, flag) is not None}
+    if args.gated_mlp is not None:
+        overrides["mlp"] = "swiglu" if args.gated_mlp else "gelu"
+    if args.tied_embeddings is not None:
+        overrides["tie_embeddings"] = args.tied_embeddings
+    names = ("tp", "pp", "dp", "gpus", "ep", "mode", "batch", "context", "seq_len", "batch_tokens", "tokens",
+             "weight_bytes", "kv_bytes", "kv_sharding", "zero_stage", "micro_batch", "mfu", "hbm_efficiency",
+             "flops_efficiency", "overhead_factor", "days", "gpu_hour_usd", "target_tps", "words_per_min",
+             "tokens_per_word", "draft_tokens", "acceptance_rate", "compare_preset", "compare_tokens",
+             "train_flops", "tokens_per_param", "nic_gbps_per_gpu", "bytes_per_token_text", "bytes_per_token_vision",
+             "params")
+    return make_inputs(preset=preset, model=model, overrides=overrides, hardware=hardware,
+                       **{k: getattr(args, k) for k in names})
+
+
+def cmd_plan(args) -> int:
+    if args.markdown and not args.article:
+        raise ValueError("--markdown goes with --article")
+    if args.plot is not None:
+        from moegpt.planner.plots import write_plots
+
+        for path in write_plots(Path(args.plot)):
+            print(path)
+        return 0
+    if args.article:
+        from moegpt.planner.article import article_markdown, article_rows, article_table
+
+        if args.json:
+            print(json.dumps([r.to_dict() for r in article_rows()], indent=2))
+        else:
+            sys.stdout.write(article_markdown() if args.markdown else article_table() + "\n")
+        return 0
+    from moegpt.planner.plan import plan
+    from moegpt.planner.table import render
+
+    result = plan(inputs_from_args(args))
+    print(json.dumps(result.to_dict(), indent=2) if args.json else render(result))
+    return 0

@@ -1,0 +1,218 @@
+"""PlanInputs: every input of a plan, resolved (defaults applied) and checked, as frozen dataclasses.
+
+``make_inputs(...)`` is the one place inputs are validated: a bad value raises a one-line
+ValueError naming it, before any arithmetic. Units: counts, bytes, seconds, USD; fractions 0..1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from moegpt.config import ModelConfig
+from moegpt.planner.hardware import Hardware, datasheet
+from moegpt.planner.presets import planner_preset, with_total_params
+
+MODES = ("inference", "train")
+KV_SHARDINGS = ("replicated", "batch")  # batch: TP ranks that would hold a copy of a KV head hold other sequences
+DEFAULT_TOKENS_PER_WORD = 4 / 3  # English rule of thumb: ~0.75 words per token
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: float  # an integer, unless --gpus is not a multiple of tp*pp (then NON_INTEGER_DP)
+    ep: int  # experts sharded over ep data-parallel replicas
+    kv_sharding: str
+    zero_stage: int  # 1: optimizer state sharded over dp; 2: + gradients; 3: + weights
+    micro_batch: int  # sequences per pipeline micro-batch (training)
+
+    @property
+    def gpus(self) -> float:
+        return self.tp * self.pp * self.dp
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch: int  # sequences decoded together by one replica (inference)
+    context: int  # KV length each sequence attends to
+    seq_len: int  # training sequence length
+    batch_tokens: int  # training global batch, tokens
+    tokens: float | None  # training tokens D
+
+
+@dataclass(frozen=True)
+class Precision:
+    weight_bytes: int
+    kv_bytes: int
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    mfu: float | None  # given: fixes throughput (inference cost) or training time
+    hbm_efficiency: float
+    flops_efficiency: float
+    overhead_factor: float  # bytes moved per weight byte read (article's chart: 2, "overhead = parameter reads")
+
+
+@dataclass(frozen=True)
+class Options:
+    target_tps: float | None
+    words_per_min: float | None
+    tokens_per_word: float | None
+    draft_tokens: int | None
+    acceptance_rate: float | None
+    compare_preset: str
+    compare_tokens: float | None
+    train_flops: float | None
+    tokens_per_param: float
+    nic_gbps_per_gpu: float | None
+    bytes_per_token_text: float | None
+    bytes_per_token_vision: float | None
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    preset: str  # a preset name, or the model directory
+    model: ModelConfig
+    hardware: Hardware
+    mode: str
+    layout: Layout
+    workload: Workload
+    precision: Precision
+    efficiency: Efficiency
+    gpu_hour_usd: float | None
+    days: float | None
+    options: Options
+    compare_model: ModelConfig
+
+    @property
+    def gpus(self) -> float:
+        return self.layout.gpus
+
+    def to_dict(self) -> dict:
+        """The JSON ``inputs`` echo (``options`` holds the inputs PLANNER.md's list leaves out)."""
+        gpus = self.gpus
+        return {
+            "preset": self.preset, "hardware": self.hardware.name, "mode": self.mode,
+            "parallelism": asdict(self.layout), "workload": asdict(self.workload),
+            "precision": asdict(self.precision), "efficiency": asdict(self.efficiency),
+            "prices": {"gpu_hour_usd": self.gpu_hour_usd},
+            "gpus": int(gpus) if float(gpus).is_integer() else gpus, "days": self.days,
+            "options": asdict(self.options),
+        }
+
+
+def _int(flag: str, value, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{flag} {value!r} must be an integer >= {minimum}")
+    return value
+
+
+def _pos(flag: str, value, upper: float | None = None):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{flag} {value!r} must be a positive number")
+    if upper is not None and value > upper:
+        raise ValueError(f"{flag} {value!r} must be at most {upper:g}")
+    return value
+
+
+def _choice(flag: str, value, choices) -> object:
+    if value not in choices:
+        raise ValueError(f"{flag} {value!r} is not one of {list(choices)}")
+    return value
+
+
+def make_inputs(*, preset: str = "gpt4", model: ModelConfig | None = None, overrides: dict | None = None,
+                params: float | None = None, hardware: str | Hardware = "a100-40gb", mode: str = "inference",
+                tp: int = 1, pp: int = 1, dp: int | None = None, gpus: int | None = None, ep: int = 1,
+                batch: int = 1, context: int | None = None, seq_len: int | None = None,
+                batch_tokens: int | None = None, tokens: float | None = None, weight_bytes: int = 2,
+                kv_bytes: int = 2, kv_sharding: str = "replicated", zero_stage: int = 0, micro_batch: int = 1,
+                mfu: float | None = None, hbm_efficiency: float = 1.0, flops_efficiency: float = 1.0,
+                overhead_factor: float = 1.0, days: float | None = None, gpu_hour_usd: float | None = None,
+                target_tps: float | None = None, words_per_min: float | None = None,
+                tokens_per_word: float | None = None, draft_tokens: int | None = None,
+                acceptance_rate: float | None = None, compare_preset: str = "davinci",
+                compare_tokens: float | None = None, train_flops: float | None = None,
+                tokens_per_param: float = 20.0, nic_gbps_per_gpu: float | None = None,
+                bytes_per_token_text: float | None = None,
+                bytes_per_token_vision: float | None = None) -> PlanInputs:
+    """Resolve and check every input; the keyword names mirror the CLI's flags."""
+    cfg = model if model is not None else planner_preset(preset)
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    if params is not None:
+        cfg = with_total_params(cfg, params)
+    hw = hardware if isinstance(hardware, Hardware) else datasheet(hardware)
+    _choice("--mode", mode, MODES)
+    for flag, v in (("--tp", tp), ("--pp", pp), ("--ep", ep), ("--batch", batch), ("--micro-batch", micro_batch)):
+        _int(flag, v)
+    _choice("--kv-sharding", kv_sharding, KV_SHARDINGS)
+    _choice("--zero-stage", zero_stage, (0, 1, 2, 3))
+    _choice("--weight-bytes", weight_bytes, (1, 2))
+    _choice("--kv-bytes", kv_bytes, (1, 2))
+    hw.peak_for(weight_bytes)  # 8-bit weights need an 8-bit peak
+    if cfg.n_heads % tp:
+        raise ValueError(f"--tp {tp} does not divide n_heads ({cfg.n_heads})")
+    if tp > hw.gpus_per_nvlink_domain:
+        raise ValueError(f"--tp {tp} exceeds {hw.name}'s NVLink domain of {hw.gpus_per_nvlink_domain} GPU(s)")
+    if pp > cfg.n_layers:
+        raise ValueError(f"--pp {pp} exceeds n_layers ({cfg.n_layers})")
+    if cfg.n_experts % ep:
+        raise ValueError(f"--ep {ep} does not divide n_experts ({cfg.n_experts})")
+    if gpus is not None:
+        _int("--gpus", gpus)
+        if gpus < tp * pp:
+            raise ValueError(f"--gpus {gpus} is fewer than tp*pp = {tp * pp}")
+        if dp is not None and dp * tp * pp != gpus:
+            raise ValueError(f"tp({tp}) * pp({pp}) * dp({dp}) != gpus({gpus})")
+        dp_value: float = gpus // (tp * pp) if gpus % (tp * pp) == 0 else gpus / (tp * pp)
+    else:
+        dp_value = _int("--dp", dp) if dp is not None else 1
+    if ep > dp_value or (float(dp_value).is_integer() and int(dp_value) % ep):
+        raise ValueError(f"--ep {ep} does not divide dp ({dp_value:g}): expert ranks are data-parallel replicas")
+    context = _int("--context", context) if context is not None else cfg.max_seq_len
+    seq_len = _int("--seq-len", seq_len) if seq_len is not None else cfg.max_seq_len
+    if batch_tokens is None:
+        batch_tokens = math.ceil(dp_value) * micro_batch * seq_len  # one micro-batch per replica
+    _int("--batch-tokens", batch_tokens)
+    for flag, v in (("--tokens", tokens), ("--days", days), ("--gpu-hour-usd", gpu_hour_usd),
+                    ("--target-tps", target_tps), ("--words-per-min", words_per_min),
+                    ("--tokens-per-word", tokens_per_word), ("--compare-tokens", compare_tokens),
+                    ("--train-flops", train_flops), ("--tokens-per-param", tokens_per_param),
+                    ("--nic-gbps-per-gpu", nic_gbps_per_gpu), ("--bytes-per-token-text", bytes_per_token_text),
+                    ("--bytes-per-token-vision", bytes_per_token_vision), ("--overhead-factor", overhead_factor)):
+        _pos(flag, v)
+    for flag, v in (("--mfu", mfu), ("--hbm-efficiency", hbm_efficiency), ("--flops-efficiency", flops_efficiency),
+                    ("--acceptance-rate", acceptance_rate)):
+        _pos(flag, v, upper=1.0)
+    if (draft_tokens is None) != (acceptance_rate is None):
+        raise ValueError("--draft-tokens and --acceptance-rate go together")
+    if draft_tokens is not None:
+        _int("--draft-tokens", draft_tokens)
+    if mode == "train" and mfu is not None and days is not None:
+        raise ValueError(f"--mfu {mfu:g} and --days {days:g}: give one (each determines the other)")
+    if tokens is not None and train_flops is not None:
+        raise ValueError("--tokens and --train-flops: give one (train FLOPs = 6 * active * tokens)")
+    if words_per_min is not None and tokens_per_word is None:
+        tokens_per_word = DEFAULT_TOKENS_PER_WORD
+    return PlanInputs(
+        preset=preset, model=cfg, hardware=hw, mode=mode,
+        layout=Layout(tp=tp, pp=pp, dp=dp_value, ep=ep, kv_sharding=kv_sharding, zero_stage=zero_stage,
+                      micro_batch=micro_batch),
+        workload=Workload(batch=batch, context=context, seq_len=seq_len, batch_tokens=batch_tokens, tokens=tokens),
+        precision=Precision(weight_bytes=weight_bytes, kv_bytes=kv_bytes),
+        efficiency=Efficiency(mfu=mfu, hbm_efficiency=hbm_efficiency, flops_efficiency=flops_efficiency,
+                              overhead_factor=overhead_factor),
+        gpu_hour_usd=gpu_hour_usd, days=days,
+        options=Options(target_tps=target_tps, words_per_min=words_per_min, tokens_per_word=tokens_per_word,
+                        draft_tokens=draft_tokens, acceptance_rate=acceptance_rate, compare_preset=compare_preset,
+                        compare_tokens=compare_tokens, train_flops=train_flops, tokens_per_param=tokens_per_param,
+                        nic_gbps_per_gpu=nic_gbps_per_gpu, bytes_per_token_text=bytes_per_token_text,
+                        bytes_per_token_vision=bytes_per_token_vision),
+        compare_model=planner_preset(compare_preset),
+    )
