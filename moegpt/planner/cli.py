@@ -58,8 +58,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--batch", type=number, default=1, help="sequences decoded together (inference)")
     for flag in ("context", "seq_len", "batch_tokens", "tokens", "train_flops", "compare_tokens"):
         g.add_argument("--" + flag.replace("_", "-"), dest=flag, **n)
-    g.add_argument("--weight-bytes", type=number, default=2)
-    g.add_argument("--kv-bytes", type=number, default=2)
+    g.add_argument("--weight-bytes", type=number, default=None,
+                   help="1, 2 or 4 (fp32: --hardware local only); default 2, or --model DIR's dtype")
+    g.add_argument("--kv-bytes", type=number, default=None, help="1, 2 or 4; default 2, or --model DIR's dtype")
     g = p.add_argument_group("efficiency and prices")
     g.add_argument("--mfu", **n)
     for flag in ("hbm_efficiency", "flops_efficiency", "overhead_factor"):
@@ -68,6 +69,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                  "acceptance_rate", "nic_gbps_per_gpu", "bytes_per_token_text", "bytes_per_token_vision"):
         g.add_argument("--" + flag.replace("_", "-"), dest=flag, **n)
     g.add_argument("--tokens-per-param", type=number, default=20)
+    g.add_argument("--embedding-lookup", action="store_true",
+                   help="decode reads only the looked-up rows of an untied input embedding (refinement)")
     g.add_argument("--compare-preset", default="davinci")
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="PLANNER.md's JSON instead of the table")
@@ -92,22 +95,27 @@ def inputs_from_args(args):
         cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
         hardware = local_hardware(cache_dir, remeasure=args.remeasure)
     model, preset = None, args.preset
+    default_bytes = 2
     if args.model is not None:
         from moegpt.checkpoint.model_dir import read_config
+        from moegpt.planner.inputs import model_dir_bytes
 
         model, preset = read_config(args.model), str(args.model)
+        default_bytes = model_dir_bytes(args.model)  # fp32 directories: 4-byte weights and KV
     overrides = {field: getattr(args, flag) for flag, field in OVERRIDES.items() if getattr(args, flag) is not None}
     if args.gated_mlp is not None:
         overrides["mlp"] = "swiglu" if args.gated_mlp else "gelu"
     if args.tied_embeddings is not None:
         overrides["tie_embeddings"] = args.tied_embeddings
+    byte_widths = {flag: default_bytes if getattr(args, flag) is None else getattr(args, flag)
+                   for flag in ("weight_bytes", "kv_bytes")}
     names = ("tp", "pp", "dp", "gpus", "ep", "mode", "batch", "context", "seq_len", "batch_tokens", "tokens",
-             "weight_bytes", "kv_bytes", "kv_sharding", "zero_stage", "micro_batch", "mfu", "hbm_efficiency",
+             "kv_sharding", "zero_stage", "micro_batch", "mfu", "hbm_efficiency",
              "flops_efficiency", "overhead_factor", "days", "gpu_hour_usd", "target_tps", "words_per_min",
              "tokens_per_word", "draft_tokens", "acceptance_rate", "compare_preset", "compare_tokens",
              "train_flops", "tokens_per_param", "nic_gbps_per_gpu", "bytes_per_token_text", "bytes_per_token_vision",
-             "params")
-    return make_inputs(preset=preset, model=model, overrides=overrides, hardware=hardware,
+             "params", "embedding_lookup")
+    return make_inputs(preset=preset, model=model, overrides=overrides, hardware=hardware, **byte_widths,
                        **{k: getattr(args, k) for k in names})
 
 

@@ -9,6 +9,10 @@ experts one micro-batch reads, C context, L layers, D d_model, w weight bytes, N
 3. t_comp = b * [2*active/pp + 4*(L/pp)*C*d_attn] / tp / (peak*eta_flops)
 4. t_comm = (L/pp) layers x 2 all-reduces x 2(tp-1)/tp x b*D*2 bytes / (NVLink/2)
 5. t_stage = max(t_mem, t_comp) + t_comm;  per user 1/(pp*t_stage);  cluster dp*B/(pp*t_stage)
+Refinement (``embedding_lookup``, off by default): an untied input embedding is a lookup, so a
+micro-batch reads b of its V rows, not the whole V x D matrix the reference algorithm counts in
+"shared"; the LM head is a matmul and is read whole either way. Negligible for GPT-4 (1.5B of 1.8T);
+~20% of the bytes at batch 1 for the 0.5B ``small`` model, so bench/plan_vs_engine.py turns it on.
 Refinement (ep > 1): ep replicas share their experts, so a GPU's experts see the b*ep tokens of
 ep micro-batches and it holds experts/ep of them.
 """
@@ -64,6 +68,14 @@ def experts_read_fraction(tokens: float, k: int, E: int) -> float:
     return 1 - (1 - k / E) ** tokens
 
 
+def embedding_rows_not_read(cfg, tokens: float) -> float:
+    """Parameters of an untied input embedding that ``tokens`` lookups do not read (0 when tied: the
+    matrix is the LM head too, which reads all of it)."""
+    if cfg.tie_embeddings:
+        return 0.0
+    return max(cfg.vocab_size - tokens, 0) * cfg.d_model
+
+
 def speculative_tokens_per_pass(draft_tokens: int, acceptance: float) -> float:
     """Expected tokens one verifying pass yields (Leviathan et al. 2023): (1 - a^(g+1)) / (1 - a)."""
     if acceptance >= 1:
@@ -92,7 +104,8 @@ def decode(inp: PlanInputs, c: ParamCounts) -> tuple[MoE, Roofline, Decode]:
     f = experts_read_fraction(b * ep, k, E)  # article: batch 8, top-2 of 16 -> an expert may see 1 token
     # 2. memory: this GPU's share of the weights read once per micro-batch, plus its KV for b sequences
     # article: "every parameter must be read ... and the KV cache needs extra bandwidth to stream"
-    weight_bytes = (c.shared + f * c.experts_total / ep) / (tp * pp) * wb * eff.overhead_factor
+    shared_read = c.shared - (embedding_rows_not_read(cfg, b) if opt.embedding_lookup else 0)
+    weight_bytes = (shared_read + f * c.experts_total / ep) / (tp * pp) * wb * eff.overhead_factor
     kv_bytes = b * C * kv_bytes_per_token_per_gpu(inp)
     t_mem = (weight_bytes + kv_bytes) / (hw.hbm_bytes_per_s * eff.hbm_efficiency)
     # 3. compute: 2 FLOPs per active parameter + attention over the context, split over TP

@@ -1,7 +1,16 @@
 """Hardware for the planner: the datasheet table, and measurements of this machine.
 
-Peak FLOP/s are measured with a square matmul; MFU divides achieved FLOP/s by this figure. The
-``local`` entry (moegpt.planner.local) is built from these two measurements.
+Peak FLOP/s are measured with a square matmul; MFU divides achieved FLOP/s by this figure. Memory
+bandwidth is measured two ways: a copy (read + write, as HBM bandwidth is quoted) and a read-only
+stream through a large fp32 matrix-vector product, which is how decoding reads its weights. The
+``local`` entry (moegpt.planner.local) uses the read figure as its HBM bandwidth.
+
+Precision selects the peak (PLANNER.md): 2-byte weights use BF16, 1-byte FP8/INT8, and 4-byte (fp32)
+weights the fp32 peak. ``local`` measures its fp32 peak. PLANNER.md's datasheet table has no fp32
+column, so the datasheet entries carry NVIDIA's dense *CUDA-core* FP32 figure (A100 19.5 TFLOP/s,
+H100/H200 SXM 67 TFLOP/s), not the TF32 tensor-core one (156 / 494.7): PyTorch keeps TF32 matmuls off
+by default (``torch.backends.cuda.matmul.allow_tf32 = False``), so fp32 weights run on CUDA cores.
+An entry without an fp32 figure refuses 4-byte weights with a one-line error.
 """
 
 from __future__ import annotations
@@ -46,6 +55,28 @@ def measure_copy_bandwidth(device: str = "cpu", n_bytes: int = 256 * 2**20, repe
     return 2 * n_bytes / best
 
 
+def measure_read_bandwidth(device: str = "cpu", n_bytes: int = 256 * 2**20, repeats: int = 8,
+                           budget_s: float = 3.0) -> float:
+    """Best-of-``repeats`` read bandwidth in bytes/s: an (n x n) fp32 matrix times a vector, counting
+    the matrix's bytes (the vector and result are negligible). Decoding one token reads its weights
+    exactly this way, so this is the figure a decode roofline divides by."""
+    n = int((n_bytes // 4) ** 0.5)
+    g = torch.Generator().manual_seed(0)  # not the global RNG
+    a = torch.randn(n, n, generator=g).to(device=device)
+    x = torch.randn(n, generator=g).to(device=device)
+    best = float("inf")
+    start = time.perf_counter()
+    for i in range(repeats + 1):  # the first run warms up
+        if i > 1 and time.perf_counter() - start > budget_s:
+            break
+        t0 = time.perf_counter()
+        a @ x
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return a.numel() * a.element_size() / best
+
+
 # ---- the hardware table ------------------------------------------------------------------------
 # Units: bytes, bytes/s, FLOP/s, bits/s. Peaks are dense (no 2:4 sparsity).
 
@@ -71,7 +102,7 @@ class Hardware:
     nic_bits_per_s_per_gpu: float | None  # scale-out network per GPU
     gpus_per_nvlink_domain: int  # TP is capped at this (article: 8-way TP, "the NVLink limit")
     measured_on: str | None = None  # ISO date of a measurement, for `local`
-    peak_flops_fp32: float | None = None  # measured entries only (shown, not used for MFU)
+    peak_flops_fp32: float | None = None  # the peak for 4-byte (fp32) weights; None: refused
 
     @property
     def ridge_flop_per_byte(self) -> float:
@@ -79,7 +110,13 @@ class Hardware:
         return self.peak_flops.bf16 / self.hbm_bytes_per_s
 
     def peak_for(self, weight_bytes: int) -> float:
-        """Precision selects the peak: BF16 for 2-byte weights, else FP8 (H100) or INT8 (A100)."""
+        """Precision selects the peak: fp32 for 4-byte weights (measured entries only), BF16 for 2-byte
+        weights, else FP8 (H100) or INT8 (A100)."""
+        if weight_bytes >= 4:
+            if self.peak_flops_fp32 is None:
+                raise ValueError(f"--weight-bytes {weight_bytes}: {self.name} has no fp32 peak (use 2, or "
+                                 "--hardware local, which measures fp32)")
+            return self.peak_flops_fp32
         if weight_bytes >= 2:
             return self.peak_flops.bf16
         eight_bit = self.peak_flops.fp8 or self.peak_flops.int8
@@ -103,14 +140,18 @@ GB, TB = 1e9, 1e12
 # Hopper compute as H100, 141 GB HBM3e at 4.8 TB/s).
 DATASHEETS: dict[str, Hardware] = {
     "a100-40gb": Hardware("a100-40gb", 40 * GB, 1555 * GB, PeakFlops(bf16=312 * TB, int8=624 * TB),
-                          nvlink_bytes_per_s=600 * GB, nic_bits_per_s_per_gpu=200e9, gpus_per_nvlink_domain=8),
+                          nvlink_bytes_per_s=600 * GB, nic_bits_per_s_per_gpu=200e9, gpus_per_nvlink_domain=8,
+                          peak_flops_fp32=19.5 * TB),
     "a100-80gb": Hardware("a100-80gb", 80 * GB, 2039 * GB, PeakFlops(bf16=312 * TB, int8=624 * TB),
-                          nvlink_bytes_per_s=600 * GB, nic_bits_per_s_per_gpu=200e9, gpus_per_nvlink_domain=8),
+                          nvlink_bytes_per_s=600 * GB, nic_bits_per_s_per_gpu=200e9, gpus_per_nvlink_domain=8,
+                          peak_flops_fp32=19.5 * TB),
     "h100-sxm": Hardware("h100-sxm", 80 * GB, 3350 * GB,
                          PeakFlops(bf16=989.4 * TB, fp8=1978.9 * TB, int8=1978.9 * TB),
-                         nvlink_bytes_per_s=900 * GB, nic_bits_per_s_per_gpu=400e9, gpus_per_nvlink_domain=8),
+                         nvlink_bytes_per_s=900 * GB, nic_bits_per_s_per_gpu=400e9, gpus_per_nvlink_domain=8,
+                         peak_flops_fp32=67 * TB),
     "h200": Hardware("h200", 141 * GB, 4800 * GB, PeakFlops(bf16=989.4 * TB, fp8=1978.9 * TB, int8=1978.9 * TB),
-                     nvlink_bytes_per_s=900 * GB, nic_bits_per_s_per_gpu=400e9, gpus_per_nvlink_domain=8),
+                     nvlink_bytes_per_s=900 * GB, nic_bits_per_s_per_gpu=400e9, gpus_per_nvlink_domain=8,
+                     peak_flops_fp32=67 * TB),
 }
 HARDWARE_NAMES = (*DATASHEETS, "local")
 

@@ -6,8 +6,10 @@ ValueError naming it, before any arithmetic. Units: counts, bytes, seconds, USD;
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from moegpt.config import ModelConfig
 from moegpt.planner.hardware import Hardware, datasheet
@@ -16,6 +18,24 @@ from moegpt.planner.presets import planner_preset, with_total_params
 MODES = ("inference", "train")
 KV_SHARDINGS = ("replicated", "batch")  # batch: TP ranks that would hold a copy of a KV head hold other sequences
 DEFAULT_TOKENS_PER_WORD = 4 / 3  # English rule of thumb: ~0.75 words per token
+BYTE_WIDTHS = (1, 2, 4)  # 8-bit, 16-bit (bf16/fp16), fp32
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float8_e4m3fn": 1, "int8": 1}
+
+
+def model_dir_bytes(directory: str | Path) -> int:
+    """Bytes per weight of a model directory: config.json's ``torch_dtype`` (float32 -> 4,
+    bfloat16/float16 -> 2); 2 when it names none. ``--weight-bytes``/``--kv-bytes`` default to this
+    with ``--model DIR``, since the engine keeps weights and KV cache in the stored dtype."""
+    try:
+        dtype = json.loads((Path(directory) / "config.json").read_text()).get("torch_dtype")
+    except (OSError, ValueError, AttributeError):
+        return 2  # read_config reports a missing or broken config.json
+    if dtype is None:
+        return 2
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"{directory}: torch_dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+    return DTYPE_BYTES[name]
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,7 @@ class Options:
     nic_gbps_per_gpu: float | None
     bytes_per_token_text: float | None
     bytes_per_token_vision: float | None
+    embedding_lookup: bool = False  # decode reads b rows of an untied input embedding (decode.py)
 
 
 @dataclass(frozen=True)
@@ -140,7 +161,7 @@ def make_inputs(*, preset: str = "gpt4", model: ModelConfig | None = None, overr
                 compare_tokens: float | None = None, train_flops: float | None = None,
                 tokens_per_param: float = 20.0, nic_gbps_per_gpu: float | None = None,
                 bytes_per_token_text: float | None = None,
-                bytes_per_token_vision: float | None = None) -> PlanInputs:
+                bytes_per_token_vision: float | None = None, embedding_lookup: bool = False) -> PlanInputs:
     """Resolve and check every input; the keyword names mirror the CLI's flags."""
     cfg = model if model is not None else planner_preset(preset)
     if overrides:
@@ -153,9 +174,9 @@ def make_inputs(*, preset: str = "gpt4", model: ModelConfig | None = None, overr
         _int(flag, v)
     _choice("--kv-sharding", kv_sharding, KV_SHARDINGS)
     _choice("--zero-stage", zero_stage, (0, 1, 2, 3))
-    _choice("--weight-bytes", weight_bytes, (1, 2))
-    _choice("--kv-bytes", kv_bytes, (1, 2))
-    hw.peak_for(weight_bytes)  # 8-bit weights need an 8-bit peak
+    _choice("--weight-bytes", weight_bytes, BYTE_WIDTHS)
+    _choice("--kv-bytes", kv_bytes, BYTE_WIDTHS)
+    hw.peak_for(weight_bytes)  # 8-bit weights need an 8-bit peak, fp32 weights an fp32 one (local)
     if cfg.n_heads % tp:
         raise ValueError(f"--tp {tp} does not divide n_heads ({cfg.n_heads})")
     if tp > hw.gpus_per_nvlink_domain:
@@ -213,6 +234,6 @@ def make_inputs(*, preset: str = "gpt4", model: ModelConfig | None = None, overr
                         draft_tokens=draft_tokens, acceptance_rate=acceptance_rate, compare_preset=compare_preset,
                         compare_tokens=compare_tokens, train_flops=train_flops, tokens_per_param=tokens_per_param,
                         nic_gbps_per_gpu=nic_gbps_per_gpu, bytes_per_token_text=bytes_per_token_text,
-                        bytes_per_token_vision=bytes_per_token_vision),
+                        bytes_per_token_vision=bytes_per_token_vision, embedding_lookup=bool(embedding_lookup)),
         compare_model=planner_preset(compare_preset),
     )

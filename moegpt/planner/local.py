@@ -28,7 +28,8 @@ class Measurement:
     device: str  # "cpu" or "cuda"
     device_name: str
     mem_bytes: float
-    copy_bytes_per_s: float  # read + write, as HBM bandwidth is quoted
+    copy_bytes_per_s: float  # read + write, as HBM bandwidth is quoted (kept for reference)
+    read_bytes_per_s: float  # fp32 matrix-vector product: how decode reads weights; the HBM figure used
     matmul_flops_fp32: float
     matmul_flops_bf16: float
 
@@ -39,12 +40,13 @@ class Measurers:
 
     copy_bandwidth: Callable[[str], float]  # device -> bytes/s
     matmul_flops: Callable[[str, str], float]  # (dtype name, device) -> FLOP/s
+    read_bandwidth: Callable[[str], float]  # device -> bytes/s (matrix-vector product)
 
 
 def default_measurers() -> Measurers:
     import torch
 
-    from moegpt.planner.hardware import measure_copy_bandwidth, measure_matmul_flops
+    from moegpt.planner.hardware import measure_copy_bandwidth, measure_matmul_flops, measure_read_bandwidth
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     # Matmul sizes: a GPU needs a large one to reach its peak; a CPU without bf16 units runs bf16
@@ -53,6 +55,9 @@ def default_measurers() -> Measurers:
     return Measurers(
         copy_bandwidth=lambda device: measure_copy_bandwidth(device=device),
         matmul_flops=lambda dtype, device: measure_matmul_flops(dtypes[dtype], device=device, n=sizes[device, dtype]),
+        # a GPU's caches are tens of MB, a CPU's a few: 1 GiB reads past either
+        read_bandwidth=lambda device: measure_read_bandwidth(device=device,
+                                                             n_bytes=(2**30 if device == "cuda" else 256 * 2**20)),
     )
 
 
@@ -72,13 +77,15 @@ def measure(measurers: Measurers, today: datetime.date) -> Measurement:
     return Measurement(
         date=today.isoformat(), device=device, device_name=name, mem_bytes=mem,
         copy_bytes_per_s=measurers.copy_bandwidth(device),
+        read_bytes_per_s=measurers.read_bandwidth(device),
         matmul_flops_fp32=measurers.matmul_flops("fp32", device),
         matmul_flops_bf16=measurers.matmul_flops("bf16", device),
     )
 
 
 def read_cache(cache_dir: Path) -> Measurement | None:
-    """The cached measurement, or None when there is none (or it is unreadable: measure again)."""
+    """The cached measurement, or None when there is none (or it is unreadable, or from an older
+    version without every field: measure again)."""
     path = Path(cache_dir) / CACHE_FILE
     try:
         return Measurement(**json.loads(path.read_text()))
@@ -94,9 +101,10 @@ def write_cache(cache_dir: Path, m: Measurement) -> Path:
 
 
 def hardware_from(m: Measurement) -> Hardware:
-    """A planner hardware entry from a measurement: one device, no NVLink, no scale-out network."""
+    """A planner hardware entry from a measurement: one device, no NVLink, no scale-out network.
+    Its HBM bandwidth is the read (matrix-vector) figure: decoding streams weights, it does not copy."""
     return Hardware(
-        name="local", mem_bytes=m.mem_bytes, hbm_bytes_per_s=m.copy_bytes_per_s,
+        name="local", mem_bytes=m.mem_bytes, hbm_bytes_per_s=m.read_bytes_per_s,
         peak_flops=PeakFlops(bf16=m.matmul_flops_bf16), nvlink_bytes_per_s=None, nic_bits_per_s_per_gpu=None,
         gpus_per_nvlink_domain=1, measured_on=f"{m.date} ({m.device_name})", peak_flops_fp32=m.matmul_flops_fp32,
     )
