@@ -156,12 +156,16 @@ class MixtureData:
         """Train blocks for sampler output `samples` (n, 2) [source, block] -> LongTensor (n, seq_len + 1)."""
         if samples.ndim != 2 or samples.shape[1] != 2:
             raise ValueError(f"samples must have shape (n, 2), got {tuple(samples.shape)}")
-        batch = torch.empty(samples.shape[0], self.seq_len + 1, dtype=torch.long)
-        for source in samples[:, 0].unique().tolist():
-            if not 0 <= source < len(self.train):
-                raise ValueError(f"source index {source} out of range [0, {len(self.train)})")
-            mask = samples[:, 0] == source
-            batch[mask] = self.train[source].gather(samples[mask, 1])
+        return self._gather(self.train, samples)
+
+    def _gather(self, views: tuple[BlockView, ...], pairs: torch.Tensor) -> torch.Tensor:
+        """Blocks named by ``pairs`` (n, 2) [source, block] from ``views`` -> LongTensor (n, seq_len + 1)."""
+        batch = torch.empty(pairs.shape[0], self.seq_len + 1, dtype=torch.long)
+        for source in pairs[:, 0].unique().tolist():
+            if not 0 <= source < len(views):
+                raise ValueError(f"source index {source} out of range [0, {len(views)})")
+            mask = pairs[:, 0] == source
+            batch[mask] = views[source].gather(pairs[mask, 1])
         return batch
 
     def source_index(self, source: int | str) -> int:
@@ -186,12 +190,7 @@ class MixtureData:
              for s in chosen]
         )
         for first in range(0, pairs.shape[0], batch_size):
-            chunk = pairs[first : first + batch_size]
-            batch = torch.empty(chunk.shape[0], self.seq_len + 1, dtype=torch.long)
-            for s in chunk[:, 0].unique().tolist():
-                mask = chunk[:, 0] == s
-                batch[mask] = self.val[s].gather(chunk[mask, 1])
-            yield batch
+            yield self._gather(self.val, pairs[first : first + batch_size])
 
     def unigram_entropy(self) -> float:
         """Cross-entropy (nats/token) on val targets of an add-one-smoothed unigram model of train tokens.
