@@ -20,10 +20,11 @@ def chain_hash(previous: int | None, tokens: tuple[int, ...]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True, draft_cache: bool = False):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
         self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
+        self.draft_cache = draft_cache  # a draft model keeps a second cache in the same blocks
         self.ref_count = [0] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # oldest first
         self.hash_of: dict[int, int] = {}  # block -> hash, for full blocks
@@ -74,7 +75,7 @@ class BlockManager:
                 del self.free[block]
             self.ref_count[block] += 1
             seq.block_table.append(block)
-        seq.num_computed = len(cached) * self.block_size
+        seq.num_computed = seq.num_draft_computed = len(cached) * self.block_size
         self.named[seq.seq_id] = (len(cached), last)
 
     def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -86,11 +87,13 @@ class BlockManager:
             seq.block_table.append(self._take_free())
 
     def register_full_blocks(self, seq: Sequence) -> None:
-        """After a step: name the blocks that are now full and computed, so others can share them."""
+        """After a step: name the blocks that are now full and computed, so others can share them
+        (with a draft model, only blocks both caches hold)."""
         if not self.prefix_caching:
             return
         done, last = self.named.get(seq.seq_id, (0, None))
-        full = seq.num_computed // self.block_size
+        computed = min(seq.num_computed, seq.num_draft_computed) if self.draft_cache else seq.num_computed
+        full = computed // self.block_size
         for i in range(done, full):
             block = seq.block_table[i]
             last = chain_hash(last, self._block_tokens(seq, i))
@@ -105,5 +108,5 @@ class BlockManager:
             if self.ref_count[block] == 0:
                 self.free[block] = None
         seq.block_table.clear()
-        seq.num_computed = 0
+        seq.num_computed = seq.num_draft_computed = 0
         self.named.pop(seq.seq_id, None)

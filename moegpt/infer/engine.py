@@ -1,28 +1,42 @@
 """The engine: requests in, tokens out, one scheduler step at a time (continuous batching).
 
-    engine = LLMEngine(model, tokenizer)
+    engine = LLMEngine(model, tokenizer=tok)
     rid = engine.add_request(prompt_ids, Request(max_tokens=64, sampling=SamplingParams(0.8), seed=1))
     while engine.has_work:
-        for update in engine.step(): ...          # new tokens of each request, and whether it finished
+        for update in engine.step(): ...   # new tokens and text of each request, and whether it finished
 
-Each request owns its random generator (seeded per request), so its samples do not depend on what
-else shares the batch, and a preempted request resumes its stream where it stopped.
+    for update in engine.stream(prompt_ids, Request(max_tokens=64)): ...   # one request's updates
+
+A step: the scheduler picks each running sequence's next chunk; a proposer (if speculative decoding
+is on) guesses draft tokens; the runner runs the target model once over all chunks; each sequence
+samples (or verifies its drafts) with its own random generator; the scheduler appends the tokens and
+frees finished sequences; the detokenizer turns tokens into text and watches for stop strings.
+
+Each sequence owns its generator (seeded per request and choice), and nothing mixes numbers across
+sequences, so a request's output does not depend on what else shares the batch.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from moegpt.data.tokenizer import Tokenizer
 from moegpt.infer.block_manager import BlockManager
+from moegpt.infer.detokenizer import Detokenizer
 from moegpt.infer.paged_cache import PagedKVCache, kv_bytes_per_token
-from moegpt.infer.runner import ModelRunner
-from moegpt.infer.sampling import SamplingParams, sample
-from moegpt.infer.scheduler import Scheduler, SchedulerConfig
+from moegpt.infer.runner import Chunk, ModelRunner
+from moegpt.infer.sampling import SamplingParams, apply_penalties, filtered_probs, sample, sample_from, top_logprobs
+from moegpt.infer.scheduler import Batch, Scheduler, SchedulerConfig
 from moegpt.infer.sequence import FinishReason, Sequence
+from moegpt.infer.speculative import NgramProposer, Proposal, verify
 from moegpt.model import MoEGPT
+
+MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
 
 
 @dataclass(frozen=True)
@@ -30,15 +44,46 @@ class Request:
     max_tokens: int = 64
     sampling: SamplingParams = SamplingParams(temperature=0.0)
     stop_token_ids: frozenset[int] = frozenset()
-    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings (needs the engine's tokenizer); the text is cut before them
+    n: int = 1  # independent completions of the prompt
+    logprobs: int | None = None  # None: none; 0: the chosen token's; N: also the N most likely
+    seed: int | None = None  # None: a fresh random seed
+    ignore_eos: bool = False  # keep going past the tokenizer's end-of-sequence token
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+        if self.n < 1:
+            raise ValueError(f"n={self.n} must be >= 1")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs={self.logprobs} must be in [0, {MAX_LOGPROBS}]")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop={list(self.stop)!r}: stop strings must be non-empty strings")
+
+
+class SpeculativeMethod(enum.Enum):
+    DRAFT = "draft"  # a smaller model with the same tokenizer
+    NGRAM = "ngram"  # prompt lookup
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: SpeculativeMethod = SpeculativeMethod.DRAFT
+    num_tokens: int = 4  # draft tokens per step (the article's figure)
+    ngram: NgramProposer = NgramProposer()
+
+    def __post_init__(self):
+        if self.num_tokens < 1:
+            raise ValueError(f"speculative num_tokens={self.num_tokens} must be >= 1")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16
-    kv_cache_bytes: int = 256 * 2**20  # KV memory budget
+    kv_cache_bytes: int = 256 * 2**20  # KV memory budget (target and draft caches together)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     prefix_caching: bool = True
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self):
         if self.block_size < 1 or self.kv_cache_bytes < 1:
@@ -46,70 +91,310 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # the most likely (token id, log-probability), best first
+
+
+@dataclass(frozen=True)
 class StepUpdate:
     request_id: int
+    index: int  # which of the request's n completions
     new_token_ids: tuple[int, ...]
-    finish_reason: FinishReason | None  # None while the request runs
+    text: str  # newly released text ("" without a tokenizer)
+    logprobs: tuple[TokenLogprob, ...] | None
+    finish_reason: FinishReason | None  # None while it runs
+
+
+@dataclass
+class EngineStats:
+    """Counters for monitoring; totals count since the engine started."""
+
+    running: int = 0
+    waiting: int = 0
+    waiting_tokens: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_free: int = 0
+    steps: int = 0
+    preemptions: int = 0
+    aborted: int = 0
+    prompt_tokens: int = 0  # prompt tokens run through the model (recomputation included)
+    generation_tokens: int = 0
+    spec_proposed: int = 0  # draft tokens verified
+    spec_accepted: int = 0  # ... and accepted
+    expert_tokens: torch.Tensor | None = None  # (Lm, E) tokens routed to each expert, all steps
+    last_expert_counts: torch.Tensor | None = None  # (Lm, E) of the last step: per-expert batch sizes
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        return self.spec_accepted / self.spec_proposed if self.spec_proposed else None
+
+
+@dataclass
+class _Live:
+    """A running completion: its sequence, where it came from, its RNG and detokenizer."""
+
+    seq: Sequence
+    request_id: int
+    index: int
+    request: Request
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+    detok: Detokenizer | None
+
+
+def _generator(seed: int | None, index: int) -> torch.Generator:
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed((seed + index * 1_000_003) % 2**63)
+    return g
 
 
 class LLMEngine:
-    def __init__(self, model: MoEGPT, config: EngineConfig = EngineConfig()):
-        self.model, self.config = model.eval(), config
+    def __init__(self, model: MoEGPT, config: EngineConfig = EngineConfig(), tokenizer: Tokenizer | None = None,
+                 draft: MoEGPT | None = None):
+        self.model, self.config, self.tokenizer = model.eval(), config, tokenizer
+        spec = config.speculative
+        if draft is not None and spec is None:
+            spec = SpeculativeConfig()
+        if spec is not None and spec.method == SpeculativeMethod.DRAFT and draft is None:
+            raise ValueError("speculative method 'draft' needs a draft model")
+        if draft is not None and draft.cfg.vocab_size != model.cfg.vocab_size:
+            raise ValueError(f"draft vocab_size ({draft.cfg.vocab_size}) differs from the model's ({model.cfg.vocab_size})")
+        self.spec = spec
+        self.draft = draft.eval() if draft is not None and spec.method == SpeculativeMethod.DRAFT else None
         param = next(model.parameters())
         per_block = kv_bytes_per_token(model.cfg, param.dtype) * config.block_size
+        if self.draft is not None:
+            per_block += kv_bytes_per_token(self.draft.cfg, next(self.draft.parameters()).dtype) * config.block_size
         num_blocks = config.kv_cache_bytes // per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of {per_block} bytes")
-        self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching, self.draft is not None)
         self.cache = PagedKVCache(model.cfg, num_blocks, config.block_size, param.dtype, param.device)
-        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        sched = config.scheduler
+        if spec is not None:
+            sched = SchedulerConfig(sched.max_num_seqs, sched.max_batched_tokens, spec.num_tokens)
+        self.scheduler = Scheduler(sched, self.blocks)
         self.runner = ModelRunner(model, self.cache)
-        self.requests: dict[int, tuple[Sequence, Request, torch.Generator]] = {}
-        self._ids = itertools.count()
+        if self.draft is not None:
+            dparam = next(self.draft.parameters())
+            self.draft_runner = ModelRunner(self.draft, PagedKVCache(self.draft.cfg, num_blocks, config.block_size,
+                                                                     dparam.dtype, dparam.device))
+        self.max_len = min(model.cfg.max_seq_len, self.draft.cfg.max_seq_len if self.draft else model.cfg.max_seq_len)
+        self.live: dict[int, _Live] = {}  # seq_id -> its completion
+        self.request_seqs: dict[int, list[int]] = {}  # request_id -> seq_ids of its n completions
+        self.stats = EngineStats(kv_blocks_total=num_blocks, kv_blocks_free=num_blocks)
+        self._unclaimed: list[StepUpdate] = []  # updates that stream() saw for other requests
+        self._request_ids = itertools.count()
+        self._seq_ids = itertools.count()
 
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], request: Request = Request()) -> int:
-        if len(prompt_ids) + request.max_tokens > self.model.cfg.max_seq_len:
-            raise ValueError(f"prompt ({len(prompt_ids)}) + max_tokens ({request.max_tokens}) exceeds the "
-                             f"context ({self.model.cfg.max_seq_len})")
-        rid = next(self._ids)
-        seq = Sequence(rid, list(prompt_ids), request.max_tokens)
-        self.scheduler.add(seq)  # raises before anything is stored if it can never fit
-        gen = torch.Generator().manual_seed(request.seed if request.seed is not None else rid)
-        self.requests[rid] = (seq, request, gen)
+        """Queue a request (its n completions); checks everything before anything is stored."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < self.model.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model.cfg.vocab_size})")
+        if len(prompt_ids) + request.max_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
+                             f"context ({self.max_len})")
+        if request.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
+        seqs = [Sequence(next(self._seq_ids), list(prompt_ids), request.max_tokens) for _ in range(request.n)]
+        for seq in seqs:
+            self.scheduler.check_fits(seq)  # raises if it can never fit in the KV cache
+        rid = next(self._request_ids)
+        stop_ids = request.stop_token_ids
+        if self.tokenizer is not None and self.tokenizer.eos_id is not None and not request.ignore_eos:
+            stop_ids = stop_ids | {self.tokenizer.eos_id}
+        for index, seq in enumerate(seqs):
+            detok = Detokenizer(self.tokenizer.decode, request.stop) if self.tokenizer is not None else None
+            self.live[seq.seq_id] = _Live(seq, rid, index, request, _generator(request.seed, index), stop_ids, detok)
+            self.scheduler.add(seq)
+        self.request_seqs[rid] = [s.seq_id for s in seqs]
+        self._refresh_stats()
         return rid
 
     def abort(self, request_id: int) -> None:
-        if self.scheduler.abort(request_id) is not None:
-            self.requests.pop(request_id, None)
+        """Stop a request now and free its KV blocks (a no-op for an unknown or finished request)."""
+        for sid in self.request_seqs.pop(request_id, []):
+            if self.scheduler.abort(sid) is not None:
+                self.stats.aborted += 1
+            self.live.pop(sid, None)
+        self._refresh_stats()
 
+    # ---- stepping ------------------------------------------------------------------------------
     def step(self) -> list[StepUpdate]:
+        updates, self._unclaimed = self._unclaimed, []
         batch = self.scheduler.schedule()
-        if not batch.entries:
-            return []
-        seq_ids, logits = self.runner.run(batch)
-        sampled = {}
-        for rid, row in zip(seq_ids, logits):
-            _, request, gen = self.requests[rid]
-            sampled[rid] = int(sample(row[None], request.sampling, gen)[0])
-        stops = {rid: self.requests[rid][1].stop_token_ids for rid in seq_ids}
-        self.scheduler.update(batch, sampled, stops)
-        updates = []
-        for rid in seq_ids:
-            seq = self.requests[rid][0]
-            updates.append(StepUpdate(rid, (sampled[rid],), seq.finish_reason))
-            if seq.is_finished:
-                del self.requests[rid]
+        self.stats.preemptions += len(batch.preempted)
+        if batch.entries:
+            updates += self._run(batch)
+        self._refresh_stats()
         return updates
 
+    def _run(self, batch: Batch) -> list[StepUpdate]:
+        proposals = self._propose(batch)
+        chunks = []
+        for e in batch.entries:
+            drafts = proposals[e.seq.seq_id].tokens if e.seq.seq_id in proposals else ()
+            tokens = tuple(e.seq.token_ids[e.start:e.start + e.num_tokens]) + drafts
+            chunks.append(Chunk(tokens, e.start, tuple(e.seq.block_table), (1 + len(drafts)) if e.samples else 0))
+            self.stats.prompt_tokens += max(0, min(e.start + e.num_tokens, len(e.seq.prompt_ids)) - e.start)
+        out = self.runner.run(chunks)
+        self.stats.steps += 1
+        if out.expert_counts is not None:
+            counts = out.expert_counts.cpu()
+            self.stats.last_expert_counts = counts
+            self.stats.expert_tokens = counts if self.stats.expert_tokens is None else self.stats.expert_tokens + counts
+
+        sampled: dict[int, list[int]] = {}
+        logprobs: dict[int, list[TokenLogprob]] = {}
+        row = 0
+        for e, chunk in zip(batch.entries, chunks):
+            if not chunk.num_logits:
+                continue
+            live = self.live[e.seq.seq_id]
+            rows = out.logits[row:row + chunk.num_logits]  # (k+1, V)
+            row += chunk.num_logits
+            proposal = proposals.get(e.seq.seq_id, Proposal((), None))
+            tokens = self._sample(live, rows, proposal)
+            self.stats.spec_proposed += len(proposal.tokens)
+            self.stats.spec_accepted += len(tokens) - 1
+            sampled[e.seq.seq_id] = tokens
+            if live.request.logprobs is not None:
+                logprobs[e.seq.seq_id] = [TokenLogprob(t, *top_logprobs(rows[i], t, live.request.logprobs))
+                                          for i, t in enumerate(tokens)]
+
+        before = {sid: len(self.live[sid].seq.output_ids) for sid in sampled}
+        self.scheduler.update(batch, sampled, {sid: self.live[sid].stop_ids for sid in sampled})
+        if self.draft is not None:
+            for e in batch.entries:
+                e.seq.num_draft_computed = min(e.seq.num_draft_computed, e.seq.num_computed)
+        return [self._emit(sid, before[sid], logprobs.get(sid)) for sid in sampled]
+
+    def _sample(self, live: _Live, rows: torch.Tensor, proposal: Proposal) -> list[int]:
+        """rows (k+1, V): the target's logits after the last token and after each draft token."""
+        params, seq = live.request.sampling, live.seq
+        history = list(seq.output_ids)
+        processed = []
+        for i in range(rows.shape[0]):
+            processed.append(apply_penalties(rows[i], params, seq.prompt_ids, history + list(proposal.tokens[:i])))
+        logits = torch.stack(processed)  # (k+1, V)
+        if not proposal.tokens:
+            return [int(sample(logits, params, live.generator)[0])]
+        return verify(filtered_probs(logits, params), proposal, live.generator)
+
+    def _emit(self, sid: int, before: int, logprobs: list[TokenLogprob] | None) -> StepUpdate:
+        """The update for one sequence after the scheduler appended its tokens: text, stop strings."""
+        live = self.live[sid]
+        seq = live.seq
+        new = seq.output_ids[before:]
+        text = ""
+        if live.detok is not None:
+            for i, t in enumerate(new):
+                if seq.finish_reason == FinishReason.STOP and i == len(new) - 1 and t in live.stop_ids:
+                    break  # a stop token's own text is not part of the output
+                text += live.detok.add([t])
+                if live.detok.stopped:  # a stop string: the sequence ends at this token
+                    del seq.output_ids[before + i + 1:]
+                    new = new[:i + 1]
+                    if not seq.is_finished:
+                        self.scheduler.finish(sid, FinishReason.STOP)
+                    seq.finish_reason = FinishReason.STOP
+                    break
+            if seq.is_finished and not live.detok.stopped:
+                text += live.detok.flush()
+        self.stats.generation_tokens += len(new)
+        update = StepUpdate(live.request_id, live.index, tuple(new), text,
+                            tuple(logprobs[:len(new)]) if logprobs is not None else None, seq.finish_reason)
+        if seq.is_finished:
+            del self.live[sid]
+            siblings = self.request_seqs.get(live.request_id, [])
+            if all(s not in self.live for s in siblings):
+                self.request_seqs.pop(live.request_id, None)
+        return update
+
+    # ---- speculative proposals -----------------------------------------------------------------
+    def _propose(self, batch: Batch) -> dict[int, Proposal]:
+        if self.spec is None:
+            return {}
+        if self.draft is None:
+            ngram = self.spec.ngram
+            return {e.seq.seq_id: ngram.propose(e.seq.token_ids, e.lookahead)
+                    for e in batch.entries if e.samples and e.lookahead > 0}
+        return self._draft_propose(batch)
+
+    def _draft_propose(self, batch: Batch) -> dict[int, Proposal]:
+        """Run the draft over the step's chunks (keeping its cache level with the target's), then
+        k-1 more single-token passes for the sequences that propose."""
+        chunks, proposing = [], []
+        for e in batch.entries:
+            seq, end = e.seq, e.start + e.num_tokens
+            k = e.lookahead if e.samples else 0
+            chunks.append(Chunk(tuple(seq.token_ids[seq.num_draft_computed:end]), seq.num_draft_computed,
+                                tuple(seq.block_table), 1 if k else 0))
+            if k:
+                proposing.append((e, k))
+        logits = self.draft_runner.run(chunks).logits  # (P, V)
+        drafts: dict[int, list[int]] = {e.seq.seq_id: [] for e, _ in proposing}
+        probs: dict[int, list[torch.Tensor]] = {e.seq.seq_id: [] for e, _ in proposing}
+        for i in range(max((k for _, k in proposing), default=0)):
+            if i > 0:
+                step = [(e, k) for e, k in proposing if k > i]
+                chunks = [Chunk((drafts[e.seq.seq_id][-1],), e.start + e.num_tokens + i - 1, tuple(e.seq.block_table), 1)
+                          for e, _ in step]
+                logits = self.draft_runner.run(chunks).logits
+            else:
+                step = proposing
+            for (e, _), row in zip(step, logits):
+                live = self.live[e.seq.seq_id]
+                params, sid = live.request.sampling, e.seq.seq_id
+                row = apply_penalties(row, params, e.seq.prompt_ids, list(e.seq.output_ids) + drafts[sid])
+                q = filtered_probs(row[None], params)  # (1, V)
+                drafts[sid].append(int(sample_from(q, live.generator)[0]) if not params.greedy else int(q[0].argmax()))
+                probs[sid].append(q[0])
+        for e in batch.entries:
+            k = e.lookahead if e.samples else 0
+            e.seq.num_draft_computed = e.start + e.num_tokens + max(k - 1, 0)
+        return {sid: Proposal(tuple(drafts[sid]), torch.stack(probs[sid])) for sid in drafts}
+
+    # ---- conveniences --------------------------------------------------------------------------
+    def stream(self, prompt_ids: list[int], request: Request = Request()) -> Iterator[StepUpdate]:
+        """Add a request and step the engine until it finishes, yielding its updates as they come.
+        Other requests progress too; their updates are kept for the next ``step()`` call."""
+        rid = self.add_request(prompt_ids, request)
+        pending = set(range(request.n))  # completions not finished yet
+        while pending:
+            for update in self.step():
+                if update.request_id != rid:
+                    self._unclaimed.append(update)
+                    continue
+                if update.finish_reason is not None:
+                    pending.discard(update.index)
+                yield update
+
     def generate(self, prompts: list[list[int]], request: Request = Request()) -> list[list[int]]:
-        """Run ``prompts`` to completion together; returns each one's generated token ids."""
+        """Run ``prompts`` to completion together; returns each one's generated token ids (first completion)."""
         ids = [self.add_request(p, request) for p in prompts]
         out: dict[int, list[int]] = {rid: [] for rid in ids}
         while self.has_work:
             for update in self.step():
-                out[update.request_id].extend(update.new_token_ids)
+                if update.index == 0:
+                    out[update.request_id].extend(update.new_token_ids)
         return [out[rid] for rid in ids]
+
+    def _refresh_stats(self) -> None:
+        s = self.stats
+        s.running, s.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        s.waiting_tokens = self.scheduler.num_waiting_tokens
+        s.kv_blocks_free = self.blocks.num_free_blocks

@@ -1,11 +1,13 @@
-"""Turning logits into the next token: greedy, temperature, top-k and top-p (nucleus).
+"""Turning logits into the next token: penalties, then greedy or temperature / top-k / top-p / min-p.
 
-Randomness comes from an explicit ``torch.Generator``, so a seed reproduces a sample.
-Legend: B batch, V vocab.
+Randomness comes from an explicit ``torch.Generator``, so a seed reproduces a sample. Every function
+works on one request's rows: nothing here mixes requests, which keeps outputs batch-invariant.
+Legend: R rows (positions of one request), V vocab.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,25 +18,63 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None  # drop tokens below min_p * the top token's probability
+    repetition_penalty: float = 1.0  # CTRL-style: divide positive logits of seen tokens, multiply negative
+    presence_penalty: float = 0.0  # OpenAI-style: subtract once from every token already generated
+    frequency_penalty: float = 0.0  # ... and this times how often it was generated
 
     def __post_init__(self):
-        if self.temperature < 0:
+        if not self.temperature >= 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k={self.top_k} must be >= 1")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p={self.min_p} must be in [0, 1]")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [-2, 2]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
+                    output_ids: Sequence[int]) -> torch.Tensor:
+    """logits (V,) of the position after ``prompt_ids + output_ids`` -> penalised logits (V,).
+    Repetition penalty counts prompt and output tokens (as HF does); presence and frequency only
+    the generated ones (as OpenAI does)."""
+    if not params.has_penalties:
+        return logits
+    logits = logits.float().clone()
+    V = logits.shape[-1]
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(V, dtype=torch.bool)
+        seen[torch.tensor(list(prompt_ids) + list(output_ids), dtype=torch.long)] = True
+        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if output_ids and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(list(output_ids), dtype=torch.long), minlength=V)[:V].float()
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+    return logits
+
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits (B, V) -> the distribution actually sampled from (B, V), after temperature/top-k/top-p."""
+    """logits (R, V) -> the distribution actually sampled from (R, V): temperature, then top-k,
+    top-p and min-p. Greedy is the one-hot of the argmax."""
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits.float() / params.temperature
     if params.top_k is not None and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (R, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if params.top_p is not None and params.top_p < 1.0:
@@ -43,13 +83,35 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    if params.min_p is not None and params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """probs (R, V) -> token ids (R,). Inverse-CDF with one uniform per row from ``generator``, so
+    the draw depends only on this request's generator and distribution."""
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64)  # (R, 1)
+    cdf = probs.double().cumsum(-1)  # (R, V)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    # u * total can round up to total: never step past the last token that has mass.
+    last = (probs > 0).long().mul(torch.arange(probs.shape[-1])).amax(-1)  # (R,)
+    idx = torch.minimum(idx, last)
+    return idx
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,)."""
+    """logits (R, V) -> token ids (R,)."""
     if params.greedy:
         return logits.argmax(dim=-1)
-    probs = filtered_probs(logits, params)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample_from(filtered_probs(logits, params), generator)
+
+
+def top_logprobs(logits: torch.Tensor, chosen: int, n: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """logits (V,) -> (log-probability of ``chosen``, the ``n`` most likely (token, log-probability)).
+    Log-probabilities are the model's own (log-softmax of its logits, before any sampling filter),
+    as OpenAI and vLLM report them."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logp, min(n, logp.shape[-1])) if n > 0 else None
+    pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
+    return float(logp[chosen]), pairs

@@ -29,6 +29,7 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     num_computed: int = 0  # leading tokens whose keys/values are in the cache
+    num_draft_computed: int = 0  # ... in the draft model's cache (speculative decoding with a draft model)
     block_table: list[int] = field(default_factory=list)  # physical block of each logical block
 
     def __post_init__(self):

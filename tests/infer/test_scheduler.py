@@ -21,7 +21,7 @@ def run(scheduler: Scheduler, stop_ids=None, abort_at: dict[int, int] | None = N
         batch = scheduler.schedule()
         if check is not None:
             check(batch, scheduler)
-        sampled = {e.seq.seq_id: fake_next_token(e.seq.token_ids) for e in batch.entries if e.samples}
+        sampled = {e.seq.seq_id: [fake_next_token(e.seq.token_ids)] for e in batch.entries if e.samples}
         for seq in scheduler.update(batch, sampled, stop_ids or {}):
             outputs[seq.seq_id] = list(seq.output_ids)
         step += 1
@@ -71,7 +71,7 @@ def test_long_prompt_is_prefilled_in_chunks_beside_running_decodes():
     short = Sequence(0, [5, 6], 30)
     sched.add(short)
     first = sched.schedule()  # the short prompt's prefill
-    sched.update(first, {0: fake_next_token(short.token_ids)}, {})
+    sched.update(first, {0: [fake_next_token(short.token_ids)]}, {})
     long = Sequence(1, list(range(3, 43)), 2)
     sched.add(long)
     chunks = []
@@ -80,7 +80,7 @@ def test_long_prompt_is_prefilled_in_chunks_beside_running_decodes():
         by_id = {e.seq.seq_id: e for e in b.entries}
         assert 0 in by_id and by_id[0].num_tokens == 1  # the decode runs every step
         chunks.append(by_id[1].num_tokens)
-        sampled = {e.seq.seq_id: fake_next_token(e.seq.token_ids) for e in b.entries if e.samples}
+        sampled = {e.seq.seq_id: [fake_next_token(e.seq.token_ids)] for e in b.entries if e.samples}
         sched.update(b, sampled, {})
     assert sum(chunks) == 40 and max(chunks) <= 7 and len(chunks) >= 6
 
@@ -121,7 +121,7 @@ def test_shared_prompt_prefix_reuses_cached_blocks_with_same_outputs():
     sched.add(second)
     batch = sched.schedule()
     assert batch.entries[0].start == 20  # the 5 prefix blocks came from the cache
-    sched.update(batch, {1: fake_next_token(second.token_ids)}, {})
+    sched.update(batch, {1: [fake_next_token(second.token_ids)]}, {})
     run(sched)
     assert second.output_ids == expected_output(second.prompt_ids, 3)
     assert blocks.num_free_blocks == 32
@@ -146,7 +146,7 @@ def test_concurrent_sequences_share_prefix_blocks_by_reference_count():
 
 def test_request_that_can_never_fit_is_refused_at_once():
     sched = Scheduler(SchedulerConfig(), BlockManager(num_blocks=4, block_size=4))
-    with pytest.raises(ValueError, match=r"prompt \(10\) \+ max_tokens \(10\) needs more KV blocks than the cache has \(4\)"):
+    with pytest.raises(ValueError, match=r"prompt \(10\) \+ max_tokens \(10\) needs 5 KV blocks; the cache has 4"):
         sched.add(Sequence(0, list(range(10)), 10))
 
 
