@@ -7,6 +7,7 @@ Enough for single-stream generation; the paged cache of the inference engine bui
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from moegpt.config import ModelConfig
 from moegpt.model.attention import attention_over_keys
@@ -30,6 +31,9 @@ class LayerCache:
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         self.length = end
+        if T == 1:  # one query at the newest position sees every cached key: no mask to build
+            return F.scaled_dot_product_attention(q, self.k[:, :, :end], self.v[:, :, :end],
+                                                  enable_gqa=k.shape[1] != q.shape[1])
         key_positions = torch.arange(end, device=k.device)  # (S,)
         return attention_over_keys(q, self.k[:, :, :end], self.v[:, :, :end], positions, key_positions)
 

@@ -5,8 +5,16 @@ so with multi-query attention (G = 1) a token costs n_heads times less cache tha
 The runner builds ``PagedAttentionMetadata`` for a step (where the new tokens' keys go, and every
 key each sequence may attend to); each layer's ``PagedLayerView`` writes and attends with it.
 
-Legend: N new tokens in the step (all sequences, flattened), S_i keys of sequence i, H query heads,
-G kv heads, Dh head dim.
+Two ways to attend, chosen per sequence by its number of new tokens:
+- a sequence with one new token (decode) sees every key it has: all such sequences go through one
+  scaled_dot_product_attention over their keys gathered into a padded (Bd, G, S_d, Dh) batch, with a
+  mask hiding the padding (``DecodeBatch``);
+- a sequence with several new tokens (a prefill chunk, or a token with draft tokens to verify) needs
+  a causal mask of its own: one attention call per sequence (``attend_each_sequence``), which is
+  also the reference the batched path is tested against.
+
+Legend: N new tokens in the step (all sequences, flattened), B sequences, S_i keys of sequence i,
+S_max the longest, Bd one-token sequences, H query heads, G kv heads, Dh head dim.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from moegpt.config import ModelConfig
 from moegpt.model.attention import attention_over_keys
@@ -25,10 +34,45 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 
 @dataclass(frozen=True)
+class DecodeBatch:
+    """The step's one-token sequences, attended together."""
+
+    tokens: torch.Tensor  # (Bd,) index among the N new tokens of each one's query
+    slots: torch.Tensor  # (Bd, S_d) slots of each one's keys by position, padded with slot 0
+    mask: torch.Tensor | None  # (Bd, 1, 1, S_d) True where a key exists; None when no padding
+
+
+@dataclass(frozen=True)
 class PagedAttentionMetadata:
     slot_mapping: torch.Tensor  # (N,) slot of each new token's key/value
     query_lens: tuple[int, ...]  # new tokens of each sequence, in batch order (sums to N)
-    context_slots: tuple[torch.Tensor, ...]  # per sequence, (S_i,) slots of all its keys by position
+    context_lens: tuple[int, ...]  # S_i: keys of each sequence once this step's are written
+    context_slots: torch.Tensor  # (B, S_max) slots of each sequence's keys by position (padded)
+    decode: DecodeBatch | None  # the one-token sequences (None: there are none, or use the loop)
+
+
+def attend_each_sequence(k_slots: torch.Tensor, v_slots: torch.Tensor, meta: PagedAttentionMetadata,
+                         q: torch.Tensor, positions: torch.Tensor, sequences) -> list[tuple[int, torch.Tensor]]:
+    """Attention of the given sequences' queries, one call each -> [(first token index, (1, H, n_i, Dh))]."""
+    starts = [0]
+    for n in meta.query_lens:
+        starts.append(starts[-1] + n)
+    outs = []
+    for i in sequences:
+        start, end, S = starts[i], starts[i + 1], meta.context_lens[i]
+        slots = meta.context_slots[i, :S]  # (S_i,)
+        keys = k_slots[slots].transpose(0, 1)[None].to(q.dtype)  # (1, G, S_i, Dh)
+        values = v_slots[slots].transpose(0, 1)[None].to(q.dtype)
+        key_positions = torch.arange(S, device=q.device)  # (S_i,)
+        outs.append((start, attention_over_keys(q[:, :, start:end], keys, values, positions[start:end], key_positions)))
+    return outs
+
+
+def attend_decode_batch(k_slots: torch.Tensor, v_slots: torch.Tensor, d: DecodeBatch, q: torch.Tensor) -> torch.Tensor:
+    """q (Bd, H, 1, Dh), one query per sequence at its newest position -> (Bd, H, 1, Dh)."""
+    keys = k_slots[d.slots].transpose(1, 2).to(q.dtype)  # (Bd, S_d, G, Dh) -> (Bd, G, S_d, Dh)
+    values = v_slots[d.slots].transpose(1, 2).to(q.dtype)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=d.mask, enable_gqa=keys.shape[1] != q.shape[1])
 
 
 class PagedLayerView:
@@ -37,18 +81,22 @@ class PagedLayerView:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """q (1, H, N, Dh), k/v (1, G, N, Dh) of the step's new tokens at ``positions`` (N,) -> (1, H, N, Dh)."""
-        meta = self.meta
+        meta, N = self.meta, q.shape[2]
         self.k_slots[meta.slot_mapping] = k[0].transpose(0, 1).to(self.k_slots.dtype)  # (N, G, Dh)
         self.v_slots[meta.slot_mapping] = v[0].transpose(0, 1).to(self.v_slots.dtype)
-        outs, start = [], 0
-        for q_len, slots in zip(meta.query_lens, meta.context_slots):
-            keys = self.k_slots[slots].transpose(0, 1)[None].to(q.dtype)  # (1, G, S_i, Dh)
-            values = self.v_slots[slots].transpose(0, 1)[None].to(q.dtype)
-            key_positions = torch.arange(slots.numel(), device=q.device)  # (S_i,)
-            outs.append(attention_over_keys(q[:, :, start:start + q_len], keys, values,
-                                            positions[start:start + q_len], key_positions))
-            start += q_len
-        return torch.cat(outs, dim=2)  # (1, H, N, Dh)
+        d = meta.decode
+        if d is not None and d.tokens.shape[0] == N:  # a pure decode step: tokens are the sequences
+            out = attend_decode_batch(self.k_slots, self.v_slots, d, q[0].transpose(0, 1)[:, :, None])  # (N, H, 1, Dh)
+            return out[:, :, 0].transpose(0, 1)[None]  # (1, H, N, Dh)
+        out = torch.empty_like(q)  # (1, H, N, Dh)
+        loop = range(len(meta.query_lens))
+        if d is not None:
+            qd = q[0][:, d.tokens].transpose(0, 1)[:, :, None]  # (Bd, H, 1, Dh)
+            out[0][:, d.tokens] = attend_decode_batch(self.k_slots, self.v_slots, d, qd)[:, :, 0].transpose(0, 1)
+            loop = [i for i, n in enumerate(meta.query_lens) if n != 1]
+        for start, o in attend_each_sequence(self.k_slots, self.v_slots, meta, q, positions, loop):
+            out[:, :, start:start + o.shape[2]] = o
+        return out
 
 
 class PagedKVCache:

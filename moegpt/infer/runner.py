@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moegpt.infer.paged_cache import PagedAttentionMetadata, PagedKVCache
+from moegpt.infer.paged_cache import DecodeBatch, PagedAttentionMetadata, PagedKVCache
 from moegpt.model import MoEGPT
 
 
@@ -40,24 +40,48 @@ def slots_of(block_table: tuple[int, ...] | list[int], block_size: int, start: i
     return table[pos // block_size] * block_size + pos % block_size
 
 
+def attention_metadata(chunks: list[Chunk], block_size: int) -> tuple[PagedAttentionMetadata, torch.Tensor]:
+    """The step's paged-attention metadata and the positions (N,) of its tokens, built with a few
+    vectorised ops whatever the batch size (B sequences, S_max keys of the longest, nb its blocks)."""
+    B = len(chunks)
+    query_lens = tuple(len(c.tokens) for c in chunks)
+    context_lens = tuple(c.start + n for c, n in zip(chunks, query_lens))
+    S_max = max(context_lens)
+    nb = -(-S_max // block_size)
+    table = torch.tensor([list(c.block_table[:nb]) + [0] * (nb - min(nb, len(c.block_table))) for c in chunks])  # (B, nb)
+    context_slots = (table[:, :, None] * block_size + torch.arange(block_size)).view(B, nb * block_size)[:, :S_max]
+    positions = torch.tensor([p for c, n in zip(chunks, query_lens) for p in range(c.start, c.start + n)])  # (N,)
+    seq_of_token = torch.arange(B).repeat_interleave(torch.tensor(query_lens))  # (N,)
+    slot_mapping = context_slots[seq_of_token, positions]  # (N,)
+
+    decode = None
+    one = [i for i, n in enumerate(query_lens) if n == 1]
+    if one:
+        lens = [context_lens[i] for i in one]
+        S_d = max(lens)
+        slots = context_slots if len(one) == B else context_slots[torch.tensor(one)]
+        mask = None
+        if min(lens) != S_d:
+            mask = (torch.arange(S_d)[None, :] < torch.tensor(lens)[:, None])[:, None, None]  # (Bd, 1, 1, S_d)
+        tokens = torch.tensor([sum(query_lens[:i]) for i in one]) if len(one) < B else torch.arange(B)
+        decode = DecodeBatch(tokens=tokens, slots=slots[:, :S_d], mask=mask)
+    meta = PagedAttentionMetadata(slot_mapping, query_lens, context_lens, context_slots, decode)
+    return meta, positions
+
+
 class ModelRunner:
     def __init__(self, model: MoEGPT, cache: PagedKVCache):
         self.model, self.cache = model, cache
 
     @torch.no_grad()
     def run(self, chunks: list[Chunk]) -> StepOutput:
-        bs = self.cache.block_size
-        tokens, positions, slot_mapping, context, rows = [], [], [], [], []
-        row = 0
+        meta, positions = attention_metadata(chunks, self.cache.block_size)
+        rows, end = [], 0
         for c in chunks:
-            n = len(c.tokens)
-            tokens.extend(c.tokens)
-            positions.append(torch.arange(c.start, c.start + n))
-            slot_mapping.append(slots_of(c.block_table, bs, c.start, c.start + n))
-            context.append(slots_of(c.block_table, bs, 0, c.start + n))
-            row += n
-            rows.extend(range(row - c.num_logits, row))
-        meta = PagedAttentionMetadata(torch.cat(slot_mapping), tuple(len(c.tokens) for c in chunks), tuple(context))
-        out = self.model(torch.tensor([tokens]), torch.cat(positions), self.cache.views(meta))
-        counts = out.expert_counts if out.router else None
-        return StepOutput(out.logits[0, rows], counts)  # (L, V)
+            end += len(c.tokens)
+            rows.extend(range(end - c.num_logits, end))
+        tokens = torch.tensor([[t for c in chunks for t in c.tokens]])  # (1, N)
+        hidden, router = self.model.trunk(tokens, positions, self.cache.views(meta))  # (1, N, D)
+        logits = self.model.head(hidden[0, rows])  # (L, V): the head only on the rows asked for
+        counts = torch.stack([s.expert_counts for s in router]) if router else None
+        return StepOutput(logits, counts)

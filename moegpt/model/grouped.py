@@ -14,11 +14,19 @@ import torch.nn.functional as F
 
 def grouped_linear_loop(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """x (A, I), w (E, O, I), counts per expert summing to A -> (A, O)."""
-    # unbind once: its backward stacks the E gradients in one go, where indexing w[e] per expert
-    # would scatter into a zero tensor of the whole (E, O, I) stack for every expert.
-    ws = w.unbind(0)
-    outs = [chunk @ ws[e].t() for e, chunk in enumerate(x.split(counts)) if chunk.shape[0] > 0]
-    return torch.cat(outs) if outs else x.new_zeros(x.shape[0], w.shape[1])
+    # Under autograd, unbind once: its backward stacks the E gradients in one go, where indexing w[e]
+    # per expert would scatter into a zero tensor of the whole (E, O, I) stack for every expert.
+    # Without it (decoding), index only the experts that have rows: at batch 1 that is k of E, and
+    # unbind's E views would cost more Python time than the k matmuls' weight reads save.
+    ws = w.unbind(0) if torch.is_grad_enabled() and w.requires_grad else w
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            outs.append(x[start:start + n] @ ws[e].t())  # (n, O)
+            start += n
+    if not outs:
+        return x.new_zeros(x.shape[0], w.shape[1])
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -72,6 +72,14 @@ class MoEGPT(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: Sequence[KVCacheView] | None = None) -> ModelOutput:
         """tokens (B, T); positions (T,) absolute positions (default 0..T-1); cache: one view per layer."""
+        x, stats = self.trunk(tokens, positions, cache)
+        return ModelOutput(logits=self.head(x), router=stats)  # logits (B, T, V)
+
+    def trunk(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+              cache: Sequence[KVCacheView] | None = None) -> tuple[torch.Tensor, list[RouterStats]]:
+        """Everything but the output head: tokens (B, T) -> final-normed hidden states (B, T, D) and the
+        router stats. An inference runner applies ``head`` to only the rows it samples from (a
+        prefill chunk needs one row of its T, and the head is a (V, D) matmul per row)."""
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device)
@@ -82,10 +90,12 @@ class MoEGPT(nn.Module):
             x, s = layer(x, cos, sin, positions, None if cache is None else cache[i])
             if s is not None:
                 stats.append(s)
-        x = self.norm(x)
+        return self.norm(x), stats
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., D) -> logits (..., V)."""
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = x @ weight.t()  # (B, T, V)
-        return ModelOutput(logits=logits, router=stats)
+        return x @ weight.t()
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:

@@ -22,12 +22,32 @@ from moegpt.model.experts import Experts
 
 @dataclass
 class RouterStats:
-    """What one MoE layer reports besides its output."""
+    """What one MoE layer reports besides its output.
 
-    aux_loss: torch.Tensor  # () Switch load-balancing loss; 1.0 when perfectly balanced
-    z_loss: torch.Tensor  # () router z-loss (ST-MoE): mean logsumexp(logits)^2
+    The losses are properties, computed from the kept router tensors only when asked: training asks
+    (and backpropagates through them), inference reads only ``expert_counts`` and pays for nothing else.
+    """
+
+    logits: torch.Tensor  # (N, E) router logits
+    probs: torch.Tensor  # (N, E) fp32 softmax of the logits
+    top_k: int
     expert_counts: torch.Tensor  # (E,) assignments per expert, before any capacity drop
-    dropped: torch.Tensor  # () assignments dropped by the capacity limit (0 when dropless)
+    kept_counts: torch.Tensor  # (E,) assignments each expert ran (= expert_counts when dropless)
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """() Switch load-balancing loss; 1.0 when perfectly balanced."""
+        return load_balancing_loss(self.probs, self.expert_counts, self.top_k)
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        """() router z-loss (ST-MoE): mean logsumexp(logits)^2."""
+        return torch.logsumexp(self.logits.float(), dim=-1).pow(2).mean()
+
+    @property
+    def dropped(self) -> torch.Tensor:
+        """() assignments dropped by the capacity limit (0 when dropless)."""
+        return self.expert_counts.sum() - self.kept_counts.sum()
 
 
 @dataclass
@@ -37,6 +57,7 @@ class Routing:
     token: torch.Tensor  # (A',) source token of each kept assignment, grouped by expert
     weight: torch.Tensor  # (A',) its renormalised routing weight
     counts: torch.Tensor  # (E,) kept assignments per expert (sums to A')
+    order: torch.Tensor  # (A',) index of each kept assignment in the token-major (N, K) layout
 
 
 def load_balancing_loss(probs: torch.Tensor, expert_counts: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -65,9 +86,9 @@ def route(logits: torch.Tensor, top_k: int, capacity: int | None) -> tuple[Routi
         starts = torch.cumsum(counts, 0) - counts  # (E,)
         rank = torch.arange(order.numel(), device=logits.device) - starts.repeat_interleave(counts)
         keep = rank < capacity
-        token, weight = token[keep], weight[keep]
+        token, weight, order = token[keep], weight[keep], order[keep]
         kept_counts = counts.clamp(max=capacity)
-    return Routing(token=token, weight=weight, counts=kept_counts), probs, counts
+    return Routing(token=token, weight=weight, counts=kept_counts, order=order), probs, counts
 
 
 class MoE(nn.Module):
@@ -86,16 +107,18 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         B, T, D = x.shape
-        flat = x.reshape(B * T, D)  # (N, D)
+        N, K = B * T, self.top_k
+        flat = x.reshape(N, D)  # (N, D)
         logits = self.router(flat)  # (N, E)
-        routing, probs, counts = route(logits, self.top_k, self.capacity(B * T))
-        y = self.experts(flat[routing.token], routing.counts)  # (A', D)
+        routing, probs, counts = route(logits, K, self.capacity(N))
+        y = self.experts(flat[routing.token], routing.counts)  # (A', D) grouped by expert
         y = (y * routing.weight[:, None]).to(flat.dtype)
-        out = torch.zeros_like(flat).index_add_(0, routing.token, y)  # combine: sum over the k experts
-        stats = RouterStats(
-            aux_loss=load_balancing_loss(probs, counts, self.top_k),
-            z_loss=torch.logsumexp(logits.float(), dim=-1).pow(2).mean(),
-            expert_counts=counts,
-            dropped=counts.sum() - routing.counts.sum(),
-        )
+        if routing.order.shape[0] == N * K:
+            # Dropless: un-sort the rows back to token-major (N, K, D) (a copy, no accumulation) and
+            # sum each token's k rows. Cheaper than index_add's scatter; for k=2 the sum is exactly
+            # index_add's (one addition, commutative), the reference in tests.
+            out = y.new_empty(N * K, D).index_copy_(0, routing.order, y).view(N, K, D).sum(dim=1)  # (N, D)
+        else:
+            out = torch.zeros_like(flat).index_add_(0, routing.token, y)  # combine: sum over the kept experts
+        stats = RouterStats(logits=logits, probs=probs, top_k=K, expert_counts=counts, kept_counts=routing.counts)
         return out.view(B, T, D), stats

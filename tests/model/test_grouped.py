@@ -39,3 +39,14 @@ def test_fast_path_is_taken_where_pytorch_has_grouped_mm():
 
     assert grouped_mm_supported(torch.zeros(2, 64), torch.zeros(4, 32, 64)) == hasattr(F, "grouped_mm")
     assert not grouped_mm_supported(torch.zeros(2, 3), torch.zeros(4, 5, 3))  # unaligned rows: the loop
+
+
+def test_inference_loop_touches_only_experts_with_rows_and_matches_autograd_loop():
+    g = torch.Generator().manual_seed(1)
+    counts = [0, 2, 0, 0, 1, 0]
+    w, x = torch.randn(6, 12, 8, generator=g), torch.randn(3, 8, generator=g)
+    with torch.no_grad():
+        fast = grouped_linear_loop(x, w, counts)
+    slow = grouped_linear_loop(x, w.clone().requires_grad_(), counts).detach()
+    torch.testing.assert_close(fast, slow)
+    torch.testing.assert_close(fast[2], x[2] @ w[4].t())

@@ -122,3 +122,29 @@ def test_dense_layer_is_one_expert_that_every_token_uses(kind):
     y, stats = dense(x)
     assert stats is None
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dropless_combine_equals_index_add_exactly():
+    """The un-sort-and-sum combine against index_add over the grouped rows (the obvious scatter)."""
+    from moegpt.model.moe import route
+
+    moe = _moe()
+    x = torch.randn(4, 9, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y, _ = moe(x)
+        flat = x.reshape(-1, 32)
+        routing, _, _ = route(moe.router(flat), moe.top_k, None)
+        rows = moe.experts(flat[routing.token], routing.counts) * routing.weight[:, None]
+        expected = torch.zeros_like(flat).index_add_(0, routing.token, rows)
+    assert torch.equal(y.reshape(-1, 32), expected)  # top-2: one addition either way
+
+
+def test_router_losses_are_computed_only_when_read_and_match_the_formulas():
+    moe = _moe()
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(4))
+    _, stats = moe(x)
+    probs = F.softmax(stats.logits, dim=-1)
+    torch.testing.assert_close(stats.aux_loss, load_balancing_loss(probs, stats.expert_counts, moe.top_k))
+    torch.testing.assert_close(stats.z_loss, torch.logsumexp(stats.logits, -1).pow(2).mean())
+    stats.aux_loss.backward()  # differentiable: training backpropagates through the router
+    assert moe.router.weight.grad is not None
