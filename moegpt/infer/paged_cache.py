@@ -70,8 +70,10 @@ def attend_each_sequence(k_slots: torch.Tensor, v_slots: torch.Tensor, meta: Pag
 
 def attend_decode_batch(k_slots: torch.Tensor, v_slots: torch.Tensor, d: DecodeBatch, q: torch.Tensor) -> torch.Tensor:
     """q (Bd, H, 1, Dh), one query per sequence at its newest position -> (Bd, H, 1, Dh)."""
-    keys = k_slots[d.slots].transpose(1, 2).to(q.dtype)  # (Bd, S_d, G, Dh) -> (Bd, G, S_d, Dh)
-    values = v_slots[d.slots].transpose(1, 2).to(q.dtype)
+    keys = k_slots[d.slots].transpose(1, 2)  # (Bd, S_d, G, Dh) -> (Bd, G, S_d, Dh)
+    values = v_slots[d.slots].transpose(1, 2)
+    if keys.dtype != q.dtype:
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=d.mask, enable_gqa=keys.shape[1] != q.shape[1])
 
 
@@ -82,8 +84,10 @@ class PagedLayerView:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """q (1, H, N, Dh), k/v (1, G, N, Dh) of the step's new tokens at ``positions`` (N,) -> (1, H, N, Dh)."""
         meta, N = self.meta, q.shape[2]
-        self.k_slots[meta.slot_mapping] = k[0].transpose(0, 1).to(self.k_slots.dtype)  # (N, G, Dh)
-        self.v_slots[meta.slot_mapping] = v[0].transpose(0, 1).to(self.v_slots.dtype)
+        if k.dtype != self.k_slots.dtype:
+            k, v = k.to(self.k_slots.dtype), v.to(self.v_slots.dtype)
+        self.k_slots[meta.slot_mapping] = k[0].transpose(0, 1)  # (N, G, Dh)
+        self.v_slots[meta.slot_mapping] = v[0].transpose(0, 1)
         d = meta.decode
         if d is not None and d.tokens.shape[0] == N:  # a pure decode step: tokens are the sequences
             out = attend_decode_batch(self.k_slots, self.v_slots, d, q[0].transpose(0, 1)[:, :, None])  # (N, H, 1, Dh)

@@ -52,10 +52,12 @@ class Attention(nn.Module):
         """x (B, T, D); cos/sin (T, Dh); positions (T,) absolute positions of the new tokens."""
         B, T, _ = x.shape
         H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.wq(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.wk(x).view(B, T, G, Dh).transpose(1, 2)  # (B, G, T, Dh)
+        q = self.wq(x).view(B, T, H, Dh)
+        k = self.wk(x).view(B, T, G, Dh)
         v = self.wv(x).view(B, T, G, Dh).transpose(1, 2)  # (B, G, T, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Rotate q and k in one go (elementwise per head, so the same numbers): half the rope ops.
+        qk = apply_rope(torch.cat([q, k], dim=2).transpose(1, 2), cos, sin)  # (B, H+G, T, Dh)
+        q, k = qk[:, :H], qk[:, H:]  # (B, H, T, Dh), (B, G, T, Dh)
 
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G != H)  # (B, H, T, Dh)

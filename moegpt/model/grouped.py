@@ -22,7 +22,7 @@ def grouped_linear_loop(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> 
     outs, start = [], 0
     for e, n in enumerate(counts):
         if n:
-            outs.append(x[start:start + n] @ ws[e].t())  # (n, O)
+            outs.append(F.linear(x[start:start + n], ws[e]))  # (n, O)
             start += n
     if not outs:
         return x.new_zeros(x.shape[0], w.shape[1])
@@ -49,7 +49,8 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch
     # grouped_mm is not autocast-aware: cast both operands to the autocast dtype ourselves.
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w.dtype
-    x, w = x.to(dtype), w.to(dtype)
+    if x.dtype != dtype or w.dtype != dtype:
+        x, w = x.to(dtype), w.to(dtype)
     # With fewer rows than experts (decoding a small batch) most experts are empty; the loop touches
     # only the experts that have rows, where the CPU grouped kernel still visits every expert.
     if x.shape[0] < w.shape[0] or not grouped_mm_supported(x, w):

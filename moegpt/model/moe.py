@@ -112,7 +112,9 @@ class MoE(nn.Module):
         logits = self.router(flat)  # (N, E)
         routing, probs, counts = route(logits, K, self.capacity(N))
         y = self.experts(flat[routing.token], routing.counts)  # (A', D) grouped by expert
-        y = (y * routing.weight[:, None]).to(flat.dtype)
+        y = y * routing.weight[:, None]  # fp32 weights: (A', D) in fp32
+        if y.dtype != flat.dtype:
+            y = y.to(flat.dtype)
         if routing.order.shape[0] == N * K:
             # Dropless: un-sort the rows back to token-major (N, K, D) (a copy, no accumulation) and
             # sum each token's k rows. Cheaper than index_add's scatter; for k=2 the sum is exactly

@@ -123,3 +123,16 @@ def test_replace_rederives_head_dim_from_new_d_model_and_heads():
 def test_wrongly_typed_fields_are_value_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         preset("tiny").replace(**overrides)
+
+
+def test_rms_norm_is_the_written_out_formula():
+    from moegpt.model.layers import RMSNorm
+
+    norm = RMSNorm(48, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=torch.Generator().manual_seed(0)))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(1)).to(dtype)
+        h = x.float()
+        expected = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        torch.testing.assert_close(norm(x), expected)
