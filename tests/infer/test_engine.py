@@ -216,3 +216,17 @@ def test_bad_requests_are_refused_before_any_work(prompt, kwargs, message):
 def test_bad_request_values_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Request(**kwargs)
+
+
+def test_kv_budget_in_blocks_and_a_draft_with_another_tokenizer_is_refused(tmp_path):
+    from moegpt import LLM
+    from moegpt.checkpoint.model_dir import save
+    from moegpt.data.tokenizer import Tokenizer
+
+    engine = LLMEngine(_model(), EngineConfig(block_size=8, num_kv_blocks=5))
+    assert engine.blocks.num_blocks == 5 and engine.cache.k[0].shape[0] == 40
+    _engine_with_tokenizer(tmp_path / "target")
+    other = Tokenizer.train(["a completely different corpus of words\n" * 50], vocab_size=300)
+    save(build_model(preset("tiny").replace(vocab_size=300, n_layers=1), seed=1), other, tmp_path / "draft")
+    with pytest.raises(ValueError, match="does not share the tokenizer"):
+        LLM(tmp_path / "target", draft_dir=tmp_path / "draft")
