@@ -64,7 +64,8 @@ def bandwidth_chart(path: Path) -> Path:
 def batch_chart(path: Path, hardware: str = "a100-40gb") -> Path:
     plt = _pyplot()
     gpt4 = planner_preset("gpt4")
-    dense = gpt4.replace(n_experts=1, top_k=1, d_ff=gpt4.d_ff * gpt4.top_k)  # same active parameters
+    # same active parameters: every layer one MLP as wide as the top-k experts together
+    dense = gpt4.replace(n_experts=1, top_k=1, d_ff=gpt4.d_ff * gpt4.top_k, moe_every=gpt4.n_layers + 1)
     setup = dict(S.SERVE_A100, hardware=hardware, kv_sharding="batch")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.8))
     for label, cfg in (("MoE gpt4 (1.83T, 282B active)", gpt4), ("dense, same 282B active", dense)):

@@ -1,7 +1,8 @@
 """Text rendering of a plan: one readable table, section by section, units chosen from field names.
 
 The table is drawn from ``Plan.to_dict()``, so it always shows the same fields as ``--json``; only
-the formatting (SI prefixes, percentages, durations) is added here.
+the formatting (SI prefixes, percentages, durations) is added here, and, under decode, the bytes one
+GPU reads per stage step (the numerator of t_mem), so a prediction can be checked by hand.
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def hardware_line(d: dict, measured_on: str | None, fp32: float | None) -> str:
     return line
 
 
+def label(name: str) -> str:
+    """'t_mem_s' -> 't mem': the value carries the unit, so a trailing '_s' (seconds) is dropped."""
+    name = name.removesuffix("_s") if not name.endswith("per_s") else name
+    return name.replace("_", " ")
+
+
 def render(p: Plan) -> str:
     d = p.to_dict()
     inp = d["inputs"]
@@ -96,7 +103,12 @@ def render(p: Plan) -> str:
         lines.append(f"{section}")
         for name, value in values.items():
             if value is not None:
-                lines.append(f"  {name.replace('_', ' '):<46} {fmt(name, value, section):>16}")
+                lines.append(f"  {label(name):<46} {fmt(name, value, section):>16}")
+        if section == "decode" and p.reads is not None:  # the t_mem numerator, to check a prediction by
+            r = p.reads
+            lines.append(f"  {'bytes read per GPU per stage step':<46} {si(r.weight_bytes + r.kv_bytes, 'B'):>16}")
+            lines.append(f"  {'  of which weights / KV cache':<46} "
+                         f"{si(r.weight_bytes, 'B') + ' / ' + si(r.kv_bytes, 'B'):>16}")
     if d["warnings"]:
         lines.append("warnings")
         lines.extend(f"  {w['code']}: {w['message']}" for w in d["warnings"])

@@ -36,22 +36,5 @@ def test_datasheet_fp32_is_the_cuda_core_figure():
         make_inputs(preset="tiny", hardware=no_fp32, weight_bytes=4)
 
 
-def test_moe_decode_counts_experts_read_lm_head_and_kv():
-    from moegpt.counts import param_counts
-    from moegpt.planner.decode import experts_read_fraction
-
-    cfg, B, C = preset("small"), 16, 96
-    c = param_counts(cfg)
-    p = plan(make_inputs(model=cfg, hardware=LOCAL, batch=B, context=C, weight_bytes=4, kv_bytes=4,
-                         embedding_lookup=True))
-    f = experts_read_fraction(B, cfg.top_k, cfg.n_experts)
-    unread_embedding = (cfg.vocab_size - B) * cfg.d_model  # a lookup; the LM head is read whole
-    kv = B * C * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
-    expected = ((c.shared - unread_embedding + f * c.experts_total) * 4 + kv) / 20e9
-    assert p.decode.t_mem_s == pytest.approx(expected)
-    off = plan(make_inputs(model=cfg, hardware=LOCAL, batch=B, context=C, weight_bytes=4, kv_bytes=4))
-    assert off.decode.t_mem_s == pytest.approx(expected + unread_embedding * 4 / 20e9)
-
-
 def test_read_bandwidth_is_positive_and_quick():
     assert measure_read_bandwidth(n_bytes=4 * 2**20, repeats=2) > 0
