@@ -99,12 +99,16 @@ def batch_chart(path: Path, hardware: str = "a100-40gb") -> Path:
 def kv_chart(path: Path, hardware: str = "a100-40gb") -> Path:
     plt = _pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.8))
-    variants = (("gpt4-mha", "replicated", "MHA (96 KV heads)"), ("gpt4-gqa", "replicated", "GQA (8 KV heads)"),
-                ("gpt4", "replicated", "MQA (1 KV head)"), ("gpt4", "batch", "MQA, KV split by sequence over TP"))
-    for preset, sharding, label in variants:
+    # GQA-8 and replicated MQA coincide on the right (one KV head per GPU at TP8): GQA is drawn wide
+    # and hollow underneath, so both stay visible
+    wide = dict(marker="s", markersize=8, markerfacecolor="none", linewidth=4, alpha=0.5)
+    variants = (("gpt4-mha", "replicated", "MHA (96 KV heads)", {}), ("gpt4-gqa", "replicated", "GQA (8 KV heads)", wide),
+                ("gpt4", "replicated", "MQA (1 KV head)", {}),
+                ("gpt4", "batch", "MQA, KV split by sequence over TP", dict(linestyle="--")))
+    for preset, sharding, label, extra in variants:
         plans = [S.run(S.SERVE_A100, preset=preset, hardware=hardware, batch=1, context=c, kv_sharding=sharding)
                  for c in CONTEXTS]
-        style = dict(marker="o", markersize=3, linestyle="--" if sharding == "batch" else "-")
+        style = dict(marker="o", markersize=3, **extra) if "marker" not in extra else dict(extra)
         if sharding == "replicated":  # the whole model's cache per sequence does not depend on the layout
             a1.plot(CONTEXTS, [p.memory.kv_cache_bytes_per_sequence / 1e9 for p in plans], label=label, **style)
         a2.plot(CONTEXTS, [max(p.memory.max_batch_sequences, 0.5) for p in plans], label=label, **style)
