@@ -30,7 +30,9 @@ def test_the_brief_topics_are_covered(rows):
     text = " ".join(r.claim for r in rows)
     for phrase in ("1.8T", "280B", "55B", "111B", "3,700 TFLOP", "13T", "7.5M", "2.15e25", "$63M", "$21.5M",
                    "~30 GB", "8.33", "33.33", "under 5%", "~300B", "3 TB", "MQA", "~130B", "~500 tokens",
-                   "Davinci", "$0.0049", "$0.0021", "speculative", "150x"):
+                   "Davinci", "$0.0049", "$0.0021", "speculative", "150x", "2 epochs, code 4", "60M tokens",
+                   "25,000 A100s for 90-100 days", "32-36% MFU", "8,192 H100s", "ZeRO stage 1", "batch 512 x 2,048",
+                   "pipeline micro-batching", "FP16", "FP8", "1.6x Davinci", "3x Davinci", "draft"):
         assert phrase in text, phrase
 
 

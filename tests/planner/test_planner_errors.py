@@ -34,6 +34,7 @@ def plan_args(argv):
     (["--draft-tokens", "4"], "--draft-tokens"),
     (["--mode", "train", "--mfu", "0.3", "--days", "90"], "--days 90"),
     (["--mode", "train", "--gpus", "64", "--batch-tokens", "8192"], "--batch-tokens 8192"),
+    (["--mode", "train", "--tokens", "13e12", "--days", "1"], "--days 1"),  # over 100% MFU
     (["--n-heads", "7"], "n_heads"),
     (["--markdown"], "--markdown"),
 ])
