@@ -23,11 +23,12 @@ DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2,
 
 
 def model_dir_bytes(directory: str | Path) -> int:
-    """Bytes per weight of a model directory: config.json's ``torch_dtype`` (float32 -> 4,
-    bfloat16/float16 -> 2); 2 when it names none. ``--weight-bytes``/``--kv-bytes`` default to this
-    with ``--model DIR``, since the engine keeps weights and KV cache in the stored dtype."""
+    """Bytes per weight of a model directory: config.json's ``torch_dtype`` (``dtype`` in newer
+    transformers; float32 -> 4, bfloat16/float16 -> 2); 2 when it names none. ``--weight-bytes`` and
+    ``--kv-bytes`` default to this with ``--model DIR``: the engine keeps both in the stored dtype."""
     try:
-        dtype = json.loads((Path(directory) / "config.json").read_text()).get("torch_dtype")
+        config = json.loads((Path(directory) / "config.json").read_text())
+        dtype = config.get("torch_dtype", config.get("dtype"))
     except (OSError, ValueError, AttributeError):
         return 2  # read_config reports a missing or broken config.json
     if dtype is None:

@@ -52,6 +52,15 @@ def test_a_broken_cache_is_measured_again(tmp_path):
     assert calls
 
 
+def test_a_cache_from_another_device_is_measured_again(tmp_path):
+    local_hardware(tmp_path, fake([]), today=datetime.date(2024, 5, 1))
+    cached = json.loads((tmp_path / CACHE_FILE).read_text())
+    (tmp_path / CACHE_FILE).write_text(json.dumps({**cached, "device_name": "another machine"}))
+    calls = []
+    local_hardware(tmp_path, fake(calls), today=datetime.date(2024, 5, 2))
+    assert calls and json.loads((tmp_path / CACHE_FILE).read_text())["device_name"] == cached["device_name"]
+
+
 def test_plans_on_local_hardware(tmp_path):
     hw = local_hardware(tmp_path, fake([]), today=datetime.date(2024, 5, 1))
     p = plan(make_inputs(preset="tiny", hardware=hw, batch=4))

@@ -19,6 +19,8 @@ def test_model_dir_bytes_follow_torch_dtype(tmp_path, dtype, width):
     cfg = {} if dtype is None else {"torch_dtype": dtype}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert model_dir_bytes(tmp_path) == width
+    (tmp_path / "config.json").write_text(json.dumps({} if dtype is None else {"dtype": dtype}))  # transformers 5
+    assert model_dir_bytes(tmp_path) == width
 
 
 def test_four_byte_weights_use_the_fp32_peak_and_double_the_bytes():
