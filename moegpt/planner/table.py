@@ -72,8 +72,9 @@ def fmt(name: str, value, section: str = "") -> str:
 def hardware_line(d: dict, measured_on: str | None, fp32: float | None) -> str:
     peaks = ", ".join(f"{k} {si(v, 'FLOP/s')}" for k, v in d["peak_flops"].items() if v is not None)
     nvlink = "-" if d["nvlink_bytes_per_s"] is None else si(d["nvlink_bytes_per_s"], "B/s")
-    line = (f"{d['name']}: {si(d['mem_bytes'], 'B')}, HBM {si(d['hbm_bytes_per_s'], 'B/s')}, {peaks}, "
-            f"NVLink {nvlink}, ridge {d['ridge_flop_per_byte']:.3g} FLOP/B")
+    memory = "HBM" if measured_on is None else "read (matrix-vector)"
+    line = (f"{d['name']}: {si(d['mem_bytes'], 'B')}, {memory} {si(d['hbm_bytes_per_s'], 'B/s')}, {peaks}, "
+            f"NVLink {nvlink}, bf16 ridge {d['ridge_flop_per_byte']:.3g} FLOP/B")
     if measured_on is not None:
         line += f"; measured {measured_on}" + ("" if fp32 is None else f", fp32 {si(fp32, 'FLOP/s')}")
     return line
@@ -93,7 +94,8 @@ def render(p: Plan) -> str:
     lines = [
         f"moegpt plan: {inp['preset']} ({inp['mode']}) on {si(float(inp['gpus']))} x {inp['hardware']}, "
         f"tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']:g} (ep {lay['ep']}), "
-        f"weights {inp['precision']['weight_bytes']} B, KV {inp['precision']['kv_bytes']} B",
+        f"weights {inp['precision']['weight_bytes']} B, KV {inp['precision']['kv_bytes']} B"
+        + (", input embedding read by row (lookup)" if p.inputs.options.embedding_lookup else ""),
         "hardware  " + hardware_line(d["hardware"], hw.measured_on, hw.peak_flops_fp32),
     ]
     for section in SECTIONS:
