@@ -34,7 +34,8 @@ class StepOutput:
 
 
 def slots_of(block_table: tuple[int, ...] | list[int], block_size: int, start: int, end: int) -> torch.Tensor:
-    """Slots of positions [start, end) of a sequence with this block table -> (end - start,)."""
+    """Slots of positions [start, end) of a sequence with this block table -> (end - start,).
+    One chunk at a time: the reference ``attention_metadata`` is tested against."""
     pos = torch.arange(start, end)
     table = torch.tensor(block_table, dtype=torch.long)
     return table[pos // block_size] * block_size + pos % block_size
@@ -48,8 +49,10 @@ def attention_metadata(chunks: list[Chunk], block_size: int) -> tuple[PagedAtten
     context_lens = tuple(c.start + n for c, n in zip(chunks, query_lens))
     S_max = max(context_lens)
     nb = -(-S_max // block_size)
+    # Block tables padded with block 0: the padding keys are read but masked (or never read).
     table = torch.tensor([list(c.block_table[:nb]) + [0] * (nb - min(nb, len(c.block_table))) for c in chunks])  # (B, nb)
-    context_slots = (table[:, :, None] * block_size + torch.arange(block_size)).view(B, nb * block_size)[:, :S_max]
+    context_slots = (table[:, :, None] * block_size + torch.arange(block_size))  # (B, nb, block_size)
+    context_slots = context_slots.view(B, nb * block_size)[:, :S_max]  # (B, S_max)
     positions = torch.tensor([p for c, n in zip(chunks, query_lens) for p in range(c.start, c.start + n)])  # (N,)
     seq_of_token = torch.arange(B).repeat_interleave(torch.tensor(query_lens))  # (N,)
     slot_mapping = context_slots[seq_of_token, positions]  # (N,)
