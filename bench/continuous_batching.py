@@ -29,7 +29,7 @@ import torch
 import transformers
 
 from bench.common import write_result
-from bench.roofline import decode_roofline, measure_machine
+from bench.roofline import best_of, decode_roofline, measure_machine
 from moegpt.checkpoint.model_dir import save
 from moegpt.config import preset
 from moegpt.counts import forward_flops_per_token
@@ -113,7 +113,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         save(model, None, d)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
-    machine = measure_machine()
+    before = measure_machine()
+    ours = summary(run_ours(model, prompts, outputs), tokens)
+    theirs = summary(run_hf(hf, prompts, outputs, args.hf_batch), tokens)
+    machine = best_of(before, measure_machine())
     batch = min(MAX_SEQS, args.requests)
     context = statistics.mean(len(p) + o / 2 for p, o in zip(prompts, outputs))
     roof = decode_roofline(cfg, machine, batch, context, 4)
@@ -122,9 +125,7 @@ def main() -> None:
     print(f"{args.requests} requests, {args.preset} fp32, prompts {prompt_tokens} tokens (median "
           f"{statistics.median(map(len, prompts)):.0f}, max {max(map(len, prompts))}), outputs {tokens} tokens "
           f"(median {statistics.median(outputs):.0f}, max {max(outputs)}); {torch.get_num_threads()} threads, "
-          f"read {machine.read_bytes_per_s / 1e9:.1f} GB/s, fp32 {machine.fp32_flops / 1e9:.0f} GFLOP/s (measured now)")
-    ours = summary(run_ours(model, prompts, outputs), tokens)
-    theirs = summary(run_hf(hf, prompts, outputs, args.hf_batch), tokens)
+          f"read {machine.read_bytes_per_s / 1e9:.1f} GB/s, fp32 {machine.fp32_flops / 1e9:.0f} GFLOP/s (best of before and after)")
     ours["decode_roofline_fraction"] = ours["tokens_per_s"] / roof["tokens_per_s"]
     ours["workload_roofline_fraction"] = ours["tokens_per_s"] / workload_bound
     for name, r in (("moegpt (continuous)", ours), (f"transformers (static, batch {args.hf_batch})", theirs)):

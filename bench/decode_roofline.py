@@ -8,7 +8,8 @@ tokens (same weights, greedy; checked in fp32, reported in bf16 where rounding m
 The decode roofline divides the read bandwidth (a large fp32 matrix-vector product, best of
 several) by the bytes one token reads: attention, router, 2 of 16 experts per layer, one embedding
 row, the LM head, norms, and the KV of the mean context (prompt + new/2). The prefill roofline is the
-fp32 matmul peak (bf16 matmuls run on fp32 units on this CPU, so its bound is no higher).
+fp32 matmul peak (bf16 matmuls run on fp32 units on this CPU, so its bound is no higher). Both are
+measured before and after the timings and the better figure kept (a shared machine's dips).
 
     python -m bench.decode_roofline [--dtypes fp32 bf16] [--new 128] [--repeats 3]
 """
@@ -22,7 +23,7 @@ import torch
 import transformers
 
 from bench.common import interleaved_medians, write_result
-from bench.roofline import decode_roofline, measure_machine, prefill_roofline
+from bench.roofline import best_of, decode_roofline, measure_machine, prefill_roofline
 from moegpt.checkpoint.model_dir import save
 from moegpt.config import preset
 from moegpt.infer.engine import EngineConfig, LLMEngine, Request
@@ -33,7 +34,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @torch.no_grad()
-def bench_dtype(preset_name: str, name: str, new: int, repeats: int, machine) -> dict:
+def bench_dtype(preset_name: str, name: str, new: int, repeats: int) -> dict:
     dtype = DTYPES[name]
     cfg = preset(preset_name)
     model = build_model(cfg, seed=0, dtype=dtype).eval()
@@ -52,6 +53,13 @@ def bench_dtype(preset_name: str, name: str, new: int, repeats: int, machine) ->
     same = ours(new) == theirs(new)
     t1_ours, t1_hf, tn_ours, tn_hf = interleaved_medians(
         [lambda: ours(1), lambda: theirs(1), lambda: ours(new), lambda: theirs(new)], repeats)
+    return {"dtype": name, "cfg": cfg, "new": new, "same": same, "times": (t1_ours, t1_hf, tn_ours, tn_hf)}
+
+
+def report(timed: dict, preset_name: str, machine) -> dict:
+    name, cfg, new, same = timed["dtype"], timed["cfg"], timed["new"], timed["same"]
+    t1_ours, t1_hf, tn_ours, tn_hf = timed["times"]
+    dtype = DTYPES[name]
     roof = decode_roofline(cfg, machine, 1, PROMPT + new / 2, torch.empty(0, dtype=dtype).element_size())
     pre = prefill_roofline(cfg, machine, PROMPT)
     row = {"dtype": name, "preset": preset_name, "batch": 1, "prompt": PROMPT, "new_tokens": new,
@@ -81,11 +89,13 @@ def main() -> None:
     parser.add_argument("--preset", default=DEFAULT_PRESET, help="a smaller one (tiny) for a quick smoke run")
     args = parser.parse_args()
     transformers.utils.logging.disable_progress_bar()
-    machine = measure_machine()
+    before = measure_machine()
+    timed = [bench_dtype(args.preset, d, args.new, args.repeats) for d in args.dtypes]
+    machine = best_of(before, measure_machine())
     print(f"batch-1 decode, {args.preset}, prompt {PROMPT}, {args.new} new tokens, greedy, {torch.get_num_threads()} "
           f"threads; read bandwidth {machine.read_bytes_per_s / 1e9:.1f} GB/s, fp32 matmul "
-          f"{machine.fp32_flops / 1e9:.0f} GFLOP/s (measured now)")
-    rows = [bench_dtype(args.preset, d, args.new, args.repeats, machine) for d in args.dtypes]
+          f"{machine.fp32_flops / 1e9:.0f} GFLOP/s (best of before and after the timings)")
+    rows = [report(t, args.preset, machine) for t in timed]
     print("wrote", write_result("decode_roofline", {"machine_measured": machine.to_dict(), "rows": rows}))
 
 

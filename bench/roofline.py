@@ -32,6 +32,12 @@ def measure_machine(repeats: int = 8) -> Machine:
     return Machine(measure_read_bandwidth(repeats=repeats, budget_s=4.0), measure_matmul_flops(repeats=repeats))
 
 
+def best_of(*machines: Machine) -> Machine:
+    """The best figures of several measurements (a benchmark measures before and after its timings:
+    on a shared machine one moment's figures can be far below what the hardware does)."""
+    return Machine(max(m.read_bytes_per_s for m in machines), max(m.fp32_flops for m in machines))
+
+
 def decode_bytes_per_step(cfg: ModelConfig, batch: int, context: float, weight_bytes: int, kv_bytes: int) -> dict:
     """Bytes one decode step of ``batch`` sequences reads: weights actually touched, plus KV."""
     c = param_counts(cfg)

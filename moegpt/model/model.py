@@ -85,6 +85,8 @@ class MoEGPT(nn.Module):
             positions = torch.arange(T, device=tokens.device)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)  # (T, Dh) each
         x = self.embed(tokens)  # (B, T, D)
+        if cos.dtype != x.dtype:  # cast once here rather than twice per layer in apply_rope (same values)
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         stats: list[RouterStats] = []
         for i, layer in enumerate(self.layers):
             x, s = layer(x, cos, sin, positions, None if cache is None else cache[i])
