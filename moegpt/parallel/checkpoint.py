@@ -99,13 +99,17 @@ def latest(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def read_train_state(path: Path) -> dict:
+    return json.loads((Path(path) / TRAIN_STATE).read_text())
+
+
 def load(path: Path, pm: ParallelModel, optimizer: torch.optim.Optimizer) -> dict:
     """Load model and optimizer in place (any saved layout) and return the train state."""
     import torch.distributed.checkpoint as dcp
 
     state = {"model": _model_state(pm), "optim": _optim_state(pm, optimizer)}
     dcp.load(state, checkpoint_id=str(path))
-    return json.loads((Path(path) / TRAIN_STATE).read_text())
+    return read_train_state(path)
 
 
 def full_state_dict(pm: ParallelModel) -> dict[str, torch.Tensor] | None:

@@ -76,7 +76,7 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
         chunks.append((inp, tgt))
     optimizer.zero_grad(set_to_none=True)
     parts: list = []
-    counts = torch.zeros(n_moe_layers, n_experts, dtype=torch.long)
+    counts = torch.zeros(n_moe_layers, n_experts, dtype=torch.long, device=batch.device)
     if dims.pp > 1:
         _pipeline_step(pm, chunks, weights, scale, parts, counts, n_moe_layers, schedules)
     else:
@@ -104,17 +104,17 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
 
     # Metrics: sums over the real micro-batches of every data rank (TP ranks hold copies: / tp).
     real = [(ce, a, z) for ce, a, z, is_real in parts if is_real]
-    sums = torch.tensor([sum(float(v[j]) for v in real) * M for j in range(3)], dtype=torch.float64)
+    sums = torch.tensor([sum(float(v[j]) for v in real) * M for j in range(3)], dtype=torch.float64, device=batch.device)
     dist.all_reduce(sums)
     dist.all_reduce(counts)
     sums, counts = sums / dims.tp, counts // dims.tp
     return StepMetrics(loss=float(sums[0]) / B, aux_loss=float(sums[1]) / B, z_loss=float(sums[2]) / B,
-                       grad_norm=grad_norm, expert_counts=counts)
+                       grad_norm=grad_norm, expert_counts=counts.cpu())
 
 
 def _clip(pm: ParallelModel, params: list[torch.Tensor], max_norm: float) -> float:
     """clip_grad_norm_ over the whole model: each shard's squares counted once across all ranks."""
-    sq = torch.zeros((), dtype=torch.float64)
+    sq = torch.zeros((), dtype=torch.float64, device=params[0].device)
     for p in params:
         sq += _local(p.grad).double().pow(2).sum() / pm.replicas(p)
     dist.all_reduce(sq)
@@ -139,7 +139,7 @@ def _pipeline_step(pm: ParallelModel, chunks, weights: LossWeights, scale: float
     n = len(chunks)
     schedules = {} if schedules is None else schedules
     if n not in schedules:
-        schedules[n] = build_schedule(pm.stages, pm.dims, pm.pp_rank, n, loss_fn, pm.pp_group, torch.device("cpu"))
+        schedules[n] = build_schedule(pm.stages, pm.dims, pm.pp_rank, n, loss_fn, pm.pp_group, chunks[0][0].device)
     schedule = schedules[n]
     schedule._loss_fn = loss_fn  # this step's closure (weights, parts)
     for stage in pm.stages:
