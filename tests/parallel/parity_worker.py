@@ -29,7 +29,7 @@ from moegpt.train.trainer import make_optimizer
 CFG = ModelConfig(vocab_size=128, d_model=32, n_layers=4, n_heads=4, n_kv_heads=1, d_ff=32, n_experts=4, top_k=2,
                   max_seq_len=32)
 TRAIN = TrainConfig(lr=3e-3, warmup_steps=1, weight_decay=0.1, grad_clip=0.5)
-BATCHES = (4, 8, 8, 6, 8, 8)  # sequences per step with micro-batch 2: ramps, and leaves some ranks padding
+BATCHES = (4, 8, 6, 8, 8)  # sequences per step with micro-batch 2: ramps, and leaves some ranks padding
 MICRO, SEQ = 2, 16
 WEIGHTS = LossWeights(aux=0.01, z=1e-3)
 

@@ -63,16 +63,32 @@ def _assert_like_one_process(run, out: Path):
         torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_checkpoint_saved_at_tp2_dp2_resumes_at_dp2_and_in_one_process(run):
+def test_checkpoint_saved_at_tp2_dp2_resumes_at_dp2_and_in_one_process(run, monkeypatch):
+    from moegpt.cli import main
+
     root, args = run["root"], run["args"]
     torchrun(4, ["moegpt", "train", "--out", str(root / "tp2dp2"), *args, "--tp", "2", "--dp", "2", "--stop-at", "3"],
              module=True)
     rows = _log(root / "tp2dp2")
     assert rows[-1]["layout"] == "TP2xDP2" and len(rows[-1]["peak_mem_mb"]) == 4
-    for name, nproc, extra in (("as_dp2", 2, ["--dp", "2"]), ("as_one", 1, [])):
-        shutil.copytree(root / "tp2dp2", root / name)
-        torchrun(nproc, ["moegpt", "train", "--out", str(root / name), *args, *extra, "--resume"], module=True)
-        _assert_like_one_process(run, root / name)
+    shutil.copytree(root / "tp2dp2", root / "as_dp2")
+    torchrun(2, ["moegpt", "train", "--out", str(root / "as_dp2"), *args, "--dp", "2", "--resume"], module=True)
+    _assert_like_one_process(run, root / "as_dp2")
+    # In this very process: a world of one, as torchrun --nproc-per-node 1 would set it up.
+    shutil.copytree(root / "tp2dp2", root / "as_one")
+    for key, value in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(_free_port()))):
+        monkeypatch.setenv(key, value)
+    assert main(["train", "--out", str(root / "as_one"), *args, "--resume"]) == 0
+    _assert_like_one_process(run, root / "as_one")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_a_half_written_checkpoint_is_never_resumed_from(run, tmp_path):
