@@ -8,8 +8,9 @@ The order of the steps matters, and is the same at any scale:
    their FFN dimension over "tp"; parameter names stay the model's.
 3. Pipeline split (pipeline.py): this rank keeps only its stages' layers (and the embedding / head
    on the first / last stage); the rest of the model is dropped.
-4. Data parallel (fsdp.py): FSDP2 / HSDP over ("dp_replicate", "dp_shard"), DDP for ZeRO-1, or plain
-   replicas whose gradients the step all-reduces. Last, because it wraps what the steps above built.
+4. Data parallel (fsdp.py): FSDP2 / HSDP over ("dp_replicate", "dp_shard"), DDP for ZeRO-1 when dp
+   is the only degree, or replicas whose gradients the step all-reduces (ZeRO-1 in other layouts:
+   the optimizer partitions its state, see optim.py). Last: it wraps what the steps above built.
 
 ``moegpt/model`` never imports torch.distributed; everything distributed lives in this package.
 """
@@ -40,6 +41,13 @@ class ParallelModel:
     batch_group: object = None  # ranks holding copies of the dense weights (dp x ep)
     dp_group: object = None  # ranks holding copies of one expert shard (dp)
     pp_group: object = None
+
+    @property
+    def reduces_in_backward(self) -> bool:
+        """DDP or FSDP reduce (average) gradients themselves; otherwise the step sums them."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        return self.dims.data_parallel == DataParallel.FSDP or isinstance(self.module, DistributedDataParallel)
 
     @property
     def local_modules(self) -> list[nn.Module]:
@@ -89,11 +97,11 @@ def parallelize(model: MoEGPT, dims: ParallelDims, mesh) -> ParallelModel:
         apply_expert_sharding(model, mesh, dims.ep, dims.tp)
     if dims.pp > 1:  # 3
         pm.stages = split_stages(model, dims, pm.pp_rank)
-        return pm  # 4: plain replicas only (checked by ParallelDims.validate)
+        return pm  # 4: replicas (or ZeRO-1): the step all-reduces the stages' gradients
     if dims.data_parallel == DataParallel.FSDP:  # 4
         dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
         pm.module = apply_fsdp(model, dp_mesh)
-    elif dims.data_parallel == DataParallel.ZERO1:
+    elif dims.data_parallel == DataParallel.ZERO1 and dims.world_size == dims.dp:
         pm.module = apply_ddp(model, pm.dp_group)
     else:
         pm.module = model

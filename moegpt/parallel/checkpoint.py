@@ -37,7 +37,15 @@ def _model_state(pm: ParallelModel) -> dict:
 
 def _optim_state(pm: ParallelModel, optimizer: torch.optim.Optimizer) -> dict:
     """AdamW state keyed by parameter name (``name.exp_avg``...), in place, so DCP reshards it too."""
-    names = {id(p): n for n, p in pm.named_parameters()}
+    from torch.distributed.tensor import DTensor
+
+    from moegpt.parallel.optim import local_tensor
+
+    named = dict(pm.named_parameters())
+    names = {id(p): n for n, p in named.items()} | {id(local_tensor(p)): n for n, p in named.items()}
+    # ZeRO-1: each rank's AdamW holds the state of its own partition only; the keys name the
+    # parameters, so DCP loads them into whatever partition (or layout) owns them next time.
+    optimizer = getattr(optimizer, "optim", optimizer)
     out = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -45,11 +53,14 @@ def _optim_state(pm: ParallelModel, optimizer: torch.optim.Optimizer) -> dict:
             if not state:  # before the first step: create the state so loading has somewhere to go
                 state = optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32),
                                               "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            name = names[id(p)]
+            param = named[name]
             for k, v in state.items():
-                if k == "step":  # the same on every rank: stored as a plain tensor per parameter
-                    out[f"optim.{names[id(p)]}.step"] = v
-                else:
-                    out[f"optim.{names[id(p)]}.{k}"] = v
+                if isinstance(param, DTensor) and not isinstance(v, DTensor) and k != "step":
+                    # ZeRO-1 keeps a local shard's state: name it by its place in the whole tensor
+                    v = DTensor.from_local(v, param.device_mesh, param.placements, run_check=False,
+                                           shape=param.shape, stride=param.stride())
+                out[f"optim.{name}.{k}"] = v  # "step" is the same on every rank: a plain tensor
     return out
 
 

@@ -8,7 +8,8 @@ neighbours (one node's NVLink domain on a GPU cluster) and pipeline stages are f
 - ep: expert parallel; the experts of each MoE layer are divided across ``ep`` ranks. EP ranks also
   read different data, so the ranks that hold copies of the dense weights are dp x ep ("batch" ranks)
   and the ranks that hold copies of one expert are dp.
-- dp: data parallel: plain (gradients all-reduced), ZeRO-1 (DDP + ZeroRedundancyOptimizer) or FSDP2
+- dp: data parallel: plain (gradients all-reduced), ZeRO-1 (ZeroRedundancyOptimizer; DDP when dp
+  is the only degree) or FSDP2
   (``fully_shard``; HSDP with ``dp_replicate`` > 1: replicas of a ``dp / dp_replicate``-way shard).
 """
 
@@ -22,7 +23,7 @@ from moegpt.config import ModelConfig
 
 class DataParallel(str, enum.Enum):
     REPLICATE = "replicate"  # every rank holds the model; gradients all-reduced after the step
-    ZERO1 = "zero1"  # DDP + ZeroRedundancyOptimizer: optimizer state sharded
+    ZERO1 = "zero1"  # ZeroRedundancyOptimizer: optimizer state sharded (with DDP when dp is the only degree)
     FSDP = "fsdp"  # FSDP2: parameters, gradients and optimizer state sharded
 
 
@@ -100,16 +101,12 @@ class ParallelDims:
             problems.append(f"dp({self.dp}) is not divisible by dp_replicate({self.dp_replicate})")
         if self.dp_replicate > 1 and self.data_parallel != DataParallel.FSDP:
             problems.append(f"dp_replicate({self.dp_replicate}) is HSDP and needs FSDP")
-        if self.data_parallel == DataParallel.ZERO1 and (self.tp > 1 or self.ep > 1 or self.pp > 1):
-            problems.append(f"ZeRO-1 here wraps DDP and supports dp only (tp={self.tp}, ep={self.ep}, pp={self.pp})")
         if self.data_parallel == DataParallel.FSDP and (self.ep > 1 or self.pp > 1):
             problems.append(f"FSDP here composes with tp only (ep={self.ep}, pp={self.pp})")
         if self.schedule == Schedule.INTERLEAVED_1F1B and self.pp > 1 and self.virtual_stages < 2:
             problems.append(f"interleaved-1f1b needs virtual_stages >= 2 (got {self.virtual_stages})")
         if self.schedule != Schedule.INTERLEAVED_1F1B and self.virtual_stages > 1:
             problems.append(f"virtual_stages({self.virtual_stages}) > 1 needs the interleaved-1f1b schedule")
-        if self.pp > 1 and (self.tp > 1 or self.ep > 1):
-            problems.append(f"pp({self.pp}) composes with dp only here (tp={self.tp}, ep={self.ep})")
         try:
             stage_layers(cfg.n_layers, self.n_stages, self.first_stage_layers)
         except ValueError as e:

@@ -1,6 +1,12 @@
-"""The optimizer of a parallelised model: the same AdamW as one process (trainer.make_optimizer), with
-its parameter groups split by kind so the fused kernel never mixes DTensors and plain tensors, or
-partitioned over the data-parallel ranks (ZeRO-1)."""
+"""The optimizer of a parallelised model: the same AdamW as one process (trainer.make_optimizer).
+
+Parameter groups are split by kind so the fused kernel never mixes DTensors and plain tensors.
+ZeRO-1 partitions the AdamW state over the data-parallel ranks with ZeroRedundancyOptimizer: each
+rank updates its share of the parameters and broadcasts them. It works on each parameter's local
+shard (a TP shard, a rank's experts, a pipeline stage's layers), so it composes with every layout;
+gradients are already summed over the data ranks when it runs. Dense parameters are partitioned over
+dp only (not dp x ep): every dp group updates identical copies, which keeps one optimizer per rank.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +17,34 @@ from moegpt.parallel.dims import DataParallel
 from moegpt.train.config import TrainConfig
 
 
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return p._local_tensor if isinstance(p, DTensor) else p
+
+
 def make_parallel_optimizer(pm: ParallelModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     from torch.distributed.tensor import DTensor
 
+    zero1 = pm.dims.data_parallel == DataParallel.ZERO1
     groups: dict[tuple[bool, bool], list] = {}
     for _, p in pm.named_parameters():
-        groups.setdefault((p.ndim >= 2, isinstance(p, DTensor)), []).append(p)
-    param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0}
+        groups.setdefault((p.ndim >= 2, isinstance(p, DTensor) and not zero1), []).append(p)
+    param_groups = [{"params": [local_tensor(p) for p in ps] if zero1 else ps,
+                     "weight_decay": cfg.weight_decay if decay else 0.0}
                     for (decay, _), ps in sorted(groups.items(), reverse=True)]
     adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-    if pm.dims.data_parallel == DataParallel.ZERO1:
-        from moegpt.parallel.fsdp import zero1_optimizer
+    if not zero1:
+        return torch.optim.AdamW(param_groups, **adamw)
+    from moegpt.parallel.fsdp import zero1_optimizer
 
-        return zero1_optimizer(param_groups, pm.dp_group, **adamw)
-    return torch.optim.AdamW(param_groups, **adamw)
+    opt = zero1_optimizer(param_groups, pm.dp_group, **adamw)
+    params = pm.parameters()
+
+    def local_grads(optimizer, args, kwargs):  # the optimizer sees local shards: hand them their grads
+        for p in params:
+            if isinstance(p, DTensor) and p.grad is not None:
+                p._local_tensor.grad = p.grad._local_tensor
+
+    opt.register_step_pre_hook(local_grads)
+    return opt

@@ -51,8 +51,8 @@ def _assignments(pm: ParallelModel, n_micro: int) -> list[int | None]:
 def _sync(pm: ParallelModel, last: bool):
     """Skip the data-parallel gradient reduction on all but the last micro-batch."""
     mode = pm.dims.data_parallel
-    if mode == DataParallel.ZERO1 and not last:
-        return pm.module.no_sync()
+    if pm.reduces_in_backward and mode != DataParallel.FSDP and not last:
+        return pm.module.no_sync()  # DDP
     if mode == DataParallel.FSDP:
         pm.module.set_requires_gradient_sync(last)
     return contextlib.nullcontext()
@@ -66,7 +66,7 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
     B, M = batch.shape[0], micro_batch
     mine = _assignments(pm, B // M)
     # DDP and FSDP average gradients over dp; undo that so the ranks' gradients sum.
-    scale = M / B * (dims.dp if dims.data_parallel != DataParallel.REPLICATE else 1)
+    scale = M / B * (dims.dp if pm.reduces_in_backward else 1)
     chunks = []
     for i in mine:
         chunk = batch[(i if i is not None else 0) * M:((i if i is not None else 0) + 1) * M]
@@ -74,7 +74,8 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
         if i is None:
             tgt.fill_(IGNORE)
         chunks.append((inp, tgt))
-    optimizer.zero_grad(set_to_none=True)
+    for p in pm.parameters():  # (ZeRO-1's optimizer holds local shards, not these parameters)
+        p.grad = None
     parts: list = []
     counts = torch.zeros(n_moe_layers, n_experts, dtype=torch.long, device=batch.device)
     if dims.pp > 1:
@@ -91,7 +92,7 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
     for p in params:  # every rank must bring every gradient to the reductions below
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    if dims.data_parallel == DataParallel.REPLICATE:
+    if not pm.reduces_in_backward:
         from moegpt.parallel.expert import is_expert_param
 
         named = pm.named_parameters()
