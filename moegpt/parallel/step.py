@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from moegpt.parallel import ParallelModel
 from moegpt.parallel.dims import DataParallel
 from moegpt.parallel.fsdp import _local, all_reduce_grads
-from moegpt.train.step import LossWeights, StepMetrics
+from moegpt.train.step import LossWeights, StepMetrics, autocast_context
 
 IGNORE = -100  # cross_entropy's ignore_index: the targets of a padding micro-batch
 
@@ -60,7 +60,8 @@ def _sync(pm: ParallelModel, last: bool):
 
 def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
                            micro_batch: int, weights: LossWeights, grad_clip: float,
-                           n_moe_layers: int, n_experts: int, schedules: dict | None = None) -> StepMetrics:
+                           n_moe_layers: int, n_experts: int, schedules: dict | None = None,
+                           bf16: bool = False) -> StepMetrics:
     """batch (B, T+1), the same on every rank -> the step's metrics, the same on every rank."""
     dims = pm.dims
     B, M = batch.shape[0], micro_batch
@@ -79,11 +80,13 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
     parts: list = []
     counts = torch.zeros(n_moe_layers, n_experts, dtype=torch.long, device=batch.device)
     if dims.pp > 1:
-        _pipeline_step(pm, chunks, weights, scale, parts, counts, n_moe_layers, schedules)
+        with autocast_context(bf16, batch.device.type):
+            _pipeline_step(pm, chunks, weights, scale, parts, counts, n_moe_layers, schedules)
     else:
         for k, (inp, tgt) in enumerate(chunks):
             with _sync(pm, last=k == len(chunks) - 1):
-                out = pm.module(inp)
+                with autocast_context(bf16, batch.device.type):
+                    out = pm.module(inp)
                 loss = microbatch_loss(out.logits, out.aux_loss, out.z_loss, tgt, weights, scale, parts)
                 loss.backward()
             if mine[k] is not None and out.router:
@@ -157,3 +160,42 @@ def _pipeline_step(pm: ParallelModel, chunks, weights: LossWeights, scale: float
         for c, t in zip(stage.counts[-n:], chunks):
             if bool((t[1][:, 0] != IGNORE).all()):
                 counts[rows] += c
+
+
+@torch.no_grad()
+def pipeline_evaluate(pm: ParallelModel, blocks: torch.Tensor, micro_batch: int, schedules: dict,
+                      bf16: bool = False) -> tuple[float, int]:
+    """(summed next-token cross-entropy, target count) of ``blocks`` (N, T+1) through the pipeline,
+    on every rank. Blocks go in whole rounds of pp micro-batches of the training shape (the stages'
+    buffers have that shape); the rows that fill the last round have every target ignored."""
+    from moegpt.parallel.pipeline import build_schedule
+
+    n, M = pm.dims.pp, micro_batch
+    rows = n * M
+    sums = torch.zeros(2, dtype=torch.float64, device=blocks.device)  # [nll, targets]
+
+    def loss_fn(output, target):
+        logits, _ = output
+        V = logits.shape[-1]
+        nll = F.cross_entropy(logits.float().reshape(-1, V), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        sums[0] += nll.double()
+        sums[1] += (target != IGNORE).sum()
+        return nll
+
+    if n not in schedules:
+        schedules[n] = build_schedule(pm.stages, pm.dims, pm.pp_rank, n, loss_fn, pm.pp_group, blocks.device)
+    schedule = schedules[n]
+    schedule._loss_fn = loss_fn
+    for first in range(0, blocks.shape[0], rows):
+        chunk = blocks[first:first + rows]
+        inputs, targets = chunk[:, :-1], chunk[:, 1:]
+        if chunk.shape[0] < rows:  # fill the round
+            fill = rows - chunk.shape[0]
+            inputs = torch.cat([inputs, inputs.new_zeros(fill, inputs.shape[1])])
+            targets = torch.cat([targets, targets.new_full((fill, targets.shape[1]), IGNORE)])
+        with autocast_context(bf16, blocks.device.type):
+            schedule.eval(inputs, target=targets)
+    for stage in pm.stages:
+        stage.counts.clear()
+    dist.all_reduce(sums, group=pm.pp_group)  # only the last stage computed them
+    return float(sums[0]), int(sums[1])

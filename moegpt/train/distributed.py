@@ -34,7 +34,7 @@ from moegpt.model import build_model
 from moegpt.parallel import ParallelDims, parallelize
 from moegpt.parallel import checkpoint as dcp_store
 from moegpt.parallel.optim import make_parallel_optimizer
-from moegpt.parallel.step import distributed_train_step
+from moegpt.parallel.step import distributed_train_step, pipeline_evaluate
 from moegpt.train.config import TrainConfig
 from moegpt.train.log import RunLog
 from moegpt.train.schedule import BatchRamp, LRSchedule
@@ -159,18 +159,20 @@ class DistributedTrainer:
                               keep=self.cfg.keep_checkpoints)
 
     # ---- the loop ------------------------------------------------------------------------------
-    def validate(self) -> dict[str, float] | None:
-        """Validation loss (every rank runs every batch, so the collectives of TP/EP/FSDP match);
-        None with pipeline parallelism, which evaluates through its schedule (not implemented)."""
-        if self.pm.module is None:
-            return None
+    def validate(self) -> dict[str, float]:
+        """Validation loss per source and overall. Every rank runs every batch (so the collectives of
+        TP/EP/FSDP match); a pipeline evaluates through its schedule."""
         fields, total, count = {}, 0.0, 0
         for name in self.data.names:
             batches = self.data.val_batches(self.cfg.micro_batch, source=name)
             if self.cfg.eval_sequences is not None:
                 n_batches = -(-self.cfg.eval_sequences // self.cfg.micro_batch)
                 batches = (b[: self.cfg.eval_sequences - i * self.cfg.micro_batch] for i, b in zip(range(n_batches), batches))
-            nll, n = evaluate(self.pm.module, (b.to(self.device) for b in batches), self.cfg.bf16)
+            if self.pm.module is None:
+                nll, n = pipeline_evaluate(self.pm, torch.cat(list(batches)).to(self.device), self.cfg.micro_batch,
+                                           self.schedules, self.cfg.bf16)
+            else:
+                nll, n = evaluate(self.pm.module, (b.to(self.device) for b in batches), self.cfg.bf16)
             fields[f"val_loss_{name}"] = nll / n
             total, count = total + nll, count + n
         return {"val_loss": total / count, **fields}
@@ -188,20 +190,18 @@ class DistributedTrainer:
         try:
             if self.step == 0:
                 val = self.validate()
-                if val is not None:
-                    result.val_losses.append((0, val["val_loss"]))
-                    result.last_val = val
-                    if log is not None:
-                        log.write({"step": 0, **val, "unigram_baseline": result.unigram_baseline})
+                result.val_losses.append((0, val["val_loss"]))
+                result.last_val = val
+                if log is not None:
+                    log.write({"step": 0, **val, "unigram_baseline": result.unigram_baseline})
             while self.step < end:
                 row = self._one_step()
                 result.losses.append(row["loss"])
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     val = self.validate()
-                    if val is not None:
-                        result.last_val = val
-                        row.update(val)
-                        result.val_losses.append((self.step, val["val_loss"]))
+                    result.last_val = val
+                    row.update(val)
+                    result.val_losses.append((self.step, val["val_loss"]))
                 if log is not None and (self.step % cfg.log_every == 0 or "val_loss" in row):
                     log.write(row)
                 if on_step is not None:
@@ -246,7 +246,8 @@ class DistributedTrainer:
         t0 = time.perf_counter()
         metrics = distributed_train_step(self.pm, self.optimizer, batch, cfg.micro_batch,
                                          LossWeights(cfg.aux_loss_coef, cfg.z_loss_coef), cfg.grad_clip,
-                                         self.model_cfg.n_moe_layers, self.model_cfg.n_experts, self.schedules)
+                                         self.model_cfg.n_moe_layers, self.model_cfg.n_experts, self.schedules,
+                                         bf16=cfg.bf16)
         elapsed = time.perf_counter() - t0
         tokens = batch_size * cfg.seq_len
         self.step += 1

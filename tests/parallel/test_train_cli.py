@@ -107,7 +107,7 @@ def test_a_half_written_checkpoint_is_never_resumed_from(run, tmp_path):
 def test_rank_killed_mid_run_restarts_from_checkpoint_with_the_same_losses_and_weights(run):
     root, args = run["root"], run["args"]
     out = root / "restarted"
-    proc = torchrun(2, [str(HERE / "kill_worker.py"), "1", "5", "--", "--out", str(out), *args, "--ep", "2"],
+    proc = torchrun(2, [str(HERE / "kill_worker.py"), "1", "5", "--", "--out", str(out), *args, "--pp", "2"],
                     max_restarts=1)
     assert "from step 3 to 6" in proc.stdout, proc.stdout  # the second attempt resumed the step-3 checkpoint
     _assert_like_one_process(run, out)
