@@ -44,10 +44,10 @@ class ParallelModel:
 
     @property
     def reduces_in_backward(self) -> bool:
-        """DDP or FSDP reduce (average) gradients themselves; otherwise the step sums them."""
+        """DDP averages gradients in backward; FSDP sums them (fsdp.py); otherwise the step sums them."""
         from torch.nn.parallel import DistributedDataParallel
 
-        return self.dims.data_parallel == DataParallel.FSDP or isinstance(self.module, DistributedDataParallel)
+        return isinstance(self.module, DistributedDataParallel)
 
     @property
     def local_modules(self) -> list[nn.Module]:
@@ -78,6 +78,16 @@ class ParallelModel:
         return self.dims.world_size // shards
 
 
+def _fsdp_meshes(mesh, dims: ParallelDims):
+    """(mesh of the dense weights' copies, mesh of one expert's copies or None) for fully_shard."""
+    dp = ("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ("dp_shard",)
+    if dims.ep == 1:
+        return (mesh[dp] if len(dp) > 1 else mesh[dp[0]]), None
+    if dims.dp_replicate > 1:  # HSDP: replicate across groups, shard over dp_shard x ep within one
+        return mesh["dp_replicate", "dp_shard_ep"], mesh["dp_replicate", "dp_shard"]
+    return mesh["dp_shard_ep"], mesh["dp_shard"]
+
+
 def parallelize(model: MoEGPT, dims: ParallelDims, mesh) -> ParallelModel:
     """Apply ``dims`` to ``model`` (the same initial weights on every rank) in the documented order."""
     from moegpt.parallel.expert import apply_expert_sharding
@@ -87,6 +97,7 @@ def parallelize(model: MoEGPT, dims: ParallelDims, mesh) -> ParallelModel:
 
     coord = dict(zip(mesh.mesh_dim_names, mesh.get_coordinate()))
     batch_rank = (coord["dp_replicate"] * dims.dp_shard + coord["dp_shard"]) * dims.ep + coord["ep"]
+    mesh["dp_shard", "ep"]._flatten("dp_shard_ep")  # FSDP's mesh for the dense weights under EP
     pm = ParallelModel(dims=dims, mesh=mesh, module=None, batch_rank=batch_rank, pp_rank=coord["pp"],
                        batch_group=mesh["dp_replicate", "dp_shard", "ep"]._flatten("batch").get_group(),
                        dp_group=mesh["dp_replicate", "dp_shard"]._flatten("dp").get_group(),
@@ -95,12 +106,15 @@ def parallelize(model: MoEGPT, dims: ParallelDims, mesh) -> ParallelModel:
         apply_tensor_parallel(model, mesh["tp"])
     if dims.ep > 1 or dims.tp > 1:  # 2
         apply_expert_sharding(model, mesh, dims.ep, dims.tp)
+    modules = [model]
     if dims.pp > 1:  # 3
-        pm.stages = split_stages(model, dims, pm.pp_rank)
-        return pm  # 4: replicas (or ZeRO-1): the step all-reduces the stages' gradients
+        pm.stages = modules = split_stages(model, dims, pm.pp_rank)
     if dims.data_parallel == DataParallel.FSDP:  # 4
-        dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
-        pm.module = apply_fsdp(model, dp_mesh)
+        for m in modules:
+            apply_fsdp(m, *_fsdp_meshes(mesh, dims))
+        pm.module = None if dims.pp > 1 else model
+    elif dims.pp > 1:
+        pass  # replicas (or ZeRO-1): the step all-reduces the stages' gradients
     elif dims.data_parallel == DataParallel.ZERO1 and dims.world_size == dims.dp:
         pm.module = apply_ddp(model, pm.dp_group)
     else:

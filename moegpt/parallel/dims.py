@@ -101,8 +101,6 @@ class ParallelDims:
             problems.append(f"dp({self.dp}) is not divisible by dp_replicate({self.dp_replicate})")
         if self.dp_replicate > 1 and self.data_parallel != DataParallel.FSDP:
             problems.append(f"dp_replicate({self.dp_replicate}) is HSDP and needs FSDP")
-        if self.data_parallel == DataParallel.FSDP and (self.ep > 1 or self.pp > 1):
-            problems.append(f"FSDP here composes with tp only (ep={self.ep}, pp={self.pp})")
         if self.schedule == Schedule.INTERLEAVED_1F1B and self.pp > 1 and self.virtual_stages < 2:
             problems.append(f"interleaved-1f1b needs virtual_stages >= 2 (got {self.virtual_stages})")
         if self.schedule != Schedule.INTERLEAVED_1F1B and self.virtual_stages > 1:

@@ -8,7 +8,7 @@
   mesh that is HSDP: shards within a group, replicas across groups.
 
 The loss of every micro-batch is already weighted so that gradients *sum* to the one-process gradient;
-DDP and FSDP average over the data-parallel ranks, so the step multiplies by their number first.
+FSDP is told to sum; DDP averages over the data-parallel ranks, so the step multiplies by their number.
 """
 
 from __future__ import annotations
@@ -18,13 +18,27 @@ import torch.distributed as dist
 from torch import nn
 
 
-def apply_fsdp(model: nn.Module, dp_mesh) -> nn.Module:
-    """Shard each block, then the rest (embedding, norm, head), over ``dp_mesh`` (1-D FSDP, 2-D HSDP)."""
-    from torch.distributed.fsdp import fully_shard
+def apply_fsdp(model: nn.Module, dp_mesh, expert_mesh=None) -> nn.Module:
+    """Shard each block, then the rest (embedding, norm, head), over ``dp_mesh`` (1-D FSDP, 2-D HSDP).
 
-    for block in model.layers:
+    ``model`` is a MoEGPT or a pipeline stage (its ``layers`` a list or a dict). With expert
+    parallelism, ``dp_mesh`` spans dp x ep (the ranks holding copies of the dense weights) and each
+    MoE layer's experts are sharded first, over ``expert_mesh`` (dp: the ranks holding copies of
+    one expert). Gradients are summed, not averaged: the step weights each micro-batch itself."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from moegpt.model.moe import MoE
+
+    layers = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
+    for block in layers:
+        if expert_mesh is not None and isinstance(block.ffn, MoE):
+            fully_shard(block.ffn.experts, mesh=expert_mesh)
         fully_shard(block, mesh=dp_mesh)
     fully_shard(model, mesh=dp_mesh)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
     return model
 
 

@@ -66,7 +66,7 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
     dims = pm.dims
     B, M = batch.shape[0], micro_batch
     mine = _assignments(pm, B // M)
-    # DDP and FSDP average gradients over dp; undo that so the ranks' gradients sum.
+    # DDP averages gradients over dp; undo that so the ranks' gradients sum.
     scale = M / B * (dims.dp if pm.reduces_in_backward else 1)
     chunks = []
     for i in mine:
@@ -95,7 +95,7 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
     for p in params:  # every rank must bring every gradient to the reductions below
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    if not pm.reduces_in_backward:
+    if not pm.reduces_in_backward and dims.data_parallel != DataParallel.FSDP:
         from moegpt.parallel.expert import is_expert_param
 
         named = pm.named_parameters()

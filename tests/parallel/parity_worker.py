@@ -44,6 +44,8 @@ LAYOUTS = {
     "pp2xdp2": dict(pp=2, dp=2, schedule="1f1b"), "ep2xdp2": dict(ep=2, dp=2), "ep4": dict(ep=4),
     "ep2xtp2": dict(ep=2, tp=2), "pp2xtp2": dict(pp=2, tp=2, schedule="1f1b"),
     "pp2xep2": dict(pp=2, ep=2, schedule="interleaved-1f1b", virtual_stages=2),
+    "fsdp-pp2xdp2": dict(pp=2, dp=2, data_parallel="fsdp"), "fsdp-ep2xdp2": dict(ep=2, dp=2, data_parallel="fsdp"),
+    "fsdp-ep2": dict(ep=2, data_parallel="fsdp"), "hsdp-2x1xep2": dict(dp=2, dp_replicate=2, ep=2, data_parallel="fsdp"),
     "zero1-tp2": dict(tp=2, data_parallel="zero1"), "zero1-pp2xtp2": dict(pp=2, tp=2, data_parallel="zero1"),
     "zero1-tp2xdp2": dict(tp=2, dp=2, data_parallel="zero1"), "zero1-ep2xdp2": dict(ep=2, dp=2, data_parallel="zero1"),
 }

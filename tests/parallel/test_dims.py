@@ -28,7 +28,8 @@ def test_every_problem_of_a_layout_is_reported_in_one_line():
     (ParallelDims(pp=2, first_stage_layers=4), 2, r"first_stage_layers\(4\) leaves 0 layers for 1 more stages"),
     (ParallelDims(dp=4, dp_replicate=2), 4, r"dp_replicate\(2\) is HSDP and needs FSDP"),
     (ParallelDims(dp=4, data_parallel="fsdp", dp_replicate=3), 4, r"dp\(4\) is not divisible by dp_replicate\(3\)"),
-    (ParallelDims(pp=2, ep=2, data_parallel="fsdp"), 4, r"FSDP here composes with tp only \(ep=2, pp=2\)"),
+    (ParallelDims(ep=32), 32, r"n_experts\(16\) is not divisible by ep\(32\)"),
+    (ParallelDims(tp=8), 8, r"n_heads\(4\) is not divisible by tp\(8\)"),
 ])
 def test_layouts_that_do_not_fit_fail_before_any_work(dims, world, message):
     with pytest.raises(ValueError, match=message):
