@@ -35,7 +35,7 @@ WEIGHTS = LossWeights(aux=0.01, z=1e-3)
 
 LAYOUTS = {
     "dp2": dict(dp=2), "zero1-dp2": dict(dp=2, data_parallel="zero1"), "fsdp-dp2": dict(dp=2, data_parallel="fsdp"),
-    "tp2": dict(tp=2), "ep2": dict(ep=2),
+    "tp2": dict(tp=2), "tp2-gqa": dict(tp=2), "ep2": dict(ep=2),
     "pp2-gpipe": dict(pp=2, schedule="gpipe"), "pp2-1f1b": dict(pp=2, schedule="1f1b", first_stage_layers=1),
     "pp2-interleaved": dict(pp=2, schedule="interleaved-1f1b", virtual_stages=2),
     "dp4": dict(dp=4), "zero1-dp4": dict(dp=4, data_parallel="zero1"), "fsdp-dp4": dict(dp=4, data_parallel="fsdp"),
@@ -51,13 +51,17 @@ LAYOUTS = {
 }
 
 
+# Layouts that need another model shape: GQA with 2 KV heads, split over TP ranks instead of replicated.
+CFG_OVERRIDES = {"tp2-gqa": dict(n_kv_heads=2)}
+
+
 def batches() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1234)
     return [torch.randint(0, CFG.vocab_size, (b, SEQ + 1), generator=g) for b in BATCHES]
 
 
-def reference() -> tuple[list[float], dict, torch.Tensor]:
-    model = build_model(CFG, seed=0)
+def reference(cfg: ModelConfig) -> tuple[list[float], dict, torch.Tensor]:
+    model = build_model(cfg, seed=0)
     opt = make_optimizer(model, TRAIN)
     losses, counts = [], []
     for b in batches():
@@ -69,15 +73,15 @@ def reference() -> tuple[list[float], dict, torch.Tensor]:
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, torch.stack(counts)
 
 
-def run(layout: dict) -> tuple[list[float], dict | None, torch.Tensor]:
+def run(layout: dict, cfg: ModelConfig) -> tuple[list[float], dict | None, torch.Tensor]:
     dims = ParallelDims(**layout)
-    dims.validate(dist.get_world_size(), CFG)
+    dims.validate(dist.get_world_size(), cfg)
     mesh = dims.build_mesh("cpu")
-    pm = parallelize(build_model(CFG, seed=0), dims, mesh)
+    pm = parallelize(build_model(cfg, seed=0), dims, mesh)
     opt = make_parallel_optimizer(pm, TRAIN)
     losses, counts, schedules = [], [], {}
     for b in batches():
-        m = distributed_train_step(pm, opt, b, MICRO, WEIGHTS, TRAIN.grad_clip, CFG.n_moe_layers, CFG.n_experts,
+        m = distributed_train_step(pm, opt, b, MICRO, WEIGHTS, TRAIN.grad_clip, cfg.n_moe_layers, cfg.n_experts,
                                    schedules)
         losses.append(m.loss)
         counts.append(m.expert_counts)
@@ -87,11 +91,14 @@ def run(layout: dict) -> tuple[list[float], dict | None, torch.Tensor]:
 def main() -> None:
     out = Path(sys.argv[1])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    ref = reference() if dist.get_rank() == 0 else None
+    refs = {}
     for name in sys.argv[2:]:
-        losses, weights, counts = run(LAYOUTS[name])
+        cfg = CFG.replace(**CFG_OVERRIDES.get(name, {}))
+        losses, weights, counts = run(LAYOUTS[name], cfg)
         if dist.get_rank() == 0:
-            ref_losses, ref_weights, ref_counts = ref
+            if cfg not in refs:
+                refs[cfg] = reference(cfg)
+            ref_losses, ref_weights, ref_counts = refs[cfg]
             weight_err = max(float((weights[k] - v).abs().max()) for k, v in ref_weights.items())
             try:
                 for k, v in ref_weights.items():

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import HERE, torchrun  # noqa: E402
 
-TWO = ["dp2", "zero1-dp2", "fsdp-dp2", "tp2", "ep2", "pp2-gpipe", "pp2-1f1b", "pp2-interleaved"]
+TWO = ["dp2", "zero1-dp2", "fsdp-dp2", "tp2", "tp2-gqa", "ep2", "pp2-gpipe", "pp2-1f1b", "pp2-interleaved"]
 FOUR = ["dp4", "zero1-dp4", "fsdp-dp4", "hsdp-2x2", "tp2xdp2", "tp2xfsdp2", "pp2xdp2", "ep2xdp2", "ep4", "ep2xtp2",
         "pp2xtp2", "pp2xep2", "zero1-tp2xdp2", "zero1-pp2xtp2",
         "fsdp-pp2xdp2", "fsdp-ep2xdp2"]
