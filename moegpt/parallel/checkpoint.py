@@ -39,7 +39,7 @@ def _optim_state(pm: ParallelModel, optimizer: torch.optim.Optimizer) -> dict:
     """AdamW state keyed by parameter name (``name.exp_avg``...), in place, so DCP reshards it too."""
     from torch.distributed.tensor import DTensor
 
-    from moegpt.parallel.optim import local_tensor
+    from moegpt.parallel.fsdp import local_tensor
 
     named = dict(pm.named_parameters())
     names = {id(p): n for n, p in named.items()} | {id(local_tensor(p)): n for n, p in named.items()}

@@ -62,7 +62,7 @@ def zero1_optimizer(param_groups: list[dict], dp_group, **adamw) -> torch.optim.
 
 def all_reduce_grads(params: list[torch.Tensor], group) -> None:
     """Sum the gradients of ``params`` over ``group`` in one flat buffer (local shards of DTensors)."""
-    grads = [_local(p.grad) for p in params if p.grad is not None]
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
     if not grads or dist.get_world_size(group) == 1:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -73,7 +73,8 @@ def all_reduce_grads(params: list[torch.Tensor], group) -> None:
         offset += g.numel()
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (its storage: writes go through), or a plain tensor itself."""
     from torch.distributed.tensor import DTensor
 
     return t._local_tensor if isinstance(t, DTensor) else t

@@ -14,13 +14,8 @@ import torch
 
 from moegpt.parallel import ParallelModel
 from moegpt.parallel.dims import DataParallel
+from moegpt.parallel.fsdp import local_tensor
 from moegpt.train.config import TrainConfig
-
-
-def local_tensor(p: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return p._local_tensor if isinstance(p, DTensor) else p
 
 
 def make_parallel_optimizer(pm: ParallelModel, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -44,7 +39,7 @@ def make_parallel_optimizer(pm: ParallelModel, cfg: TrainConfig) -> torch.optim.
     def local_grads(optimizer, args, kwargs):  # the optimizer sees local shards: hand them their grads
         for p in params:
             if isinstance(p, DTensor) and p.grad is not None:
-                p._local_tensor.grad = p.grad._local_tensor
+                local_tensor(p).grad = local_tensor(p.grad)
 
     opt.register_step_pre_hook(local_grads)
     return opt

@@ -13,7 +13,6 @@ whose targets are all ignored and whose weight is 0: the collectives of EP, DDP 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.distributed as dist
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from moegpt.parallel import ParallelModel
 from moegpt.parallel.dims import DataParallel
-from moegpt.parallel.fsdp import _local, all_reduce_grads
+from moegpt.parallel.fsdp import all_reduce_grads, local_tensor
 from moegpt.train.step import LossWeights, StepMetrics, autocast_context
 
 IGNORE = -100  # cross_entropy's ignore_index: the targets of a padding micro-batch
@@ -120,13 +119,13 @@ def _clip(pm: ParallelModel, params: list[torch.Tensor], max_norm: float) -> flo
     """clip_grad_norm_ over the whole model: each shard's squares counted once across all ranks."""
     sq = torch.zeros((), dtype=torch.float64, device=params[0].device)
     for p in params:
-        sq += _local(p.grad).double().pow(2).sum() / pm.replicas(p)
+        sq += local_tensor(p.grad).double().pow(2).sum() / pm.replicas(p)
     dist.all_reduce(sq)
     total = float(sq.sqrt())
     coef = min(1.0, max_norm / (total + 1e-6))
     if coef < 1.0:
         for p in params:
-            _local(p.grad).mul_(coef)
+            local_tensor(p.grad).mul_(coef)
     return total
 
 
@@ -145,7 +144,7 @@ def _pipeline_step(pm: ParallelModel, chunks, weights: LossWeights, scale: float
     if n not in schedules:
         schedules[n] = build_schedule(pm.stages, pm.dims, pm.pp_rank, n, loss_fn, pm.pp_group, chunks[0][0].device)
     schedule = schedules[n]
-    schedule._loss_fn = loss_fn  # this step's closure (weights, parts)
+    schedule._loss_fn = loss_fn  # this step's closure (weights, parts); schedules are reused across steps
     for stage in pm.stages:
         stage.counts.clear()
     inputs = torch.cat([c[0] for c in chunks])

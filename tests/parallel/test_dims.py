@@ -54,3 +54,16 @@ def test_mqa_kv_head_is_replicated_so_any_tp_dividing_heads_fits():
     ParallelDims(tp=4).validate(4, CFG)  # n_kv_heads = 1
     with pytest.raises(ValueError, match=r"n_kv_heads\(2\) is neither 1"):
         ParallelDims(tp=4).validate(4, CFG.replace(n_kv_heads=2))
+
+
+def test_train_command_rejects_a_layout_that_does_not_fit_before_any_work(tmp_path, capsys, monkeypatch):
+    from moegpt.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", str(tmp_path / "run"), "--tp", "2", "--ep", "3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "tp(2) * pp(1) * ep(3) * dp(1) = 6 != world_size(1)" in err and "n_experts(16) is not divisible by ep(3)" in err
+    assert not (tmp_path / "run").exists()
