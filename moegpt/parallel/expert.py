@@ -66,16 +66,20 @@ def dispatch(x: torch.Tensor, counts: torch.Tensor, group) -> tuple[torch.Tensor
     send_splits = counts.view(R, El).sum(1).tolist()
     recv_splits = recv_counts.sum(1).tolist()
     rows = all_to_all(x, recv_splits, send_splits, group)  # (A_recv, D), source-major
-    # Regroup source-major blocks into expert-major order: block (s, e) has recv_counts[s, e] rows.
-    starts = (torch.cumsum(recv_counts.flatten(), 0) - recv_counts.flatten()).view(R, El)
-    order = torch.cat([torch.arange(int(starts[s, e]), int(starts[s, e] + recv_counts[s, e]))
-                       for e in range(El) for s in range(R)]) if rows.shape[0] else torch.zeros(0, dtype=torch.long)
+    # Regroup source-major blocks into expert-major order: block (s, e) has recv_counts[s, e] rows
+    # starting at row starts[s, e]; list the blocks expert by expert, then each block's rows.
+    flat = recv_counts.flatten()  # (R*El,)
+    starts = (torch.cumsum(flat, 0) - flat).view(R, El)
+    sizes_em, starts_em = recv_counts.t().reshape(-1), starts.t().reshape(-1)  # (El*R,) expert-major
+    first_em = torch.cumsum(sizes_em, 0) - sizes_em  # where each block begins in the new order
+    within = torch.arange(rows.shape[0], device=x.device) - first_em.repeat_interleave(sizes_em)
+    order = starts_em.repeat_interleave(sizes_em) + within  # (A_recv,)
     return rows[order], recv_counts.sum(0), Dispatch(send_splits, recv_splits, order)
 
 
 def combine(y: torch.Tensor, plan: Dispatch, group) -> torch.Tensor:
     """y (A_recv, D) in expert-major order -> (A, D) back on the ranks and in the order they came from."""
-    back = torch.empty_like(y).index_copy(0, plan.order, y) if y.shape[0] else y  # source-major again
+    back = torch.empty_like(y).index_copy(0, plan.order, y)  # source-major again
     return all_to_all(back, plan.send_splits, plan.recv_splits, group)
 
 
