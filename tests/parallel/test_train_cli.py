@@ -30,11 +30,15 @@ def run(tmp_path_factory, ):
     from moegpt.data.sources import shakespeare_source
 
     root = tmp_path_factory.mktemp("dist_train")
-    (root / "plays.txt").write_text(shakespeare_source().paths[0].read_text()[:60_000])
-    args = ["--data", f"plays={root / 'plays.txt'}:2", "--cache-dir", str(root / "cache"), *MODEL, *TRAIN]
+    text = shakespeare_source().paths[0].read_text()
+    (root / "plays.txt").write_text(text[:40_000])
+    (root / "more.txt").write_text(text[40_000:60_000])
+    # Two sources with different epoch counts: the mixture's interleaving must survive any layout.
+    args = ["--data", f"plays={root / 'plays.txt'}:2,more={root / 'more.txt'}:1", "--cache-dir", str(root / "cache"),
+            *MODEL, *TRAIN]
     parsed = build_parser().parse_args(["train", "--out", str(root / "ref"), *args])
     model_cfg, train_cfg = model_config_from_args(parsed), train_config_from_args(parsed)
-    sources = (Source("plays", 2.0, (root / "plays.txt",)),)
+    sources = (Source("plays", 2.0, (root / "plays.txt",)), Source("more", 1.0, (root / "more.txt",)))
     trainer = Trainer(model_cfg, train_cfg, root / "ref", sources, root / "cache")
     result = trainer.run(progress=False)
     # The one-process sample order: the same sampler and batch ramp, replayed.
@@ -56,6 +60,7 @@ def _assert_like_one_process(run, out: Path):
     rows = _log(out)
     assert [r["step"] for r in rows] == list(range(1, 7)), "every step logged exactly once"
     assert [r["samples"] for r in rows] == run["samples"], "a sample was skipped, repeated or reordered"
+    assert {s for r in rows for s, _ in r["samples"]} == {0, 1}, "both sources are drawn"
     for r, want in zip(rows, run["losses"]):
         assert r["loss"] == pytest.approx(want, rel=1e-4), r["step"]
     got = load_file(out / "model.safetensors")
