@@ -164,7 +164,8 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
 def _is_distributed(args) -> bool:
     import os
 
-    return "WORLD_SIZE" in os.environ or any(getattr(args, k) not in (1, None) for k in ("tp", "pp", "ep", "dp"))
+    return ("WORLD_SIZE" in os.environ or any(getattr(args, k) not in (1, None) for k in ("tp", "pp", "ep", "dp"))
+            or args.fsdp or args.zero1)
 
 
 def run_distributed_training(args):
@@ -187,6 +188,8 @@ def run_distributed_training(args):
                         dp_replicate=args.hsdp_replicas, schedule=args.pp_schedule,
                         virtual_stages=args.virtual_stages, first_stage_layers=args.first_stage_layers)
     dims.validate(world, model_cfg)  # before any process group or data work
+    if "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"layout {dims.describe()} needs torchrun: torchrun --nproc-per-node N -m moegpt train ...")
     device = init_distributed()
     try:
         out = Path(args.out)

@@ -67,3 +67,12 @@ def test_train_command_rejects_a_layout_that_does_not_fit_before_any_work(tmp_pa
     assert err.count("\n") == 0
     assert "tp(2) * pp(1) * ep(3) * dp(1) = 6 != world_size(1)" in err and "n_experts(16) is not divisible by ep(3)" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_parallel_flags_without_torchrun_say_how_to_launch(tmp_path, capsys, monkeypatch):
+    from moegpt.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path / "run"), "--fsdp"])
+    assert "layout 1 process (fsdp) needs torchrun: torchrun --nproc-per-node N" in capsys.readouterr().err
