@@ -24,7 +24,7 @@ TRAIN = ["--steps", "6", "--seq-len", "32", "--batch-size", "8", "--micro-batch"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, ):
+def run(tmp_path_factory):
     """Data, the shared arguments, and the one-process reference: losses, sample ids, weights."""
     from moegpt.cli import build_parser, model_config_from_args, train_config_from_args
     from moegpt.data.sources import shakespeare_source
@@ -41,12 +41,12 @@ def run(tmp_path_factory, ):
     sources = (Source("plays", 2.0, (root / "plays.txt",)), Source("more", 1.0, (root / "more.txt",)))
     trainer = Trainer(model_cfg, train_cfg, root / "ref", sources, root / "cache")
     result = trainer.run(progress=False)
-    # The one-process sample order: the same sampler and batch ramp, replayed.
-    probe = Trainer(model_cfg, train_cfg, root / "probe", sources, root / "cache")
+    # The one-process sample order: a fresh sampler and the same batch ramp, replayed.
+    sampler = trainer.data.make_sampler(train_cfg.seed)
     samples, tokens = [], 0
     for _ in range(train_cfg.steps):
-        b = probe.batch_at(tokens)
-        samples.append(probe.sampler.next_batch(b).tolist())
+        b = trainer.batch_at(tokens)
+        samples.append(sampler.next_batch(b).tolist())
         tokens += b * train_cfg.seq_len
     return dict(root=root, args=args, losses=result.losses, samples=samples,
                 weights=load_file(root / "ref" / "model.safetensors"))
