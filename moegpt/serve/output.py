@@ -18,8 +18,26 @@ from moegpt.infer.engine import StepUpdate, TokenLogprob
 FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (printable stand-ins for the 256 bytes) -> the byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_level_table()
+
+
 class TokenText:
-    """Token id -> its text, for logprobs (cached: the same tokens come back all the time)."""
+    """Token id -> its text, for logprobs (cached: the same tokens come back all the time). A token
+    that is only part of a UTF-8 character is named by its bytes, ``bytes:\\xe2\\x80``, as OpenAI does."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer, self.cache = tokenizer, {}
@@ -27,8 +45,19 @@ class TokenText:
     def __call__(self, token_id: int) -> str:
         text = self.cache.get(token_id)
         if text is None:
-            text = self.cache[token_id] = self.tokenizer.decode([token_id], skip_special=False)
+            text = self.tokenizer.decode([token_id], skip_special=False)
+            if "\ufffd" in text:
+                piece = self.tokenizer.id_to_token(token_id) or ""
+                if piece and all(ch in _BYTE_OF for ch in piece):
+                    text = "bytes:" + "".join(f"\\x{_BYTE_OF[ch]:02x}" for ch in piece)
+            self.cache[token_id] = text
         return text
+
+    def bytes(self, token_id: int) -> list[int]:
+        piece = self.tokenizer.id_to_token(token_id) or ""
+        if piece and all(ch in _BYTE_OF for ch in piece) and not self.tokenizer.decode([token_id]) == piece:
+            return [_BYTE_OF[ch] for ch in piece]
+        return list(self(token_id).encode("utf-8"))
 
 
 def completion_logprobs(lps: list[TokenLogprob], text: TokenText, offset: int) -> dict:
@@ -44,8 +73,7 @@ def completion_logprobs(lps: list[TokenLogprob], text: TokenText, offset: int) -
 
 def chat_logprobs(lps: list[TokenLogprob], text: TokenText) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
-        t = text(token_id)
-        return {"token": t, "logprob": logprob, "bytes": list(t.encode("utf-8"))}
+        return {"token": text(token_id), "logprob": logprob, "bytes": text.bytes(token_id)}
 
     return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, p) for i, p in lp.top]}
                         for lp in lps]}

@@ -130,12 +130,14 @@ def parse(schema: type[_Schema], body: bytes) -> _Schema:
         raise bad_request(_describe(e), _param(e)) from None
 
 
-_TYPE_TAGS = ("str", "int", "float", "bool", "list", "dict", "none", "function", "constrained", "json", "literal")
+def _is_tag(part) -> bool:
+    """A union member's tag in an error location ('str', 'list[int]', ...), not a field name."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "none")
+                                      or part.startswith(("function-", "constrained-")))
 
 
 def _path(err: dict) -> list:
-    return [p for p in err["loc"] if isinstance(p, int) or not any(t in p.lower() for t in _TYPE_TAGS)
-            or p in ("stop", "prompt", "text", "logprobs", "top_logprobs", "max_tokens")]
+    return [p for p in err["loc"] if not _is_tag(p)]
 
 
 def _param(e: ValidationError) -> str | None:
@@ -144,17 +146,23 @@ def _param(e: ValidationError) -> str | None:
 
 
 def _describe(e: ValidationError) -> str:
-    """The first problem, e.g. "temperature: Input should be less than or equal to 2"."""
+    """The first problem in one line, e.g. "temperature: Input should be less than or equal to 2"."""
     errors = e.errors()
     first = errors[0]
     where = ".".join(str(p) for p in _path(first)) or "body"
     if first["type"] == "missing":
         return f"'{where}' is a required field"
-    # A union (prompt, stop, content) reports one error per alternative; say what it accepts instead.
-    alternatives = [err for err in errors if _path(err) == _path(first)]
-    if len(alternatives) > 1 and not any(a["type"] in ("greater_than_equal", "less_than_equal", "greater_than")
-                                         for a in alternatives):
-        return f"{where}: invalid type or value ({first['msg']})"
+    # A union (prompt, stop, content) reports one error per alternative: prefer one about the value
+    # (too long, out of range) over type mismatches, then the deepest; if every alternative fails
+    # right at the field, list what it accepts.
+    alts = [err for err in errors if _path(err)[:1] == _path(first)[:1]]
+    if len(alts) > 1:
+        about_value = [a for a in alts if not a["type"].endswith("_type")]
+        best = about_value[0] if about_value else max(alts, key=lambda a: len(_path(a)))
+        if not about_value and _path(best) == _path(first):
+            tags = [next((p for p in a["loc"] if _is_tag(p)), "?") for a in alts]
+            return f"{where}: expected one of {', '.join(tags)}"
+        return f"{'.'.join(str(p) for p in _path(best))}: {best['msg']}"
     return f"{where}: {first['msg']}"
 
 
