@@ -187,18 +187,18 @@ class EngineLoop:
                     self._fail_all("the server is shutting down")
                     self.snapshot = Snapshot.of(self.engine.stats)
                     return
-                if isinstance(cmd, _Add):
-                    self._add(cmd)
-                else:
-                    self._abort(cmd.stream)
+                try:
+                    self._add(cmd) if isinstance(cmd, _Add) else self._abort(cmd.stream)
+                except Exception as e:  # an engine bug: this request fails (500), the server goes on
+                    log.exception("engine command failed")
+                    if isinstance(cmd, _Add):
+                        self._reply(cmd.done, RuntimeError(f"internal error: {type(e).__name__}"))
             if self.engine.has_work:
                 try:
-                    updates = self.engine.step()
+                    self._dispatch(self.engine.step(), time.monotonic())
                 except Exception:  # an engine bug: fail the running requests, keep serving
                     log.exception("engine step failed")
                     self._fail_all("internal error in the engine step")
-                    updates = []
-                self._dispatch(updates, time.monotonic())
             self.snapshot = Snapshot.of(self.engine.stats)
 
     def _reply(self, done: asyncio.Future, error: BaseException | None) -> None:

@@ -1,11 +1,13 @@
 """The server's parts in-process: admission limits, request parsing, the chat template, metrics."""
 
+import asyncio
+
 import pytest
 import torch
 
 from moegpt.data.tokenizer import Tokenizer
 from moegpt.serve.chat import TemplateError, chat_format
-from moegpt.serve.engine_loop import Limits, admission_refusal
+from moegpt.serve.engine_loop import EngineLoop, Failed, Limits, admission_refusal
 from moegpt.serve.errors import APIError
 from moegpt.serve.metrics import load_imbalance
 from moegpt.serve.protocol import ChatCompletionRequest, CompletionRequest, engine_request, parse
@@ -79,3 +81,69 @@ def test_load_imbalance_is_the_trainers():
     counts = torch.tensor([[5, 1, 0, 2], [3, 3, 3, 3], [0, 0, 0, 0]])
     trainer = StepMetrics(0.0, 0.0, 0.0, 0.0, counts[:2]).load_imbalance
     assert load_imbalance(tuple(map(tuple, counts.tolist()))) == pytest.approx(trainer)
+
+
+def _tiny_engine():
+    from moegpt.config import preset
+    from moegpt.infer.engine import EngineConfig, LLMEngine
+    from moegpt.model import build_model
+
+    cfg = preset("tiny").replace(vocab_size=64, n_layers=1, d_model=32, n_heads=2, d_ff=32, n_experts=2,
+                                 max_seq_len=64)
+    return LLMEngine(build_model(cfg, seed=0), EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
+
+
+async def _drain(stream):
+    events = []
+    while True:
+        e = await stream.events.get()
+        events.append(e)
+        if isinstance(e, Failed) or e.finish_reason is not None:
+            return events
+
+
+def test_engine_loop_refuses_bad_input_and_survives_a_failing_step():
+    from moegpt.infer.engine import Request
+
+    engine = _tiny_engine()
+    step, calls = engine.step, []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return step()
+
+    engine.step = flaky
+
+    async def scenario():
+        loop = EngineLoop(engine)
+        loop.start(asyncio.get_running_loop())
+        with pytest.raises(ValueError, match="empty"):
+            await loop.submit([[]], [Request(max_tokens=2)], 0.0)
+        first = await loop.submit([[1, 2, 3]], [Request(max_tokens=20, ignore_eos=True)], 0.0)
+        events = await _drain(first)
+        loop.release(first)
+        assert isinstance(events[-1], Failed) and "internal error" in events[-1].message
+        second = await loop.submit([[1, 2, 3]], [Request(max_tokens=5, ignore_eos=True)], 0.0)
+        events = await _drain(second)
+        loop.release(second)
+        await asyncio.to_thread(loop.stop)
+        assert sum(len(u.new_token_ids) for u in events) == 5 and loop.in_flight == 0
+        assert loop.snapshot.kv_blocks_free == loop.snapshot.kv_blocks_total and loop.snapshot.running == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--model", "{tmp}/nope"], "does not exist"),
+    (["--model", "{tmp}", "--port", "70000"], "--port"),
+    (["--model", "{tmp}", "--max-queued-requests", "0"], "max_queued_requests"),
+])
+def test_cli_serve_reports_bad_arguments_in_one_line(capsys, tmp_path, args, words):
+    from moegpt.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", *(a.format(tmp=tmp_path) for a in args)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("moegpt: error:") and words in err and err.count("\n") == 1
