@@ -115,8 +115,23 @@ def model_dir(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("serve-model"))
 
 
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Stop the servers as soon as no serve test is left, not at the end of the whole session."""
+    items = item.session.items
+    rest = items[items.index(item) + 1:] if item in items else []
+    if not any(HERE in Path(i.path).resolve().parents for i in rest):
+        for server in item.session.config.stash.get(STARTED, []):
+            stop(server)
+
+
+STARTED = pytest.StashKey[list]()
+
+
 @pytest.fixture(scope="session")
-def servers(model_dir):
+def servers(model_dir, pytestconfig):
     """Started together: 'main' (roomy queue), 'tight' (8 sequences a step, 8 may wait: 429s under load),
     'drain' (for the SIGTERM test, which stops it)."""
     started = {
@@ -125,6 +140,7 @@ def servers(model_dir):
                               "--max-batched-tokens", "64", "--kv-cache-bytes", "300000"),
         "drain": start_server(model_dir, "--shutdown-timeout", "60"),
     }
+    pytestconfig.stash[STARTED] = list(started.values())
     try:
         for s in started.values():
             wait_ready(s)
