@@ -151,32 +151,41 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
-    from moegpt.checkpoint.model_dir import load
-    from moegpt.infer.generate import generate_tokens
+    from moegpt.infer.engine import EngineConfig, Request, SpeculativeConfig, SpeculativeMethod
+    from moegpt.infer.llm import LLM
     from moegpt.infer.sampling import SamplingParams
 
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    model, tokenizer = load(args.model)
-    if tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer.json")
-    ids = tokenizer.encode(args.prompt, add_bos=tokenizer.bos_id is not None)
-    prompt = torch.tensor([ids])
-    gen = torch.Generator().manual_seed(args.seed)
-    sys.stdout.write(args.prompt)
-    out: list[int] = []
-    shown = ""
-    for tok in generate_tokens(model, prompt, args.max_tokens, params, tokenizer.eos_id, gen):
-        if tokenizer.eos_id is not None and int(tok) == tokenizer.eos_id:
-            break
-        out.append(int(tok))
-        text = tokenizer.decode(out)
-        if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
-            sys.stdout.write(text[len(shown):])
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty)
+    request = Request(max_tokens=args.max_tokens, sampling=params, stop=tuple(args.stop), n=args.n, seed=args.seed)
+    spec = None
+    if args.draft or args.ngram:
+        if args.draft and args.ngram:
+            raise ValueError("--draft and --ngram are two proposers: pick one")
+        spec = SpeculativeConfig(SpeculativeMethod.DRAFT if args.draft else SpeculativeMethod.NGRAM,
+                                 num_tokens=args.speculative_tokens)
+    llm = LLM(args.model, EngineConfig(speculative=spec), draft_dir=args.draft)
+    tok, engine = llm.tokenizer, llm.engine
+    ids = tok.encode(args.prompt, add_bos=tok.bos_id is not None)
+    texts: dict[int, list[str]] = {i: [] for i in range(args.n)}
+    for update in engine.stream(ids, request):
+        if args.n == 1:  # one completion: stream it as it comes
+            if not texts[0]:
+                sys.stdout.write(args.prompt)
+            sys.stdout.write(update.text)
             sys.stdout.flush()
-            shown = text
-    sys.stdout.write(tokenizer.decode(out)[len(shown):] + "\n")
+        texts[update.index].append(update.text)
+    if args.n == 1:
+        sys.stdout.write("\n")
+    else:
+        for i in range(args.n):
+            print(f"--- completion {i}\n{args.prompt}{''.join(texts[i])}")
+    stats = engine.stats
+    if spec is not None:
+        rate = f"{stats.spec_acceptance_rate:.2f}" if stats.spec_proposed else "-"
+        print(f"speculative: {stats.spec_accepted}/{stats.spec_proposed} draft tokens accepted ({rate}), "
+              f"{stats.generation_tokens / max(stats.steps, 1):.2f} tokens per target pass", file=sys.stderr)
     return 0
 
 
@@ -282,7 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the text ends before it")
+    p.add_argument("--n", type=int, default=1, help="completions of the prompt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--draft", default=None, help="draft model directory for speculative decoding (same tokenizer)")
+    p.add_argument("--ngram", action="store_true", help="speculative decoding by prompt lookup (no draft model)")
+    p.add_argument("--speculative-tokens", type=int, default=4, help="draft tokens per step (default 4)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="parameter and FLOP counts of a preset")

@@ -31,6 +31,8 @@ def test_info_table_lists_totals(capsys):
     (["train", "--out", "x", "--set", "depth=3"], "unknown ModelConfig field(s): ['depth']"),
     (["train", "--out", "x", "--data", "text:abc"], "abc"),
     (["generate", "--model", "no/such/dir", "--prompt", "x"], "no/such/dir"),
+    (["generate", "--model", "no/such/dir", "--prompt", "x", "--temperature", "-1"], "temperature=-1.0"),
+    (["generate", "--model", "no/such/dir", "--prompt", "x", "--n", "0"], "n=0"),
 ])
 def test_bad_input_is_one_line_error_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -60,6 +62,10 @@ def test_train_stop_resume_then_generate_from_the_model_directory(tmp_path, smal
                          capture_output=True, text=True)
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("KING:") and len(gen.stdout) > len("KING:\n")
+    for extra in (["--draft", str(tmp_path / "run")], ["--ngram"]):  # greedy speculative == greedy plain
+        spec = subprocess.run(gen.args + extra, capture_output=True, text=True)
+        assert spec.returncode == 0, spec.stderr
+        assert spec.stdout == gen.stdout and "draft tokens accepted" in spec.stderr
 
 
 def test_demo_trains_saves_and_prints_samples(tmp_path, small_source_path):

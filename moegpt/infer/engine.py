@@ -81,6 +81,7 @@ class SpeculativeConfig:
 class EngineConfig:
     block_size: int = 16
     kv_cache_bytes: int = 256 * 2**20  # KV memory budget (target and draft caches together)
+    num_kv_blocks: int | None = None  # or the budget in blocks (overrides kv_cache_bytes)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     prefix_caching: bool = True
     speculative: SpeculativeConfig | None = None
@@ -88,6 +89,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.block_size < 1 or self.kv_cache_bytes < 1:
             raise ValueError(f"block_size ({self.block_size}) and kv_cache_bytes ({self.kv_cache_bytes}) must be >= 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ class LLMEngine:
         per_block = kv_bytes_per_token(model.cfg, param.dtype) * config.block_size
         if self.draft is not None:
             per_block += kv_bytes_per_token(self.draft.cfg, next(self.draft.parameters()).dtype) * config.block_size
-        num_blocks = config.kv_cache_bytes // per_block
+        num_blocks = config.num_kv_blocks or config.kv_cache_bytes // per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of {per_block} bytes")
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching, self.draft is not None)

@@ -25,7 +25,8 @@ def implied_mfu(setup: dict, usd_per_1k: float) -> float:
 
 def cost_a100(claimed: Claimed) -> Finding:
     c = S.run(S.SERVE_A100).inference_cost
-    return Finding(f"${c.usd_per_1k_tokens:.4f}", SERVE + " (roofline throughput)", value=c.usd_per_1k_tokens,
+    return Finding(f"${c.usd_per_1k_tokens:.4f}", SERVE + " (roofline throughput; 4,096 full 8k KV caches would "
+                   "not fit, see K6)", value=c.usd_per_1k_tokens,
                    note=f"ours runs at {c.implied_mfu:.1%} MFU; {claimed.text} implies "
                         f"{implied_mfu(S.SERVE_A100, claimed.value):.1%}")
 

@@ -185,15 +185,24 @@ def h100_days(claimed: Claimed) -> Finding:
 
 
 def allreduce(claimed: Claimed) -> Finding:
-    p = S.run(S.TRAIN_A100, mfu=0.34, nic_gbps_per_gpu=200)
-    t = p.training
-    share = t.dp_allreduce_s / t.step_time_s
-    return Finding(f"{duration(t.dp_allreduce_s)} of a {duration(t.step_time_s)} step ({share:.0%})",
-                   f"ring all-reduce of each GPU's {si(p.memory.grads_bytes_per_gpu, 'B')} of BF16 gradients over dp "
-                   f"at 200 Gb/s per GPU, no overlap; 'costly' = over {BUBBLE_WARNING:.0%} of a step at 34% MFU",
-                   holds=share > BUBBLE_WARNING,
-                   note=f"the PP15 bubble ({t.pipeline_bubble_fraction:.0%}) costs far more; the all-reduce can "
-                        "also overlap the backward pass")
+    # article: islands are non-blocking at 800G/1.6T per node, but linked at only 200G/400G; a
+    # node's 8 GPUs hold different TP shards, so all of their gradients cross those links
+    gbps = [node / 8 for node in S.ISLAND_LINK_GBPS_PER_NODE]
+    plans = [S.run(S.TRAIN_A100, mfu=0.34, nic_gbps_per_gpu=g) for g in gbps]
+    dgx = S.run(S.TRAIN_A100, mfu=0.34, nic_gbps_per_gpu=S.DGX_A100_GBPS_PER_GPU).training
+    slow, fast = (p.training for p in plans)
+    step = slow.step_time_s
+    share = [t.dp_allreduce_s / step for t in (fast, slow)]
+    return Finding(f"{duration(fast.dp_allreduce_s)}-{duration(slow.dp_allreduce_s)} of a {duration(step)} step "
+                   f"({share[0]:.0%}-{share[1]:.0%})",
+                   f"ring all-reduce over dp of each GPU's {si(plans[0].memory.grads_bytes_per_gpu, 'B')} of BF16 "
+                   f"gradients across the 200G/400G island links, shared by a node's 8 GPUs "
+                   f"({gbps[0]:g}-{gbps[1]:g} Gb/s each), no overlap; 'costly' = over {BUBBLE_WARNING:.0%} of a "
+                   "step at 34% MFU",
+                   holds=min(share) > BUBBLE_WARNING,
+                   note=f"inside an island (a DGX's {S.DGX_A100_GBPS_PER_GPU:g} Gb/s per GPU) it would be "
+                        f"{duration(dgx.dp_allreduce_s)} ({dgx.dp_allreduce_s / step:.0%}); overlap with the "
+                        "backward pass hides part of it")
 
 
 T_MODEL, T_DATA, T_TRAIN = "Model", "Data", "Training: parallelism, time and cost"

@@ -69,8 +69,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                  "acceptance_rate", "nic_gbps_per_gpu", "bytes_per_token_text", "bytes_per_token_vision"):
         g.add_argument("--" + flag.replace("_", "-"), dest=flag, **n)
     g.add_argument("--tokens-per-param", type=number, default=20)
-    g.add_argument("--embedding-lookup", action="store_true",
-                   help="decode reads only the looked-up rows of an untied input embedding (refinement)")
+    g.add_argument("--embedding-lookup", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode reads only the looked-up rows of an untied input embedding, and spends no FLOPs "
+                   "on them (refinement; default: on for --hardware local, off otherwise)")
     g.add_argument("--compare-preset", default="davinci")
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="PLANNER.md's JSON instead of the table")
@@ -125,7 +126,11 @@ def cmd_plan(args) -> int:
     if args.plot is not None:
         from moegpt.planner.plots import write_plots
 
-        for path in write_plots(Path(args.plot)):
+        try:
+            paths = write_plots(Path(args.plot))
+        except OSError as e:
+            raise ValueError(f"--plot {args.plot}: {e.strerror or e}") from None
+        for path in paths:
             print(path)
         return 0
     if args.article:

@@ -9,10 +9,12 @@ experts one micro-batch reads, C context, L layers, D d_model, w weight bytes, N
 3. t_comp = b * [2*active/pp + 4*(L/pp)*C*d_attn] / tp / (peak*eta_flops)
 4. t_comm = (L/pp) layers x 2 all-reduces x 2(tp-1)/tp x b*D*2 bytes / (NVLink/2)
 5. t_stage = max(t_mem, t_comp) + t_comm;  per user 1/(pp*t_stage);  cluster dp*B/(pp*t_stage)
-Refinement (``embedding_lookup``, off by default): an untied input embedding is a lookup, so a
-micro-batch reads b of its V rows, not the whole V x D matrix the reference algorithm counts in
-"shared"; the LM head is a matmul and is read whole either way. Negligible for GPT-4 (1.5B of 1.8T);
-~20% of the bytes at batch 1 for the 0.5B ``small`` model, so bench/plan_vs_engine.py turns it on.
+Refinement (``embedding_lookup``; on by default for ``--hardware local``, whose purpose is to predict
+our engine): an untied input embedding is a lookup, not a matmul, so a micro-batch reads b of its V
+rows, not the whole V x D matrix the reference algorithm counts in "shared", and costs no FLOPs
+(compute counts 2 per *matmul* parameter, counts.matmul_params_per_token; the LM head is a matmul
+and is read whole either way). Negligible for GPT-4 (1.5B of 1.8T); ~20% of the bytes at batch 1
+for the 0.5B ``small`` model.
 Refinement (ep > 1): ep replicas share their experts, so a GPU's experts see the b*ep tokens of
 ep micro-batches and it holds experts/ep of them.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moegpt.counts import ParamCounts
+from moegpt.counts import ParamCounts, matmul_params_per_token
 from moegpt.planner.inputs import PlanInputs
 from moegpt.planner.memory import kv_bytes_per_token_per_gpu
 
@@ -30,10 +32,15 @@ ACT_BYTES = 2  # the all-reduced activations are BF16
 
 @dataclass(frozen=True)
 class MoE:
-    tokens_per_expert: float  # B*k/E (training: global batch tokens)
-    tokens_per_expert_per_weight_read: float  # (B/n_micro)*k/E: what one read of an expert serves
-    expected_experts_touched: float  # E*(1-(1-k/E)^b)
-    expert_weight_fraction_read: float
+    """Expert batching; every field None for a dense model (no MoE layer: nothing to route)."""
+
+    tokens_per_expert: float | None  # B*k/E (training: global batch tokens)
+    tokens_per_expert_per_weight_read: float | None  # (B/n_micro)*k/E: what one read of an expert serves
+    expected_experts_touched: float | None  # E*(1-(1-k/E)^b)
+    expert_weight_fraction_read: float | None
+
+
+NO_MOE = MoE(None, None, None, None)
 
 
 @dataclass(frozen=True)
@@ -42,9 +49,18 @@ class Roofline:
     arithmetic_intensity_per_param: float  # FLOP per parameter read, 2B
     tokens_per_weight_read: float
     arithmetic_intensity_flop_per_byte_shared: float
-    arithmetic_intensity_flop_per_byte_expert: float
+    arithmetic_intensity_flop_per_byte_expert: float | None  # None for a dense model
     ridge_flop_per_byte: float  # at the precision in use
     bound: str  # "memory" or "compute"
+
+
+@dataclass(frozen=True)
+class StepReads:
+    """Bytes one GPU reads from memory per pipeline stage step (one micro-batch of b tokens): the
+    ``t_mem`` numerator. Not a PLANNER.md field; the table prints it so a prediction can be checked."""
+
+    weight_bytes: float  # shared weights + the experts the micro-batch touches (x overhead factor)
+    kv_bytes: float  # b sequences' K and V over the context, for this GPU's layers
 
 
 @dataclass(frozen=True)
@@ -88,11 +104,13 @@ def moe_for_training(inp: PlanInputs) -> MoE:
     k, E = cfg.top_k, cfg.n_experts
     per_read = inp.layout.micro_batch * w.seq_len  # tokens of one micro-batch
     f = experts_read_fraction(per_read, k, E)
+    if cfg.n_moe_layers == 0:
+        return NO_MOE
     return MoE(tokens_per_expert=w.batch_tokens * k / E, tokens_per_expert_per_weight_read=per_read * k / E,
                expected_experts_touched=E * f, expert_weight_fraction_read=f)
 
 
-def decode(inp: PlanInputs, c: ParamCounts) -> tuple[MoE, Roofline, Decode]:
+def decode(inp: PlanInputs, c: ParamCounts) -> tuple[MoE, Roofline, Decode, StepReads]:
     cfg, lay, hw, w, eff, opt = inp.model, inp.layout, inp.hardware, inp.workload, inp.efficiency, inp.options
     tp, pp, ep, B, C = lay.tp, lay.pp, lay.ep, w.batch, w.context
     k, E = cfg.top_k, cfg.n_experts
@@ -110,7 +128,8 @@ def decode(inp: PlanInputs, c: ParamCounts) -> tuple[MoE, Roofline, Decode]:
     t_mem = (weight_bytes + kv_bytes) / (hw.hbm_bytes_per_s * eff.hbm_efficiency)
     # 3. compute: 2 FLOPs per active parameter + attention over the context, split over TP
     layers = cfg.n_layers / pp
-    flops = b * (2 * c.active_per_token / pp + 4 * layers * C * cfg.q_dim) / tp
+    per_token = matmul_params_per_token(cfg) if opt.embedding_lookup else c.active_per_token
+    flops = b * (2 * per_token / pp + 4 * layers * C * cfg.q_dim) / tp
     t_comp = flops / (peak * eff.flops_efficiency)
     # 4. TP: two all-reduces of b x D activations per layer (after attention, after the MLP), ring
     t_comm = 0.0
@@ -126,13 +145,14 @@ def decode(inp: PlanInputs, c: ParamCounts) -> tuple[MoE, Roofline, Decode]:
     mfu = cluster_tps * flops_per_token / (inp.gpus * peak)
     target = opt.target_tps
     aggregate_hbm = tp * pp * hw.hbm_bytes_per_s  # one replica
-    moe = MoE(tokens_per_expert=B * k / E, tokens_per_expert_per_weight_read=b * k / E,
-              expected_experts_touched=E * f, expert_weight_fraction_read=f)
+    moe = NO_MOE if cfg.n_moe_layers == 0 else MoE(
+        tokens_per_expert=B * k / E, tokens_per_expert_per_weight_read=b * k / E,
+        expected_experts_touched=E * f, expert_weight_fraction_read=f)
     roof = Roofline(
         flops_per_param_per_token=2, arithmetic_intensity_per_param=2 * B, tokens_per_weight_read=b,
         arithmetic_intensity_flop_per_byte_shared=2 * b / wb,
         # tokens per expert actually read: b*ep*k / (E*f)
-        arithmetic_intensity_flop_per_byte_expert=2 * (b * ep * k / (E * f)) / wb,
+        arithmetic_intensity_flop_per_byte_expert=None if moe is NO_MOE else 2 * (b * ep * k / (E * f)) / wb,
         ridge_flop_per_byte=peak / hw.hbm_bytes_per_s, bound="compute" if t_comp > t_mem else "memory",
     )
     dec = Decode(
@@ -148,4 +168,4 @@ def decode(inp: PlanInputs, c: ParamCounts) -> tuple[MoE, Roofline, Decode]:
         speculative_tokens_per_pass=None if opt.draft_tokens is None else
         speculative_tokens_per_pass(opt.draft_tokens, opt.acceptance_rate),
     )
-    return moe, roof, dec
+    return moe, roof, dec, StepReads(weight_bytes=weight_bytes, kv_bytes=kv_bytes)

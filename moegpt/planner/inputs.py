@@ -13,7 +13,7 @@ from pathlib import Path
 
 from moegpt.config import ModelConfig
 from moegpt.planner.hardware import Hardware, datasheet
-from moegpt.planner.presets import planner_preset, with_total_params
+from moegpt.planner.presets import planner_preset, reshaped, with_total_params
 
 MODES = ("inference", "train")
 KV_SHARDINGS = ("replicated", "batch")  # batch: TP ranks that would hold a copy of a KV head hold other sequences
@@ -23,11 +23,12 @@ DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2,
 
 
 def model_dir_bytes(directory: str | Path) -> int:
-    """Bytes per weight of a model directory: config.json's ``torch_dtype`` (float32 -> 4,
-    bfloat16/float16 -> 2); 2 when it names none. ``--weight-bytes``/``--kv-bytes`` default to this
-    with ``--model DIR``, since the engine keeps weights and KV cache in the stored dtype."""
+    """Bytes per weight of a model directory: config.json's ``torch_dtype`` (``dtype`` in newer
+    transformers; float32 -> 4, bfloat16/float16 -> 2); 2 when it names none. ``--weight-bytes`` and
+    ``--kv-bytes`` default to this with ``--model DIR``: the engine keeps both in the stored dtype."""
     try:
-        dtype = json.loads((Path(directory) / "config.json").read_text()).get("torch_dtype")
+        config = json.loads((Path(directory) / "config.json").read_text())
+        dtype = config.get("torch_dtype", config.get("dtype"))
     except (OSError, ValueError, AttributeError):
         return 2  # read_config reports a missing or broken config.json
     if dtype is None:
@@ -90,7 +91,7 @@ class Options:
     nic_gbps_per_gpu: float | None
     bytes_per_token_text: float | None
     bytes_per_token_vision: float | None
-    embedding_lookup: bool = False  # decode reads b rows of an untied input embedding (decode.py)
+    embedding_lookup: bool = False  # an untied input embedding is a lookup: b rows read, no FLOPs (decode.py)
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ class PlanInputs:
         return self.layout.gpus
 
     def to_dict(self) -> dict:
-        """The JSON ``inputs`` echo (``options`` holds the inputs PLANNER.md's list leaves out)."""
+        """The JSON ``inputs`` echo: exactly PLANNER.md's list (the other options show in the sections
+        they feed: ``derived``, ``decode``'s target and speculative fields)."""
         gpus = self.gpus
         return {
             "preset": self.preset, "hardware": self.hardware.name, "mode": self.mode,
@@ -121,7 +123,6 @@ class PlanInputs:
             "precision": asdict(self.precision), "efficiency": asdict(self.efficiency),
             "prices": {"gpu_hour_usd": self.gpu_hour_usd},
             "gpus": int(gpus) if float(gpus).is_integer() else gpus, "days": self.days,
-            "options": asdict(self.options),
         }
 
 
@@ -161,14 +162,19 @@ def make_inputs(*, preset: str = "gpt4", model: ModelConfig | None = None, overr
                 compare_tokens: float | None = None, train_flops: float | None = None,
                 tokens_per_param: float = 20.0, nic_gbps_per_gpu: float | None = None,
                 bytes_per_token_text: float | None = None,
-                bytes_per_token_vision: float | None = None, embedding_lookup: bool = False) -> PlanInputs:
-    """Resolve and check every input; the keyword names mirror the CLI's flags."""
+                bytes_per_token_vision: float | None = None, embedding_lookup: bool | None = None) -> PlanInputs:
+    """Resolve and check every input; the keyword names mirror the CLI's flags.
+
+    ``embedding_lookup=None`` turns the refinement on for measured hardware (``local``): that plan
+    predicts our engine, which looks rows up; datasheet plans follow the reference algorithm."""
     cfg = model if model is not None else planner_preset(preset)
     if overrides:
-        cfg = cfg.replace(**overrides)
+        cfg = reshaped(cfg, **overrides)
     if params is not None:
         cfg = with_total_params(cfg, params)
     hw = hardware if isinstance(hardware, Hardware) else datasheet(hardware)
+    if embedding_lookup is None:
+        embedding_lookup = hw.measured_on is not None
     _choice("--mode", mode, MODES)
     for flag, v in (("--tp", tp), ("--pp", pp), ("--ep", ep), ("--batch", batch), ("--micro-batch", micro_batch)):
         _int(flag, v)

@@ -112,8 +112,12 @@ def hardware_from(m: Measurement) -> Hardware:
 
 def local_hardware(cache_dir: Path, measurers: Measurers | None = None, remeasure: bool = False,
                    today: datetime.date | None = None) -> Hardware:
-    """This machine: from the cache in ``cache_dir``, else measured now (a few seconds) and cached."""
+    """This machine: from the cache in ``cache_dir``, else measured now (a few seconds) and cached.
+    A cache written on another device (a home directory shared by a CPU and a GPU machine) is measured
+    again."""
     cached = None if remeasure else read_cache(cache_dir)
+    if cached is not None and (cached.device, cached.device_name) != _this_device()[:2]:
+        cached = None
     if cached is None:
         cached = measure(measurers or default_measurers(), today or datetime.date.today())
         write_cache(cache_dir, cached)

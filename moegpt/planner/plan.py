@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields, is_dataclass
 
 from moegpt.counts import attention_flops_per_token, param_counts
-from moegpt.planner.decode import MoE, Decode, Roofline, decode, moe_for_training
+from moegpt.planner.decode import MoE, Decode, Roofline, StepReads, decode, moe_for_training
 from moegpt.planner.inputs import PlanInputs
 from moegpt.planner.memory import Memory, memory
 from moegpt.planner.training import Training, training
@@ -105,6 +105,7 @@ class Plan:
     inference_cost: InferenceCost | None  # inference only
     derived: Derived
     warnings: tuple[PlanWarning, ...]
+    reads: StepReads | None  # inference only; not a PLANNER.md field (the table shows it)
 
     def to_dict(self) -> dict:
         """The JSON object of PLANNER.md: every section present, null fields where not applicable."""
@@ -112,7 +113,7 @@ class Plan:
                      "hardware": self.inputs.hardware.to_dict()}
         nulls = {"roofline": Roofline, "decode": Decode, "training": Training, "inference_cost": InferenceCost}
         for f in fields(self):
-            if f.name in ("inputs", "warnings"):
+            if f.name in ("inputs", "warnings", "reads"):
                 continue
             value = getattr(self, f.name)
             out[f.name] = asdict(value) if is_dataclass(value) else {g.name: None for g in fields(nulls[f.name])}
@@ -143,12 +144,12 @@ def plan(inp: PlanInputs) -> Plan:
                       layers_per_stage=_integral(cfg.n_layers / lay.pp))
     mem = memory(inp, c)
     peak = inp.hardware.peak_for(inp.precision.weight_bytes)
-    roof = dec = train = cost = None
+    roof = dec = train = cost = reads = None
     if inp.mode == "train":
         moe = moe_for_training(inp)
         train = training(inp, c)
     else:
-        moe, roof, dec = decode(inp, c)
+        moe, roof, dec, reads = decode(inp, c)
         tps = dec.cluster_tokens_per_s
         # article: cost per 1k tokens = GPUs x $/h / 3600 / tokens per s x 1000 ("assuming high utilisation")
         if inp.efficiency.mfu is not None:  # a given MFU fixes the throughput instead of the roofline
@@ -172,7 +173,7 @@ def plan(inp: PlanInputs) -> Plan:
     )
     return Plan(inputs=inp, model=model, params=params, flops=flops, parallelism=par, memory=mem, moe=moe,
                 roofline=roof, decode=dec, training=train, inference_cost=cost, derived=derived,
-                warnings=tuple(warnings(inp, mem, dec, train, reading)))
+                warnings=tuple(warnings(inp, mem, dec, train, reading)), reads=reads)
 
 
 def warnings(inp: PlanInputs, mem: Memory, dec: Decode | None, train: Training | None,

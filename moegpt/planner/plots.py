@@ -64,7 +64,8 @@ def bandwidth_chart(path: Path) -> Path:
 def batch_chart(path: Path, hardware: str = "a100-40gb") -> Path:
     plt = _pyplot()
     gpt4 = planner_preset("gpt4")
-    dense = gpt4.replace(n_experts=1, top_k=1, d_ff=gpt4.d_ff * gpt4.top_k)  # same active parameters
+    # same active parameters: every layer one MLP as wide as the top-k experts together
+    dense = gpt4.replace(n_experts=1, top_k=1, d_ff=gpt4.d_ff * gpt4.top_k, moe_every=gpt4.n_layers + 1)
     setup = dict(S.SERVE_A100, hardware=hardware, kv_sharding="batch")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.8))
     for label, cfg in (("MoE gpt4 (1.83T, 282B active)", gpt4), ("dense, same 282B active", dense)):
@@ -98,12 +99,16 @@ def batch_chart(path: Path, hardware: str = "a100-40gb") -> Path:
 def kv_chart(path: Path, hardware: str = "a100-40gb") -> Path:
     plt = _pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.8))
-    variants = (("gpt4-mha", "replicated", "MHA (96 KV heads)"), ("gpt4-gqa", "replicated", "GQA (8 KV heads)"),
-                ("gpt4", "replicated", "MQA (1 KV head)"), ("gpt4", "batch", "MQA, KV split by sequence over TP"))
-    for preset, sharding, label in variants:
+    # GQA-8 and replicated MQA coincide on the right (one KV head per GPU at TP8): GQA is drawn wide
+    # and hollow underneath, so both stay visible
+    wide = dict(marker="s", markersize=8, markerfacecolor="none", linewidth=4, alpha=0.5)
+    variants = (("gpt4-mha", "replicated", "MHA (96 KV heads)", {}), ("gpt4-gqa", "replicated", "GQA (8 KV heads)", wide),
+                ("gpt4", "replicated", "MQA (1 KV head)", {}),
+                ("gpt4", "batch", "MQA, KV split by sequence over TP", dict(linestyle="--")))
+    for preset, sharding, label, extra in variants:
         plans = [S.run(S.SERVE_A100, preset=preset, hardware=hardware, batch=1, context=c, kv_sharding=sharding)
                  for c in CONTEXTS]
-        style = dict(marker="o", markersize=3, linestyle="--" if sharding == "batch" else "-")
+        style = dict(marker="o", markersize=3, **extra) if "marker" not in extra else dict(extra)
         if sharding == "replicated":  # the whole model's cache per sequence does not depend on the layout
             a1.plot(CONTEXTS, [p.memory.kv_cache_bytes_per_sequence / 1e9 for p in plans], label=label, **style)
         a2.plot(CONTEXTS, [max(p.memory.max_batch_sequences, 0.5) for p in plans], label=label, **style)

@@ -22,15 +22,21 @@ TRAIN_DAYS_RANGE = (90, 100)  # article: "90 to 100 days" (an input to the MFU; 
 # article: "about 8,192 H100s for about 55 days ... $2 per H100-hour"
 TRAIN_H100 = dict(TRAIN_A100, hardware="h100-sxm", gpus=8192, gpu_hour_usd=2.0)
 H100_DAYS = 55
+# article: non-blocking 800G/1.6T inside each part of the cluster, "only 200G/400G" between parts
+ISLAND_LINK_GBPS_PER_NODE = (200, 400)
+DGX_A100_GBPS_PER_GPU = 200  # one 200 Gb/s HDR NIC per GPU (the datasheet entry's figure)
 # article: "128 GPUs ... 8-way tensor parallelism and 16-way pipeline parallelism", batch "4k+",
 # GPT-4 "8k sequence length", 40 GB A100s
 SERVE_A100 = dict(preset="gpt4", hardware="a100-40gb", tp=8, pp=16, gpus=128, batch=4096, context=8192,
                   gpu_hour_usd=1.0)
 SERVE_H100 = dict(SERVE_A100, hardware="h100-sxm", gpu_hour_usd=2.0)
-# article's bandwidth chart: 8 GPUs with 8-way TP, batch 1, overheads "equal to the parameter reads"
+# article's bandwidth chart: 8 GPUs with 8-way TP, batch 1; "unfused operations, the attention's memory
+# bandwidth and hardware overhead" together "equal the parameter reads": a 2x overhead that already
+# holds the KV reads, so the chart's plans stream a 1-token context (no KV added on top)
 CHART_OVERHEAD = 2.0
 H100_WHITEPAPER_HBM = 3072e9  # the earlier Hopper-whitepaper figure other tools use (PLANNER.md)
-CHART_8XH100 = dict(preset="dense-1t", hardware="h100-sxm", tp=8, gpus=8, batch=1, overhead_factor=CHART_OVERHEAD)
+CHART_8XH100 = dict(preset="dense-1t", hardware="h100-sxm", tp=8, gpus=8, batch=1, context=1,
+                    overhead_factor=CHART_OVERHEAD)
 # article: reading speed "about 250 words per minute ... some up to 1,000"
 WORDS_PER_MIN = (250, 1000)
 TOKENS_PER_WORD_IMPLIED = 2.0  # what 8.33 tokens/s from 250 words/min implies (English is ~1.33)

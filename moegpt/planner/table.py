@@ -1,7 +1,8 @@
 """Text rendering of a plan: one readable table, section by section, units chosen from field names.
 
 The table is drawn from ``Plan.to_dict()``, so it always shows the same fields as ``--json``; only
-the formatting (SI prefixes, percentages, durations) is added here.
+the formatting (SI prefixes, percentages, durations) is added here, and, under decode, the bytes one
+GPU reads per stage step (the numerator of t_mem), so a prediction can be checked by hand.
 """
 
 from __future__ import annotations
@@ -71,11 +72,18 @@ def fmt(name: str, value, section: str = "") -> str:
 def hardware_line(d: dict, measured_on: str | None, fp32: float | None) -> str:
     peaks = ", ".join(f"{k} {si(v, 'FLOP/s')}" for k, v in d["peak_flops"].items() if v is not None)
     nvlink = "-" if d["nvlink_bytes_per_s"] is None else si(d["nvlink_bytes_per_s"], "B/s")
-    line = (f"{d['name']}: {si(d['mem_bytes'], 'B')}, HBM {si(d['hbm_bytes_per_s'], 'B/s')}, {peaks}, "
-            f"NVLink {nvlink}, ridge {d['ridge_flop_per_byte']:.3g} FLOP/B")
+    memory = "HBM" if measured_on is None else "read (matrix-vector)"
+    line = (f"{d['name']}: {si(d['mem_bytes'], 'B')}, {memory} {si(d['hbm_bytes_per_s'], 'B/s')}, {peaks}, "
+            f"NVLink {nvlink}, bf16 ridge {d['ridge_flop_per_byte']:.3g} FLOP/B")
     if measured_on is not None:
         line += f"; measured {measured_on}" + ("" if fp32 is None else f", fp32 {si(fp32, 'FLOP/s')}")
     return line
+
+
+def label(name: str) -> str:
+    """'t_mem_s' -> 't mem': the value carries the unit, so a trailing '_s' (seconds) is dropped."""
+    name = name.removesuffix("_s") if not name.endswith("per_s") else name
+    return name.replace("_", " ")
 
 
 def render(p: Plan) -> str:
@@ -86,7 +94,8 @@ def render(p: Plan) -> str:
     lines = [
         f"moegpt plan: {inp['preset']} ({inp['mode']}) on {si(float(inp['gpus']))} x {inp['hardware']}, "
         f"tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']:g} (ep {lay['ep']}), "
-        f"weights {inp['precision']['weight_bytes']} B, KV {inp['precision']['kv_bytes']} B",
+        f"weights {inp['precision']['weight_bytes']} B, KV {inp['precision']['kv_bytes']} B"
+        + (", input embedding read by row (lookup)" if p.inputs.options.embedding_lookup else ""),
         "hardware  " + hardware_line(d["hardware"], hw.measured_on, hw.peak_flops_fp32),
     ]
     for section in SECTIONS:
@@ -96,7 +105,12 @@ def render(p: Plan) -> str:
         lines.append(f"{section}")
         for name, value in values.items():
             if value is not None:
-                lines.append(f"  {name.replace('_', ' '):<46} {fmt(name, value, section):>16}")
+                lines.append(f"  {label(name):<46} {fmt(name, value, section):>16}")
+        if section == "decode" and p.reads is not None:  # the t_mem numerator, to check a prediction by
+            r = p.reads
+            lines.append(f"  {'bytes read per GPU per stage step':<46} {si(r.weight_bytes + r.kv_bytes, 'B'):>16}")
+            lines.append(f"  {'  of which weights / KV cache':<46} "
+                         f"{si(r.weight_bytes, 'B') + ' / ' + si(r.kv_bytes, 'B'):>16}")
     if d["warnings"]:
         lines.append("warnings")
         lines.extend(f"  {w['code']}: {w['message']}" for w in d["warnings"])

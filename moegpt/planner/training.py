@@ -53,6 +53,9 @@ def training(inp: PlanInputs, c: ParamCounts) -> Training:
     elif flops is not None and days is not None:
         seconds = days * SECONDS_PER_DAY
         mfu = flops / (N * peak * seconds)
+        if mfu > 1:
+            raise ValueError(f"--days {days:g}: {flops:.3g} FLOPs on {N:g} GPUs in {days:g} days needs "
+                             f"{mfu:.3g}x their peak {peak:.3g} FLOP/s (MFU over 100%)")
     gpu_hours = None if days is None else N * days * 24
     cost = None if gpu_hours is None or inp.gpu_hour_usd is None else gpu_hours * inp.gpu_hour_usd
     m = microbatches_per_replica(inp)

@@ -1,5 +1,6 @@
 """The paged engine against plain contiguous-cache generation (the oracle)."""
 
+import pytest
 import torch
 
 from moegpt.config import preset
@@ -85,3 +86,147 @@ def test_llm_generates_text_from_a_model_directory(tmp_path):
         prompt = torch.tensor([tok.encode(c.prompt, add_bos=True)])
         expected = generate(model, prompt, 5, eos_id=tok.eos_id)[0, prompt.shape[1]:].tolist()
         assert list(c.token_ids) == expected[:len(c.token_ids)]
+
+
+def _engine_with_tokenizer(tmp_path):
+    from moegpt.checkpoint.model_dir import save
+    from moegpt.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["to be or not to be, that is the question\n" * 50], vocab_size=300)
+    model = build_model(preset("tiny").replace(vocab_size=300, n_layers=1), seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    save(model, tok, tmp_path)
+    return model.eval(), tok
+
+
+def test_n_completions_are_distinct_and_reproducible_with_a_seed():
+    model = _model()
+    req = Request(max_tokens=10, sampling=SamplingParams(temperature=1.0), n=3, seed=5)
+
+    def run():
+        engine = LLMEngine(model)
+        rid = engine.add_request(_prompts(1)[0], req)
+        out = {i: [] for i in range(3)}
+        while engine.has_work:
+            for u in engine.step():
+                assert u.request_id == rid
+                out[u.index].extend(u.new_token_ids)
+        return [tuple(v) for v in out.values()]
+
+    first = run()
+    assert first == run()
+    assert len(set(first)) == 3
+
+
+def test_logprobs_are_the_models_log_softmax_of_each_chosen_token():
+    model = _model()
+    prompt = _prompts(1, seed=3)[0]
+    engine = LLMEngine(model)
+    updates = list(engine.stream(prompt, Request(max_tokens=6, sampling=SamplingParams(temperature=1.0), seed=1,
+                                                 logprobs=3)))
+    tokens = [t for u in updates for t in u.new_token_ids]
+    lps = [lp for u in updates for lp in u.logprobs]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0], -1)  # oracle: one plain forward
+    for i, (t, lp) in enumerate(zip(tokens, lps)):
+        row = logp[len(prompt) - 1 + i]
+        assert lp.token_id == t and abs(lp.logprob - float(row[t])) < 1e-4
+        assert [tid for tid, _ in lp.top] == row.topk(3).indices.tolist()
+
+
+def test_outputs_do_not_depend_on_batch_size_or_neighbours():
+    model = _model()
+    prompts = _prompts(8, seed=4)
+    for sampling, seed in ((SamplingParams(temperature=0.0), None), (SamplingParams(1.0, top_p=0.9, min_p=0.05), 7)):
+        req = Request(max_tokens=10, sampling=sampling, seed=seed)
+        alone = [LLMEngine(model).generate([p], req)[0] for p in prompts[:3]]
+        for sched in (SchedulerConfig(max_num_seqs=2, max_batched_tokens=8), SchedulerConfig(max_num_seqs=8)):
+            crowd = LLMEngine(model, EngineConfig(scheduler=sched)).generate(prompts, req)
+            assert crowd[:3] == alone
+
+
+def test_penalised_greedy_generation_matches_the_oracle():
+    from moegpt.infer.sampling import apply_penalties
+
+    model = _model()
+    prompt = _prompts(1, seed=6)[0]
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.8, frequency_penalty=0.5)
+    got = LLMEngine(model).generate([prompt], Request(max_tokens=12, sampling=params))[0]
+    out = []
+    with torch.no_grad():
+        for _ in range(12):  # oracle: full forward each token, penalties by definition
+            logits = model(torch.tensor([prompt + out])).logits[0, -1]
+            out.append(int(apply_penalties(logits, params, prompt, out).argmax()))
+    assert got == out
+
+
+def test_stop_strings_cut_the_text_and_streaming_adds_up(tmp_path):
+    from moegpt import LLM
+    from moegpt.infer.sequence import FinishReason
+
+    model, tok = _engine_with_tokenizer(tmp_path)
+    llm = LLM(tmp_path)
+    plain = llm.generate(["to be"], Request(max_tokens=24, ignore_eos=True))[0]
+    assert len(plain.text) > 6
+    stop = plain.text[3:6]
+    cut = llm.generate(["to be"], Request(max_tokens=24, ignore_eos=True, stop=(stop,)))[0]
+    assert cut.text == plain.text[:plain.text.index(stop)] and cut.finish_reason == FinishReason.STOP
+    assert list(cut.token_ids) == list(plain.token_ids[:len(cut.token_ids)])
+    engine = LLMEngine(model, tokenizer=tok)
+    streamed = "".join(u.text for u in engine.stream(tok.encode("to be", add_bos=True), Request(max_tokens=24, ignore_eos=True)))
+    assert streamed == plain.text
+
+
+def test_every_block_is_free_after_finished_aborted_and_preempted_requests():
+    model = _model()
+    cfg = EngineConfig(block_size=4, kv_cache_bytes=kv_bytes_per_token(model.cfg, torch.float32) * 4 * 10,
+                       scheduler=SchedulerConfig(max_num_seqs=4, max_batched_tokens=16))
+    engine = LLMEngine(model, cfg)
+    rids = [engine.add_request(p, Request(max_tokens=10)) for p in _prompts(8, seed=8)]
+    preempted, steps = 0, 0
+    while engine.has_work:
+        engine.step()
+        steps += 1
+        if steps in (2, 5):
+            engine.abort(rids[steps])  # one running, one waiting or running
+    assert engine.stats.preemptions > 0 and engine.stats.aborted == 2
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    assert engine.stats.running == engine.stats.waiting == 0
+
+
+@pytest.mark.parametrize("prompt, kwargs, message", [
+    ([], {}, "the prompt is empty"),
+    ([5] * 510, dict(max_tokens=10), r"prompt \(510 tokens\) \+ max_tokens \(10\) exceeds the context \(512\)"),
+    ([300], {}, "prompt token id 300 is outside the vocabulary"),
+    ([5], dict(stop=("x",)), "stop strings need an engine with a tokenizer"),
+])
+def test_bad_requests_are_refused_before_any_work(prompt, kwargs, message):
+    engine = LLMEngine(_model())
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(prompt, Request(**kwargs))
+    assert not engine.has_work and engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n=0), "n=0 must be >= 1"), (dict(max_tokens=0), "max_tokens=0"), (dict(logprobs=21), "logprobs=21"),
+    (dict(stop=("",)), "stop strings must be non-empty"),
+])
+def test_bad_request_values_name_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Request(**kwargs)
+
+
+def test_kv_budget_in_blocks_and_a_draft_with_another_tokenizer_is_refused(tmp_path):
+    from moegpt import LLM
+    from moegpt.checkpoint.model_dir import save
+    from moegpt.data.tokenizer import Tokenizer
+
+    engine = LLMEngine(_model(), EngineConfig(block_size=8, num_kv_blocks=5))
+    assert engine.blocks.num_blocks == 5 and engine.cache.k[0].shape[0] == 40
+    _engine_with_tokenizer(tmp_path / "target")
+    other = Tokenizer.train(["a completely different corpus of words\n" * 50], vocab_size=300)
+    save(build_model(preset("tiny").replace(vocab_size=300, n_layers=1), seed=1), other, tmp_path / "draft")
+    with pytest.raises(ValueError, match="does not share the tokenizer"):
+        LLM(tmp_path / "target", draft_dir=tmp_path / "draft")

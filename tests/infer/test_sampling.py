@@ -38,3 +38,39 @@ def test_same_seed_same_samples_and_frequencies_follow_the_distribution():
 def test_bad_sampling_params_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_top_one():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs = filtered_probs(logits, SamplingParams(min_p=0.25))  # threshold 0.125: drops 0.05
+    assert probs[0].tolist() == pytest.approx([0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0])
+
+
+def test_penalties_follow_their_definitions():
+    from moegpt.infer.sampling import apply_penalties
+
+    logits = torch.tensor([2.0, -1.0, 0.5, 0.0])
+    rep = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), prompt_ids=[1], output_ids=[0])
+    assert rep.tolist() == [1.0, -2.0, 0.5, 0.0]  # seen: positive halves, negative doubles
+    pf = apply_penalties(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
+                         prompt_ids=[2], output_ids=[0, 0, 3])  # the prompt is not penalised
+    assert pf.tolist() == pytest.approx([2.0 - 0.5 - 0.5, -1.0, 0.5, 0.0 - 0.5 - 0.25])
+
+
+def test_top_logprobs_are_the_models_log_softmax():
+    from moegpt.infer.sampling import top_logprobs
+
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    chosen, top = top_logprobs(logits, chosen=2, n=2)
+    logp = torch.log_softmax(logits, -1)
+    assert chosen == pytest.approx(float(logp[2]))
+    assert [t for t, _ in top] == [1, 2] and top[0][1] == pytest.approx(float(logp[1]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(min_p=1.5), "min_p=1.5"), (dict(repetition_penalty=0), "repetition_penalty=0"),
+    (dict(presence_penalty=3), "presence_penalty=3"), (dict(frequency_penalty=-2.5), "frequency_penalty=-2.5"),
+])
+def test_bad_penalty_and_min_p_values_name_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)

@@ -30,7 +30,9 @@ def test_the_brief_topics_are_covered(rows):
     text = " ".join(r.claim for r in rows)
     for phrase in ("1.8T", "280B", "55B", "111B", "3,700 TFLOP", "13T", "7.5M", "2.15e25", "$63M", "$21.5M",
                    "~30 GB", "8.33", "33.33", "under 5%", "~300B", "3 TB", "MQA", "~130B", "~500 tokens",
-                   "Davinci", "$0.0049", "$0.0021", "speculative", "150x"):
+                   "Davinci", "$0.0049", "$0.0021", "speculative", "150x", "2 epochs, code 4", "60M tokens",
+                   "25,000 A100s for 90-100 days", "32-36% MFU", "8,192 H100s", "ZeRO stage 1", "batch 512 x 2,048",
+                   "pipeline micro-batching", "FP16", "FP8", "1.6x Davinci", "3x Davinci", "draft"):
         assert phrase in text, phrase
 
 
@@ -40,6 +42,23 @@ def test_key_figures_are_judged_as_the_arithmetic_says(rows):
     assert by_id["M6"].verdict == INCONSISTENT and "unit slip" in by_id["M6"].reason  # 560 GFLOP, not TFLOP
     assert by_id["T4"].verdict == REPRODUCED  # 6 * 282B * 13T = 2.2e25
     assert by_id["E3"].verdict == INCONSISTENT  # PP16 micro-batches: ~32 tokens per expert read
+    assert by_id["E4"].verdict == INCONSISTENT  # 130B per node at FP16 is 32.5 GB per GPU, not < 30 GB
+    assert by_id["E7"].verdict == REPRODUCED  # 120 layers / 15 nodes = 8, the 16th being the head node
+    assert by_id["K6"].verdict == APPROXIMATE  # 4k sequences fit at a mean context of ~5.8k, not 8k
+    assert by_id["T9"].verdict == NOT_REPRODUCIBLE  # 55 days needs 57% BF16 MFU on 8,192 H100s
+
+
+def test_sample_claims_match_hand_arithmetic(rows):
+    by_id = {r.id: r for r in rows}
+    active, total = 281.98e9, 1834.4e9  # the gpt4 preset (README table: 282B, 1.83T)
+    assert by_id["T4"].rel_diff == pytest.approx(6 * active * 13e12 / 2.15e25 - 1, abs=1e-3)
+    assert by_id["T8"].rel_diff == pytest.approx(8192 * 55 * 24 * 2 / 21.5e6 - 1, abs=1e-3)
+    assert by_id["E5"].rel_diff == pytest.approx(total * 2 / 128 / 30e9 - 1, abs=1e-3)
+    assert by_id["D4"].rel_diff == pytest.approx(0)  # 60M x 2 / 16 = 7.5M
+    # dense 1T on 8 H100s at batch 1: 8 x 3.35 TB/s / (1.009T x 2 B x 2 overhead) = 6.6 tokens/s
+    assert by_id["I3"].rel_diff == pytest.approx(8 * 3350e9 / (1009.2e9 * 2 * 2) / (100 / 3) - 1, abs=1e-3)
+    # the 4k-batch, PP16 per-user speed: 16 stages of 24.3 ms (weights 28.7 GB + KV 8.05 GB at 1.555 TB/s + comm)
+    assert by_id["C6"].rel_diff == pytest.approx(1 / (16 * 24.3e-3) / (25 / 3) - 1, abs=0.01)
 
 
 def test_verdict_rules():

@@ -34,6 +34,7 @@ def plan_args(argv):
     (["--draft-tokens", "4"], "--draft-tokens"),
     (["--mode", "train", "--mfu", "0.3", "--days", "90"], "--days 90"),
     (["--mode", "train", "--gpus", "64", "--batch-tokens", "8192"], "--batch-tokens 8192"),
+    (["--mode", "train", "--tokens", "13e12", "--days", "1"], "--days 1"),  # over 100% MFU
     (["--n-heads", "7"], "n_heads"),
     (["--markdown"], "--markdown"),
 ])
@@ -44,6 +45,25 @@ def test_bad_input_is_one_line_naming_it(argv, named):
     message = str(e.value)
     assert "\n" not in message
     assert named in message
+
+
+def test_a_plot_directory_that_cannot_be_made_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    args = plan_args(["--plot", str(blocker / "plots")])
+    with pytest.raises(ValueError) as e:
+        args.func(args)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"--plot {blocker / 'plots'}: ")
+
+
+def test_the_command_exits_nonzero_with_one_line_and_no_traceback(capsys):
+    from moegpt.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--tp", "7"])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert err.strip() == "moegpt: error: --tp 7 does not divide n_heads (120)" and "Traceback" not in err
 
 
 def test_eight_bit_weights_need_an_eight_bit_peak():

@@ -107,8 +107,8 @@ def test_training_time_cost_and_bubble():
 
 
 def test_days_give_mfu_and_zero_stages_shard_state():
-    t = small(mode="train", gpus=2, train_flops=1e9, days=1.0).training
-    assert t.mfu == pytest.approx(1e9 / (2 * 1000.0 * 86_400))
+    t = small(mode="train", gpus=2, train_flops=1e8, days=1.0).training
+    assert t.mfu == pytest.approx(1e8 / (2 * 1000.0 * 86_400))  # 58%
     z0 = small(mode="train", gpus=4).memory
     z1 = small(mode="train", gpus=4, zero_stage=1).memory
     z3 = small(mode="train", gpus=4, zero_stage=3).memory

@@ -36,8 +36,7 @@ SECTIONS = {
     "derived": {"reading_speed_tok_s", "params_ratio_vs_gpt3", "active_params_ratio_vs_davinci",
                 "train_compute_ratio_vs_gpt3", "chinchilla_token_multiple", "vision_io_ratio"},
 }
-INPUTS = {"preset", "hardware", "mode", "parallelism", "workload", "precision", "efficiency", "prices", "gpus", "days",
-          "options"}  # options: the inputs PLANNER.md's list leaves out (echoed for reproducibility)
+INPUTS = {"preset", "hardware", "mode", "parallelism", "workload", "precision", "efficiency", "prices", "gpus", "days"}
 
 
 def run_plan(argv, capsys) -> dict:
@@ -74,6 +73,14 @@ def test_fields_of_the_other_mode_are_null(capsys):
         assert all(v is None for v in train[section].values())
     assert train["memory"]["max_batch_sequences"] is None
     assert train["training"]["total_flops"] == pytest.approx(6 * train["params"]["active_per_token"] * 13e12)
+
+
+def test_a_dense_model_has_no_moe_fields(capsys):
+    d = run_plan(["--preset", "dense-1t", "--tp", "8", "--gpus", "8"], capsys)
+    assert all(v is None for v in d["moe"].values())
+    assert d["roofline"]["arithmetic_intensity_flop_per_byte_expert"] is None
+    assert d["params"]["router"] == 0 and d["params"]["shared"] == d["params"]["total"]
+    assert d["decode"]["tokens_per_s_per_user"] > 0
 
 
 def test_warnings_carry_codes(capsys):

@@ -15,8 +15,21 @@ def test_gpt4_variants_match_the_article_split(name):
     assert c.active_per_token == pytest.approx(280e9, rel=0.02)
 
 
+@pytest.mark.parametrize("name", sorted(PLANNER_PRESETS))
+def test_counts_equal_the_parameters_of_the_model_built_on_meta(name):
+    """counts.py, the planner's only parameter formula, against the real modules (no memory used)."""
+    from moegpt.model import build_model
+
+    cfg = planner_preset(name)
+    c = param_counts(cfg)
+    named = dict(build_model(cfg, device="meta").named_parameters())
+    assert sum(p.numel() for p in named.values()) == c.total
+    assert sum(p.numel() for n, p in named.items() if ".experts." in n) == c.experts_total
+    assert sum(p.numel() for n, p in named.items() if ".router." in n) == c.router
+
+
 def test_dense_presets_count_as_dense_models():
-    """One expert, top-1: active == total; the only extra over a hand count is counts.py's L*D router."""
+    """No router, no experts: the total is the hand count of a dense transformer without biases."""
     for name, expected in (("dense-1t", 1.01e12), ("davinci", 174.6e9), ("palm540b-mha", 592.7e9)):
         cfg = planner_preset(name)
         c = param_counts(cfg)
@@ -24,10 +37,15 @@ def test_dense_presets_count_as_dense_models():
         mlp = (3 if cfg.mlp.value == "swiglu" else 2) * D * cfg.d_ff
         attention = 2 * D * cfg.q_dim + 2 * D * cfg.kv_dim
         embedding = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
-        by_hand = L * (attention + mlp) + embedding + (2 * L + 1) * D
-        assert c.active_per_token == c.total
-        assert c.total - by_hand == L * D  # the 1-wide router counts.py adds
+        assert c.total == L * (attention + mlp) + embedding + (2 * L + 1) * D
+        assert c.active_per_token == c.total and c.router == c.experts_total == 0
         assert c.total == pytest.approx(expected, rel=0.005)
+
+
+def test_a_dense_preset_stays_dense_at_any_depth():
+    deeper = with_total_params(planner_preset("dense-1t"), 2e12)  # past the preset's 128 layers
+    assert deeper.n_layers > 128 and deeper.n_moe_layers == 0
+    assert param_counts(deeper).router == 0
 
 
 def test_with_total_params_moves_depth_only():
