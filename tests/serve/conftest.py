@@ -135,7 +135,7 @@ def servers(model_dir, pytestconfig):
     """Started together: 'main' (roomy queue), 'tight' (8 sequences a step, 8 may wait: 429s under load),
     'drain' (for the SIGTERM test, which stops it)."""
     started = {
-        "main": start_server(model_dir, "--max-num-seqs", "16"),
+        "main": start_server(model_dir, "--max-num-seqs", "16", "--ngram"),
         "tight": start_server(model_dir, "--max-num-seqs", "8", "--max-queued-requests", "8",
                               "--max-batched-tokens", "64", "--kv-cache-bytes", "300000"),
         "drain": start_server(model_dir, "--shutdown-timeout", "60"),

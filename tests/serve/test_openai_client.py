@@ -1,8 +1,9 @@
-"""The official openai client against a running server: completions and chat, streamed and not,
-n > 1, stop sequences, seeds, logprobs."""
+"""The official openai client against a running server (speculative decoding by prompt lookup on):
+completions and chat, streamed and not, n > 1, stop sequences, seeds, logprobs; then its metrics."""
 
 import threading
 
+import httpx
 import openai
 import pytest
 
@@ -109,3 +110,20 @@ def test_chat_logprobs(client, server):
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+
+
+def test_metrics_cover_queue_cache_tokens_latency_speculation_and_expert_load(client, server):
+    client.completions.create(model=server.model, prompt="to be, or not to be, to be, or not", max_tokens=8)
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    for name in ("moegpt:num_requests_running", "moegpt:num_requests_waiting", "moegpt:kv_cache_usage_perc",
+                 "moegpt:prompt_tokens_total", "moegpt:generation_tokens_total",
+                 "moegpt:time_to_first_token_seconds_bucket", "moegpt:inter_token_latency_seconds_bucket",
+                 "moegpt:e2e_request_latency_seconds_bucket", "moegpt:num_preemptions_total",
+                 "moegpt:num_aborted_requests_total", "moegpt:spec_decode_acceptance_rate",
+                 'moegpt:expert_tokens_total{expert="3",layer="1"}', "moegpt:load_imbalance",
+                 'moegpt:request_success_total{finish_reason="length"}'):
+        assert name in text, name
+    m = server.metrics()
+    assert m["moegpt:spec_decode_num_draft_tokens_total"] > 0  # this server speculates by prompt lookup
+    assert 0 <= m["moegpt:spec_decode_acceptance_rate"] <= 1
+    assert m["moegpt:load_imbalance"] >= 1
