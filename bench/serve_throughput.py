@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -94,7 +95,14 @@ async def run_level(url: str, concurrency: int, per_client: int, vocab: int) -> 
 
 
 def offline_tokens_per_s(model_dir: Path, n: int, vocab: int) -> float:
-    """The same engine in-process: n requests added at once, stepped to the end."""
+    """The same engine in-process: n requests added at once, stepped to the end, in a thread of its own
+    as the server runs it (on a busy CPU, torch's intra-op threads behave very differently when called
+    from the main thread)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(_offline, model_dir, n, vocab).result()
+
+
+def _offline(model_dir: Path, n: int, vocab: int) -> float:
     from moegpt.infer.engine import Request
     from moegpt.infer.llm import LLM
     from moegpt.infer.sampling import SamplingParams
