@@ -31,6 +31,7 @@ from moegpt.serve.protocol import (COMPLETIONS_DEFAULT_MAX_TOKENS, MAX_N, ChatCo
 
 log = logging.getLogger("moegpt.serve")
 RETRY_AFTER_S = 1
+REJECTION = {400: "invalid", 404: "unknown_model", 429: "queue_full", 503: "shutting_down"}  # metric labels
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ def build_app(served: Served) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
+        served.metrics.rejected.labels(REJECTION.get(e.status, str(e.status))).inc()
         return error_response(e)
 
     @app.exception_handler(RequestValidationError)
@@ -81,7 +83,7 @@ def build_app(served: Served) -> FastAPI:
     @app.get("/health")
     async def health():
         if served.engine.draining:
-            raise APIError(503, "the server is shutting down", "server_error")
+            return JSONResponse(error_body(503, "the server is shutting down", "server_error"), 503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -132,7 +134,6 @@ def build_app(served: Served) -> FastAPI:
 
 def _admitting(served: Served) -> None:
     if served.engine.draining:
-        served.metrics.rejected.labels("shutting_down").inc()
         raise APIError(503, "the server is shutting down", "server_error")
 
 
@@ -155,14 +156,11 @@ async def _generate(served: Served, request: HTTPRequest, prompts: list[list[int
     try:
         stream = await served.engine.submit(prompts, engine_reqs, arrival)
     except ShuttingDown as e:
-        served.metrics.rejected.labels("shutting_down").inc()
         raise APIError(503, str(e), "server_error") from None
     except QueueFull as e:
-        served.metrics.rejected.labels("queue_full").inc()
         raise APIError(429, f"{e}; retry later", "rate_limit_error", code="rate_limit_exceeded",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except ValueError as e:
-        served.metrics.rejected.labels("invalid").inc()
         raise bad_request(str(e)) from None
     n = engine_reqs[0].n
     index_of = {rid: p * n for p, rid in enumerate(stream.request_ids)}  # choice = prompt * n + i
