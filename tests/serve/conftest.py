@@ -132,12 +132,13 @@ STARTED = pytest.StashKey[list]()
 
 @pytest.fixture(scope="session")
 def servers(model_dir, pytestconfig):
-    """Started together: 'main' (roomy queue), 'tight' (8 sequences a step, 8 may wait: 429s under load),
+    """Started together: 'main' (roomy queue), 'tight' (8 sequences a step; 8 sequences or 250 prompt tokens
+    may wait: 429s under load),
     'drain' (for the SIGTERM test, which stops it)."""
     started = {
         "main": start_server(model_dir, "--max-num-seqs", "16", "--ngram"),
         "tight": start_server(model_dir, "--max-num-seqs", "8", "--max-queued-requests", "8",
-                              "--max-batched-tokens", "64", "--kv-cache-bytes", "300000"),
+                              "--max-queued-tokens", "250", "--max-batched-tokens", "64", "--kv-cache-bytes", "300000"),
         "drain": start_server(model_dir, "--shutdown-timeout", "60"),
     }
     pytestconfig.stash[STARTED] = list(started.values())

@@ -59,7 +59,8 @@ CASES = [
 
 @pytest.mark.parametrize("name,path,body,status,words", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gets_its_status_and_an_openai_error(server, name, path, body, status, words):
-    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    raw = isinstance(body, bytes)
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if raw else {"json": body}
     r = httpx.post(f"{server.url}{path}", timeout=30, **kw)
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -93,3 +94,17 @@ def test_full_queue_gets_429_with_retry_after(tight_server):
     refused = next(r for r in responses if r.status_code == 429)
     assert int(refused.headers["retry-after"]) >= 1
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_queue_bounded_by_prompt_tokens_gets_429(tight_server):
+    """250 prompt tokens may wait: 100-token prompts are refused once two or three wait."""
+    body = {"model": "tiny-test", "prompt": [40] * 100, "max_tokens": 40, "ignore_eos": True}
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await asyncio.gather(*(c.post(f"{tight_server.url}/v1/completions", json=body) for _ in range(12)))
+
+    responses = asyncio.run(burst())
+    refused = [r for r in responses if r.status_code == 429]
+    assert refused and all(r.status_code in (200, 429) for r in responses)
+    assert any("prompt tokens" in r.json()["error"]["message"] for r in refused)
