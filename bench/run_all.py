@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = ["bench.hf_parity", "bench.train_throughput", "bench.generate_throughput", "bench.plan_vs_engine",
-           "bench.speculative"]
+           "bench.speculative", "bench.serve_throughput"]
 
 if __name__ == "__main__":
     failed = [m for m in BENCHES if subprocess.call([sys.executable, "-m", m], cwd=ROOT) != 0]

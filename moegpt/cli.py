@@ -1,4 +1,4 @@
-"""The ``moegpt`` command: train | generate | info | plan | demo.
+"""The ``moegpt`` command: train | generate | serve | info | plan | demo.
 
 Every subcommand validates its inputs before doing any work and reports bad input as one line,
 ``moegpt: error: ...``, with exit status 2.
@@ -383,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     from moegpt.planner.cli import add_plan_parser
 
     add_plan_parser(sub)
+
+    from moegpt.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
 
     p = sub.add_parser("demo", help="train tiny on the bundled corpus, save it, print samples")
     _add_train_args(p)
