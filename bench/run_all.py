@@ -6,7 +6,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = ["bench.hf_parity", "bench.train_throughput", "bench.generate_throughput", "bench.decode_roofline",
-           "bench.continuous_batching", "bench.expert_batch_sizes", "bench.plan_vs_engine", "bench.speculative"]
+           "bench.continuous_batching", "bench.expert_batch_sizes", "bench.plan_vs_engine", "bench.speculative",
+           "bench.serve_throughput"]
 
 if __name__ == "__main__":
     failed = [m for m in BENCHES if subprocess.call([sys.executable, "-m", m], cwd=ROOT) != 0]

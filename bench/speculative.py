@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import argparse
 import random
-import subprocess
-import sys
+import shutil
 import time
 from pathlib import Path
 
@@ -38,10 +37,15 @@ def target_dir() -> Path:
     if (demo / "config.json").exists():
         return demo
     cached = default_cache_dir() / "bench" / "spec-target"
-    if not (cached / "config.json").exists():
+    if not (cached / "config.json").exists():  # train it with the demo's recipe (resuming an interrupted run)
+        from moegpt.cli import build_parser, run_training
+
         print(f"training the target (the demo's recipe) into {cached} ...", flush=True)
-        subprocess.run([sys.executable, "-m", "moegpt", "demo", "--out", str(cached), "--no-progress"], check=True,
-                       cwd=ROOT, stdout=subprocess.DEVNULL)
+        args = build_parser().parse_args(["demo", "--out", str(cached), "--no-progress"])
+        resume = (cached / "checkpoints").exists()
+        if not resume and cached.exists():
+            shutil.rmtree(cached)  # a run that never checkpointed: start again
+        run_training(args, cached, resume=resume)
     return cached
 
 

@@ -1,4 +1,4 @@
-"""The ``moegpt`` command: train | generate | info | plan | demo.
+"""The ``moegpt`` command: train | generate | serve | info | plan | demo.
 
 Every subcommand validates its inputs before doing any work and reports bad input as one line,
 ``moegpt: error: ...``, with exit status 2.
@@ -145,7 +145,77 @@ def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=N
     return trainer, result
 
 
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distributed (under torchrun; gloo on CPU, NCCL on GPU)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
+    g.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
+    g.add_argument("--dp", type=int, default=None, help="data-parallel degree (default: world / (tp*pp*ep))")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--fsdp", action="store_true", help="shard parameters/gradients/optimizer (FSDP2)")
+    mode.add_argument("--zero1", action="store_true", help="DDP + ZeroRedundancyOptimizer (ZeRO-1)")
+    g.add_argument("--hsdp-replicas", type=int, default=1, help="with --fsdp: replica groups (HSDP)")
+    g.add_argument("--pp-schedule", default="1f1b", choices=["gpipe", "1f1b", "interleaved-1f1b"])
+    g.add_argument("--virtual-stages", type=int, default=1, help="stages per pipeline rank (interleaved)")
+    g.add_argument("--first-stage-layers", type=int, default=None, help="layers of pipeline stage 0")
+    g.add_argument("--record-samples", action="store_true", help="log the sample ids of every step")
+
+
+def _is_distributed(args) -> bool:
+    import os
+
+    return ("WORLD_SIZE" in os.environ or any(getattr(args, k) not in (1, None) for k in ("tp", "pp", "ep", "dp"))
+            or args.fsdp or args.zero1)
+
+
+def run_distributed_training(args):
+    """The torchrun path: every rank runs this; rank 0 prints and logs."""
+    import os
+
+    from moegpt.data.sources import parse_mixture
+    from moegpt.parallel import ParallelDims
+    from moegpt.train.distributed import DistributedTrainer, close_distributed, init_distributed, restart_count
+    from moegpt.train.trainer import default_cache_dir
+    from moegpt.parallel.checkpoint import latest
+
+    model_cfg, train_cfg = model_config_from_args(args), train_config_from_args(args)
+    sources = parse_mixture(args.data)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = args.dp if args.dp is not None else max(1, world // (args.tp * args.pp * args.ep))
+    mode = "fsdp" if args.fsdp else "zero1" if args.zero1 else "replicate"
+    dims = ParallelDims(dp=dp, tp=args.tp, pp=args.pp, ep=args.ep, data_parallel=mode,
+                        dp_replicate=args.hsdp_replicas, schedule=args.pp_schedule,
+                        virtual_stages=args.virtual_stages, first_stage_layers=args.first_stage_layers)
+    dims.validate(world, model_cfg)  # before any process group or data work
+    if "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"layout {dims.describe()} needs torchrun: torchrun --nproc-per-node N -m moegpt train ...")
+    device = init_distributed()
+    try:
+        out = Path(args.out)
+        # After a failure torchrun restarts every rank with the same command: resume if a checkpoint exists.
+        resume = args.resume or (restart_count() > 0 and latest(out / "checkpoints") is not None)
+        trainer = DistributedTrainer(model_cfg, train_cfg, dims, out, sources, cache_dir, resume=resume,
+                                     device=device, record_samples=args.record_samples)
+        if trainer.rank == 0:
+            print(f"moegpt: training {args.preset} on {world} ranks, layout {dims.describe()}, "
+                  f"from step {trainer.step} to {train_cfg.steps}", flush=True)
+        result = trainer.run(stop_at=args.stop_at)
+        if trainer.rank == 0:
+            print(f"model directory: {out}" if result.finished else
+                  f"stopped at step {result.step}; continue with --resume --out {out}", flush=True)
+    except BaseException:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()  # no barrier: the other ranks may be gone
+        raise
+    close_distributed()
+
+
 def cmd_train(args) -> int:
+    if _is_distributed(args):
+        run_distributed_training(args)
+        return 0
     run_training(args, Path(args.out), args.resume)
     return 0
 
@@ -278,8 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moegpt", description="GPT-4-style sparse MoE: train, generate, inspect")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model (one process)")
+    p = sub.add_parser("train", help="train a model (one process, or every rank under torchrun)")
     _add_train_args(p)
+    _add_parallel_args(p)
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, final model)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.set_defaults(func=cmd_train)
@@ -312,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     from moegpt.planner.cli import add_plan_parser
 
     add_plan_parser(sub)
+
+    from moegpt.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
 
     p = sub.add_parser("demo", help="train tiny on the bundled corpus, save it, print samples")
     _add_train_args(p)

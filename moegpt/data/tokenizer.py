@@ -33,6 +33,13 @@ SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, IM_START, IM_END, IMAGE) + tup
     f"<|reserved_{i}|>" for i in range(NUM_RESERVED)
 )
 BYTE_ALPHABET_SIZE = 256
+# The chat format of our tokenizers (ChatML with our specials), stored HF-style as a Jinja template in
+# tokenizer_config.json's "chat_template"; the server renders it as transformers' apply_chat_template does.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 # Fallback names tried (in order) when no tokenizer_config.json names the token.
 _KNOWN_BOS = (BOS, "<s>", "<|begin_of_text|>")
@@ -49,8 +56,10 @@ class Tokenizer:
         bos_token: str | None = None,
         eos_token: str | None = None,
         pad_token: str | None = None,
+        chat_template: str | None = None,
     ) -> None:
         self._hf = hf
+        self.chat_template = chat_template  # Jinja, HF style; None: this tokenizer has no chat format
         self._bos_token = bos_token
         self._eos_token = eos_token
         self._pad_token = pad_token
@@ -93,7 +102,7 @@ class Tokenizer:
             # model's embedding size is always what the caller asked for.
             extra = [f"<|reserved_{NUM_RESERVED + i}|>" for i in range(shortfall)]
             hf.add_special_tokens(extra)
-        return cls(hf, BOS, EOS, PAD)
+        return cls(hf, BOS, EOS, PAD, CHAT_TEMPLATE)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -113,7 +122,7 @@ class Tokenizer:
         bos = config.get("bos_token") or _first_known(vocab, _KNOWN_BOS)
         eos = config.get("eos_token") or _first_known(vocab, _KNOWN_EOS)
         pad = config.get("pad_token") or _first_known(vocab, _KNOWN_PAD)
-        return cls(hf, bos, eos, pad)
+        return cls(hf, bos, eos, pad, config.get("chat_template"))
 
     def save(self, directory: str | Path, model_max_length: int | None = None) -> None:
         """Write tokenizer.json + tokenizer_config.json loadable by transformers.AutoTokenizer."""
@@ -129,6 +138,8 @@ class Tokenizer:
         config.update({key: token for key, token in named.items() if token is not None})
         if model_max_length is not None:
             config["model_max_length"] = model_max_length
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         write_text_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
 
     # ---------------------------------------------------------------------- coding
@@ -197,7 +208,8 @@ class Tokenizer:
 
 
 def _read_token_config(directory: Path) -> dict[str, str]:
-    """bos/eos/pad token strings from tokenizer_config.json (values may be str or {"content": str})."""
+    """bos/eos/pad token strings from tokenizer_config.json (values may be str or {"content": str}),
+    and its chat_template when that is one Jinja string."""
     config_path = directory / "tokenizer_config.json"
     if not config_path.is_file():
         return {}
@@ -214,6 +226,8 @@ def _read_token_config(directory: Path) -> dict[str, str]:
             value = value.get("content")
         if isinstance(value, str) and value:
             found[key] = value
+    if isinstance(raw.get("chat_template"), str) and raw["chat_template"]:
+        found["chat_template"] = raw["chat_template"]
     return found
 
 

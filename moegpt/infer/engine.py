@@ -81,10 +81,10 @@ class SpeculativeConfig:
 class EngineConfig:
     block_size: int = 16
     kv_cache_bytes: int = 256 * 2**20  # KV memory budget (target and draft caches together)
-    num_kv_blocks: int | None = None  # or the budget in blocks (overrides kv_cache_bytes)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     prefix_caching: bool = True
     speculative: SpeculativeConfig | None = None
+    num_kv_blocks: int | None = None  # the budget in blocks instead (overrides kv_cache_bytes)
 
     def __post_init__(self):
         if self.block_size < 1 or self.kv_cache_bytes < 1:

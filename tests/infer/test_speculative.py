@@ -119,8 +119,7 @@ def test_greedy_speculative_output_equals_greedy_plain_output(method):
     small_budget = EngineConfig(block_size=4, kv_cache_bytes=kv_bytes_per_token(target.cfg, torch.float32) * 2 * 4 * 14,
                                 scheduler=SchedulerConfig(max_num_seqs=4, max_batched_tokens=24))
     if method == "ngram":
-        cfg = EngineConfig(block_size=small_budget.block_size, kv_cache_bytes=small_budget.kv_cache_bytes // 2,
-                           scheduler=small_budget.scheduler,
+        cfg = EngineConfig(small_budget.block_size, small_budget.kv_cache_bytes // 2, scheduler=small_budget.scheduler,
                            speculative=SpeculativeConfig(SpeculativeMethod.NGRAM, num_tokens=3))
         engine = LLMEngine(target, cfg)
     else:

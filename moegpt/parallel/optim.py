@@ -1,0 +1,45 @@
+"""The optimizer of a parallelised model: the same AdamW as one process (trainer.make_optimizer).
+
+Parameter groups are split by kind so the fused kernel never mixes DTensors and plain tensors.
+ZeRO-1 partitions the AdamW state over the data-parallel ranks with ZeroRedundancyOptimizer: each
+rank updates its share of the parameters and broadcasts them. It works on each parameter's local
+shard (a TP shard, a rank's experts, a pipeline stage's layers), so it composes with every layout;
+gradients are already summed over the data ranks when it runs. Dense parameters are partitioned over
+dp only (not dp x ep): every dp group updates identical copies, which keeps one optimizer per rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moegpt.parallel import ParallelModel
+from moegpt.parallel.dims import DataParallel
+from moegpt.parallel.fsdp import local_tensor
+from moegpt.train.config import TrainConfig
+
+
+def make_parallel_optimizer(pm: ParallelModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    from torch.distributed.tensor import DTensor
+
+    zero1 = pm.dims.data_parallel == DataParallel.ZERO1
+    groups: dict[tuple[bool, bool], list] = {}
+    for _, p in pm.named_parameters():
+        groups.setdefault((p.ndim >= 2, isinstance(p, DTensor) and not zero1), []).append(p)
+    param_groups = [{"params": [local_tensor(p) for p in ps] if zero1 else ps,
+                     "weight_decay": cfg.weight_decay if decay else 0.0}
+                    for (decay, _), ps in sorted(groups.items(), reverse=True)]
+    adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    if not zero1:
+        return torch.optim.AdamW(param_groups, **adamw)
+    from moegpt.parallel.fsdp import zero1_optimizer
+
+    opt = zero1_optimizer(param_groups, pm.dp_group, **adamw)
+    params = pm.parameters()
+
+    def local_grads(optimizer, args, kwargs):  # the optimizer sees local shards: hand them their grads
+        for p in params:
+            if isinstance(p, DTensor) and p.grad is not None:
+                local_tensor(p).grad = local_tensor(p.grad)
+
+    opt.register_step_pre_hook(local_grads)
+    return opt

@@ -1,0 +1,63 @@
+"""``moegpt serve``'s command line: ``add_serve_parser(subparsers)`` adds it, ``cmd_serve(args)`` runs it.
+Light to import (the server's dependencies load only when it runs); bad input is a one-line
+ValueError (the main CLI prints it, exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server for a model directory")
+    p.add_argument("--model", required=True, metavar="DIR", help="model directory (HF Mixtral format + tokenizer)")
+    p.add_argument("--draft", default=None, metavar="DIR", help="draft model for speculative decoding")
+    p.add_argument("--ngram", action="store_true", help="speculative decoding by prompt lookup (no draft model)")
+    p.add_argument("--speculative-tokens", type=int, default=4, help="draft tokens per step (default 4)")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="sequences waiting in the engine before new requests get 429")
+    p.add_argument("--max-queued-tokens", type=int, default=1 << 18,
+                   help="prompt tokens waiting in the engine before new requests get 429")
+    p.add_argument("--kv-cache-bytes", type=int, default=256 * 2**20, help="KV cache budget (default 256 MiB)")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="or the KV cache budget in blocks")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
+    p.add_argument("--max-batched-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may run after SIGTERM")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args) -> int:
+    from moegpt.infer.engine import EngineConfig, SpeculativeConfig, SpeculativeMethod
+    from moegpt.infer.scheduler import SchedulerConfig
+    from moegpt.serve.engine_loop import Limits
+
+    try:
+        from moegpt.serve.server import ServerOptions, serve
+    except ImportError as e:
+        raise ValueError(f"moegpt serve needs the serve extra (pip install 'moegpt[serve]'): {e}") from None
+
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port={args.port} must be in [0, 65535]")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout={args.shutdown_timeout} must be >= 0")
+    speculative = None
+    if args.draft or args.ngram:
+        if args.draft and args.ngram:
+            raise ValueError("--draft and --ngram are two proposers: pick one")
+        speculative = SpeculativeConfig(SpeculativeMethod.DRAFT if args.draft else SpeculativeMethod.NGRAM,
+                                        num_tokens=args.speculative_tokens)
+    config = EngineConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes,
+                          num_kv_blocks=args.num_kv_blocks,
+                          scheduler=SchedulerConfig(args.max_num_seqs, args.max_batched_tokens),
+                          prefix_caching=not args.no_prefix_caching, speculative=speculative)
+    options = ServerOptions(args.model, args.draft, args.served_model_name, args.host, args.port,
+                            Limits(args.max_queued_requests, args.max_queued_tokens), args.shutdown_timeout,
+                            args.log_level)
+    return serve(options, config)

@@ -1,0 +1,85 @@
+"""Running the server: load a model directory, start the engine loop under uvicorn, stop gracefully.
+
+SIGTERM (or Ctrl-C): new requests get 503 at once, requests in flight run to the end for up to
+``shutdown_timeout`` seconds (then they are aborted), and ``serve`` returns 0. A second signal stops
+at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from moegpt.infer.engine import EngineConfig
+from moegpt.infer.llm import LLM
+from moegpt.serve.app import Served, build_app
+from moegpt.serve.chat import chat_format
+from moegpt.serve.engine_loop import EngineLoop, Limits
+from moegpt.serve.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    model_dir: str
+    draft_dir: str | None = None
+    model_name: str | None = None  # None: the model directory's name
+    host: str = "127.0.0.1"
+    port: int = 8000
+    limits: Limits = Limits()
+    shutdown_timeout: float = 30.0
+    log_level: str = "warning"
+
+
+def serve(options: ServerOptions, config: EngineConfig = EngineConfig()) -> int:
+    llm = LLM(options.model_dir, config, options.draft_dir)  # checks the directories, tokenizer and draft
+    loop = EngineLoop(llm.engine, options.limits)
+    metrics = Metrics(lambda: loop.snapshot)
+    loop.metrics = metrics
+    name = options.model_name or Path(options.model_dir).resolve().name
+    served = Served(name, llm.tokenizer, chat_format(llm.tokenizer), llm.engine.max_len, loop, metrics,
+                    int(time.time()))
+    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uv = uvicorn.Config(build_app(served), host=options.host, port=options.port, log_level=options.log_level,
+                        access_log=False, timeout_graceful_shutdown=5, lifespan="on")
+    server = GracefulServer(uv, loop, options.shutdown_timeout)
+    print(f"moegpt: serving {name!r} on http://{options.host}:{options.port} (context {llm.engine.max_len}, "
+          f"{llm.engine.stats.kv_blocks_total} KV blocks of {config.block_size} tokens)", flush=True)
+    server.run()
+    if not server.started:
+        return 1
+    print("moegpt: server stopped", flush=True)
+    return 0
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains: 503 for new requests while in-flight ones finish."""
+
+    def __init__(self, config: uvicorn.Config, engine_loop: EngineLoop, drain_timeout: float):
+        super().__init__(config)
+        self.engine_loop, self.drain_timeout = engine_loop, drain_timeout
+        self._draining = False
+
+    def handle_exit(self, sig, frame):
+        # Not uvicorn's: it would stop at once, and re-raise the signal after stopping (no exit 0).
+        if self._draining:  # a second signal: stop now
+            self.force_exit = self.should_exit = True
+            return
+        self._draining = True
+        self.engine_loop.draining = True
+        print(f"moegpt: signal {sig}: draining for up to {self.drain_timeout:g} s; new requests get 503",
+              file=sys.stderr, flush=True)
+        asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self):
+        deadline = time.monotonic() + self.drain_timeout
+        while self.engine_loop.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # Abort what is left (its streams end with an error), then let uvicorn close the sockets.
+        await asyncio.to_thread(self.engine_loop.stop)
+        self.should_exit = True
