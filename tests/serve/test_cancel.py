@@ -6,7 +6,10 @@ import contextlib
 
 import httpx
 
-LONG = {"model": "tiny-test", "prompt": "to be, or not", "max_tokens": 200, "ignore_eos": True}
+# Sampled, not greedy: the test server speculates by prompt lookup, and greedy text from a random
+# model repeats itself, so it would finish 200 tokens in a few steps, before the hang-up lands.
+LONG = {"model": "tiny-test", "prompt": "to be, or not", "max_tokens": 200, "ignore_eos": True, "temperature": 1.0,
+        "seed": 0}
 
 
 def _stopped_promptly(server, before: dict) -> None:
