@@ -221,7 +221,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from moegpt.infer.engine import EngineConfig, Request, SpeculativeConfig, SpeculativeMethod
+    from moegpt.infer.engine import EngineConfig, Request, speculative_from_flags
     from moegpt.infer.llm import LLM
     from moegpt.infer.sampling import SamplingParams
 
@@ -229,12 +229,7 @@ def cmd_generate(args) -> int:
                             repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                             frequency_penalty=args.frequency_penalty)
     request = Request(max_tokens=args.max_tokens, sampling=params, stop=tuple(args.stop), n=args.n, seed=args.seed)
-    spec = None
-    if args.draft or args.ngram:
-        if args.draft and args.ngram:
-            raise ValueError("--draft and --ngram are two proposers: pick one")
-        spec = SpeculativeConfig(SpeculativeMethod.DRAFT if args.draft else SpeculativeMethod.NGRAM,
-                                 num_tokens=args.speculative_tokens)
+    spec = speculative_from_flags(bool(args.draft), args.ngram, args.speculative_tokens)
     llm = LLM(args.model, EngineConfig(speculative=spec), draft_dir=args.draft)
     tok, engine = llm.tokenizer, llm.engine
     ids = tok.encode(args.prompt, add_bos=tok.bos_id is not None)

@@ -177,10 +177,12 @@ class MixtureData:
             raise ValueError(f"source index {source} out of range [0, {len(self.sources)})")
         return source
 
-    def val_batches(self, batch_size: int, source: int | str | None = None) -> Iterator[torch.Tensor]:
+    def val_batches(self, batch_size: int, source: int | str | None = None,
+                    max_sequences: int | None = None) -> Iterator[torch.Tensor]:
         """Every val block once, in a fixed order, as LongTensors (<= batch_size, seq_len + 1).
 
-        With `source` given, only that source's val blocks (for per-source val loss).
+        With `source` given, only that source's val blocks (for per-source val loss); with
+        `max_sequences`, only the first that many blocks.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size} must be at least 1")
@@ -189,6 +191,8 @@ class MixtureData:
             [torch.stack((torch.full((self.val[s].n_blocks,), s), torch.arange(self.val[s].n_blocks)), 1)
              for s in chosen]
         )
+        if max_sequences is not None:
+            pairs = pairs[:max_sequences]
         for first in range(0, pairs.shape[0], batch_size):
             yield self._gather(self.val, pairs[first : first + batch_size])
 

@@ -77,6 +77,15 @@ class SpeculativeConfig:
             raise ValueError(f"speculative num_tokens={self.num_tokens} must be >= 1")
 
 
+def speculative_from_flags(draft: bool, ngram: bool, num_tokens: int) -> SpeculativeConfig | None:
+    """The speculative config the ``--draft`` / ``--ngram`` / ``--speculative-tokens`` flags ask for."""
+    if draft and ngram:
+        raise ValueError("--draft and --ngram are two proposers: pick one")
+    if not (draft or ngram):
+        return None
+    return SpeculativeConfig(SpeculativeMethod.DRAFT if draft else SpeculativeMethod.NGRAM, num_tokens=num_tokens)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16

@@ -34,7 +34,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args) -> int:
-    from moegpt.infer.engine import EngineConfig, SpeculativeConfig, SpeculativeMethod
+    from moegpt.infer.engine import EngineConfig, speculative_from_flags
     from moegpt.infer.scheduler import SchedulerConfig
     from moegpt.serve.engine_loop import Limits
 
@@ -47,12 +47,7 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--port={args.port} must be in [0, 65535]")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout={args.shutdown_timeout} must be >= 0")
-    speculative = None
-    if args.draft or args.ngram:
-        if args.draft and args.ngram:
-            raise ValueError("--draft and --ngram are two proposers: pick one")
-        speculative = SpeculativeConfig(SpeculativeMethod.DRAFT if args.draft else SpeculativeMethod.NGRAM,
-                                        num_tokens=args.speculative_tokens)
+    speculative = speculative_from_flags(bool(args.draft), args.ngram, args.speculative_tokens)
     config = EngineConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes,
                           num_kv_blocks=args.num_kv_blocks,
                           scheduler=SchedulerConfig(args.max_num_seqs, args.max_batched_tokens),

@@ -164,10 +164,7 @@ class DistributedTrainer:
         TP/EP/FSDP match); a pipeline evaluates through its schedule."""
         fields, total, count = {}, 0.0, 0
         for name in self.data.names:
-            batches = self.data.val_batches(self.cfg.micro_batch, source=name)
-            if self.cfg.eval_sequences is not None:
-                n_batches = -(-self.cfg.eval_sequences // self.cfg.micro_batch)
-                batches = (b[: self.cfg.eval_sequences - i * self.cfg.micro_batch] for i, b in zip(range(n_batches), batches))
+            batches = self.data.val_batches(self.cfg.micro_batch, source=name, max_sequences=self.cfg.eval_sequences)
             if self.pm.module is None:
                 nll, n = pipeline_evaluate(self.pm, torch.cat(list(batches)).to(self.device), self.cfg.micro_batch,
                                            self.schedules, self.cfg.bf16)

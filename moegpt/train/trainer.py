@@ -155,10 +155,7 @@ class Trainer:
         """Validation loss per source and over all of them (token-weighted), as log fields."""
         fields, total, count = {}, 0.0, 0
         for name in self.data.names:
-            batches = self.data.val_batches(self.cfg.micro_batch, source=name)
-            if self.cfg.eval_sequences is not None:
-                n_batches = -(-self.cfg.eval_sequences // self.cfg.micro_batch)
-                batches = (b[: self.cfg.eval_sequences - i * self.cfg.micro_batch] for i, b in zip(range(n_batches), batches))
+            batches = self.data.val_batches(self.cfg.micro_batch, source=name, max_sequences=self.cfg.eval_sequences)
             nll, n = evaluate(self.model, batches, self.cfg.bf16)
             fields[f"val_loss_{name}"] = nll / n
             total, count = total + nll, count + n
