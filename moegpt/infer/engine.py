@@ -28,6 +28,7 @@ import torch
 from moegpt.data.tokenizer import Tokenizer
 from moegpt.infer.block_manager import BlockManager
 from moegpt.infer.detokenizer import Detokenizer
+from moegpt.infer.layout import lay_out_for_decoding
 from moegpt.infer.paged_cache import PagedKVCache, kv_bytes_per_token
 from moegpt.infer.runner import Chunk, ModelRunner
 from moegpt.infer.sampling import SamplingParams, apply_penalties, filtered_probs, sample, sample_from, top_logprobs
@@ -168,7 +169,8 @@ def _generator(seed: int | None, index: int) -> torch.Generator:
 class LLMEngine:
     def __init__(self, model: MoEGPT, config: EngineConfig = EngineConfig(), tokenizer: Tokenizer | None = None,
                  draft: MoEGPT | None = None):
-        self.model, self.config, self.tokenizer = model.eval(), config, tokenizer
+        # The engine owns the model it decodes: its weights are laid out for decoding (same values).
+        self.model, self.config, self.tokenizer = lay_out_for_decoding(model.eval()), config, tokenizer
         spec = config.speculative
         if draft is not None and spec is None:
             spec = SpeculativeConfig()
@@ -177,7 +179,7 @@ class LLMEngine:
         if draft is not None and draft.cfg.vocab_size != model.cfg.vocab_size:
             raise ValueError(f"draft vocab_size ({draft.cfg.vocab_size}) differs from the model's ({model.cfg.vocab_size})")
         self.spec = spec
-        self.draft = draft.eval() if draft is not None and spec.method == SpeculativeMethod.DRAFT else None
+        self.draft = lay_out_for_decoding(draft.eval()) if draft is not None and spec.method == SpeculativeMethod.DRAFT else None
         param = next(model.parameters())
         per_block = kv_bytes_per_token(model.cfg, param.dtype) * config.block_size
         if self.draft is not None:
