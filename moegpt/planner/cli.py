@@ -63,8 +63,14 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--kv-bytes", type=number, default=None, help="1, 2 or 4; default 2, or --model DIR's dtype")
     g = p.add_argument_group("efficiency and prices")
     g.add_argument("--mfu", **n)
-    for flag in ("hbm_efficiency", "flops_efficiency", "overhead_factor"):
+    g.add_argument("--hbm-efficiency", type=number, default=None, help="fraction of the HBM bandwidth reached "
+                   "(default 1)")
+    for flag in ("flops_efficiency", "overhead_factor"):
         g.add_argument("--" + flag.replace("_", "-"), dest=flag, type=number, default=1.0)
+    g.add_argument("--measure-efficiency", action="store_true",
+                   help="with --hardware local: measure hbm_efficiency for this model, batch and context (the "
+                   "step's matmuls at the model's shapes + the engine's per-step software time; a few seconds, not "
+                   "cached) and plan with it (refinement)")
     for flag in ("days", "gpu_hour_usd", "target_tps", "words_per_min", "tokens_per_word", "draft_tokens",
                  "acceptance_rate", "nic_gbps_per_gpu", "bytes_per_token_text", "bytes_per_token_vision"):
         g.add_argument("--" + flag.replace("_", "-"), dest=flag, **n)
@@ -89,6 +95,13 @@ def default_cache_dir() -> Path:
 def inputs_from_args(args):
     from moegpt.planner.inputs import make_inputs
 
+    if args.measure_efficiency:  # checked before anything is measured
+        from moegpt.planner.local_decode import check_measurable
+
+        check_measurable(args.hardware, args.mode, args.pp, args.ep)
+        if args.hbm_efficiency is not None:
+            raise ValueError(f"--hbm-efficiency {args.hbm_efficiency:g} and --measure-efficiency: give one "
+                             "(the second measures the first)")
     hardware = args.hardware
     if hardware == "local":
         from moegpt.planner.local import local_hardware
@@ -116,8 +129,15 @@ def inputs_from_args(args):
              "tokens_per_word", "draft_tokens", "acceptance_rate", "compare_preset", "compare_tokens",
              "train_flops", "tokens_per_param", "nic_gbps_per_gpu", "bytes_per_token_text", "bytes_per_token_vision",
              "params", "embedding_lookup")
-    return make_inputs(preset=preset, model=model, overrides=overrides, hardware=hardware, **byte_widths,
-                       **{k: getattr(args, k) for k in names})
+    values = {k: getattr(args, k) for k in names}
+    if values["hbm_efficiency"] is None:
+        values["hbm_efficiency"] = 1.0
+    inp = make_inputs(preset=preset, model=model, overrides=overrides, hardware=hardware, **byte_widths, **values)
+    if args.measure_efficiency:
+        from moegpt.planner.local_decode import measure_decode_efficiency, with_measured_efficiency
+
+        inp = with_measured_efficiency(inp, measure_decode_efficiency(inp))
+    return inp
 
 
 def cmd_plan(args) -> int:

@@ -78,6 +78,31 @@ class Efficiency:
 
 
 @dataclass(frozen=True)
+class MeasuredEfficiency:
+    """How ``--measure-efficiency`` found hbm_efficiency on this machine (moegpt.planner.local_decode):
+    the roofline's memory time over the measured parts of one decode step. Seconds per step."""
+
+    t_roofline_mem_s: float  # the decode roofline's memory time at hbm_efficiency 1 (weights + KV)
+    t_matmul_s: float  # the step's weight matrix products at the model's shapes, weights cold
+    t_kv_s: float  # the KV cache's bytes at the read bandwidth (counted once: the shrunk model's is tiny)
+    t_software_s: float  # LLMEngine's step on the same architecture at tiny widths
+
+    @property
+    def t_step_s(self) -> float:
+        return self.t_matmul_s + self.t_kv_s + self.t_software_s
+
+    @property
+    def eta(self) -> float:
+        """The measured efficiency; above 1 when the step beats the roofline (weights in the cache)."""
+        return self.t_roofline_mem_s / self.t_step_s
+
+    @property
+    def hbm_efficiency(self) -> float:
+        """What the plan uses: eta, at most 1 (the read bandwidth is a memory figure, not a cache one)."""
+        return min(self.eta, 1.0)
+
+
+@dataclass(frozen=True)
 class Options:
     target_tps: float | None
     words_per_min: float | None
@@ -92,6 +117,7 @@ class Options:
     bytes_per_token_text: float | None
     bytes_per_token_vision: float | None
     embedding_lookup: bool = False  # an untied input embedding is a lookup: b rows read, no FLOPs (decode.py)
+    measured_efficiency: MeasuredEfficiency | None = None  # hbm_efficiency measured (--measure-efficiency)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,246 @@
+"""``--measure-efficiency``: this machine's hbm_efficiency for one model, batch and context, measured.
+
+The decode roofline divides the bytes a step reads by the read bandwidth of one large
+matrix-vector product. Our engine's step takes longer, for two reasons this file measures apart:
+
+- t_matmul: the step's weight matrix products at the model's own shapes, dtype and layout
+  (moegpt.infer.layout), weights cold in memory. Small matrices, and products of a few rows, read
+  slower per byte than the one large matrix-vector product.
+- t_software: everything in a step that is not streaming weights: Python, thousands of dispatched
+  ops, scheduling, sampling. Measured by running LLMEngine on the same architecture (layers, heads,
+  KV heads, experts, top-k, MLP kind, MoE pattern) shrunk to tiny widths, where weights cost nothing.
+- t_kv: the KV cache at the read bandwidth. The shrunk model's cache is tiny (head_dim 8), so the
+  KV bytes are counted here, once.
+
+    eta = t_roofline_mem / (t_matmul + t_kv + t_software)
+
+where t_roofline_mem is the planner's own memory time at efficiency 1; planning with eta makes the
+memory time the measured step. Nothing is cached (the figure depends on model and batch), nothing is
+printed, and the measuring functions are arguments (``DecodeMeasurers``) so tests pass fakes.
+
+Legend: B batch (rows per step), C context, L layers, D d_model, F d_ff, E experts, k top-k,
+E_t experts touched per MoE layer, r rows per touched expert, O out features, I in features.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from moegpt.config import MLPKind, ModelConfig
+from moegpt.counts import param_counts
+from moegpt.planner.decode import decode, experts_read_fraction
+from moegpt.planner.inputs import MeasuredEfficiency, PlanInputs
+
+POOL_BYTES = 128 * 2**20  # copies of each matrix cycled through: 4x a 32 MB last-level cache (more: same times)
+STEPS = 24  # engine decode steps timed per context (the median is kept)
+MAX_MEASURED_CONTEXT = 2048  # beyond: extrapolated (a prefill of C tokens costs ~C^2)
+PREFILL_CHUNK = 512  # the primer's prompt in chunks of this many tokens: ~40% faster than whole at 2,048
+DTYPE_NAMES = {4: "float32", 2: "bfloat16"}  # weight bytes -> the torch dtype the engine would hold
+# the shrunk model: widths at which its weights and KV cache are a few MB at most
+SHRUNK = dict(d_model=64, head_dim=8, d_ff=16, vocab_size=256)
+
+
+@dataclass(frozen=True)
+class Matmul:
+    """One weight matrix product of a decode step, x (rows, I) times W.T with W (O, I), made
+    ``count`` times per step over all layers."""
+
+    name: str
+    rows: int
+    out_features: int
+    in_features: int
+    count: float  # fractional for experts: E_t touched per layer, on average
+    in_by_out: bool  # the engine may store W (in, out) (layout.py); not a tied head (the embedding table)
+
+    @property
+    def shape(self) -> tuple[int, int, int, bool]:
+        return (self.rows, self.out_features, self.in_features, self.in_by_out)
+
+
+@dataclass(frozen=True)
+class DecodeMeasurers:
+    """The measuring functions (this file's by default; fakes in tests)."""
+
+    matmul_s: Callable[[Matmul, int], float]  # (product, weight bytes) -> seconds per product, weights cold
+    step_s: Callable[[ModelConfig, int, int, int], float]  # (config, B, C, weight bytes) -> s per engine step
+
+
+# ---- pure arithmetic ---------------------------------------------------------------------------
+
+
+def experts_touched(batch: int, k: int, E: int) -> float:
+    """E_t = E * (1 - (1 - k/E)^B): experts that B tokens, each routed uniformly to k, touch."""
+    return E * experts_read_fraction(batch, k, E)
+
+
+def rows_per_expert(batch: int, k: int, touched: float) -> int:
+    """r = round(B*k / E_t), at least 1: the rows each touched expert multiplies."""
+    return max(1, round(batch * k / touched))
+
+
+def decode_matmuls(cfg: ModelConfig, batch: int) -> tuple[Matmul, ...]:
+    """The weight matrix products of one decode step of B sequences, as the model makes them."""
+    B, D, F, L = batch, cfg.d_model, cfg.d_ff, cfg.n_layers
+    n_moe = cfg.n_moe_layers
+    names = ("gate", "up", "down") if cfg.mlp == MLPKind.SWIGLU else ("up", "down")
+
+    def mlp(prefix: str, rows: int, count: float) -> list[Matmul]:
+        # up and gate: (F, D); down: (D, F)
+        return [Matmul(f"{prefix} {n}", rows, D if n == "down" else F, F if n == "down" else D, count, True)
+                for n in names]
+
+    out = [Matmul("wq", B, cfg.q_dim, D, L, True), Matmul("wk", B, cfg.kv_dim, D, L, True),
+           Matmul("wv", B, cfg.kv_dim, D, L, True), Matmul("wo", B, D, cfg.q_dim, L, True)]
+    if n_moe:
+        touched = experts_touched(B, cfg.top_k, cfg.n_experts)
+        out.append(Matmul("router", B, cfg.n_experts, D, n_moe, True))
+        out += mlp("expert", rows_per_expert(B, cfg.top_k, touched), n_moe * touched)
+    if L > n_moe:
+        out += mlp("dense", B, L - n_moe)
+    # the head runs on the B sampled rows only (runner.py)
+    out.append(Matmul("lm head", B, cfg.vocab_size, D, 1, not cfg.tie_embeddings))
+    return tuple(out)
+
+
+def step_matmul_s(products: tuple[Matmul, ...], seconds: Callable[[Matmul], float]) -> float:
+    """t_matmul = sum of count x seconds per product; each distinct shape is timed once."""
+    timed: dict[tuple, float] = {}
+    total = 0.0
+    for p in products:
+        if p.shape not in timed:
+            timed[p.shape] = seconds(p)
+        total += p.count * timed[p.shape]
+    return total
+
+
+def shrunk(cfg: ModelConfig) -> ModelConfig:
+    """The same architecture (layers, heads, KV heads, experts, top-k, MLP kind, MoE pattern,
+    capacity) at tiny widths: the same ops per step, on weights and a KV cache of a few MB."""
+    return cfg.replace(**SHRUNK)
+
+
+def software_step_s(step_s: Callable[[int], float], context: int, cap: int = MAX_MEASURED_CONTEXT) -> float:
+    """Seconds per step at ``context``: measured there up to ``cap``; beyond, extrapolated linearly
+    from cap/2 and cap (a step gathers every sequence's keys, so its cost grows linearly with C)."""
+    if context <= cap:
+        return step_s(context)
+    lo, hi = step_s(cap // 2), step_s(cap)
+    return hi + (context - cap) * max(hi - lo, 0.0) / (cap - cap // 2)
+
+
+def check_measurable(hardware: str, mode: str, pp: int, ep: int) -> None:
+    """One-line errors for what ``--measure-efficiency`` cannot measure: another machine, training,
+    a model split over devices."""
+    if hardware != "local":
+        raise ValueError(f"--measure-efficiency measures this machine: --hardware {hardware!r} is not 'local'")
+    if mode != "inference":
+        raise ValueError(f"--measure-efficiency measures decoding: --mode {mode!r} is not 'inference'")
+    for flag, value in (("--pp", pp), ("--ep", ep)):
+        if value != 1:
+            raise ValueError(f"--measure-efficiency measures one device holding the whole model: {flag} {value}")
+
+
+def with_measured_efficiency(inp: PlanInputs, m: MeasuredEfficiency) -> PlanInputs:
+    """The inputs planned with the measured hbm_efficiency (the plan's notes show where it came from)."""
+    return replace(inp, efficiency=replace(inp.efficiency, hbm_efficiency=m.hbm_efficiency),
+                   options=replace(inp.options, measured_efficiency=m))
+
+
+# ---- measuring -----------------------------------------------------------------------------------
+
+
+def measure_decode_efficiency(inp: PlanInputs, measurers: DecodeMeasurers | None = None) -> MeasuredEfficiency:
+    """eta's parts for ``inp``'s model, weight precision, batch and context, measured on this machine."""
+    check_measurable(inp.hardware.name, inp.mode, inp.layout.pp, inp.layout.ep)
+    cfg, B, C, wb = inp.model, inp.workload.batch, inp.workload.context, inp.precision.weight_bytes
+    if wb not in DTYPE_NAMES:
+        raise ValueError(f"--measure-efficiency: --weight-bytes {wb} is not one of {sorted(DTYPE_NAMES)}")
+    products = decode_matmuls(cfg, B)
+    biggest = max(products, key=lambda p: p.out_features * p.in_features)
+    if 4 * biggest.out_features * biggest.in_features * wb > inp.hardware.mem_bytes:  # 2 copies, laid out twice
+        raise ValueError(f"--measure-efficiency: two copies of the {biggest.name} matrix ({biggest.out_features} x "
+                         f"{biggest.in_features}) do not fit twice in this machine's memory")
+    at_one = replace(inp, efficiency=replace(inp.efficiency, hbm_efficiency=1.0))
+    _, _, dec, reads = decode(at_one, param_counts(cfg))
+    m = measurers or default_decode_measurers()
+    small = shrunk(cfg)
+    return MeasuredEfficiency(
+        t_roofline_mem_s=dec.t_mem_s,
+        t_matmul_s=step_matmul_s(products, lambda p: m.matmul_s(p, wb)),
+        t_kv_s=reads.kv_bytes / inp.hardware.hbm_bytes_per_s,
+        t_software_s=software_step_s(lambda c: m.step_s(small, B, c, wb), C),
+    )
+
+
+def default_decode_measurers(pool_bytes: int = POOL_BYTES, steps: int = STEPS) -> DecodeMeasurers:
+    return DecodeMeasurers(matmul_s=lambda p, wb: measure_matmul_s(p, wb, pool_bytes=pool_bytes),
+                           step_s=lambda cfg, b, c, wb: measure_decode_step_s(cfg, b, c, wb, steps=steps))
+
+
+def measure_matmul_s(product: Matmul, weight_bytes: int, pool_bytes: int = POOL_BYTES, passes: int = 3,
+                     budget_s: float = 1.0) -> float:
+    """Median over passes of the seconds one product takes, cycling through copies of W that total
+    ``pool_bytes``, so each is read from memory as a decode step reads it, not from the cache."""
+    import torch
+    import torch.nn.functional as F
+
+    from moegpt.infer.layout import store_in_by_out, streams_rows_faster
+
+    dtype = getattr(torch, DTYPE_NAMES[weight_bytes])
+    O, I = product.out_features, product.in_features
+    n = max(2, math.ceil(pool_bytes / (O * I * weight_bytes)))
+    w = torch.empty(n, O, I, dtype=dtype)  # (n, O, I): n copies, as nn.Linear stores a weight
+    w.fill_(0.01)  # written: every page its own memory
+    if product.in_by_out and streams_rows_faster(w):
+        w = store_in_by_out(w)  # as the engine lays weights out: (n, O, I) views of a (n, I, O) tensor
+    x = torch.full((product.rows, I), 0.01, dtype=dtype)  # (rows, I)
+    F.linear(x, w[0])  # warm-up
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < passes and (not times or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        for i in range(n):
+            F.linear(x, w[i])  # (rows, O), as the model's nn.Linear and expert loop do
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times)
+
+
+def measure_decode_step_s(cfg: ModelConfig, batch: int, context: int, weight_bytes: int, steps: int = STEPS,
+                          block_size: int = 16) -> float:
+    """Median seconds of one LLMEngine decode step of ``batch`` greedy sequences whose keys average
+    about ``context``; the step that prefills them is not counted.
+
+    The sequences share a prompt prefix of full blocks, prefilled once by a primer request and then
+    taken from the prefix cache (one prefill, not ``batch``); each prompt ends in a token of its own,
+    so the sequences decode, and route, differently."""
+    import torch
+
+    from moegpt.infer.engine import EngineConfig, LLMEngine, Request
+    from moegpt.infer.scheduler import SchedulerConfig
+    from moegpt.model import build_model
+
+    shared = max(context - steps // 2 - 1, 0) // block_size * block_size  # prefix tokens, whole blocks
+    prompt, new = shared + 1, steps + 1  # keys per sequence: prompt + 1 .. prompt + steps, ~context on average
+    model = build_model(cfg.replace(max_seq_len=prompt + new), seed=0, dtype=getattr(torch, DTYPE_NAMES[weight_bytes]))
+    blocks = -(-prompt // block_size) + batch * -(-(new + 1) // block_size) + 1
+    engine = LLMEngine(model, EngineConfig(block_size=block_size, num_kv_blocks=blocks, scheduler=SchedulerConfig(
+        max_num_seqs=batch, max_batched_tokens=max(PREFILL_CHUNK, batch))))
+    g = torch.Generator().manual_seed(0)  # not the global RNG
+    prefix = torch.randint(0, cfg.vocab_size, (shared,), generator=g).tolist()
+    engine.add_request(prefix + [0], Request(max_tokens=1))
+    while engine.has_work:  # the primer: prefills the shared prefix, in chunks (and warms the engine up)
+        engine.step()
+    for last in torch.randint(0, cfg.vocab_size, (batch,), generator=g).tolist():
+        engine.add_request(prefix + [last], Request(max_tokens=new))
+    first = engine.step()  # each prompt's last token (the rest is cached): not timed
+    assert len(first) == batch, f"{len(first)} of {batch} sequences started in one step"
+    times = []
+    while engine.has_work:
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
