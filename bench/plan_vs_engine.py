@@ -6,9 +6,10 @@ hardware ``local`` (this machine, measured once and cached: the read bandwidth o
 product and the fp32 matmul peak) and ``embedding_lookup`` on, at context = prompt + half the new
 tokens. Two predictions per batch:
 - roofline: the reference decode algorithm, hbm_efficiency 1;
-- measured efficiency: the same plan with the hbm_efficiency ``moegpt plan --measure-efficiency``
-  measures (moegpt.planner.local_decode: the step's weight matmuls at the model's shapes, cold, plus
-  the engine's per-step software time on the architecture shrunk to tiny widths). ``within_25pct``
+- measured efficiency: the same plan with the hbm_efficiency that ``moegpt plan --hardware local
+  --model DIR`` measures by default (``--measure-efficiency``; moegpt.planner.local_decode: the
+  step's weight matmuls at the model's shapes, cold, plus the engine's per-step software time on the
+  architecture shrunk to tiny widths). ``within_25pct``
   and the ratio refer to this one.
 
 Measured: greedy LLMEngine decode, a 64-token prompt and 64 new tokens per sequence, batch 1 and 16.

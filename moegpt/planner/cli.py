@@ -67,10 +67,11 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    "(default 1)")
     for flag in ("flops_efficiency", "overhead_factor"):
         g.add_argument("--" + flag.replace("_", "-"), dest=flag, type=number, default=1.0)
-    g.add_argument("--measure-efficiency", action="store_true",
+    g.add_argument("--measure-efficiency", action=argparse.BooleanOptionalAction, default=None,
                    help="with --hardware local: measure hbm_efficiency for this model, batch and context (the "
                    "step's matmuls at the model's shapes + the engine's per-step software time; a few seconds, not "
-                   "cached) and plan with it (refinement)")
+                   "cached) and plan with it (refinement; default: on for --hardware local --model DIR in "
+                   "inference mode on one device without --hbm-efficiency, off otherwise)")
     for flag in ("days", "gpu_hour_usd", "target_tps", "words_per_min", "tokens_per_word", "draft_tokens",
                  "acceptance_rate", "nic_gbps_per_gpu", "bytes_per_token_text", "bytes_per_token_vision"):
         g.add_argument("--" + flag.replace("_", "-"), dest=flag, **n)
@@ -95,7 +96,11 @@ def default_cache_dir() -> Path:
 def inputs_from_args(args):
     from moegpt.planner.inputs import make_inputs
 
-    if args.measure_efficiency:  # checked before anything is measured
+    measure = args.measure_efficiency
+    if measure is None:  # the default: predict what our engine does with this model here
+        measure = (args.hardware == "local" and args.model is not None and args.mode == "inference"
+                   and args.pp == 1 and args.ep == 1 and args.hbm_efficiency is None)
+    elif measure:  # asked for: checked before anything is measured
         from moegpt.planner.local_decode import check_measurable
 
         check_measurable(args.hardware, args.mode, args.pp, args.ep)
@@ -133,7 +138,7 @@ def inputs_from_args(args):
     if values["hbm_efficiency"] is None:
         values["hbm_efficiency"] = 1.0
     inp = make_inputs(preset=preset, model=model, overrides=overrides, hardware=hardware, **byte_widths, **values)
-    if args.measure_efficiency:
+    if measure:
         from moegpt.planner.local_decode import measure_decode_efficiency, with_measured_efficiency
 
         inp = with_measured_efficiency(inp, measure_decode_efficiency(inp))

@@ -195,6 +195,33 @@ def test_the_cli_plans_with_the_measured_efficiency(cached_machine, monkeypatch,
     assert "hbm_efficiency" in table and "measured" in table and "t_matmul" in table and "t_software" in table
 
 
+@pytest.mark.parametrize("extra, measured", [
+    ([], True),  # --hardware local --model DIR: how fast our engine decodes this model here
+    (["--no-measure-efficiency"], False),  # the bare roofline
+    (["--hbm-efficiency", "0.5"], False),  # an efficiency given is not measured
+    (["--mode", "train"], False),
+])
+def test_local_hardware_with_a_model_directory_measures_by_default(extra, measured, cached_machine, tmp_path,
+                                                                   monkeypatch, capsys):
+    import moegpt.planner.local_decode as local_decode
+    from moegpt.checkpoint.model_dir import save
+    from moegpt.model import build_model
+
+    calls = []
+    monkeypatch.setattr(local_decode, "default_decode_measurers", lambda: fake_measurers(calls))
+    model_dir = tmp_path / "model"
+    save(build_model(CFG.replace(max_seq_len=128), seed=0), None, model_dir)
+    args = plan_args(["--hardware", "local", "--cache-dir", str(cached_machine), "--model", str(model_dir),
+                      "--batch", "2", "--context", "64", "--json", *extra])
+    assert args.func(args) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert bool(calls) == measured
+    assert ("MEASURED_EFFICIENCY" in {w["code"] for w in d["warnings"]}) == measured
+    before = len(calls)
+    args = plan_args(["--cache-dir", str(cached_machine), "--preset", "tiny", "--json"])  # a datasheet GPU: never
+    assert args.func(args) == 0 and len(calls) == before
+
+
 # ---- (d) one real measurement --------------------------------------------------------------------
 
 def test_a_real_measurement_of_a_tiny_model_directory(tmp_path):
