@@ -61,8 +61,8 @@ def attend_each_sequence(k_slots: torch.Tensor, v_slots: torch.Tensor, meta: Pag
     for i in sequences:
         start, end, S = starts[i], starts[i + 1], meta.context_lens[i]
         slots = meta.context_slots[i, :S]  # (S_i,)
-        keys = k_slots[slots].transpose(0, 1)[None].to(q.dtype)  # (1, G, S_i, Dh)
-        values = v_slots[slots].transpose(0, 1)[None].to(q.dtype)
+        keys = k_slots.index_select(0, slots).transpose(0, 1)[None].to(q.dtype)  # (1, G, S_i, Dh)
+        values = v_slots.index_select(0, slots).transpose(0, 1)[None].to(q.dtype)
         key_positions = torch.arange(S, device=q.device)  # (S_i,)
         outs.append((start, attention_over_keys(q[:, :, start:end], keys, values, positions[start:end], key_positions)))
     return outs
@@ -70,8 +70,10 @@ def attend_each_sequence(k_slots: torch.Tensor, v_slots: torch.Tensor, meta: Pag
 
 def attend_decode_batch(k_slots: torch.Tensor, v_slots: torch.Tensor, d: DecodeBatch, q: torch.Tensor) -> torch.Tensor:
     """q (Bd, H, 1, Dh), one query per sequence at its newest position -> (Bd, H, 1, Dh)."""
-    keys = k_slots[d.slots].transpose(1, 2)  # (Bd, S_d, G, Dh) -> (Bd, G, S_d, Dh)
-    values = v_slots[d.slots].transpose(1, 2)
+    Bd, S_d = d.slots.shape
+    flat = d.slots.reshape(-1)  # (Bd * S_d,): index_select gathers rows faster than indexing by a 2-D tensor
+    keys = k_slots.index_select(0, flat).view(Bd, S_d, *k_slots.shape[1:]).transpose(1, 2)  # (Bd, G, S_d, Dh)
+    values = v_slots.index_select(0, flat).view(Bd, S_d, *v_slots.shape[1:]).transpose(1, 2)
     if keys.dtype != q.dtype:
         keys, values = keys.to(q.dtype), values.to(q.dtype)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=d.mask, enable_gqa=keys.shape[1] != q.shape[1])
@@ -86,8 +88,8 @@ class PagedLayerView:
         meta, N = self.meta, q.shape[2]
         if k.dtype != self.k_slots.dtype:
             k, v = k.to(self.k_slots.dtype), v.to(self.v_slots.dtype)
-        self.k_slots[meta.slot_mapping] = k[0].transpose(0, 1)  # (N, G, Dh)
-        self.v_slots[meta.slot_mapping] = v[0].transpose(0, 1)
+        self.k_slots.index_copy_(0, meta.slot_mapping, k[0].transpose(0, 1))  # (N, G, Dh) into their slots
+        self.v_slots.index_copy_(0, meta.slot_mapping, v[0].transpose(0, 1))
         d = meta.decode
         if d is not None and d.tokens.shape[0] == N:  # a pure decode step: tokens are the sequences
             out = attend_decode_batch(self.k_slots, self.v_slots, d, q[0].transpose(0, 1)[:, :, None])  # (N, H, 1, Dh)

@@ -79,7 +79,7 @@ def route(logits: torch.Tensor, top_k: int, capacity: int | None) -> tuple[Routi
     order = torch.argsort(flat_e, stable=True)  # stable: within an expert, tokens keep their order
     counts = torch.bincount(flat_e, minlength=E)  # (E,)
     token = order // top_k  # (A,)
-    weight = top_w.reshape(-1)[order]  # (A,)
+    weight = top_w.reshape(-1).index_select(0, order)  # (A,)
     kept_counts = counts
     if capacity is not None:
         # Rank of each assignment within its expert; those past the capacity are dropped.
@@ -111,7 +111,7 @@ class MoE(nn.Module):
         flat = x.reshape(N, D)  # (N, D)
         logits = self.router(flat)  # (N, E)
         routing, probs, counts = route(logits, K, self.capacity(N))
-        y = self.experts(flat[routing.token], routing.counts)  # (A', D) grouped by expert
+        y = self.experts(flat.index_select(0, routing.token), routing.counts)  # (A', D) grouped by expert
         y = y * routing.weight[:, None]  # fp32 weights: (A', D) in fp32
         if y.dtype != flat.dtype:
             y = y.to(flat.dtype)
