@@ -167,9 +167,12 @@ def _generator(seed: int | None, index: int) -> torch.Generator:
 
 
 class LLMEngine:
+    """Continuous-batching decoding of one model (and optionally a draft). The engine owns the models
+    it is given: their fp32 CPU weights are re-stored for decoding, in place, with the same values
+    (moegpt.infer.layout; ``restore_layout`` undoes it)."""
+
     def __init__(self, model: MoEGPT, config: EngineConfig = EngineConfig(), tokenizer: Tokenizer | None = None,
                  draft: MoEGPT | None = None):
-        # The engine owns the model it decodes: its weights are laid out for decoding (same values).
         self.model, self.config, self.tokenizer = lay_out_for_decoding(model.eval()), config, tokenizer
         spec = config.speculative
         if draft is not None and spec is None:

@@ -111,7 +111,9 @@ class MoE(nn.Module):
         flat = x.reshape(N, D)  # (N, D)
         logits = self.router(flat)  # (N, E)
         routing, probs, counts = route(logits, K, self.capacity(N))
-        y = self.experts(flat.index_select(0, routing.token), routing.counts)  # (A', D) grouped by expert
+        # Indexing, not index_select: its backward (a sorted index_put) stays deterministic on CUDA
+        # where each token's k rows are summed; index_select's index_add backward uses atomics.
+        y = self.experts(flat[routing.token], routing.counts)  # (A', D) grouped by expert
         y = y * routing.weight[:, None]  # fp32 weights: (A', D) in fp32
         if y.dtype != flat.dtype:
             y = y.to(flat.dtype)

@@ -137,8 +137,10 @@ def decode(inp: PlanInputs, c: ParamCounts) -> tuple[MoE, Roofline, Decode, Step
         if hw.nvlink_bytes_per_s is None:
             raise ValueError(f"--tp {tp}: {hw.name} has no NVLink figure")
         t_comm = layers * 2 * 2 * (tp - 1) / tp * b * cfg.d_model * ACT_BYTES / (hw.nvlink_bytes_per_s / 2)
-    # 5-7. stage time; a user's token crosses all pp stages (unlike llm-analysis, which reports one stage)
-    t_stage = max(t_mem, t_comp) + t_comm
+    # 5-7. stage time; a user's token crosses all pp stages (unlike llm-analysis, which reports one stage).
+    # Refinement (--measure-efficiency): plus the engine's measured software time per step.
+    t_software = 0.0 if opt.measured_efficiency is None else opt.measured_efficiency.t_software_s
+    t_stage = max(t_mem, t_comp) + t_comm + t_software
     latency = pp * t_stage
     cluster_tps = lay.dp * B / latency
     flops_per_token = 2 * c.active_per_token

@@ -79,8 +79,10 @@ class Efficiency:
 
 @dataclass(frozen=True)
 class MeasuredEfficiency:
-    """How ``--measure-efficiency`` found hbm_efficiency on this machine (moegpt.planner.local_decode):
-    the roofline's memory time over the measured parts of one decode step. Seconds per step."""
+    """What ``--measure-efficiency`` measured on this machine (moegpt.planner.local_decode), in seconds
+    per decode step: hbm_efficiency is the roofline's memory time over the measured time of streaming
+    the weights and KV cache; the software time is added to the stage time on its own (it does not
+    scale with the bytes read)."""
 
     t_roofline_mem_s: float  # the decode roofline's memory time at hbm_efficiency 1 (weights + KV)
     t_matmul_s: float  # the step's weight matrix products at the model's shapes, weights cold
@@ -93,8 +95,8 @@ class MeasuredEfficiency:
 
     @property
     def eta(self) -> float:
-        """The measured efficiency; above 1 when the step beats the roofline (weights in the cache)."""
-        return self.t_roofline_mem_s / self.t_step_s
+        """The measured bandwidth efficiency; above 1 when the reads beat the roofline (weights in the cache)."""
+        return self.t_roofline_mem_s / (self.t_matmul_s + self.t_kv_s)
 
     @property
     def hbm_efficiency(self) -> float:

@@ -1,21 +1,24 @@
-"""``--measure-efficiency``: this machine's hbm_efficiency for one model, batch and context, measured.
+"""``--measure-efficiency``: how fast our engine decodes one model here, at one batch and context, measured.
 
 The decode roofline divides the bytes a step reads by the read bandwidth of one large
 matrix-vector product. Our engine's step takes longer, for two reasons this file measures apart:
 
 - t_matmul: the step's weight matrix products at the model's own shapes, dtype and layout
-  (moegpt.infer.layout), weights cold in memory. Small matrices, and products of a few rows, read
-  slower per byte than the one large matrix-vector product.
+  (moegpt.infer.layout), weights cold in memory, each timed with F.linear (the engine's products
+  below E rows; from E rows on it runs the experts as one grouped_mm, which this approximates).
+  Small matrices, and products of a few rows, read slower per byte than the one large product.
 - t_software: everything in a step that is not streaming weights: Python, thousands of dispatched
   ops, scheduling, sampling. Measured by running LLMEngine on the same architecture (layers, heads,
   KV heads, experts, top-k, MLP kind, MoE pattern) shrunk to tiny widths, where weights cost nothing.
 - t_kv: the KV cache at the read bandwidth. The shrunk model's cache is tiny (head_dim 8), so the
   KV bytes are counted here, once.
 
-    eta = t_roofline_mem / (t_matmul + t_kv + t_software)
+    hbm_efficiency = t_roofline_mem / (t_matmul + t_kv)
+    stage time     = max(t_mem, t_compute) + t_comm + t_software
 
-where t_roofline_mem is the planner's own memory time at efficiency 1; planning with eta makes the
-memory time the measured step. Nothing is cached (the figure depends on model and batch), nothing is
+where t_roofline_mem is the planner's own memory time at efficiency 1: planning with it makes the
+memory time the measured reads, and the software time, which does not scale with the bytes read, is
+added to the stage time on its own. Nothing is cached (the figure depends on model and batch), nothing is
 printed, and the measuring functions are arguments (``DecodeMeasurers``) so tests pass fakes.
 
 Legend: B batch (rows per step), C context, L layers, D d_model, F d_ff, E experts, k top-k,
@@ -161,9 +164,11 @@ def measure_decode_efficiency(inp: PlanInputs, measurers: DecodeMeasurers | None
         raise ValueError(f"--measure-efficiency: --weight-bytes {wb} is not one of {sorted(DTYPE_NAMES)}")
     products = decode_matmuls(cfg, B)
     biggest = max(products, key=lambda p: p.out_features * p.in_features)
-    if 4 * biggest.out_features * biggest.in_features * wb > inp.hardware.mem_bytes:  # 2 copies, laid out twice
-        raise ValueError(f"--measure-efficiency: two copies of the {biggest.name} matrix ({biggest.out_features} x "
-                         f"{biggest.in_features}) do not fit twice in this machine's memory")
+    need = 4 * biggest.out_features * biggest.in_features * wb  # 2 copies, each laid out a second time
+    if need > inp.hardware.mem_bytes:
+        raise ValueError(f"--measure-efficiency: timing the {biggest.name} matrix ({biggest.out_features} x "
+                         f"{biggest.in_features}) needs {need / 1e9:.1f} GB, more than this machine's "
+                         f"{inp.hardware.mem_bytes / 1e9:.1f} GB")
     at_one = replace(inp, efficiency=replace(inp.efficiency, hbm_efficiency=1.0))
     _, _, dec, reads = decode(at_one, param_counts(cfg))
     m = measurers or default_decode_measurers()
@@ -204,7 +209,7 @@ def measure_matmul_s(product: Matmul, weight_bytes: int, pool_bytes: int = POOL_
     while len(times) < passes and (not times or time.perf_counter() - start < budget_s):
         t0 = time.perf_counter()
         for i in range(n):
-            F.linear(x, w[i])  # (rows, O), as the model's nn.Linear and expert loop do
+            F.linear(x, w[i])  # (rows, O), as the model's nn.Linear and its expert loop (below E rows) do
         times.append((time.perf_counter() - t0) / n)
     return statistics.median(times)
 
@@ -237,7 +242,8 @@ def measure_decode_step_s(cfg: ModelConfig, batch: int, context: int, weight_byt
     for last in torch.randint(0, cfg.vocab_size, (batch,), generator=g).tolist():
         engine.add_request(prefix + [last], Request(max_tokens=new))
     first = engine.step()  # each prompt's last token (the rest is cached): not timed
-    assert len(first) == batch, f"{len(first)} of {batch} sequences started in one step"
+    if len(first) != batch:
+        raise RuntimeError(f"--measure-efficiency: {len(first)} of {batch} sequences started in the first step")
     times = []
     while engine.has_work:
         t0 = time.perf_counter()

@@ -214,10 +214,10 @@ def warnings(inp: PlanInputs, mem: Memory, dec: Decode | None, train: Training |
     if m is not None:  # a note: where hbm_efficiency came from (--measure-efficiency)
         capped = f" (measured {m.eta:.3g}, capped at 1)" if m.eta > 1 else ""
         out.append(PlanWarning("MEASURED_EFFICIENCY", f"hbm_efficiency {m.hbm_efficiency:.3g}{capped} measured on "
-                               f"this machine = roofline memory time {_ms(m.t_roofline_mem_s)} / measured step "
-                               f"{_ms(m.t_step_s)} (t_matmul {_ms(m.t_matmul_s)}: weight products at the model's "
-                               f"shapes, cold; t_kv {_ms(m.t_kv_s)}; t_software {_ms(m.t_software_s)}: the engine's "
-                               f"step at tiny widths)"))
+                               f"this machine = roofline memory time {_ms(m.t_roofline_mem_s)} / measured reads "
+                               f"{_ms(m.t_matmul_s + m.t_kv_s)} (t_matmul {_ms(m.t_matmul_s)}: weight products at "
+                               f"the model's shapes, cold; t_kv {_ms(m.t_kv_s)}); the stage time adds t_software "
+                               f"{_ms(m.t_software_s)} (the engine's step at tiny widths)"))
     if train is not None and train.pipeline_bubble_fraction > BUBBLE_WARNING:
         out.append(PlanWarning("PIPELINE_BUBBLE_HIGH", f"1F1B bubble {train.pipeline_bubble_fraction:.0%} with pp "
                            f"{lay.pp} and {train.microbatches_per_replica} micro-batches per replica"))

@@ -3,14 +3,22 @@
 import copy
 
 import torch
+from torch import nn
 
+from moegpt.checkpoint.model_dir import load, save
 from moegpt.config import preset
-from moegpt.infer.layout import lay_out_for_decoding
+from moegpt.infer.engine import EngineConfig, LLMEngine, SpeculativeConfig
+from moegpt.infer.layout import lay_out_for_decoding, restore_layout
 from moegpt.model import build_model
 
 
 def _cfg(**kw):
-    return preset("tiny").replace(vocab_size=128, n_layers=2, d_model=32, n_heads=4, d_ff=48, n_experts=4, **kw)
+    return preset("tiny").replace(**{**dict(vocab_size=128, n_layers=2, d_model=32, n_heads=4, d_ff=48, n_experts=4),
+                                     **kw})
+
+
+def _laid_out(t: torch.Tensor) -> bool:
+    return t.transpose(-2, -1).is_contiguous() and not t.is_contiguous()
 
 
 def test_fp32_weights_are_stored_in_by_out_with_the_same_names_values_and_outputs():
@@ -23,18 +31,34 @@ def test_fp32_weights_are_stored_in_by_out_with_the_same_names_values_and_output
     for name, t in new.items():
         assert t.shape == old[name].shape and torch.equal(t, old[name]), name
         if t.dim() >= 2 and not name.startswith("embed"):  # every matmul weight: a transposed view
-            assert t.transpose(-2, -1).is_contiguous() and not t.is_contiguous(), name
+            assert _laid_out(t), name
     assert model.embed.weight.is_contiguous()  # lookups read rows
     with torch.no_grad():
         torch.testing.assert_close(model(tokens).logits, before(tokens).logits, rtol=1e-5, atol=1e-5)
     ptrs = [p.data_ptr() for p in model.parameters()]
     lay_out_for_decoding(model)  # idempotent: nothing is copied again
     assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert restore_layout(model) is model and all(p.is_contiguous() for p in model.parameters())
+    assert all(torch.equal(t, old[name]) for name, t in model.state_dict().items())
 
 
-def test_bf16_and_a_tied_head_keep_their_layout():
+def test_bf16_and_an_embedding_table_shared_by_a_linear_keep_their_layout():
     bf16 = build_model(_cfg(), seed=1, dtype=torch.bfloat16)
     lay_out_for_decoding(bf16)
     assert all(p.is_contiguous() for p in bf16.parameters())  # 20x slower transposed without bf16 units
-    tied = lay_out_for_decoding(build_model(_cfg(tie_embeddings=True), seed=1))
-    assert tied.embed.weight.is_contiguous()
+    shared = nn.Module()
+    shared.table, shared.head, shared.proj = nn.Embedding(16, 8), nn.Linear(8, 16, bias=False), nn.Linear(8, 8)
+    shared.head.weight = shared.table.weight  # a tied head: the table's rows are looked up
+    lay_out_for_decoding(shared)
+    assert shared.table.weight.is_contiguous() and _laid_out(shared.proj.weight)
+
+
+def test_the_engine_lays_out_its_models_and_they_still_save_and_load(tmp_path):
+    model, draft = build_model(_cfg(), seed=1).eval(), build_model(_cfg(n_layers=1), seed=2).eval()
+    reference = copy.deepcopy(model).state_dict()
+    engine = LLMEngine(model, EngineConfig(speculative=SpeculativeConfig(num_tokens=2)), draft=draft)
+    assert engine.model is model and _laid_out(model.lm_head.weight) and _laid_out(model.layers[0].ffn.experts.w_up)
+    assert _laid_out(engine.draft.lm_head.weight)
+    save(model, None, tmp_path)
+    loaded, _ = load(tmp_path)
+    assert all(torch.equal(t, reference[name]) for name, t in loaded.state_dict().items())
