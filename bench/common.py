@@ -1,4 +1,4 @@
-"""Shared bench helpers: timing with medians, and writing JSON results."""
+"""Shared bench helpers: timing with medians, an engine with a batch prefilled, and writing JSON results."""
 
 from __future__ import annotations
 
@@ -25,6 +25,21 @@ def interleaved_medians(fns, repeats: int, warmup: int = 1) -> list[float]:
             fn()
             ts.append(time.perf_counter() - t0)
     return [statistics.median(ts) for ts in times]
+
+
+def prefilled_engine(model, batch: int, prompt: int, new: int, seed: int, kv_cache_bytes: int):
+    """An LLMEngine holding ``batch`` random prompts of ``prompt`` tokens (``new`` greedy tokens each),
+    all prefilled by its first step -> (engine, that step's updates). Every later step decodes."""
+    from moegpt.infer.engine import EngineConfig, LLMEngine, Request
+    from moegpt.infer.scheduler import SchedulerConfig
+
+    engine = LLMEngine(model, EngineConfig(kv_cache_bytes=kv_cache_bytes, scheduler=SchedulerConfig(
+        max_num_seqs=batch, max_batched_tokens=batch * prompt)))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(batch):
+        engine.add_request(torch.randint(0, model.cfg.vocab_size, (prompt,), generator=g).tolist(),
+                           Request(max_tokens=new))
+    return engine, engine.step()
 
 
 def machine() -> dict:

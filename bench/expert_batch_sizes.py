@@ -16,10 +16,8 @@ import argparse
 
 import torch
 
-from bench.common import write_result
+from bench.common import prefilled_engine, write_result
 from moegpt.config import preset
-from moegpt.infer.engine import EngineConfig, LLMEngine, Request
-from moegpt.infer.scheduler import SchedulerConfig
 from moegpt.model import build_model
 from moegpt.planner.decode import experts_read_fraction
 
@@ -29,13 +27,7 @@ DEFAULT_PRESET, PROMPT = "small", 32
 @torch.no_grad()
 def per_expert_counts(model, batch: int, new: int, seed: int = 0) -> torch.Tensor:
     """(steps, Lm, E) tokens per expert of every decode step (all ``batch`` sequences decoding)."""
-    cfg = model.cfg
-    engine = LLMEngine(model, EngineConfig(kv_cache_bytes=128 * 2**20, scheduler=SchedulerConfig(
-        max_num_seqs=batch, max_batched_tokens=batch * PROMPT)))
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(batch):
-        engine.add_request(torch.randint(0, cfg.vocab_size, (PROMPT,), generator=g).tolist(), Request(max_tokens=new))
-    engine.step()  # prefill of every prompt
+    engine, _ = prefilled_engine(model, batch, PROMPT, new, seed, kv_cache_bytes=128 * 2**20)
     steps = []
     while engine.has_work:
         engine.step()

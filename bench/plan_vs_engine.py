@@ -30,11 +30,9 @@ import time
 
 import torch
 
-from bench.common import write_result
+from bench.common import prefilled_engine, write_result
 from moegpt.checkpoint.model_dir import read_config, save
 from moegpt.config import preset
-from moegpt.infer.engine import EngineConfig, LLMEngine, Request
-from moegpt.infer.scheduler import SchedulerConfig
 from moegpt.model import build_model
 from moegpt.planner.cli import default_cache_dir
 from moegpt.planner.inputs import make_inputs, model_dir_bytes
@@ -66,13 +64,7 @@ def predict(model_dir: str, batch: int) -> dict:
 @torch.no_grad()
 def measure(model, batch: int, seed: int, new: int = NEW) -> float:
     """Decode tokens/s of LLMEngine: the steps after the one that prefills every prompt."""
-    cfg = model.cfg
-    engine = LLMEngine(model, EngineConfig(kv_cache_bytes=64 * 2**20, scheduler=SchedulerConfig(
-        max_num_seqs=batch, max_batched_tokens=batch * PROMPT)))
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(batch):
-        engine.add_request(torch.randint(0, cfg.vocab_size, (PROMPT,), generator=g).tolist(), Request(max_tokens=new))
-    first = engine.step()  # prefill of every prompt (and each one's first token)
+    engine, first = prefilled_engine(model, batch, PROMPT, new, seed, kv_cache_bytes=64 * 2**20)  # + first tokens
     assert len(first) == batch, f"prefill took more than one step ({len(first)} of {batch})"
     tokens, t0 = 0, time.perf_counter()
     while engine.has_work:
