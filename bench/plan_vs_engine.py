@@ -32,6 +32,7 @@ import torch
 
 from bench.common import prefilled_engine, write_result
 from moegpt.checkpoint.model_dir import read_config, save
+from moegpt.cli import engine_decode_measurers
 from moegpt.config import preset
 from moegpt.model import build_model
 from moegpt.planner.cli import default_cache_dir
@@ -50,7 +51,7 @@ def predict(model_dir: str, batch: int) -> dict:
     hw = local_hardware(default_cache_dir())
     inp = make_inputs(preset=model_dir, model=read_config(model_dir), hardware=hw, batch=batch,
                       context=PROMPT + NEW // 2, weight_bytes=width, kv_bytes=width, embedding_lookup=True)
-    m = measure_decode_efficiency(inp)
+    m = measure_decode_efficiency(inp, engine_decode_measurers())
     roof, refined = plan(inp), plan(with_measured_efficiency(inp, m))
     return {"tokens_per_s": refined.decode.cluster_tokens_per_s, "t_mem_s": refined.decode.t_mem_s,
             "t_compute_s": refined.decode.t_compute_s, "bound": refined.roofline.bound,

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from moegpt.config import ModelConfig
 from moegpt.counts import forward_flops_per_token, param_counts
 from moegpt.planner.decode import embedding_rows_not_read, experts_read_fraction
-from moegpt.planner.hardware import measure_matmul_flops, measure_read_bandwidth
+from moegpt.hardware import measure_matmul_flops, measure_read_bandwidth
 
 
 @dataclass(frozen=True)

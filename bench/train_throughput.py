@@ -22,7 +22,7 @@ from moegpt.checkpoint.model_dir import save
 from moegpt.config import preset
 from moegpt.counts import train_flops_per_token
 from moegpt.model import build_model
-from moegpt.planner.hardware import measure_matmul_flops
+from moegpt.hardware import measure_matmul_flops
 from moegpt.train.step import LossWeights, train_step
 
 SHAPES = {"tiny": (16, 128), "small": (4, 128)}  # (batch, seq_len) per step

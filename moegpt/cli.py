@@ -295,6 +295,26 @@ def cmd_info(args) -> int:
     return 0
 
 
+def engine_decode_measurers(pool_bytes: int | None = None, steps: int | None = None):
+    """The planner's ``DecodeMeasurers`` timing our engine (moegpt.infer.measure): the planner only
+    does arithmetic, and the CLI, which may import both, joins them."""
+    import torch
+
+    from moegpt.infer import measure
+    from moegpt.planner.local_decode import DTYPE_NAMES, DecodeMeasurers
+
+    pool = measure.POOL_BYTES if pool_bytes is None else pool_bytes
+    n = measure.STEPS if steps is None else steps
+
+    def dtype(weight_bytes: int) -> torch.dtype:
+        return getattr(torch, DTYPE_NAMES[weight_bytes])
+
+    return DecodeMeasurers(
+        matmul_s=lambda p, wb: measure.weight_product_s(p.rows, p.out_features, p.in_features, p.in_by_out,
+                                                        dtype(wb), pool_bytes=pool),
+        step_s=lambda cfg, b, c, wb: measure.decode_step_s(cfg, b, c, dtype(wb), steps=n))
+
+
 DEMO_PROMPTS = ("ROMEO:\n", "def fibonacci(n):\n")
 DEMO_MARKER = ".moegpt-demo"
 
@@ -377,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from moegpt.planner.cli import add_plan_parser
 
-    add_plan_parser(sub)
+    add_plan_parser(sub, decode_measurers=engine_decode_measurers)
 
     from moegpt.serve.cli import add_serve_parser
 

@@ -1,5 +1,6 @@
-"""``moegpt plan``: the planner's subcommand. ``add_plan_parser(subparsers)`` adds it; ``cmd_plan(args)``
-runs it. Bad input raises a one-line ValueError naming the value (the main CLI prints it, exit 2).
+"""``moegpt plan``: the planner's subcommand. ``add_plan_parser(subparsers, decode_measurers)`` adds it;
+``cmd_plan(args)`` runs it. ``decode_measurers`` makes the functions ``--measure-efficiency`` times
+the engine with (the main CLI passes the engine's, moegpt.infer.measure: the planner never imports it). Bad input raises a one-line ValueError naming the value (the main CLI prints it, exit 2).
 
 Three uses: a plan (a table, or ``--json`` with PLANNER.md's fields), ``--article`` (every figure of
 the article beside ours; ``--markdown`` for docs/article.md), and ``--plot DIR`` (the charts).
@@ -13,7 +14,12 @@ import os
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING, Callable
+
 from moegpt.planner.hardware import HARDWARE_NAMES
+
+if TYPE_CHECKING:
+    from moegpt.planner.local_decode import DecodeMeasurers
 
 # flag -> ModelConfig field, for the model overrides applied on top of a preset
 OVERRIDES = {"n_layers": "n_layers", "d_model": "d_model", "n_heads": "n_heads", "n_kv_heads": "n_kv_heads",
@@ -29,7 +35,7 @@ def number(text: str) -> int | float:
     return int(value) if value.is_integer() and abs(value) < 2**63 else value
 
 
-def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+def add_plan_parser(subparsers, decode_measurers: Callable[[], DecodeMeasurers] | None = None) -> argparse.ArgumentParser:
     p = subparsers.add_parser("plan", help="the article's arithmetic: params, FLOPs, memory, latency, MFU, cost",
                               description=__doc__.split("\n\n")[1])
     n = dict(type=number, default=None)
@@ -85,7 +91,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--article", action="store_true", help="the article's figures beside ours, with verdicts")
     g.add_argument("--markdown", action="store_true", help="with --article: docs/article.md's Markdown")
     g.add_argument("--plot", default=None, metavar="DIR", help="write the charts (PNG) into DIR")
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=cmd_plan, decode_measurers=decode_measurers)
     return p
 
 
@@ -141,7 +147,10 @@ def inputs_from_args(args):
     if measure:
         from moegpt.planner.local_decode import measure_decode_efficiency, with_measured_efficiency
 
-        inp = with_measured_efficiency(inp, measure_decode_efficiency(inp))
+        if args.decode_measurers is None:
+            raise ValueError("--measure-efficiency: this parser was built without the engine's measurers "
+                             "(run it as `moegpt plan`)")
+        inp = with_measured_efficiency(inp, measure_decode_efficiency(inp, args.decode_measurers()))
     return inp
 
 

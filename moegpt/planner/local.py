@@ -36,7 +36,7 @@ class Measurement:
 
 @dataclass(frozen=True)
 class Measurers:
-    """The measuring functions (moegpt.planner.hardware's by default; fakes in tests)."""
+    """The measuring functions (moegpt.hardware's by default; fakes in tests)."""
 
     copy_bandwidth: Callable[[str], float]  # device -> bytes/s
     matmul_flops: Callable[[str, str], float]  # (dtype name, device) -> FLOP/s
@@ -46,7 +46,7 @@ class Measurers:
 def default_measurers() -> Measurers:
     import torch
 
-    from moegpt.planner.hardware import measure_copy_bandwidth, measure_matmul_flops, measure_read_bandwidth
+    from moegpt.hardware import measure_copy_bandwidth, measure_matmul_flops, measure_read_bandwidth
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     # Matmul sizes: a GPU needs a large one to reach its peak; a CPU without bf16 units runs bf16

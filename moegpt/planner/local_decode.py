@@ -19,7 +19,8 @@ matrix-vector product. Our engine's step takes longer, for two reasons this file
 where t_roofline_mem is the planner's own memory time at efficiency 1: planning with it makes the
 memory time the measured reads, and the software time, which does not scale with the bytes read, is
 added to the stage time on its own. Nothing is cached (the figure depends on model and batch), nothing is
-printed, and the measuring functions are arguments (``DecodeMeasurers``) so tests pass fakes.
+printed, and the measuring functions are arguments (``DecodeMeasurers``): moegpt.infer.measure's
+time the engine, tests pass fakes.
 
 Legend: B batch (rows per step), C context, L layers, D d_model, F d_ff, E experts, k top-k,
 E_t experts touched per MoE layer, r rows per touched expert, O out features, I in features.
@@ -27,9 +28,6 @@ E_t experts touched per MoE layer, r rows per touched expert, O out features, I 
 
 from __future__ import annotations
 
-import math
-import statistics
-import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -38,10 +36,7 @@ from moegpt.counts import param_counts
 from moegpt.planner.decode import decode, experts_read_fraction
 from moegpt.planner.inputs import MeasuredEfficiency, PlanInputs
 
-POOL_BYTES = 128 * 2**20  # copies of each matrix cycled through: 4x a 32 MB last-level cache (more: same times)
-STEPS = 24  # engine decode steps timed per context (the median is kept)
 MAX_MEASURED_CONTEXT = 2048  # beyond: extrapolated (a prefill of C tokens costs ~C^2)
-PREFILL_CHUNK = 512  # the primer's prompt in chunks of this many tokens: ~40% faster than whole at 2,048
 DTYPE_NAMES = {4: "float32", 2: "bfloat16"}  # weight bytes -> the torch dtype the engine would hold
 # the shrunk model: widths at which its weights and KV cache are a few MB at most
 SHRUNK = dict(d_model=64, head_dim=8, d_ff=16, vocab_size=256)
@@ -66,7 +61,8 @@ class Matmul:
 
 @dataclass(frozen=True)
 class DecodeMeasurers:
-    """The measuring functions (this file's by default; fakes in tests)."""
+    """The measuring functions: moegpt.infer.measure's, which time our engine (the CLI passes them, so
+    the planner never imports the engine); fakes in tests."""
 
     matmul_s: Callable[[Matmul, int], float]  # (product, weight bytes) -> seconds per product, weights cold
     step_s: Callable[[ModelConfig, int, int, int], float]  # (config, B, C, weight bytes) -> s per engine step
@@ -156,8 +152,9 @@ def with_measured_efficiency(inp: PlanInputs, m: MeasuredEfficiency) -> PlanInpu
 # ---- measuring -----------------------------------------------------------------------------------
 
 
-def measure_decode_efficiency(inp: PlanInputs, measurers: DecodeMeasurers | None = None) -> MeasuredEfficiency:
-    """eta's parts for ``inp``'s model, weight precision, batch and context, measured on this machine."""
+def measure_decode_efficiency(inp: PlanInputs, measurers: DecodeMeasurers) -> MeasuredEfficiency:
+    """eta's parts for ``inp``'s model, weight precision, batch and context, measured on this machine
+    by ``measurers`` (moegpt.infer.measure's engine measurers, which the CLI passes; fakes in tests)."""
     check_measurable(inp.hardware.name, inp.mode, inp.layout.pp, inp.layout.ep)
     cfg, B, C, wb = inp.model, inp.workload.batch, inp.workload.context, inp.precision.weight_bytes
     if wb not in DTYPE_NAMES:
@@ -171,7 +168,7 @@ def measure_decode_efficiency(inp: PlanInputs, measurers: DecodeMeasurers | None
                          f"{inp.hardware.mem_bytes / 1e9:.1f} GB")
     at_one = replace(inp, efficiency=replace(inp.efficiency, hbm_efficiency=1.0))
     _, _, dec, reads = decode(at_one, param_counts(cfg))
-    m = measurers or default_decode_measurers()
+    m = measurers
     small = shrunk(cfg)
     return MeasuredEfficiency(
         t_roofline_mem_s=dec.t_mem_s,
@@ -179,74 +176,3 @@ def measure_decode_efficiency(inp: PlanInputs, measurers: DecodeMeasurers | None
         t_kv_s=reads.kv_bytes / inp.hardware.hbm_bytes_per_s,
         t_software_s=software_step_s(lambda c: m.step_s(small, B, c, wb), C),
     )
-
-
-def default_decode_measurers(pool_bytes: int = POOL_BYTES, steps: int = STEPS) -> DecodeMeasurers:
-    return DecodeMeasurers(matmul_s=lambda p, wb: measure_matmul_s(p, wb, pool_bytes=pool_bytes),
-                           step_s=lambda cfg, b, c, wb: measure_decode_step_s(cfg, b, c, wb, steps=steps))
-
-
-def measure_matmul_s(product: Matmul, weight_bytes: int, pool_bytes: int = POOL_BYTES, passes: int = 3,
-                     budget_s: float = 1.0) -> float:
-    """Median over passes of the seconds one product takes, cycling through copies of W that total
-    ``pool_bytes``, so each is read from memory as a decode step reads it, not from the cache."""
-    import torch
-    import torch.nn.functional as F
-
-    from moegpt.infer.layout import store_in_by_out, streams_rows_faster
-
-    dtype = getattr(torch, DTYPE_NAMES[weight_bytes])
-    O, I = product.out_features, product.in_features
-    n = max(2, math.ceil(pool_bytes / (O * I * weight_bytes)))
-    w = torch.empty(n, O, I, dtype=dtype)  # (n, O, I): n copies, as nn.Linear stores a weight
-    w.fill_(0.01)  # written: every page its own memory
-    if product.in_by_out and streams_rows_faster(w):
-        w = store_in_by_out(w)  # as the engine lays weights out: (n, O, I) views of a (n, I, O) tensor
-    x = torch.full((product.rows, I), 0.01, dtype=dtype)  # (rows, I)
-    F.linear(x, w[0])  # warm-up
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < passes and (not times or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        for i in range(n):
-            F.linear(x, w[i])  # (rows, O), as the model's nn.Linear and its expert loop (below E rows) do
-        times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times)
-
-
-def measure_decode_step_s(cfg: ModelConfig, batch: int, context: int, weight_bytes: int, steps: int = STEPS,
-                          block_size: int = 16) -> float:
-    """Median seconds of one LLMEngine decode step of ``batch`` greedy sequences whose keys average
-    about ``context``; the step that prefills them is not counted.
-
-    The sequences share a prompt prefix of full blocks, prefilled once by a primer request and then
-    taken from the prefix cache (one prefill, not ``batch``); each prompt ends in a token of its own,
-    so the sequences decode, and route, differently."""
-    import torch
-
-    from moegpt.infer.engine import EngineConfig, LLMEngine, Request
-    from moegpt.infer.scheduler import SchedulerConfig
-    from moegpt.model import build_model
-
-    shared = max(context - steps // 2 - 1, 0) // block_size * block_size  # prefix tokens, whole blocks
-    prompt, new = shared + 1, steps + 1  # keys per sequence: prompt + 1 .. prompt + steps, ~context on average
-    model = build_model(cfg.replace(max_seq_len=prompt + new), seed=0, dtype=getattr(torch, DTYPE_NAMES[weight_bytes]))
-    blocks = -(-prompt // block_size) + batch * -(-(new + 1) // block_size) + 1
-    engine = LLMEngine(model, EngineConfig(block_size=block_size, num_kv_blocks=blocks, scheduler=SchedulerConfig(
-        max_num_seqs=batch, max_batched_tokens=max(PREFILL_CHUNK, batch))))
-    g = torch.Generator().manual_seed(0)  # not the global RNG
-    prefix = torch.randint(0, cfg.vocab_size, (shared,), generator=g).tolist()
-    engine.add_request(prefix + [0], Request(max_tokens=1))
-    while engine.has_work:  # the primer: prefills the shared prefix, in chunks (and warms the engine up)
-        engine.step()
-    for last in torch.randint(0, cfg.vocab_size, (batch,), generator=g).tolist():
-        engine.add_request(prefix + [last], Request(max_tokens=new))
-    first = engine.step()  # each prompt's last token (the rest is cached): not timed
-    if len(first) != batch:
-        raise RuntimeError(f"--measure-efficiency: {len(first)} of {batch} sequences started in the first step")
-    times = []
-    while engine.has_work:
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)

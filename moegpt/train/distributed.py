@@ -133,7 +133,7 @@ class DistributedTrainer:
         if train_cfg.peak_flops is not None:
             self.peak_flops = train_cfg.peak_flops
         else:
-            from moegpt.planner.hardware import measure_matmul_flops
+            from moegpt.hardware import measure_matmul_flops
 
             self.peak_flops = measure_matmul_flops(torch.float32, device.type)
         if self.resumed_from is not None:

@@ -32,7 +32,7 @@ from moegpt.data.dataset import MixtureData, build_mixture
 from moegpt.data.sources import Source
 from moegpt.data.tokenizer import Tokenizer
 from moegpt.model import MoEGPT, build_model
-from moegpt.planner.hardware import measure_matmul_flops
+from moegpt.hardware import measure_matmul_flops
 from moegpt.train.config import TrainConfig
 from moegpt.train.log import RunLog
 from moegpt.train.schedule import BatchRamp, LRSchedule

@@ -15,7 +15,7 @@ from moegpt.planner.cli import add_plan_parser
 from moegpt.planner.hardware import Hardware, PeakFlops
 from moegpt.planner.inputs import make_inputs
 from moegpt.planner.local import Measurers, measure, write_cache
-from moegpt.planner.local_decode import (DecodeMeasurers, decode_matmuls, default_decode_measurers, experts_touched,
+from moegpt.planner.local_decode import (DecodeMeasurers, decode_matmuls, experts_touched,
                                          measure_decode_efficiency, rows_per_expert, software_step_s,
                                          step_matmul_s, with_measured_efficiency)
 from moegpt.planner.plan import plan
@@ -149,9 +149,9 @@ def test_software_time_beyond_the_cap_is_extrapolated_linearly():
 
 # ---- (c) the command line ------------------------------------------------------------------------
 
-def plan_args(argv):
+def plan_args(argv, measurers=None):
     parser = argparse.ArgumentParser()
-    add_plan_parser(parser.add_subparsers())
+    add_plan_parser(parser.add_subparsers(), decode_measurers=measurers)
     return parser.parse_args(["plan", *argv])
 
 
@@ -178,14 +178,12 @@ def cached_machine(tmp_path):
     return tmp_path
 
 
-def test_the_cli_plans_with_the_measured_efficiency(cached_machine, monkeypatch, capsys):
-    import moegpt.planner.local_decode as local_decode
-
+def test_the_cli_plans_with_the_measured_efficiency(cached_machine, capsys):
     calls = []
-    monkeypatch.setattr(local_decode, "default_decode_measurers", lambda: fake_measurers(calls))
+    fakes = lambda: fake_measurers(calls)  # noqa: E731
     argv = ["--hardware", "local", "--cache-dir", str(cached_machine), "--preset", "tiny", "--batch", "2",
             "--context", "64", "--measure-efficiency"]
-    args = plan_args([*argv, "--json"])
+    args = plan_args([*argv, "--json"], fakes)
     assert args.func(args) == 0
     d = json.loads(capsys.readouterr().out)
     expected = measure_decode_efficiency(make_inputs(preset="tiny", hardware=LOCAL, batch=2, context=64),
@@ -194,7 +192,7 @@ def test_the_cli_plans_with_the_measured_efficiency(cached_machine, monkeypatch,
     assert d["decode"]["t_mem_s"] == pytest.approx(expected.t_matmul_s + expected.t_kv_s)
     assert d["decode"]["stage_time_s"] == pytest.approx(expected.t_step_s)
     assert "MEASURED_EFFICIENCY" in {w["code"] for w in d["warnings"]}
-    args = plan_args(argv)
+    args = plan_args(argv, fakes)
     assert args.func(args) == 0
     table = capsys.readouterr().out
     assert "hbm_efficiency" in table and "measured" in table and "t_matmul" in table and "t_software" in table
@@ -207,29 +205,29 @@ def test_the_cli_plans_with_the_measured_efficiency(cached_machine, monkeypatch,
     (["--mode", "train"], False),
 ])
 def test_local_hardware_with_a_model_directory_measures_by_default(extra, measured, cached_machine, tmp_path,
-                                                                   monkeypatch, capsys):
-    import moegpt.planner.local_decode as local_decode
+                                                                   capsys):
     from moegpt.checkpoint.model_dir import save
     from moegpt.model import build_model
 
     calls = []
-    monkeypatch.setattr(local_decode, "default_decode_measurers", lambda: fake_measurers(calls))
+    fakes = lambda: fake_measurers(calls)  # noqa: E731
     model_dir = tmp_path / "model"
     save(build_model(CFG.replace(max_seq_len=128), seed=0), None, model_dir)
     args = plan_args(["--hardware", "local", "--cache-dir", str(cached_machine), "--model", str(model_dir),
-                      "--batch", "2", "--context", "64", "--json", *extra])
+                      "--batch", "2", "--context", "64", "--json", *extra], fakes)
     assert args.func(args) == 0
     d = json.loads(capsys.readouterr().out)
     assert bool(calls) == measured
     assert ("MEASURED_EFFICIENCY" in {w["code"] for w in d["warnings"]}) == measured
     before = len(calls)
-    args = plan_args(["--cache-dir", str(cached_machine), "--preset", "tiny", "--json"])  # a datasheet GPU: never
+    args = plan_args(["--cache-dir", str(cached_machine), "--preset", "tiny", "--json"], fakes)  # a datasheet GPU: never
     assert args.func(args) == 0 and len(calls) == before
 
 
 # ---- (d) one real measurement --------------------------------------------------------------------
 
 def test_a_real_measurement_of_a_tiny_model_directory(tmp_path):
+    from moegpt.cli import engine_decode_measurers
     from moegpt.checkpoint.model_dir import read_config, save
     from moegpt.model import build_model
     from moegpt.planner.inputs import model_dir_bytes
@@ -238,7 +236,7 @@ def test_a_real_measurement_of_a_tiny_model_directory(tmp_path):
     width = model_dir_bytes(tmp_path)
     inp = make_inputs(preset=str(tmp_path), model=read_config(tmp_path), hardware=replace(LOCAL, hbm_bytes_per_s=20e9),
                       batch=4, context=40, weight_bytes=width, kv_bytes=width)
-    m = measure_decode_efficiency(inp, default_decode_measurers(pool_bytes=8 * 2**20, steps=6))
+    m = measure_decode_efficiency(inp, engine_decode_measurers(pool_bytes=8 * 2**20, steps=6))
     for t in (m.t_roofline_mem_s, m.t_matmul_s, m.t_kv_s, m.t_software_s):
         assert 0 < t < 1 and math.isfinite(t)
     assert 0 < m.eta <= 1.5

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from moegpt.config import preset
-from moegpt.planner.hardware import Hardware, PeakFlops, datasheet, measure_read_bandwidth
+from moegpt.hardware import measure_read_bandwidth
+from moegpt.planner.hardware import Hardware, PeakFlops, datasheet
 from moegpt.planner.inputs import make_inputs, model_dir_bytes
 from moegpt.planner.plan import plan
 
