@@ -38,7 +38,8 @@ def target_dir() -> Path:
         return demo
     cached = default_cache_dir() / "bench" / "spec-target"
     if not (cached / "config.json").exists():  # train it with the demo's recipe (resuming an interrupted run)
-        from moegpt.cli import build_parser, run_training
+        from moegpt.cli import build_parser
+        from moegpt.train.cli import run_training
 
         print(f"training the target (the demo's recipe) into {cached} ...", flush=True)
         args = build_parser().parse_args(["demo", "--out", str(cached), "--no-progress"])

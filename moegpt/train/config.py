@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from moegpt.config import field_differences
 
@@ -11,32 +11,39 @@ from moegpt.config import field_differences
 BOOKKEEPING = frozenset({"eval_every", "eval_sequences", "ckpt_every", "keep_checkpoints", "log_every", "peak_flops"})
 
 
-@dataclass(frozen=True)
+def option(default, help: str):
+    """A field with the help text of its command-line flag (``moegpt train --FIELD-NAME``)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    steps: int = 600
-    seq_len: int = 128
-    batch_size: int = 16  # sequences per optimizer step once the ramp is done
-    micro_batch: int = 16  # sequences per forward/backward; batch_size / micro_batch accumulation steps
-    batch_start: int | None = None  # sequences per step at the start of the ramp; None: no ramp
-    ramp_tokens: int = 0  # tokens over which the batch ramps from batch_start to batch_size
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
-    z_loss_coef: float = 1e-3  # router z-loss weight (ST-MoE)
-    bf16: bool = False  # bf16 autocast for forward/backward
-    seed: int = 0
-    val_fraction: float = 0.05
-    eval_every: int = 100
-    eval_sequences: int | None = None  # validation sequences per source; None: the whole split
-    ckpt_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    peak_flops: float | None = None  # for MFU; None: measured on this machine at start
+    """Every field is a ``moegpt train`` flag (train/cli.py generates them from this class)."""
+
+    steps: int = option(600, "optimizer steps of the run")
+    seq_len: int = option(128, "tokens per training sequence")
+    batch_size: int = option(16, "sequences per optimizer step once the ramp is done")
+    micro_batch: int = option(16, "sequences per forward/backward (batch_size / micro_batch accumulation steps)")
+    batch_start: int | None = option(None, "sequences per step at the start of the ramp (default: no ramp)")
+    ramp_tokens: int = option(0, "tokens over which the batch ramps from batch_start to batch_size")
+    lr: float = option(3e-3, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "final learning rate of the cosine decay, as a fraction of lr")
+    warmup_steps: int = option(30, "steps of linear warm-up")
+    weight_decay: float = option(0.1, "AdamW weight decay of the matrices (norm scales: none)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the gradient's global norm to this")
+    aux_loss_coef: float = option(0.01, "Switch load-balancing loss weight")
+    z_loss_coef: float = option(1e-3, "router z-loss weight (ST-MoE)")
+    bf16: bool = option(False, "bf16 autocast for forward and backward")
+    seed: int = option(0, "seed of the weights and the data order")
+    val_fraction: float = option(0.05, "share of each source held out for validation")
+    eval_every: int = option(100, "validate every this many steps")
+    eval_sequences: int | None = option(None, "validation sequences per source (default: the whole validation split)")
+    ckpt_every: int = option(100, "checkpoint every this many steps")
+    keep_checkpoints: int = option(2, "checkpoints kept (the newest)")
+    log_every: int = option(1, "log a row every this many steps")
+    peak_flops: float | None = option(None, "peak FLOP/s for MFU (default: measured on this machine at start)")
 
     def __post_init__(self):
         for name in ("steps", "seq_len", "batch_size", "micro_batch", "eval_every", "ckpt_every",

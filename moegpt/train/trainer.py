@@ -1,8 +1,16 @@
-"""The single-process training loop: data, model, optimizer, logs, validation and checkpoints.
+"""The training loop, one for every layout: data, model, optimizer, logs, validation, checkpoints.
+
+One process and every torchrun layout run this same loop; what differs (how the model is built and
+stepped, how checkpoints are written) is the runtime's (runtime.py). The recipe is the same at any
+scale: every rank draws the same global batch from the same sampler (the batch-size ramp and the
+per-source epoch mixture are functions of the global step and tokens seen), and the step hands out
+whole micro-batches, so the global sample order does not depend on the layout. A checkpoint holds
+the sampler position, so a run resumed in another layout, or restarted by torchrun after a failure,
+continues with the next sample.
 
 A run directory holds everything::
 
-    OUT/checkpoints/   resumable training state (see checkpoint/store.py)
+    OUT/checkpoints/   resumable training state (checkpoint/store.py; DCP under torchrun: parallel/checkpoint.py)
     OUT/log.jsonl      one JSON row per logged step (and per validation)
     OUT/log.csv        the same step rows as CSV
     OUT/config.json, model.safetensors, tokenizer.json ...   the final model directory
@@ -18,25 +26,26 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from moegpt.checkpoint.hf import mixtral_incompatibility
 from moegpt.checkpoint.model_dir import save as save_model_dir
-from moegpt.checkpoint.store import latest_checkpoint, load_checkpoint, save_checkpoint
 from moegpt.config import ModelConfig, field_differences
 from moegpt.counts import train_flops_per_token
 from moegpt.data.corpus_tokenizer import corpus_tokenizer
 from moegpt.data.dataset import MixtureData, build_mixture
 from moegpt.data.sources import Source
 from moegpt.data.tokenizer import Tokenizer
-from moegpt.model import MoEGPT, build_model
 from moegpt.hardware import measure_matmul_flops
 from moegpt.train.config import TrainConfig
 from moegpt.train.log import RunLog
+from moegpt.train.runtime import DistributedRuntime, LocalRuntime
 from moegpt.train.schedule import BatchRamp, LRSchedule
-from moegpt.train.step import LossWeights, StepMetrics, evaluate, train_step
+
+if TYPE_CHECKING:
+    from moegpt.parallel import ParallelDims
 
 @dataclass
 class RunResult:
@@ -46,14 +55,6 @@ class RunResult:
     losses: list[float] = field(default_factory=list)  # training loss of each step run in this call
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, val loss)
     last_val: dict[str, float] = field(default_factory=dict)  # newest validation, overall and per source
-
-
-def make_optimizer(model: MoEGPT, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (fused kernel: ~15x faster than the foreach path on a CPU); matrices decay, norm scales do not."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def check_resume_compatible(ckpt: dict, model_cfg: ModelConfig, train_cfg: TrainConfig, mixture: list,
@@ -72,11 +73,25 @@ def check_resume_compatible(ckpt: dict, model_cfg: ModelConfig, train_cfg: Train
 
 
 class Trainer:
-    """Builds everything a run needs, checking inputs and any checkpoint before the costly work."""
+    """Builds everything a run needs, checking inputs and any checkpoint before the costly work.
+
+    ``dims`` None: one process. Otherwise every rank of a torchrun group builds a Trainer with the
+    same arguments (the group already joined: parallel/process_group.py); rank 0 writes the log, the
+    tokenizer and the final model directory."""
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path,
-                 sources: Sequence[Source], cache_dir: str | Path, resume: bool = False):
+                 sources: Sequence[Source], cache_dir: str | Path, *, resume: bool = False,
+                 dims: ParallelDims | None = None, device: torch.device = torch.device("cpu"),
+                 record_samples: bool = False):
         self.model_cfg, self.cfg, self.out = model_cfg, train_cfg, Path(out)
+        self.record_samples = record_samples
+        if dims is None:
+            rt = self.runtime = LocalRuntime()
+        else:
+            import torch.distributed as dist
+
+            dims.validate(dist.get_world_size(), model_cfg)
+            rt = self.runtime = DistributedRuntime(dims, device)
         if train_cfg.seq_len > model_cfg.max_seq_len:
             raise ValueError(f"seq_len ({train_cfg.seq_len}) exceeds the model's max_seq_len ({model_cfg.max_seq_len})")
         reason = mixtral_incompatibility(model_cfg)
@@ -84,38 +99,57 @@ class Trainer:
             raise ValueError(f"cannot train to a model directory: {reason}")
         self.mixture = [[s.name, s.epochs] for s in sources]
         self.ckpt_dir = self.out / "checkpoints"
-        self.ckpt: dict | None = None
+        self.resumed_from: Path | None = None
+        train_state = None
         if resume:
-            existing = latest_checkpoint(self.ckpt_dir)
+            existing = rt.latest_checkpoint(self.ckpt_dir)
             if existing is None:
                 raise ValueError(f"--resume: no checkpoint in {self.ckpt_dir}")
-            self.ckpt = load_checkpoint(existing)
-            check_resume_compatible(self.ckpt, model_cfg, train_cfg, self.mixture, existing)
-            self.tokenizer = Tokenizer.load(self.out / "tokenizer.json")  # the one the run started with
-            if self.ckpt["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
-                raise ValueError(f"{self.out / 'tokenizer.json'} is not the tokenizer checkpoint {existing.name} was trained with")
+            train_state = rt.read_train_state(existing)
+            check_resume_compatible(train_state, model_cfg, train_cfg, self.mixture, existing)
+            self.resumed_from = existing
+        elif self.out.exists() and any(self.out.iterdir()) and not rt.restarted:
+            raise ValueError(f"--out {self.out} exists and is not empty; pass --resume to continue a run, or choose another --out")
+        rt.barrier()  # every rank has checked the directory before rank 0 writes into it
+
+        # Rank 0 trains the tokenizer and tokenizes the sources (both cached); the others then load them.
+        if resume:  # the one the run started with
+            self.tokenizer = rt.main_first(lambda: Tokenizer.load(self.out / "tokenizer.json"))
+            if train_state["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
+                raise ValueError(f"{self.out / 'tokenizer.json'} is not the tokenizer checkpoint "
+                                 f"{self.resumed_from.name} was trained with")
         else:
-            if self.out.exists() and any(self.out.iterdir()):
-                raise ValueError(f"--out {self.out} exists and is not empty; pass --resume to continue a run, or choose another --out")
-            self.tokenizer = corpus_tokenizer(sources, model_cfg.vocab_size, cache_dir)
+            self.tokenizer = rt.main_first(lambda: corpus_tokenizer(sources, model_cfg.vocab_size, cache_dir))
         if self.tokenizer.vocab_size != model_cfg.vocab_size:
             raise ValueError(f"tokenizer vocab ({self.tokenizer.vocab_size}) != model vocab_size ({model_cfg.vocab_size})")
-        self.data: MixtureData = build_mixture(sources, self.tokenizer, train_cfg.seq_len, cache_dir, train_cfg.val_fraction)
+        self.data: MixtureData = rt.main_first(lambda: build_mixture(
+            sources, self.tokenizer, train_cfg.seq_len, cache_dir, train_cfg.val_fraction))
         self.sampler = self.data.make_sampler(train_cfg.seed)
         self.source_draws = [0] * len(sources)  # training samples drawn from each source so far
 
         torch.manual_seed(train_cfg.seed)
-        self.model = build_model(model_cfg, seed=train_cfg.seed)
-        self.model.train()
-        self.optimizer = make_optimizer(self.model, train_cfg)
+        rt.build(model_cfg, train_cfg)
         self.lr_at = LRSchedule(train_cfg.lr, train_cfg.warmup_steps, train_cfg.steps, train_cfg.min_lr_ratio)
         start = train_cfg.batch_start or train_cfg.batch_size
         self.batch_at = BatchRamp(start, train_cfg.batch_size, train_cfg.ramp_tokens, train_cfg.micro_batch)
         self.step, self.tokens_seen = 0, 0
         self.flops_per_token = train_flops_per_token(model_cfg, train_cfg.seq_len)
-        self.peak_flops = train_cfg.peak_flops or measure_matmul_flops(torch.bfloat16 if train_cfg.bf16 else torch.float32)
-        if self.ckpt is not None:
-            self._restore(self.ckpt)
+        self.peak_flops = train_cfg.peak_flops or measure_matmul_flops(
+            torch.bfloat16 if train_cfg.bf16 else torch.float32, rt.device.type)
+        if self.resumed_from is not None:
+            rt.restore(self.resumed_from)
+            self.sampler.load_state_dict(train_state["sampler"])
+            self.step, self.tokens_seen = int(train_state["step"]), int(train_state["tokens_seen"])
+            self.source_draws = [int(n) for n in train_state["source_draws"]]
+
+    @property
+    def model(self) -> MoEGPT:
+        """The plain model of a one-process run (a layout's is split: ``runtime.pm``)."""
+        return self.runtime.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.runtime.optimizer
 
     def epochs_seen(self) -> dict[str, float]:
         """Passes over each source's training blocks so far (the mixture's epochs are targets for
@@ -124,14 +158,12 @@ class Trainer:
                 zip(self.data.names, self.source_draws, self.data.train_block_counts)}
 
     # ---- checkpoint state ----------------------------------------------------------------------
-    def state(self) -> dict:
+    def train_state(self) -> dict:
+        """Everything but the weights and optimizer state, which the runtime saves its own way."""
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "rng": {"torch": torch.get_rng_state()},
             "model_config": self.model_cfg.to_dict(),
             "train_config": self.cfg.to_dict(),
             "tokenizer_fingerprint": self.tokenizer.fingerprint,
@@ -139,16 +171,8 @@ class Trainer:
             "source_draws": list(self.source_draws),
         }
 
-    def _restore(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.sampler.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        self.step, self.tokens_seen = int(ckpt["step"]), int(ckpt["tokens_seen"])
-        self.source_draws = [int(n) for n in ckpt["source_draws"]]
-
     def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.ckpt_dir, self.step, self.state(), keep=self.cfg.keep_checkpoints)
+        return self.runtime.save_checkpoint(self.ckpt_dir, self.step, self.train_state(), self.cfg.keep_checkpoints)
 
     # ---- the loop ------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
@@ -156,31 +180,34 @@ class Trainer:
         fields, total, count = {}, 0.0, 0
         for name in self.data.names:
             batches = self.data.val_batches(self.cfg.micro_batch, source=name, max_sequences=self.cfg.eval_sequences)
-            nll, n = evaluate(self.model, batches, self.cfg.bf16)
+            nll, n = self.runtime.evaluate(batches)
             fields[f"val_loss_{name}"] = nll / n
             total, count = total + nll, count + n
         return {"val_loss": total / count, **fields}
 
     def run(self, stop_at: int | None = None, stop_requested: threading.Event | None = None,
             progress: bool = True, on_step: Callable[[dict], None] | None = None) -> RunResult:
-        """Train until cfg.steps (or ``stop_at``, or ``stop_requested``); checkpoint on the way out."""
-        cfg = self.cfg
+        """Train until cfg.steps (or ``stop_at``, or ``stop_requested`` on any rank); checkpoint on the
+        way out. ``on_step`` sees every step's row on every rank; rank 0 logs and shows the bar."""
+        cfg, rt = self.cfg, self.runtime
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.ckpt is None:
-            self.tokenizer.save(self.out)  # the run's tokenizer, for resume and the final model
-        log = RunLog(self.out, resume_step=self.step if self.ckpt is not None else None)
+        log = bar = None
+        if rt.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.resumed_from is None:
+                self.tokenizer.save(self.out)  # the run's tokenizer, for resume and the final model
+            log = RunLog(self.out, resume_step=self.step if self.resumed_from is not None else None)
+            if progress:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         result = RunResult(step=self.step, finished=False, unigram_baseline=self.data.unigram_entropy())
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         try:
             if self.step == 0:
                 val = self.validate()
                 result.val_losses.append((0, val["val_loss"]))
                 result.last_val = val
-                log.write({"step": 0, **val, "unigram_baseline": result.unigram_baseline})
+                if log is not None:
+                    log.write({"step": 0, **val, "unigram_baseline": result.unigram_baseline})
             while self.step < end:
                 row = self._one_step()
                 result.losses.append(row["loss"])
@@ -188,7 +215,7 @@ class Trainer:
                     result.last_val = self.validate()
                     row.update(result.last_val)
                     result.val_losses.append((self.step, row["val_loss"]))
-                if self.step % cfg.log_every == 0 or "val_loss" in row:
+                if log is not None and (self.step % cfg.log_every == 0 or "val_loss" in row):
                     log.write(row)
                 if on_step is not None:
                     on_step(row)
@@ -198,7 +225,7 @@ class Trainer:
                     if result.val_losses:
                         postfix["val"] = f"{result.val_losses[-1][1]:.3f}"
                     bar.set_postfix(postfix)
-                stopping = stop_requested is not None and stop_requested.is_set()
+                stopping = rt.any_rank(stop_requested is not None and stop_requested.is_set())
                 if self.step % cfg.ckpt_every == 0 or self.step == end or stopping:
                     self.save_checkpoint()
                 if stopping:
@@ -206,10 +233,13 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            log.close()
+            if log is not None:
+                log.close()
         result.step = self.step
         if self.step == cfg.steps:
-            save_model_dir(self.model, self.tokenizer, self.out)
+            model = rt.final_model()  # gathered on rank 0 in a layout
+            if model is not None:
+                save_model_dir(model, self.tokenizer, self.out)
             result.finished = True
         return result
 
@@ -219,24 +249,27 @@ class Trainer:
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        samples = self.sampler.next_batch(batch_size)  # (B, 2) [source, block]
+        samples = self.sampler.next_batch(batch_size)  # (B, 2) [source, block]: the same on every rank
         for source, n in enumerate(torch.bincount(samples[:, 0], minlength=len(self.source_draws)).tolist()):
             self.source_draws[source] += n
         batch = self.data.gather(samples)  # (B, T+1)
         t0 = time.perf_counter()
-        metrics: StepMetrics = train_step(self.model, self.optimizer, batch, cfg.micro_batch,
-                                          LossWeights(cfg.aux_loss_coef, cfg.z_loss_coef), cfg.grad_clip, cfg.bf16)
+        metrics = self.runtime.step(batch)
         elapsed = time.perf_counter() - t0
         tokens = batch_size * cfg.seq_len
         self.step += 1
         self.tokens_seen += tokens
         tokens_per_s = tokens / elapsed
-        return {
+        row = {
             "step": self.step, "loss": metrics.loss, "aux_loss": metrics.aux_loss, "z_loss": metrics.z_loss,
             "lr": lr, "batch_size": batch_size, "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+            "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.runtime.world_size),
             "load_imbalance": metrics.load_imbalance, "grad_norm": metrics.grad_norm,
+            **self.runtime.row_fields(metrics),
         }
+        if self.record_samples:
+            row["samples"] = samples.tolist()
+        return row
 
 
 def default_cache_dir() -> Path:

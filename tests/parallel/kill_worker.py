@@ -10,7 +10,7 @@ import sys
 
 import torch.distributed as dist
 
-import moegpt.train.distributed as training
+import moegpt.train.runtime as training
 from moegpt.cli import main
 
 kill_rank, kill_step = int(sys.argv[1]), int(sys.argv[2])

@@ -20,11 +20,10 @@ from moegpt.config import ModelConfig
 from moegpt.model import build_model
 from moegpt.parallel import ParallelDims, parallelize
 from moegpt.parallel.checkpoint import full_state_dict
-from moegpt.parallel.optim import make_parallel_optimizer
-from moegpt.parallel.step import distributed_train_step
 from moegpt.train.config import TrainConfig
+from moegpt.train.optim import make_optimizer, make_parallel_optimizer
+from moegpt.train.parallel_step import distributed_train_step
 from moegpt.train.step import LossWeights, train_step
-from moegpt.train.trainer import make_optimizer
 
 CFG = ModelConfig(vocab_size=128, d_model=32, n_layers=4, n_heads=4, n_kv_heads=1, d_ff=32, n_experts=4, top_k=2,
                   max_seq_len=32)

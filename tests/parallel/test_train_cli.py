@@ -26,7 +26,8 @@ TRAIN = ["--steps", "6", "--seq-len", "32", "--batch-size", "8", "--micro-batch"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Data, the shared arguments, and the one-process reference: losses, sample ids, weights."""
-    from moegpt.cli import build_parser, model_config_from_args, train_config_from_args
+    from moegpt.cli import build_parser
+    from moegpt.train.cli import model_config_from_args, train_config_from_args
     from moegpt.data.sources import shakespeare_source
 
     root = tmp_path_factory.mktemp("dist_train")

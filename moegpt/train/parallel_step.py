@@ -1,4 +1,5 @@
-"""One distributed optimizer step with the numbers of one process.
+"""One distributed optimizer step with the numbers of one process (the trainer's step in any
+torchrun layout; the parallel model comes from moegpt.parallel, which knows nothing of training).
 
 Legend: B sequences in the step, M micro-batch, T seq_len, R = dp x ep data ranks, Lm MoE layers, E experts.
 

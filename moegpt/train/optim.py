@@ -1,4 +1,4 @@
-"""The optimizer of a parallelised model: the same AdamW as one process (trainer.make_optimizer).
+"""The optimizer: AdamW for one process, and the same AdamW for a parallelised model.
 
 Parameter groups are split by kind so the fused kernel never mixes DTensors and plain tensors.
 ZeRO-1 partitions the AdamW state over the data-parallel ranks with ZeroRedundancyOptimizer: each
@@ -12,10 +12,19 @@ from __future__ import annotations
 
 import torch
 
+from moegpt.model import MoEGPT
 from moegpt.parallel import ParallelModel
 from moegpt.parallel.dims import DataParallel
 from moegpt.parallel.fsdp import local_tensor
 from moegpt.train.config import TrainConfig
+
+
+def make_optimizer(model: MoEGPT, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (fused kernel: ~15x faster than the foreach path on a CPU); matrices decay, norm scales do not."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def make_parallel_optimizer(pm: ParallelModel, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -1,0 +1,237 @@
+"""``moegpt train``: its flags, generated from TrainConfig's fields, and the run for one process or
+every rank under torchrun (the same Trainer either way).
+
+Every training option is declared once, as a TrainConfig field with its help text; the flag is the
+field's name with dashes (``lr`` -> ``--lr``, ``batch_start`` -> ``--batch-start``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import types
+import typing
+from pathlib import Path
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of the dataclass ``cls``: its type, default and help text (``metadata``)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, flag = hints[f.name], "--" + f.name.replace("_", "-")
+        options = typing.get_args(kind)
+        if isinstance(kind, types.UnionType) and type(None) in options:  # X | None: X, default None
+            kind = next(t for t in options if t is not type(None))
+        help_text = f.metadata.get("help")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)
+        else:
+            shown = "" if f.default is None else f" (default: {f.default:g})" if kind is float else f" (default: {f.default})"
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=f.name.upper(),
+                                help=(help_text or "") + shown)
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    """The dataclass ``cls`` from the flags ``add_config_flags`` made (its own checks run)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    from moegpt.train.config import TrainConfig
+
+    p.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a ModelConfig field of the preset, e.g. --set n_layers=2 (repeatable)")
+    add_config_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig)
+    p.add_argument("--data", default="text:2,code:4",
+                   help="mixture as name:epochs,... (text, code, or name=PATH:epochs); default text:2,code:4")
+    p.add_argument("--cache-dir", default=None, help="token cache (default: $MOEGPT_CACHE or ~/.cache/moegpt)")
+    p.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this step")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distributed (under torchrun; gloo on CPU, NCCL on GPU)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
+    g.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
+    g.add_argument("--dp", type=int, default=None, help="data-parallel degree (default: world / (tp*pp*ep))")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--fsdp", action="store_true", help="shard parameters/gradients/optimizer (FSDP2)")
+    mode.add_argument("--zero1", action="store_true", help="DDP + ZeroRedundancyOptimizer (ZeRO-1)")
+    g.add_argument("--hsdp-replicas", type=int, default=1, help="with --fsdp: replica groups (HSDP)")
+    g.add_argument("--pp-schedule", default="1f1b", choices=["gpipe", "1f1b", "interleaved-1f1b"])
+    g.add_argument("--virtual-stages", type=int, default=1, help="stages per pipeline rank (interleaved)")
+    g.add_argument("--first-stage-layers", type=int, default=None, help="layers of pipeline stage 0")
+    g.add_argument("--record-samples", action="store_true", help="log the sample ids of every step")
+
+
+def _parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text.lower() == "none":
+        return None
+    return text
+
+
+def model_config_from_args(args):
+    from moegpt.config import preset
+
+    cfg = preset(args.preset)
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        overrides[key.strip()] = _parse_value(value.strip())
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def train_config_from_args(args):
+    from moegpt.train.config import TrainConfig
+
+    return config_from_args(TrainConfig, args)
+
+
+def parallel_dims_from_args(args):
+    """The layout the flags ask for, or None for one process (no torchrun, no parallel flag)."""
+    from moegpt.parallel import ParallelDims
+
+    if not hasattr(args, "tp"):  # a command without the parallel flags (the demo)
+        return None
+    parallel = [getattr(args, k) not in (1, None) for k in ("tp", "pp", "ep", "dp")]
+    if "WORLD_SIZE" not in os.environ and not any(parallel) and not args.fsdp and not args.zero1:
+        return None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = args.dp if args.dp is not None else max(1, world // (args.tp * args.pp * args.ep))
+    mode = "fsdp" if args.fsdp else "zero1" if args.zero1 else "replicate"
+    return ParallelDims(dp=dp, tp=args.tp, pp=args.pp, ep=args.ep, data_parallel=mode,
+                        dp_replicate=args.hsdp_replicas, schedule=args.pp_schedule,
+                        virtual_stages=args.virtual_stages, first_stage_layers=args.first_stage_layers)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While training, SIGINT/SIGTERM finish the current step, write a checkpoint and stop (a second
+    signal aborts at once). The previous handlers come back afterwards."""
+    event = threading.Event()
+
+    def handler(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt
+        print(f"\nmoegpt: signal {signum}: checkpointing after this step (again to abort)", file=sys.stderr)
+        event.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield event
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def process_group(dims):
+    """The torchrun group for a layout (its device), or nothing for one process (the CPU)."""
+    import torch
+
+    if dims is None:
+        yield torch.device("cpu")
+        return
+    import torch.distributed as dist
+
+    from moegpt.parallel.process_group import close_distributed, init_distributed
+
+    device = init_distributed()
+    try:
+        yield device
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other ranks may be gone
+        raise
+    close_distributed()
+
+
+def print_row(row: dict) -> None:
+    """One line per logged step of a layout (rank 0), with the layout's own fields."""
+    val = f" val {row['val_loss']:.3f}" if "val_loss" in row else ""
+    print(f"step {row['step']:5d} loss {row['loss']:.4f}{val} lr {row['lr']:.2e} batch {row['batch_size']} "
+          f"{row['tokens_per_s']:.0f} tok/s mfu {row['mfu']:.2%} [{row['layout']}] "
+          f"expert load per EP rank {row['ep_load']} peak MiB/rank {row['peak_mem_mb']}", flush=True)
+
+
+def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=None):
+    """Check every input, then set up (tokenizer, data, model) and train, in one process or on every
+    rank of a torchrun layout. The hooks run around the set-up (the demo clears its directory
+    before, and marks it as its own after). Returns (trainer, result)."""
+    from moegpt.counts import param_counts
+    from moegpt.data.sources import parse_mixture
+    from moegpt.train.trainer import Trainer, default_cache_dir
+
+    model_cfg, train_cfg = model_config_from_args(args), train_config_from_args(args)
+    sources = parse_mixture(args.data)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    dims = parallel_dims_from_args(args)
+    if dims is not None:  # checked before any process group or data work
+        dims.validate(int(os.environ.get("WORLD_SIZE", "1")), model_cfg)
+        if "WORLD_SIZE" not in os.environ:
+            raise ValueError(f"layout {dims.describe()} needs torchrun: torchrun --nproc-per-node N -m moegpt train ...")
+    with process_group(dims) as device:
+        if dims is not None and not resume:  # torchrun restarted the group after a failure: resume
+            from moegpt.parallel.checkpoint import latest
+            from moegpt.parallel.process_group import restart_count
+
+            resume = restart_count() > 0 and latest(out / "checkpoints") is not None
+        if before_setup is not None:
+            before_setup()
+        trainer = Trainer(model_cfg, train_cfg, out, sources, cache_dir, resume=resume, dims=dims, device=device,
+                          record_samples=getattr(args, "record_samples", False))
+        if after_setup is not None:
+            after_setup()
+        main = trainer.runtime.is_main
+        if main:
+            counts = param_counts(model_cfg)
+            where = "" if dims is None else f" on {trainer.runtime.world_size} ranks, layout {dims.describe()},"
+            print(f"moegpt: training {args.preset}: {counts.total / 1e6:.2f}M params "
+                  f"({counts.active_per_token / 1e6:.2f}M active/token), "
+                  f"data {', '.join(f'{n} x{e:g}' for n, e in zip(trainer.data.names, trainer.data.epochs))},"
+                  f"{where} from step {trainer.step} to {train_cfg.steps}", flush=True)
+        with stop_on_signals() as stop:
+            result = trainer.run(stop_at=args.stop_at, stop_requested=stop,
+                                 progress=main and dims is None and not args.no_progress,
+                                 on_step=print_row if main and dims is not None else None)
+        if main:
+            seen = ", ".join(f"{name} {epochs:.2f}" for name, epochs in trainer.epochs_seen().items())
+            print(f"epochs seen so far: {seen} (targets for a whole pass: "
+                  f"{', '.join(f'{n} {e:g}' for n, e in zip(trainer.data.names, trainer.data.epochs))})")
+            print(f"validation loss (nats/token; unigram baseline {result.unigram_baseline:.3f}):")
+            for step, val in result.val_losses:
+                print(f"  step {step:6d}  {val:.3f}")
+            print(f"model directory: {out}" if result.finished else
+                  f"stopped at step {result.step}; continue with --resume --out {out}", flush=True)
+    return trainer, result
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train", help="train a model (one process, or every rank under torchrun)")
+    add_train_args(p)
+    add_parallel_args(p)
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, final model)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def cmd_train(args) -> int:
+    run_training(args, Path(args.out), args.resume)
+    return 0
