@@ -20,7 +20,7 @@ class MLPKind(str, enum.Enum):
     GELU = "gelu"  # two matrices: down(gelu(up(x))), as GPT-3 and the article's GPT-4 estimate
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """The shape of a decoder-only MoE transformer.
 

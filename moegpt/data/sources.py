@@ -24,7 +24,7 @@ _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests"
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Source:
     """A named set of text files, read `epochs` times per pass (fractions allowed)."""
 

@@ -36,7 +36,7 @@ class Schedule(str, enum.Enum):
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "ep", "tp")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ParallelDims:
     dp: int = 1
     tp: int = 1

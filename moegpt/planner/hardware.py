@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 # Units: bytes, bytes/s, FLOP/s, bits/s. Peaks are dense (no 2:4 sparsity).
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PeakFlops:
     """Dense peak FLOP/s (or OP/s for int8) per precision; None where the chip has no such unit."""
 
@@ -27,7 +27,7 @@ class PeakFlops:
     int8: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Hardware:
     """One accelerator as the planner sees it. ``measured_on`` is set for a measured entry (local)."""
 
@@ -76,17 +76,18 @@ GB, TB = 1e9, 1e12
 # NVIDIA datasheets (SXM, dense): PLANNER.md's table; H200 from the H200 SXM datasheet (same
 # Hopper compute as H100, 141 GB HBM3e at 4.8 TB/s).
 DATASHEETS: dict[str, Hardware] = {
-    "a100-40gb": Hardware("a100-40gb", 40 * GB, 1555 * GB, PeakFlops(bf16=312 * TB, int8=624 * TB),
-                          nvlink_bytes_per_s=600 * GB, nic_bits_per_s_per_gpu=200e9, gpus_per_nvlink_domain=8,
-                          peak_flops_fp32=19.5 * TB),
-    "a100-80gb": Hardware("a100-80gb", 80 * GB, 2039 * GB, PeakFlops(bf16=312 * TB, int8=624 * TB),
-                          nvlink_bytes_per_s=600 * GB, nic_bits_per_s_per_gpu=200e9, gpus_per_nvlink_domain=8,
-                          peak_flops_fp32=19.5 * TB),
-    "h100-sxm": Hardware("h100-sxm", 80 * GB, 3350 * GB,
-                         PeakFlops(bf16=989.4 * TB, fp8=1978.9 * TB, int8=1978.9 * TB),
+    "a100-40gb": Hardware(name="a100-40gb", mem_bytes=40 * GB, hbm_bytes_per_s=1555 * GB,
+                          peak_flops=PeakFlops(bf16=312 * TB, int8=624 * TB), nvlink_bytes_per_s=600 * GB,
+                          nic_bits_per_s_per_gpu=200e9, gpus_per_nvlink_domain=8, peak_flops_fp32=19.5 * TB),
+    "a100-80gb": Hardware(name="a100-80gb", mem_bytes=80 * GB, hbm_bytes_per_s=2039 * GB,
+                          peak_flops=PeakFlops(bf16=312 * TB, int8=624 * TB), nvlink_bytes_per_s=600 * GB,
+                          nic_bits_per_s_per_gpu=200e9, gpus_per_nvlink_domain=8, peak_flops_fp32=19.5 * TB),
+    "h100-sxm": Hardware(name="h100-sxm", mem_bytes=80 * GB, hbm_bytes_per_s=3350 * GB,
+                         peak_flops=PeakFlops(bf16=989.4 * TB, fp8=1978.9 * TB, int8=1978.9 * TB),
                          nvlink_bytes_per_s=900 * GB, nic_bits_per_s_per_gpu=400e9, gpus_per_nvlink_domain=8,
                          peak_flops_fp32=67 * TB),
-    "h200": Hardware("h200", 141 * GB, 4800 * GB, PeakFlops(bf16=989.4 * TB, fp8=1978.9 * TB, int8=1978.9 * TB),
+    "h200": Hardware(name="h200", mem_bytes=141 * GB, hbm_bytes_per_s=4800 * GB,
+                     peak_flops=PeakFlops(bf16=989.4 * TB, fp8=1978.9 * TB, int8=1978.9 * TB),
                      nvlink_bytes_per_s=900 * GB, nic_bits_per_s_per_gpu=400e9, gpus_per_nvlink_domain=8,
                      peak_flops_fp32=67 * TB),
 }

@@ -39,7 +39,7 @@ def model_dir_bytes(directory: str | Path) -> int:
     return DTYPE_BYTES[name]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Layout:
     tp: int
     pp: int
@@ -54,7 +54,7 @@ class Layout:
         return self.tp * self.pp * self.dp
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Workload:
     batch: int  # sequences decoded together by one replica (inference)
     context: int  # KV length each sequence attends to
@@ -63,13 +63,13 @@ class Workload:
     tokens: float | None  # training tokens D
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Precision:
     weight_bytes: int
     kv_bytes: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Efficiency:
     mfu: float | None  # given: fixes throughput (inference cost) or training time
     hbm_efficiency: float
@@ -77,7 +77,7 @@ class Efficiency:
     overhead_factor: float  # bytes moved per weight byte read (article's chart: 2, "overhead = parameter reads")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MeasuredEfficiency:
     """What ``--measure-efficiency`` measured on this machine (moegpt.planner.local_decode), in seconds
     per decode step: hbm_efficiency is the roofline's memory time over the measured time of streaming
@@ -104,7 +104,7 @@ class MeasuredEfficiency:
         return min(self.eta, 1.0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Options:
     target_tps: float | None
     words_per_min: float | None
@@ -122,7 +122,7 @@ class Options:
     measured_efficiency: MeasuredEfficiency | None = None  # hbm_efficiency measured (--measure-efficiency)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PlanInputs:
     preset: str  # a preset name, or the model directory
     model: ModelConfig

@@ -34,7 +34,7 @@ class Measurement:
     matmul_flops_bf16: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Measurers:
     """The measuring functions (moegpt.hardware's by default; fakes in tests)."""
 

@@ -59,7 +59,7 @@ class Matmul:
         return (self.rows, self.out_features, self.in_features, self.in_by_out)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DecodeMeasurers:
     """The measuring functions: moegpt.infer.measure's, which time our engine (the CLI passes them, so
     the planner never imports the engine); fakes in tests."""

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LRSchedule:
     peak: float
     warmup_steps: int
@@ -36,7 +36,7 @@ class LRSchedule:
         return self.peak * (self.min_ratio + (1 - self.min_ratio) * cosine)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BatchRamp:
     start: int  # sequences per step at the beginning
     full: int  # sequences per step once ramped

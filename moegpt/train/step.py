@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from moegpt.model import MoEGPT
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LossWeights:
     aux: float  # load-balancing loss
     z: float  # router z-loss
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepMetrics:
     loss: float  # cross-entropy of the next token (nats)
     aux_loss: float

@@ -129,9 +129,11 @@ class Trainer:
 
         torch.manual_seed(train_cfg.seed)
         rt.build(model_cfg, train_cfg)
-        self.lr_at = LRSchedule(train_cfg.lr, train_cfg.warmup_steps, train_cfg.steps, train_cfg.min_lr_ratio)
+        self.lr_at = LRSchedule(peak=train_cfg.lr, warmup_steps=train_cfg.warmup_steps, total_steps=train_cfg.steps,
+                                min_ratio=train_cfg.min_lr_ratio)
         start = train_cfg.batch_start or train_cfg.batch_size
-        self.batch_at = BatchRamp(start, train_cfg.batch_size, train_cfg.ramp_tokens, train_cfg.micro_batch)
+        self.batch_at = BatchRamp(start=start, full=train_cfg.batch_size, ramp_tokens=train_cfg.ramp_tokens,
+                                  multiple=train_cfg.micro_batch)
         self.step, self.tokens_seen = 0, 0
         self.flops_per_token = train_flops_per_token(model_cfg, train_cfg.seq_len)
         self.peak_flops = train_cfg.peak_flops or measure_matmul_flops(

@@ -30,7 +30,7 @@ def sources(small_text: str, tmp_path: Path) -> tuple[Source, ...]:
     prose = write_docs(tmp_path / "prose", [small_text[:20_000], small_text[20_000:40_000]])
     code_text = "def add(a, b):\n    return a + b\n\n" * 300
     code = write_docs(tmp_path / "code", [code_text, code_text.upper()])
-    return Source("prose", 2.0, prose), Source("code", 4.0, code)
+    return Source(name="prose", epochs=2.0, paths=prose), Source(name="code", epochs=4.0, paths=code)
 
 
 @pytest.fixture

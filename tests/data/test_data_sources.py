@@ -54,8 +54,8 @@ def test_parse_mixture_user_files_and_directories(tmp_path: Path) -> None:
     single = tmp_path / "one.txt"
     single.write_text("one", encoding="utf-8")
     notes, one = parse_mixture(f"notes={tmp_path / 'docs'}:3,one={single}:1.5")
-    assert notes == Source("notes", 3.0, (tmp_path / "docs" / "a.txt", tmp_path / "docs" / "b.txt"))
-    assert one == Source("one", 1.5, (single,))
+    assert notes == Source(name="notes", epochs=3.0, paths=(tmp_path / "docs" / "a.txt", tmp_path / "docs" / "b.txt"))
+    assert one == Source(name="one", epochs=1.5, paths=(single,))
     assert list(iter_documents(notes)) == ["ay", "bee"]
 
 
@@ -83,4 +83,4 @@ def test_parse_mixture_rejects_bad_items_naming_them(spec: str, bad: str) -> Non
 
 def test_source_rejects_non_positive_epochs() -> None:
     with pytest.raises(ValueError, match="epochs"):
-        Source("text", 0.0, (Path("x"),))
+        Source(name="text", epochs=0.0, paths=(Path("x"),))

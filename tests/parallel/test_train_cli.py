@@ -39,7 +39,8 @@ def run(tmp_path_factory):
             *MODEL, *TRAIN]
     parsed = build_parser().parse_args(["train", "--out", str(root / "ref"), *args])
     model_cfg, train_cfg = model_config_from_args(parsed), train_config_from_args(parsed)
-    sources = (Source("plays", 2.0, (root / "plays.txt",)), Source("more", 1.0, (root / "more.txt",)))
+    sources = (Source(name="plays", epochs=2.0, paths=(root / "plays.txt",)),
+               Source(name="more", epochs=1.0, paths=(root / "more.txt",)))
     trainer = Trainer(model_cfg, train_cfg, root / "ref", sources, root / "cache")
     result = trainer.run(progress=False)
     # The one-process sample order: a fresh sampler and the same batch ramp, replayed.

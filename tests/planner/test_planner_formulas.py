@@ -15,7 +15,7 @@ from moegpt.planner.plan import plan
 SMALL = ModelConfig(vocab_size=10, d_model=8, n_layers=2, n_heads=4, n_kv_heads=1, d_ff=16, mlp=MLPKind.GELU,
                     n_experts=4, top_k=2, max_seq_len=16)
 # round numbers: 100 B of memory, 10 B/s, 1000 FLOP/s (2000 at 8-bit), NVLink 40 B/s
-TOY = Hardware("toy", mem_bytes=1000.0, hbm_bytes_per_s=10.0, peak_flops=PeakFlops(bf16=1000.0, fp8=2000.0),
+TOY = Hardware(name="toy", mem_bytes=1000.0, hbm_bytes_per_s=10.0, peak_flops=PeakFlops(bf16=1000.0, fp8=2000.0),
                nvlink_bytes_per_s=40.0, nic_bits_per_s_per_gpu=80.0, gpus_per_nvlink_domain=4)
 
 

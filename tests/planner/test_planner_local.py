@@ -71,7 +71,7 @@ def test_plans_on_local_hardware(tmp_path):
 
 # ---- the prediction `moegpt plan --hardware local --model DIR --batch B` makes, by hand ----------
 # A measured machine: 20 GB/s read bandwidth (matrix-vector), 100 GFLOP/s fp32 matmul.
-MEASURED = Hardware("local", mem_bytes=1e12, hbm_bytes_per_s=20e9, peak_flops=PeakFlops(bf16=1e9),
+MEASURED = Hardware(name="local", mem_bytes=1e12, hbm_bytes_per_s=20e9, peak_flops=PeakFlops(bf16=1e9),
                     nvlink_bytes_per_s=None, nic_bits_per_s_per_gpu=None, gpus_per_nvlink_domain=1,
                     measured_on="2024-05-01 (test)", peak_flops_fp32=100e9)
 # small: 12 layers, d 768, 12 query heads x 64, 1 KV head, 16 SwiGLU experts (d_ff 1024) top-2, vocab 32,000

@@ -21,7 +21,7 @@ from moegpt.planner.local_decode import (DecodeMeasurers, decode_matmuls, expert
 from moegpt.planner.plan import plan
 
 # 1 GB/s read, a fast fp32 peak: every plan here is memory-bound
-LOCAL = Hardware("local", mem_bytes=16e9, hbm_bytes_per_s=1e9, peak_flops=PeakFlops(bf16=1e12),
+LOCAL = Hardware(name="local", mem_bytes=16e9, hbm_bytes_per_s=1e9, peak_flops=PeakFlops(bf16=1e12),
                  nvlink_bytes_per_s=None, nic_bits_per_s_per_gpu=None, gpus_per_nvlink_domain=1,
                  measured_on="2024-05-01 (test)", peak_flops_fp32=1e12)
 # 2 layers, d 32, 4 query heads x 8, 1 KV head, 4 SwiGLU experts (d_ff 48) top-2, vocab 128 untied

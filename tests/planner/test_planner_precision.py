@@ -10,7 +10,7 @@ from moegpt.planner.hardware import Hardware, PeakFlops, datasheet
 from moegpt.planner.inputs import make_inputs, model_dir_bytes
 from moegpt.planner.plan import plan
 
-LOCAL = Hardware("local", mem_bytes=1e12, hbm_bytes_per_s=20e9, peak_flops=PeakFlops(bf16=1e9),
+LOCAL = Hardware(name="local", mem_bytes=1e12, hbm_bytes_per_s=20e9, peak_flops=PeakFlops(bf16=1e9),
                  nvlink_bytes_per_s=None, nic_bits_per_s_per_gpu=None, gpus_per_nvlink_domain=1,
                  measured_on="2024-05-01", peak_flops_fp32=100e9)
 
@@ -34,7 +34,8 @@ def test_four_byte_weights_use_the_fp32_peak_and_double_the_bytes():
 
 def test_datasheet_fp32_is_the_cuda_core_figure():
     assert datasheet("a100-40gb").peak_for(4) == 19.5e12 and datasheet("h100-sxm").peak_for(4) == 67e12
-    no_fp32 = Hardware("x", 1e9, 1e9, PeakFlops(bf16=1e12), None, None, 1)
+    no_fp32 = Hardware(name="x", mem_bytes=1e9, hbm_bytes_per_s=1e9, peak_flops=PeakFlops(bf16=1e12), nvlink_bytes_per_s=None,
+                  nic_bits_per_s_per_gpu=None, gpus_per_nvlink_domain=1)
     with pytest.raises(ValueError, match="--weight-bytes 4: x has no fp32 peak"):
         make_inputs(preset="tiny", hardware=no_fp32, weight_bytes=4)
 

@@ -79,7 +79,7 @@ def test_a_template_that_refuses_gives_a_template_error(tok):
 
 def test_load_imbalance_is_the_trainers():
     counts = torch.tensor([[5, 1, 0, 2], [3, 3, 3, 3], [0, 0, 0, 0]])
-    trainer = StepMetrics(0.0, 0.0, 0.0, 0.0, counts[:2]).load_imbalance
+    trainer = StepMetrics(loss=0.0, aux_loss=0.0, z_loss=0.0, grad_norm=0.0, expert_counts=counts[:2]).load_imbalance
     assert load_imbalance(tuple(map(tuple, counts.tolist()))) == pytest.approx(trainer)
 
 

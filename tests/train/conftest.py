@@ -11,7 +11,7 @@ def small_source(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     text = shakespeare_source().paths[0].read_text()[:60_000]
     (d / "plays.txt").write_text(text)
-    return (Source("plays", 2.0, (d / "plays.txt",)),)
+    return (Source(name="plays", epochs=2.0, paths=(d / "plays.txt",)),)
 
 
 @pytest.fixture

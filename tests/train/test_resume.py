@@ -93,7 +93,7 @@ def test_crash_after_a_checkpoint_resumes_from_it_and_relogs_each_step_once(tmp_
 
 def test_resume_with_a_different_mixture_is_refused_before_tokenizing(tmp_path, small_source, micro_model, micro_train):
     _run(micro_model, micro_train, tmp_path / "r", small_source, tmp_path / "c", stop_at=3)
-    other = (small_source[0].__class__("plays", 1.0, small_source[0].paths),)
+    other = (small_source[0].__class__(name="plays", epochs=1.0, paths=small_source[0].paths),)
     with pytest.raises(ValueError, match=r"data mixture differs \(\[\['plays', 2.0\]\] -> \[\['plays', 1.0\]\]\)"):
         Trainer(micro_model, micro_train, tmp_path / "r", other, tmp_path / "c", resume=True)
 
