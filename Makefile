@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 # index serves CUDA builds: make demo TORCH_PIP_ARGS="--index-url <your CPU-only wheel index>"
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test bench install install-dev clean
+.PHONY: demo test test-quick bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
+
+# the tests not marked slow (no torchrun groups, servers or training runs): about a minute
+test-quick: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/run_all.py

@@ -9,3 +9,14 @@ def small_source_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "plays.txt"
     path.write_text(shakespeare_source().paths[0].read_text()[:60_000])
     return path
+
+
+# Slow: tests that start torchrun groups or servers, or train a model. `make test-quick` skips them.
+SLOW_FILES = {"test_parity.py", "test_train_cli.py", "test_resume.py", "test_hf_generate.py"}
+SLOW_FIXTURES = {"servers", "server", "tight_server", "drain_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

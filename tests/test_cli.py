@@ -44,6 +44,7 @@ def test_bad_input_is_one_line_error_before_any_work(argv, message, capsys, tmp_
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_train_stop_resume_then_generate_from_the_model_directory(tmp_path, small_source_path):
     common = ["--set", "vocab_size=512", "--set", "d_model=64", "--set", "n_layers=2", "--set", "d_ff=64",
               "--set", "n_experts=4", "--steps", "6", "--seq-len", "32", "--batch-size", "4", "--micro-batch", "4",
@@ -68,6 +69,7 @@ def test_train_stop_resume_then_generate_from_the_model_directory(tmp_path, smal
         assert spec.stdout == gen.stdout and "draft tokens accepted" in spec.stderr
 
 
+@pytest.mark.slow
 def test_demo_trains_saves_and_prints_samples(tmp_path, small_source_path):
     argv = [sys.executable, "-m", "moegpt", "demo", "--out", str(tmp_path / "demo"), "--steps", "4",
             "--set", "vocab_size=512", "--set", "d_model=64", "--set", "n_layers=2", "--set", "d_ff=64",
