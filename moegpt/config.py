@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 from dataclasses import dataclass
 
 
@@ -117,9 +116,6 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig field(s): {sorted(unknown)}")
         return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
 
 def field_differences(old: dict, new: dict, ignore: frozenset[str] = frozenset()) -> list[str]:
