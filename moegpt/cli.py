@@ -153,9 +153,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """Bad flags get one line naming the value (argparse's own message), not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moegpt", description="GPT-4-style sparse MoE: train, generate, inspect")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="moegpt", description="GPT-4-style sparse MoE: train, generate, inspect")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     from moegpt.train.cli import add_train_args, add_train_parser
 
