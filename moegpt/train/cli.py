@@ -162,8 +162,10 @@ def process_group(dims):
     close_distributed()
 
 
-def print_row(row: dict) -> None:
+def print_row(row: dict, log_every: int) -> None:
     """One line per logged step of a layout (rank 0), with the layout's own fields."""
+    if row["step"] % log_every and "val_loss" not in row:
+        return
     val = f" val {row['val_loss']:.3f}" if "val_loss" in row else ""
     print(f"step {row['step']:5d} loss {row['loss']:.4f}{val} lr {row['lr']:.2e} batch {row['batch_size']} "
           f"{row['tokens_per_s']:.0f} tok/s mfu {row['mfu']:.2%} [{row['layout']}] "
@@ -206,10 +208,12 @@ def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=N
                   f"({counts.active_per_token / 1e6:.2f}M active/token), "
                   f"data {', '.join(f'{n} x{e:g}' for n, e in zip(trainer.data.names, trainer.data.epochs))},"
                   f"{where} from step {trainer.step} to {train_cfg.steps}", flush=True)
+        # one process shows a progress bar; a layout's rank 0 prints a line per logged step
+        bar = main and dims is None and not args.no_progress
+        lines = main and dims is not None
         with stop_on_signals() as stop:
-            result = trainer.run(stop_at=args.stop_at, stop_requested=stop,
-                                 progress=main and dims is None and not args.no_progress,
-                                 on_step=print_row if main and dims is not None else None)
+            result = trainer.run(stop_at=args.stop_at, stop_requested=stop, progress=bar,
+                                 on_step=(lambda row: print_row(row, train_cfg.log_every)) if lines else None)
         if main:
             seen = ", ".join(f"{name} {epochs:.2f}" for name, epochs in trainer.epochs_seen().items())
             print(f"epochs seen so far: {seen} (targets for a whole pass: "
