@@ -127,7 +127,7 @@ def build_app(served: Served) -> FastAPI:
             prompt_text = served.chat.render([{"role": m.role, "content": m.text()} for m in req.messages])
         except ValueError as e:
             raise bad_request(str(e), "messages") from None
-        prompt = served.tokenizer.encode(prompt_text)
+        prompt = served.tokenizer.encode(prompt_text)  # no special tokens: the template writes them
         max_tokens = req.max_completion_tokens or req.max_tokens or max(1, served.context - len(prompt))
         logprobs = req.logprobs_count()
         engine_req = engine_request(req, max_tokens, logprobs, served.chat.stop_token_ids)
@@ -148,7 +148,8 @@ def _admitting(served: Served) -> None:
 
 
 def _completion_prompts(prompt, tokenizer: Tokenizer) -> list[list[int]]:
-    """OpenAI's four prompt forms -> token id lists. Text gets the tokenizer's BOS; token ids are taken as given."""
+    """OpenAI's four prompt forms -> token id lists. Text gets the tokenizer's own special tokens (as
+    AutoTokenizer and vLLM add them); token ids are taken as given."""
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
     if not prompt:
@@ -157,7 +158,7 @@ def _completion_prompts(prompt, tokenizer: Tokenizer) -> list[list[int]]:
     for p in prompt:
         if not p:
             raise bad_request("the prompt is empty", "prompt")
-        out.append(tokenizer.encode(p, add_bos=tokenizer.bos_id is not None) if isinstance(p, str) else list(p))
+        out.append(tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p))
     return out
 
 
