@@ -121,7 +121,7 @@ class Tokenizer:
         json_path = path / "tokenizer.json" if path.is_dir() else path
         sp_path = path / SENTENCEPIECE_FILE if path.is_dir() else path
         config = _read_token_config(directory)
-        if (path.is_dir() and not json_path.is_file() and sp_path.is_file()) or path.suffix == ".model":
+        if (path.is_dir() and not json_path.is_file() and sp_path.is_file()) or (path.is_file() and path.suffix == ".model"):
             return cls._from_sentencepiece(sp_path, config)
         if not json_path.is_file():
             raise ValueError(f"no tokenizer.json (or sentencepiece {SENTENCEPIECE_FILE}) found at {path}")
@@ -177,8 +177,7 @@ class Tokenizer:
         """Token ids of `text`. `add_special_tokens`: the tokenizer's own BOS/EOS rule, as
         `AutoTokenizer(text)["input_ids"]` (a prompt); `add_bos`: BOS prepended, whatever the rule."""
         _check_one_rule(add_special_tokens, add_bos)
-        # add_special_tokens=False disables any post-processor template a loaded
-        # tokenizer.json carries (e.g. Llama's implicit <s>).
+        # The rule is the tokenizer's post-processor (e.g. Llama's "<s> $A"); False leaves it out.
         ids = self._hf.encode(text, add_special_tokens=add_special_tokens).ids
         return [self._require_bos(), *ids] if add_bos else ids
 
