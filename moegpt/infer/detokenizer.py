@@ -9,7 +9,8 @@ The cost of a token does not grow with the completion: only a short window of to
 the last released piece, decoded again as context (so decoders that look at their neighbours, such
 as sentencepiece's leading-space strip, see it), plus the tokens not yet released. When the window
 decodes to more than its context, and not to a cut UTF-8 character, the new text is released and the
-window moves on. Stop strings are looked for in that new text and the few characters before it.
+window moves on (tokens without text, such as skipped special tokens, stay in it until text comes).
+Stop strings are looked for in that new text and the few characters before it.
 """
 
 from __future__ import annotations
