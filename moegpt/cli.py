@@ -24,7 +24,7 @@ def cmd_generate(args) -> int:
     spec = speculative_from_flags(bool(args.draft), args.ngram, args.speculative_tokens)
     llm = LLM(args.model, EngineConfig(speculative=spec), draft_dir=args.draft)
     tok, engine = llm.tokenizer, llm.engine
-    ids = tok.encode(args.prompt, add_bos=tok.bos_id is not None)
+    ids = tok.encode(args.prompt, add_special_tokens=True)
     texts: dict[int, list[str]] = {i: [] for i in range(args.n)}
     for update in engine.stream(ids, request):
         if args.n == 1:  # one completion: stream it as it comes

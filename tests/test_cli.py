@@ -33,6 +33,9 @@ def test_info_table_lists_totals(capsys):
     (["generate", "--model", "no/such/dir", "--prompt", "x"], "no/such/dir"),
     (["generate", "--model", "no/such/dir", "--prompt", "x", "--temperature", "-1"], "temperature=-1.0"),
     (["generate", "--model", "no/such/dir", "--prompt", "x", "--n", "0"], "n=0"),
+    (["serve", "--model", "no/such/dir", "--max-request-bytes", "0"], "--max-request-bytes=0"),
+    (["serve", "--model", "no/such/dir", "--api-key", " "], "--api-key must not be empty"),
+    (["serve", "--model", "no/such/dir", "--chat-template", "no/such.jinja"], "no/such.jinja"),
 ])
 def test_bad_input_is_one_line_error_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -16,13 +16,13 @@ import torch
 from moegpt.atomic import write_atomic, write_text_atomic
 from moegpt.checkpoint.hf import config_from_hf, config_to_hf, from_hf_state_dict, read_safetensors, to_hf_state_dict
 from moegpt.config import ModelConfig
-from moegpt.data.tokenizer import Tokenizer
+from moegpt.data.tokenizer import SENTENCEPIECE_FILE, Tokenizer
 from moegpt.model import MoEGPT, build_model
 
 
 class LoadedModel(NamedTuple):
     model: MoEGPT
-    tokenizer: Tokenizer | None  # None when the directory has no tokenizer.json
+    tokenizer: Tokenizer | None  # None when the directory has neither tokenizer.json nor tokenizer.model
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -49,7 +49,8 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     """Load a Mixtral-format model directory. ``dtype`` None keeps the stored dtype."""
     directory = Path(directory)
     cfg = read_config(directory)
-    tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").exists() else None
+    has_tokenizer = (directory / "tokenizer.json").exists() or (directory / SENTENCEPIECE_FILE).exists()
+    tokenizer = Tokenizer.load(directory) if has_tokenizer else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"{directory}: tokenizer vocab ({tokenizer.vocab_size}) exceeds model vocab_size ({cfg.vocab_size})")
     tensors = read_safetensors(directory)

@@ -2,9 +2,16 @@
 
 `Tokenizer.train` builds our own vocabulary (special tokens first, then the 256-byte
 alphabet, then merges), `Tokenizer.load` reads any `tokenizer.json` (ours or e.g. a
-Llama/Mixtral one), and `save` writes a directory that `transformers.AutoTokenizer`
-loads with identical ids. `encode` never adds special tokens behind the caller's back:
-the only special token it ever inserts is BOS, and only when asked (`add_bos=True`).
+Llama/Mixtral one) or, without one, a sentencepiece `tokenizer.model` (converted as
+transformers converts it), and `save` writes a directory that `transformers.AutoTokenizer`
+loads with identical ids.
+
+Special tokens are added only when asked. `encode(text, add_special_tokens=True)` adds them
+as the tokenizer's own rule says, as `AutoTokenizer(text)["input_ids"]` does (transformers 5):
+with a tokenizer.json its post-processor decides (tokenizer_config.json's `add_bos_token` is
+ignored there, as transformers ignores it; no post-processor: nothing added); a converted
+sentencepiece model follows `add_bos_token` / `add_eos_token` (default off). `add_bos=True`
+prepends BOS whatever the rule (the training tools' explicit choice).
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from moegpt.atomic import write_text_atomic
 
@@ -33,6 +40,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, IM_START, IM_END, IMAGE) + tup
     f"<|reserved_{i}|>" for i in range(NUM_RESERVED)
 )
 BYTE_ALPHABET_SIZE = 256
+SENTENCEPIECE_FILE = "tokenizer.model"  # a Llama/Mistral-style directory's sentencepiece model
 # The chat format of our tokenizers (ChatML with our specials), stored HF-style as a Jinja template in
 # tokenizer_config.json's "chat_template"; the server renders it as transformers' apply_chat_template does.
 CHAT_TEMPLATE = (
@@ -106,22 +114,44 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load a model directory (tokenizer.json [+ tokenizer_config.json]) or a tokenizer.json file."""
+        """Load a model directory (tokenizer.json, else a sentencepiece tokenizer.model; with its
+        tokenizer_config.json) or a tokenizer.json / tokenizer.model file."""
         path = Path(path)
         directory = path if path.is_dir() else path.parent
         json_path = path / "tokenizer.json" if path.is_dir() else path
+        sp_path = path / SENTENCEPIECE_FILE if path.is_dir() else path
+        config = _read_token_config(directory)
+        if (path.is_dir() and not json_path.is_file() and sp_path.is_file()) or (path.is_file() and path.suffix == ".model"):
+            return cls._from_sentencepiece(sp_path, config)
         if not json_path.is_file():
-            raise ValueError(f"no tokenizer.json found at {json_path}")
+            raise ValueError(f"no tokenizer.json (or sentencepiece {SENTENCEPIECE_FILE}) found at {path}")
         try:
             hf = HFTokenizer.from_file(str(json_path))
         except Exception as exc:  # the Rust side raises a bare Exception on bad JSON
             first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise ValueError(f"cannot parse tokenizer file {json_path}: {first_line}") from None
-        config = _read_token_config(directory)
         vocab = hf.get_vocab(with_added_tokens=True)
         bos = config.get("bos_token") or _first_known(vocab, _KNOWN_BOS)
         eos = config.get("eos_token") or _first_known(vocab, _KNOWN_EOS)
         pad = config.get("pad_token") or _first_known(vocab, _KNOWN_PAD)
+        return cls(hf, bos, eos, pad, config.get("chat_template"))
+
+    @classmethod
+    def _from_sentencepiece(cls, sp_path: Path, config: dict[str, Any]) -> Tokenizer:
+        """A sentencepiece model converted as transformers' AutoTokenizer converts it (legacy defaults to
+        True), with its BOS/EOS rule from tokenizer_config.json's add_bos_token / add_eos_token."""
+        from moegpt.data.sentencepiece_model import read_model, to_hf_tokenizer
+
+        sp = read_model(sp_path)
+        hf = to_hf_tokenizer(sp, legacy=config.get("legacy", True))
+        bos = config.get("bos_token") or sp.bos_token
+        eos = config.get("eos_token") or sp.eos_token
+        pad = config.get("pad_token")
+        for token in (bos, eos, pad):
+            if token is not None and hf.token_to_id(token) is None:  # named only in the config: add it
+                hf.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+        hf.post_processor = _bos_eos_template(hf, bos if config.get("add_bos_token") else None,
+                                              eos if config.get("add_eos_token") else None)
         return cls(hf, bos, eos, pad, config.get("chat_template"))
 
     def save(self, directory: str | Path, model_max_length: int | None = None) -> None:
@@ -143,16 +173,19 @@ class Tokenizer:
         write_text_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
 
     # ---------------------------------------------------------------------- coding
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of `text`; BOS is prepended only when `add_bos` is true."""
-        # add_special_tokens=False disables any post-processor template a loaded
-        # tokenizer.json carries (e.g. Llama's implicit <s>).
-        ids = self._hf.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False, *, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`. `add_special_tokens`: the tokenizer's own BOS/EOS rule, as
+        `AutoTokenizer(text)["input_ids"]` (a prompt); `add_bos`: BOS prepended, whatever the rule."""
+        _check_one_rule(add_special_tokens, add_bos)
+        # The rule is the tokenizer's post-processor (e.g. Llama's "<s> $A"); False leaves it out.
+        ids = self._hf.encode(text, add_special_tokens=add_special_tokens).ids
         return [self._require_bos(), *ids] if add_bos else ids
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False, *,
+                     add_bos: bool = False) -> list[list[int]]:
         """`encode` over many texts, tokenized in parallel on the Rust side."""
-        encodings = self._hf.encode_batch_fast(list(texts), add_special_tokens=False)
+        _check_one_rule(add_special_tokens, add_bos)
+        encodings = self._hf.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)
         if add_bos:
             bos = self._require_bos()
             return [[bos, *e.ids] for e in encodings]
@@ -207,9 +240,23 @@ class Tokenizer:
         return self._hf
 
 
-def _read_token_config(directory: Path) -> dict[str, str]:
+def _check_one_rule(add_special_tokens: bool, add_bos: bool) -> None:
+    if add_special_tokens and add_bos:
+        raise ValueError("add_special_tokens=True and add_bos=True are two BOS rules: pass one")
+
+
+def _bos_eos_template(hf: HFTokenizer, bos: str | None, eos: str | None) -> processors.TemplateProcessing:
+    """transformers' TokenizersBackend.update_post_processor: "[bos] $A [eos]" (pairs: the same twice)."""
+    single = f"{bos + ':0 ' if bos else ''}$A:0{' ' + eos + ':0' if eos else ''}"
+    pair = f"{single}{' ' + bos + ':1' if bos else ''} $B:1{' ' + eos + ':1' if eos else ''}"
+    specials = [(t, hf.token_to_id(t)) for t in (bos, eos) if t]
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+
+
+def _read_token_config(directory: Path) -> dict[str, Any]:
     """bos/eos/pad token strings from tokenizer_config.json (values may be str or {"content": str}),
-    and its chat_template when that is one Jinja string."""
+    its chat_template when that is one Jinja string, and the booleans add_bos_token, add_eos_token
+    and legacy when set."""
     config_path = directory / "tokenizer_config.json"
     if not config_path.is_file():
         return {}
@@ -219,7 +266,7 @@ def _read_token_config(directory: Path) -> dict[str, str]:
         raise ValueError(f"cannot parse {config_path}: {exc}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{config_path} is not a JSON object")
-    found: dict[str, str] = {}
+    found: dict[str, Any] = {}
     for key in ("bos_token", "eos_token", "pad_token"):
         value = raw.get(key)
         if isinstance(value, dict):
@@ -228,6 +275,9 @@ def _read_token_config(directory: Path) -> dict[str, str]:
             found[key] = value
     if isinstance(raw.get("chat_template"), str) and raw["chat_template"]:
         found["chat_template"] = raw["chat_template"]
+    for key in ("add_bos_token", "add_eos_token", "legacy"):
+        if isinstance(raw.get(key), bool):
+            found[key] = raw[key]
     return found
 
 

@@ -3,11 +3,21 @@
 Text is released as tokens arrive, except a tail that could still turn out to be (the start of) a
 stop string, or a multi-byte character whose bytes are not all generated yet. When a stop string
 appears, the text is cut before it and the sequence stops.
+
+The cost of a token does not grow with the completion: only a short window of tokens is decoded
+(the algorithm of the `tokenizers` library's ``DecodeStream``, and of vLLM and TGI): the tokens of
+the last released piece, decoded again as context (so decoders that look at their neighbours, such
+as sentencepiece's leading-space strip, see it), plus the tokens not yet released. When the window
+decodes to more than its context, and not to a cut UTF-8 character, the new text is released and the
+window moves on (tokens without text, such as skipped special tokens, stay in it until text comes).
+Stop strings are looked for in that new text and the few characters before it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
+REPLACEMENT = "\ufffd"  # what a decoder gives for the bytes of a character not all generated yet
 
 
 class Detokenizer:
@@ -15,34 +25,48 @@ class Detokenizer:
         if any(not s for s in stop):
             raise ValueError(f"stop strings must be non-empty, got {list(stop)!r}")
         self.decode, self.stop = decode, tuple(stop)
-        self.token_ids: list[int] = []
-        self.emitted = 0  # characters of the text already released
+        self.window: list[int] = []  # the last released piece's tokens (the context), then unreleased ones
+        self.context = 0  # how many of ``window`` are context
+        self.context_text = ""  # decode(window[:context])
+        self.held = ""  # decoded text held back: it may be the start of a stop string
+        self.released_tail = ""  # the last released characters a stop string could start in
         self.stopped = False
 
     def add(self, token_ids: Sequence[int]) -> str:
         """Append generated tokens; returns the newly released text. Sets ``stopped`` on a stop string."""
-        self.token_ids.extend(token_ids)
-        text = self.decode(self.token_ids)
-        # Look for a stop string starting anywhere not yet released (it may straddle the boundary).
-        cut = min((i for i in (text.find(s, max(0, self.emitted - len(s) + 1)) for s in self.stop) if i >= 0),
-                  default=None)
-        if cut is not None:
-            self.stopped = True
-            return self._release(text, max(cut, self.emitted))
-        end = len(text)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
-            end -= 1
-        # Hold back the longest tail that is a prefix of some stop string.
-        end -= max((n for s in self.stop for n in range(1, min(len(s) - 1, end - self.emitted) + 1)
-                    if text[end - n:end] == s[:n]), default=0)
-        return self._release(text, end)
+        if self.stopped:
+            return ""  # nothing after a stop string is ever released
+        self.window.extend(token_ids)
+        text = self.decode(self.window)
+        if len(text) <= len(self.context_text) or text.endswith(REPLACEMENT):
+            return ""  # no new text yet (a cut character, or tokens without text): wait for more tokens
+        new = text[len(self.context_text):]
+        # The window moves on: the tokens just decoded become the next one's context.
+        self.window = self.window[self.context:]
+        self.context = len(self.window)
+        self.context_text = self.decode(self.window)
+        return self._release(self.held + new)
 
     def flush(self) -> str:
         """The sequence ended without a stop string: release everything held back."""
-        return "" if self.stopped else self._release(self.decode(self.token_ids), None)
+        if self.stopped:
+            return ""
+        text = self.decode(self.window)
+        rest = self.held + text[len(self.context_text):]  # a cut last character comes out as U+FFFD
+        self.held, self.window, self.context, self.context_text = "", [], 0, ""
+        return rest
 
-    def _release(self, text: str, end: int | None) -> str:
-        end = len(text) if end is None else end
-        out = text[self.emitted:end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
+    def _release(self, pending: str) -> str:
+        """Release ``pending`` up to a stop string (then stop) or up to a tail that may start one."""
+        seen = self.released_tail + pending  # a stop may start in text already released
+        cuts = [i for i in (seen.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            self.stopped = True
+            return pending[:max(0, min(cuts) - len(self.released_tail))]
+        # Hold back the longest tail that is a proper prefix of some stop string.
+        hold = max((n for s in self.stop for n in range(1, min(len(s) - 1, len(pending)) + 1)
+                    if pending.endswith(s[:n])), default=0)
+        out, self.held = pending[:len(pending) - hold], pending[len(pending) - hold:]
+        keep = max((len(s) for s in self.stop), default=1) - 1
+        self.released_tail = (self.released_tail + out)[-keep:] if keep else ""
         return out

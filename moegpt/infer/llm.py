@@ -49,7 +49,7 @@ class LLM:
     def generate(self, prompts: list[str], request: Request = Request()) -> list[Completion]:
         """Completions for every prompt (n each, prompt by prompt), run together on the engine."""
         tok, engine = self.tokenizer, self.engine
-        ids = [engine.add_request(tok.encode(p, add_bos=tok.bos_id is not None), request) for p in prompts]
+        ids = [engine.add_request(tok.encode(p, add_special_tokens=True), request) for p in prompts]
         pending = {(rid, i): _Pending(logprobs=[] if request.logprobs is not None else None)
                    for rid in ids for i in range(request.n)}
         while engine.has_work:

@@ -21,6 +21,8 @@ from starlette.exceptions import HTTPException
 
 from moegpt.data.tokenizer import Tokenizer
 from moegpt.infer.engine import StepUpdate
+from moegpt.serve.auth import RequireAPIKey
+from moegpt.serve.body import DEFAULT_MAX_REQUEST_BYTES, read_body
 from moegpt.serve.chat import ChatFormat
 from moegpt.serve.engine_loop import EngineLoop, Failed, QueueFull, ShuttingDown, Stream
 from moegpt.serve.errors import APIError, bad_request, error_body, error_response
@@ -31,12 +33,12 @@ from moegpt.serve.protocol import (COMPLETIONS_DEFAULT_MAX_TOKENS, MAX_N, ChatCo
 
 log = logging.getLogger("moegpt.serve")
 RETRY_AFTER_S = 1
-REJECTION = {400: "invalid", 404: "unknown_model", 429: "queue_full", 503: "shutting_down"}  # metric labels
+REJECTION = {400: "invalid", 404: "unknown_model", 413: "too_large", 429: "queue_full", 503: "shutting_down"}  # metric labels
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Served:
-    """What the routes need: the model's name and tokenizer, the engine loop, the metrics."""
+    """What the routes need: the model's name and tokenizer, the engine loop, the metrics, the limits."""
 
     model_name: str
     tokenizer: Tokenizer
@@ -45,6 +47,8 @@ class Served:
     engine: EngineLoop
     metrics: Metrics
     created: int
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get 413
+    api_key: str | None = None  # None: open; else /v1/* needs "Authorization: Bearer <api_key>"
 
 
 def build_app(served: Served) -> FastAPI:
@@ -57,6 +61,8 @@ def build_app(served: Served) -> FastAPI:
             await asyncio.to_thread(served.engine.stop)
 
     app = FastAPI(title="moegpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if served.api_key is not None:
+        app.add_middleware(RequireAPIKey, api_key=served.api_key)
     text = TokenText(served.tokenizer)
 
     @app.exception_handler(APIError)
@@ -99,7 +105,7 @@ def build_app(served: Served) -> FastAPI:
     async def completions(request: HTTPRequest):
         arrival = time.monotonic()
         _admitting(served)
-        req = parse(CompletionRequest, await request.body())
+        req = parse(CompletionRequest, await _body(served, request))
         check_model(req.model, served.model_name)
         prompts = _completion_prompts(req.prompt, served.tokenizer)
         if len(prompts) * (req.n or 1) > MAX_N:
@@ -113,7 +119,7 @@ def build_app(served: Served) -> FastAPI:
     async def chat_completions(request: HTTPRequest):
         arrival = time.monotonic()
         _admitting(served)
-        req = parse(ChatCompletionRequest, await request.body())
+        req = parse(ChatCompletionRequest, await _body(served, request))
         check_model(req.model, served.model_name)
         if served.chat is None:
             raise bad_request(f"the model '{served.model_name}' has no chat template; use /v1/completions")
@@ -121,7 +127,7 @@ def build_app(served: Served) -> FastAPI:
             prompt_text = served.chat.render([{"role": m.role, "content": m.text()} for m in req.messages])
         except ValueError as e:
             raise bad_request(str(e), "messages") from None
-        prompt = served.tokenizer.encode(prompt_text)
+        prompt = served.tokenizer.encode(prompt_text)  # no special tokens: the template writes them
         max_tokens = req.max_completion_tokens or req.max_tokens or max(1, served.context - len(prompt))
         logprobs = req.logprobs_count()
         engine_req = engine_request(req, max_tokens, logprobs, served.chat.stop_token_ids)
@@ -132,13 +138,18 @@ def build_app(served: Served) -> FastAPI:
     return app
 
 
+async def _body(served: Served, request: HTTPRequest) -> bytes:
+    return await read_body(request.headers, request.stream(), served.max_request_bytes)
+
+
 def _admitting(served: Served) -> None:
     if served.engine.draining:
         raise APIError(503, "the server is shutting down", "server_error")
 
 
 def _completion_prompts(prompt, tokenizer: Tokenizer) -> list[list[int]]:
-    """OpenAI's four prompt forms -> token id lists. Text gets the tokenizer's BOS; token ids are taken as given."""
+    """OpenAI's four prompt forms -> token id lists. Text gets the tokenizer's own special tokens (as
+    AutoTokenizer and vLLM add them); token ids are taken as given."""
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
     if not prompt:
@@ -147,7 +158,7 @@ def _completion_prompts(prompt, tokenizer: Tokenizer) -> list[list[int]]:
     for p in prompt:
         if not p:
             raise bad_request("the prompt is empty", "prompt")
-        out.append(tokenizer.encode(p, add_bos=tokenizer.bos_id is not None) if isinstance(p, str) else list(p))
+        out.append(tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p))
     return out
 
 

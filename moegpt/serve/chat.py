@@ -4,7 +4,7 @@ The template is a Jinja string (``chat_template`` in tokenizer_config.json, as H
 it), rendered the way transformers' ``apply_chat_template`` renders it: a sandboxed environment with
 trim_blocks/lstrip_blocks, ``messages``, ``add_generation_prompt``, the special tokens and a
 ``raise_exception`` helper. A tokenizer without one gets our default (ChatML with our specials) when
-its vocabulary has those specials.
+its vocabulary has those specials; ``moegpt serve --chat-template FILE`` overrides either, as vLLM's flag.
 """
 
 from __future__ import annotations
@@ -40,18 +40,22 @@ def _raise(message: str):
     raise TemplateError(message)
 
 
-def chat_format(tokenizer: Tokenizer) -> ChatFormat | None:
-    """The tokenizer's chat format; None when it has neither a template nor our chat specials."""
-    source = tokenizer.chat_template
+def chat_format(tokenizer: Tokenizer, template: str | None = None) -> ChatFormat | None:
+    """The chat format: ``template`` (``moegpt serve --chat-template``) when given, else the tokenizer's;
+    None when there is neither a template nor our chat specials."""
+    source = template if template is not None else tokenizer.chat_template
     has_specials = tokenizer.token_to_id(IM_START) is not None and tokenizer.token_to_id(IM_END) is not None
     if source is None and not has_specials:
         return None
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
-    template = env.from_string(source if source is not None else CHAT_TEMPLATE)
+    try:
+        compiled = env.from_string(source if source is not None else CHAT_TEMPLATE)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
 
     def name(token_id: int | None) -> str:
         return (tokenizer.id_to_token(token_id) or "") if token_id is not None else ""
 
     stops = frozenset({tokenizer.token_to_id(IM_END)} if has_specials else set())
-    return ChatFormat(template, name(tokenizer.bos_id), name(tokenizer.eos_id), stops)
+    return ChatFormat(compiled, name(tokenizer.bos_id), name(tokenizer.eos_id), stops)

@@ -5,6 +5,8 @@ ValueError (the main CLI prints it, exit 2)."""
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -28,6 +30,12 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may run after SIGTERM")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOEGPT_API_KEY; unset: open)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template for /v1/chat/completions (default: the tokenizer's)")
+    p.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
+                   help="larger request bodies get 413 (default 4 MiB)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
     return p
@@ -47,12 +55,32 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--port={args.port} must be in [0, 65535]")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout={args.shutdown_timeout} must be >= 0")
+    if args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes={args.max_request_bytes} must be >= 1")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("MOEGPT_API_KEY") or None
+    if api_key is not None and not api_key.strip():
+        raise ValueError("--api-key must not be empty")
     speculative = speculative_from_flags(bool(args.draft), args.ngram, args.speculative_tokens)
     config = EngineConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes,
                           num_kv_blocks=args.num_kv_blocks,
                           scheduler=SchedulerConfig(args.max_num_seqs, args.max_batched_tokens),
                           prefix_caching=not args.no_prefix_caching, speculative=speculative)
-    options = ServerOptions(args.model, args.draft, args.served_model_name, args.host, args.port,
-                            Limits(args.max_queued_requests, args.max_queued_tokens), args.shutdown_timeout,
-                            args.log_level)
+    options = ServerOptions(model_dir=args.model, draft_dir=args.draft, model_name=args.served_model_name,
+                            host=args.host, port=args.port,
+                            limits=Limits(args.max_queued_requests, args.max_queued_tokens),
+                            shutdown_timeout=args.shutdown_timeout, log_level=args.log_level, api_key=api_key,
+                            chat_template=_read_template(args.chat_template),
+                            max_request_bytes=args.max_request_bytes)
     return serve(options, config)
+
+
+def _read_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--chat-template {path!r} cannot be read ({e.__class__.__name__}: {e})") from None
+    if not text.strip():
+        raise ValueError(f"--chat-template {path!r} is empty")
+    return text

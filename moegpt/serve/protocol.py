@@ -8,13 +8,13 @@ Extras beyond OpenAI's fields (as vLLM names them): top_k, min_p, repetition_pen
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moegpt.infer.engine import MAX_LOGPROBS, Request
 from moegpt.infer.sampling import SamplingParams
+from moegpt.serve.body import load_json
 from moegpt.serve.errors import APIError, bad_request
 
 MAX_N = 128  # completions per prompt
@@ -105,10 +105,7 @@ class ChatCompletionRequest(_Sampling):
 
 def parse(schema: type[_Schema], body: bytes) -> _Schema:
     """Raw request body -> a validated schema; 400 with a one-line reason otherwise."""
-    try:
-        raw = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request(f"the request body is not valid JSON ({e})") from None
+    raw = load_json(body)  # 400 for anything json cannot take (depth, digits, bytes)
     if not isinstance(raw, dict):
         raise bad_request("the request body must be a JSON object")
     for name, unused in UNSUPPORTED.items():

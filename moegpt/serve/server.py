@@ -19,12 +19,13 @@ import uvicorn
 from moegpt.infer.engine import EngineConfig
 from moegpt.infer.llm import LLM
 from moegpt.serve.app import Served, build_app
+from moegpt.serve.body import DEFAULT_MAX_REQUEST_BYTES
 from moegpt.serve.chat import chat_format
 from moegpt.serve.engine_loop import EngineLoop, Limits
 from moegpt.serve.metrics import Metrics
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServerOptions:
     model_dir: str
     draft_dir: str | None = None
@@ -34,6 +35,9 @@ class ServerOptions:
     limits: Limits = Limits()
     shutdown_timeout: float = 30.0
     log_level: str = "warning"
+    api_key: str | None = None  # None: /v1/* is open to anyone who reaches the port
+    chat_template: str | None = None  # Jinja text; None: the tokenizer's own
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
 def serve(options: ServerOptions, config: EngineConfig = EngineConfig()) -> int:
@@ -42,8 +46,9 @@ def serve(options: ServerOptions, config: EngineConfig = EngineConfig()) -> int:
     metrics = Metrics(lambda: loop.snapshot)
     loop.metrics = metrics
     name = options.model_name or Path(options.model_dir).resolve().name
-    served = Served(name, llm.tokenizer, chat_format(llm.tokenizer), llm.engine.max_len, loop, metrics,
-                    int(time.time()))
+    served = Served(model_name=name, tokenizer=llm.tokenizer, chat=chat_format(llm.tokenizer, options.chat_template),
+                    context=llm.engine.max_len, engine=loop, metrics=metrics, created=int(time.time()),
+                    max_request_bytes=options.max_request_bytes, api_key=options.api_key)
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     uv = uvicorn.Config(build_app(served), host=options.host, port=options.port, log_level=options.log_level,
                         access_log=False, timeout_graceful_shutdown=5, lifespan="on")

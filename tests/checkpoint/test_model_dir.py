@@ -28,3 +28,25 @@ def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"tokenizer vocab \(400\) exceeds model vocab_size \(320\)"):
         save(model, tok, tmp_path)
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_directory_with_only_a_sentencepiece_model_loads_and_generates(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    import json
+
+    from moegpt import LLM
+    from moegpt.infer.engine import Request
+
+    (tmp_path / "corpus.txt").write_text(TEXT + "héllo 你好\n" * 20)
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=300, hard_vocab_limit=False, byte_fallback=True, model_type="bpe",
+                                   minloglevel=2)
+    directory = tmp_path / "model"
+    save(build_model(preset("tiny").replace(vocab_size=320, n_layers=1), seed=0), None, directory)
+    (directory / "tokenizer.model").write_bytes((tmp_path / "sp.model").read_bytes())
+    (directory / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    _, tok = load(directory)
+    assert tok is not None and tok.bos_id == 1 and tok.eos_id == 2
+    assert tok.encode("to be", add_special_tokens=True)[0] == tok.bos_id
+    [completion] = LLM(directory).generate(["to be"], Request(max_tokens=3, ignore_eos=True))
+    assert len(completion.token_ids) == 3

@@ -83,7 +83,7 @@ def test_llm_generates_text_from_a_model_directory(tmp_path):
     assert [c.prompt for c in completions] == ["to be", "question"]
     for c in completions:
         assert c.finish_reason in (FinishReason.LENGTH, FinishReason.STOP) and len(c.token_ids) <= 5
-        prompt = torch.tensor([tok.encode(c.prompt, add_bos=True)])
+        prompt = torch.tensor([tok.encode(c.prompt, add_special_tokens=True)])
         expected = generate(model, prompt, 5, eos_id=tok.eos_id)[0, prompt.shape[1]:].tolist()
         assert list(c.token_ids) == expected[:len(c.token_ids)]
 
@@ -175,7 +175,7 @@ def test_stop_strings_cut_the_text_and_streaming_adds_up(tmp_path):
     assert cut.text == plain.text[:plain.text.index(stop)] and cut.finish_reason == FinishReason.STOP
     assert list(cut.token_ids) == list(plain.token_ids[:len(cut.token_ids)])
     engine = LLMEngine(model, tokenizer=tok)
-    streamed = "".join(u.text for u in engine.stream(tok.encode("to be", add_bos=True), Request(max_tokens=24, ignore_eos=True)))
+    streamed = "".join(u.text for u in engine.stream(tok.encode("to be", add_special_tokens=True), Request(max_tokens=24, ignore_eos=True)))
     assert streamed == plain.text
 
 

@@ -74,12 +74,12 @@ class Server:
             time.sleep(0.05)
 
 
-def start_server(model_dir: Path, *flags: str) -> Server:
+def start_server(model_dir: Path, *flags: str, env: dict[str, str] | None = None) -> Server:
     port = free_port()
     log = model_dir.parent / f"server-{port}.log"
     cmd = [sys.executable, "-m", "moegpt", "serve", "--model", str(model_dir), "--served-model-name", "tiny-test",
            "--port", str(port), "--kv-cache-bytes", "1000000", *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     return Server(f"http://127.0.0.1:{port}", proc, log)

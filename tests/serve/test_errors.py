@@ -1,6 +1,7 @@
 """Bad input over raw HTTP: each case gets its status and an OpenAI error body, never a 5xx."""
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -53,6 +54,16 @@ CASES = [
     ("chat model unknown", "/v1/chat/completions", {**CHAT, "model": "nope"}, 404, "does not exist"),
     ("top_logprobs without logprobs", "/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "logprobs"),
     ("chat beyond context", "/v1/chat/completions", {**CHAT, "max_tokens": CONTEXT}, 400, "context"),
+    # bodies json cannot take: 400, never a 500
+    ("100,000 nested [", "/v1/completions", b"[" * 100_000, 400, "nested"),
+    ("100,000 nested objects", "/v1/completions", b'{"a":' * 100_000, 400, "nested"),
+    ("nested past the depth limit", "/v1/completions", {**OK, "user": json.loads("[" * 40 + "]" * 40)}, 400, "nested"),
+    ("an integer of 5000 digits", "/v1/completions", b'{"model": "tiny-test", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", 400, "cannot read"),
+    ("not UTF-8", "/v1/completions", b'{"model": "tiny-test", "prompt": "\xff\xfe"}', 400, "not valid JSON"),
+    ("1e999 temperature", "/v1/completions", b'{"model": "tiny-test", "prompt": "x", "temperature": 1e999}', 400, "temperature"),
+    ("NaN temperature", "/v1/completions", b'{"model": "tiny-test", "prompt": "x", "temperature": NaN}', 400, "temperature"),
+    ("lone surrogate", "/v1/completions", b'{"model": "tiny-test", "prompt": "\\ud800", "max_tokens": 1}', 400, "JSON"),
+    ("empty body", "/v1/chat/completions", b"", 400, "not valid JSON"),
     ("unknown route", "/v1/embeddings", {"model": "tiny-test", "input": "x"}, 404, "Not Found"),
 ]
 

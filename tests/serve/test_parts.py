@@ -77,6 +77,13 @@ def test_a_template_that_refuses_gives_a_template_error(tok):
         fmt.render([{"role": "assistant", "content": "a"}])
 
 
+def test_a_given_template_overrides_the_tokenizers_and_bad_jinja_is_a_one_line_error(tok):
+    fmt = chat_format(tok, "{% for m in messages %}{{ m['content'] }}|{% endfor %}")
+    assert fmt.render([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == "a|b|"
+    with pytest.raises(ValueError, match="not valid Jinja"):
+        chat_format(tok, "{% for m in messages %}")
+
+
 def test_load_imbalance_is_the_trainers():
     counts = torch.tensor([[5, 1, 0, 2], [3, 3, 3, 3], [0, 0, 0, 0]])
     trainer = StepMetrics(loss=0.0, aux_loss=0.0, z_loss=0.0, grad_norm=0.0, expert_counts=counts[:2]).load_imbalance
