@@ -50,7 +50,8 @@ def cmd_serve(args) -> int:
     speculative = speculative_from_flags(bool(args.draft), args.ngram, args.speculative_tokens)
     config = EngineConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes,
                           num_kv_blocks=args.num_kv_blocks,
-                          scheduler=SchedulerConfig(args.max_num_seqs, args.max_batched_tokens),
+                          scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                                    max_batched_tokens=args.max_batched_tokens),
                           prefix_caching=not args.no_prefix_caching, speculative=speculative)
     options = ServerOptions(args.model, args.draft, args.served_model_name, args.host, args.port,
                             Limits(args.max_queued_requests, args.max_queued_tokens), args.shutdown_timeout,

@@ -19,7 +19,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from moegpt.infer.engine import EngineStats, LLMEngine, Request, StepUpdate
+from moegpt.infer.engine import EngineStats, LLMEngine
+from moegpt.infer.outputs import StepUpdate
+from moegpt.infer.sampling_params import SamplingParams
 
 log = logging.getLogger("moegpt.serve")
 
@@ -96,7 +98,7 @@ class Stream:
     """One HTTP request's generation: its engine requests (one per prompt) and the events for it."""
 
     prompts: list[list[int]]
-    requests: list[Request]
+    requests: list[SamplingParams]  # one per prompt
     arrival: float  # time.monotonic() when the HTTP request came in
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # StepUpdate | Failed
     request_ids: list[int] = field(default_factory=list)  # engine ids, in prompt order (set by the thread)
@@ -149,7 +151,7 @@ class EngineLoop:
             self.commands.put(_Stop())
             self._thread.join(timeout)
 
-    async def submit(self, prompts: list[list[int]], requests: list[Request], arrival: float) -> Stream:
+    async def submit(self, prompts: list[list[int]], requests: list[SamplingParams], arrival: float) -> Stream:
         """Queue one engine request per prompt, all or none. Raises ShuttingDown, QueueFull, or
         ValueError (bad input, one line). The caller must ``release`` the stream when done."""
         if self.draining:

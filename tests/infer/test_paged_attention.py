@@ -27,7 +27,8 @@ def _chunks(kinds):
     for kind in kinds:
         start, n = (kind[1] - 1, 1) if kind[0] == "decode" else kind[1:]
         table = tuple(free.pop() for _ in range(-(-(start + n) // BS)))
-        chunks.append(Chunk(tuple(range(n)), start, table, 1 if kind[0] == "decode" else n))
+        chunks.append(Chunk(tokens=tuple(range(n)), start=start, block_table=table,
+                            num_logits=1 if kind[0] == "decode" else n))
     return chunks
 
 
@@ -79,7 +80,8 @@ def test_runner_logits_are_the_full_forwards_rows(dtype):
     model = build_model(_cfg(), seed=3, dtype=dtype).eval()
     prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4, 6]]
     runner = ModelRunner(model, PagedKVCache(model.cfg, 16, BS, dtype))
-    chunks = [Chunk(tuple(prompts[0]), 0, (0, 1), 2), Chunk(tuple(prompts[1]), 0, (2,), 0)]
+    chunks = [Chunk(tokens=tuple(prompts[0]), start=0, block_table=(0, 1), num_logits=2),
+              Chunk(tokens=tuple(prompts[1]), start=0, block_table=(2,), num_logits=0)]
     out = runner.run(chunks)
     assert out.logits.shape == (2, model.cfg.vocab_size)
     with torch.no_grad():
