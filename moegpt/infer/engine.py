@@ -189,7 +189,8 @@ class LLMEngine:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        """Requests to run, or updates that ``stream()``/``generate()`` kept for the next ``step()``."""
+        return self.scheduler.has_work or bool(self._unclaimed)
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams) -> int:
