@@ -1,6 +1,6 @@
-"""The runner's fast paths against their obvious versions: batched decode attention against one
-attention call per sequence, vectorised slot metadata against per-chunk slot lists, logits of the
-asked-for rows against the full forward's."""
+"""The runner's fast paths against their obvious versions: both paged attention paths (batched
+decode, and one call per sequence) against attention written out by definition, vectorised slot
+metadata against per-chunk slot lists, logits of the asked-for rows against the full forward's."""
 
 import dataclasses
 
@@ -40,9 +40,40 @@ STEPS = {
 }
 
 
+def attention_by_definition(k_slots, v_slots, chunks, q, k, v):
+    """The obvious paged attention, one query and one head at a time in float64: write the new keys
+    and values into their slots (slot = block_table[pos // BS] * BS + pos % BS), then each query at
+    position p takes softmax(q . k_t / sqrt(Dh)) over its sequence's keys t = 0..p. Shares no code
+    with the runner's metadata or either attention path. -> (1, H, N, Dh)."""
+    K, V = k_slots.double().clone(), v_slots.double().clone()  # (slots, G, Dh)
+    H, G, Dh = q.shape[1], K.shape[1], q.shape[3]
+
+    def slot(c, pos):
+        return c.block_table[pos // BS] * BS + pos % BS
+
+    flat = 0
+    for c in chunks:
+        for j in range(len(c.tokens)):
+            K[slot(c, c.start + j)], V[slot(c, c.start + j)] = k[0, :, flat + j].double(), v[0, :, flat + j].double()
+        flat += len(c.tokens)
+    out = torch.zeros(1, H, q.shape[2], Dh, dtype=torch.float64)
+    flat = 0
+    for c in chunks:
+        for j in range(len(c.tokens)):
+            p = c.start + j
+            keys = torch.stack([K[slot(c, t)] for t in range(p + 1)])  # (p+1, G, Dh)
+            values = torch.stack([V[slot(c, t)] for t in range(p + 1)])
+            for h in range(H):
+                g = h // (H // G)  # the kv head this query head shares
+                scores = keys[:, g] @ q[0, h, flat + j].double() / Dh ** 0.5  # (p+1,)
+                out[0, h, flat + j] = torch.softmax(scores, 0) @ values[:, g]
+        flat += len(c.tokens)
+    return out
+
+
 @pytest.mark.parametrize("step", list(STEPS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batched_decode_attention_matches_one_call_per_sequence(step, dtype):
+def test_both_attention_paths_match_attention_by_definition(step, dtype):
     cfg = _cfg()
     chunks = _chunks(STEPS[step])
     meta, positions = attention_metadata(chunks, BS)
@@ -51,14 +82,18 @@ def test_batched_decode_attention_matches_one_call_per_sequence(step, dtype):
     q = torch.randn(1, H, N, Dh, generator=g).to(dtype)
     k, v = torch.randn(1, G, N, Dh, generator=g).to(dtype), torch.randn(1, G, N, Dh, generator=g).to(dtype)
     results = []
-    for m in (meta, dataclasses.replace(meta, decode=None)):  # fast, then every sequence through the loop
+    for m in (meta, dataclasses.replace(meta, decode=None)):  # batched decode, then one call per sequence
         cache = PagedKVCache(cfg, 64, BS, dtype)
         torch.manual_seed(2)
         for t in cache.k + cache.v:
             t.copy_(torch.randn(t.shape))  # earlier tokens' keys/values
+        before = cache.k[0].clone(), cache.v[0].clone()
         results.append(cache.views(m)[0].attend(q, k, v, positions))
     assert (meta.decode is not None) == any(kind[0] == "decode" for kind in STEPS[step])
-    torch.testing.assert_close(results[0], results[1])
+    expected = attention_by_definition(*before, chunks, q, k, v)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for got in results:
+        torch.testing.assert_close(got.double(), expected, **tol)
 
 
 def test_slot_metadata_matches_each_chunks_slots():
