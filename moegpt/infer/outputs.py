@@ -64,7 +64,7 @@ class RequestOutput:
     finished: bool
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Choice:
     token_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)

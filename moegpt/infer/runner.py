@@ -33,14 +33,6 @@ class StepOutput:
     expert_counts: torch.Tensor | None  # (n_layers, E) tokens routed to each expert this step
 
 
-def slots_of(block_table: tuple[int, ...] | list[int], block_size: int, start: int, end: int) -> torch.Tensor:
-    """Slots of positions [start, end) of a sequence with this block table -> (end - start,).
-    One chunk at a time: the reference ``attention_metadata`` is tested against."""
-    pos = torch.arange(start, end)
-    table = torch.tensor(block_table, dtype=torch.long)
-    return table[pos // block_size] * block_size + pos % block_size
-
-
 def attention_metadata(chunks: list[Chunk], block_size: int) -> tuple[PagedAttentionMetadata, torch.Tensor]:
     """The step's paged-attention metadata and the positions (N,) of its tokens, built with a few
     vectorised ops whatever the batch size (B sequences, S_max keys of the longest, nb its blocks)."""

@@ -9,7 +9,7 @@ import torch
 
 from moegpt.config import preset
 from moegpt.infer.paged_cache import PagedKVCache
-from moegpt.infer.runner import Chunk, ModelRunner, attention_metadata, slots_of
+from moegpt.infer.runner import Chunk, ModelRunner, attention_metadata
 from moegpt.model import build_model
 
 BS = 4  # block size
@@ -17,6 +17,11 @@ BS = 4  # block size
 
 def _cfg():
     return preset("tiny").replace(vocab_size=128, n_layers=2, d_model=32, n_heads=4, d_ff=32, n_experts=4)
+
+
+def slots_of(block_table: tuple[int, ...], start: int, end: int) -> list[int]:
+    """Slots of positions [start, end) of a sequence with this block table, one position at a time."""
+    return [block_table[pos // BS] * BS + pos % BS for pos in range(start, end)]
 
 
 def _chunks(kinds):
@@ -102,9 +107,9 @@ def test_slot_metadata_matches_each_chunks_slots():
     expected_mapping, expected_positions = [], []
     for i, c in enumerate(chunks):
         end = c.start + len(c.tokens)
-        expected_mapping += slots_of(c.block_table, BS, c.start, end).tolist()
+        expected_mapping += slots_of(c.block_table, c.start, end)
         expected_positions += list(range(c.start, end))
-        assert meta.context_slots[i, :end].tolist() == slots_of(c.block_table, BS, 0, end).tolist()
+        assert meta.context_slots[i, :end].tolist() == slots_of(c.block_table, 0, end)
         assert meta.context_lens[i] == end
     assert meta.slot_mapping.tolist() == expected_mapping
     assert positions.tolist() == expected_positions
