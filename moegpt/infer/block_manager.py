@@ -50,6 +50,9 @@ class _Chain:
     broken: bool = False  # its chain met another content's name: nothing after it is named for it
 
 
+_START = _Chain(count=0, name=ROOT, serial=None)  # nothing named yet
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True, draft_cache: bool = False):
         if num_blocks < 1 or block_size < 1:
@@ -131,7 +134,7 @@ class BlockManager:
         name; a later copy stays unnamed, and the sequence's chain goes on through the first copy."""
         if not self.prefix_caching:
             return
-        chain = self.named.get(seq.seq_id, _Chain(count=0, name=ROOT, serial=None))
+        chain = self.named.get(seq.seq_id, _START)
         computed = min(seq.num_computed, seq.num_draft_computed) if self.draft_cache else seq.num_computed
         full = computed // self.block_size
         if chain.broken or full <= chain.count:
