@@ -2,8 +2,8 @@
 
     SamplingParams(n=2, temperature=0.8, top_p=0.95, stop=["\\n\\n"], max_tokens=64, seed=0)
 
-A script written for ``vllm.SamplingParams`` runs unchanged. vLLM compatibility: ``top_k=-1`` (or
-0) means no top-k, as in vLLM, and is stored as ``None``; ``top_p=1.0`` and ``min_p=0.0`` filter
+A ``vllm.SamplingParams(...)`` call with these options builds the same request here. vLLM
+compatibility: ``top_k=-1`` (or 0) means no top-k, as in vLLM, and is stored as ``None``; ``top_p=1.0`` and ``min_p=0.0`` filter
 nothing; ``stop`` may be one string or a list, stored as a tuple; ``stop_token_ids`` a list, stored
 as a tuple. The math that uses these options is in ``moegpt.infer.sampling``.
 """
