@@ -160,3 +160,40 @@ def test_bad_sequences_and_limits_name_the_value():
         Sequence(seq_id=0, prompt_ids=[], max_tokens=5)
     with pytest.raises(ValueError, match=r"max_num_seqs \(0\)"):
         SchedulerConfig(max_num_seqs=0)
+
+
+def _computed(blocks: BlockManager, seq: Sequence) -> None:
+    """Admit ``seq`` and mark all its tokens computed, naming its full blocks."""
+    blocks.admit(seq)
+    blocks.grow(seq, seq.num_uncomputed)
+    seq.num_computed = seq.num_tokens
+    blocks.register_full_blocks(seq)
+
+
+def test_a_block_is_reused_only_when_its_tokens_and_its_prefix_match(monkeypatch):
+    import moegpt.infer.block_manager as block_manager
+
+    monkeypatch.setattr(block_manager, "chain_hash", lambda previous, tokens: b"\0" * 32)  # every name collides
+    blocks = BlockManager(num_blocks=16, block_size=4)
+    x, y, z = [3, 4, 5, 6], [7, 8, 9, 10], [11, 12, 13, 14]
+    first = Sequence(seq_id=0, prompt_ids=x + y + [1], max_tokens=1)
+    _computed(blocks, first)
+    same_start = Sequence(seq_id=1, prompt_ids=x + z + [1], max_tokens=1)
+    blocks.admit(same_start)
+    assert same_start.block_table == first.block_table[:1]  # x verified; z's name is x's, its tokens are not
+    other_start = Sequence(seq_id=2, prompt_ids=z + y + [1], max_tokens=1)
+    blocks.admit(other_start)
+    assert other_start.block_table == [] and other_start.num_computed == 0  # same name, other tokens: a miss
+
+
+def test_a_freed_block_is_found_by_its_name_until_it_is_handed_out_again():
+    blocks = BlockManager(num_blocks=3, block_size=2)
+    a = Sequence(seq_id=0, prompt_ids=[3, 4, 5, 6, 1], max_tokens=1)  # blocks [3, 4] [5, 6] [1]
+    _computed(blocks, a)
+    blocks.release(a)  # freed tail first: [1], then [5, 6], then [3, 4] (still named)
+    b = Sequence(seq_id=1, prompt_ids=[9, 9, 1], max_tokens=1)
+    _computed(blocks, b)  # takes the two oldest free blocks: [1]'s and [5, 6]'s
+    blocks.release(b)
+    again = Sequence(seq_id=2, prompt_ids=[3, 4, 5, 6, 2], max_tokens=1)
+    blocks.admit(again)
+    assert again.num_computed == 2  # [3, 4] is still cached; [5, 6]'s block was handed out to b
