@@ -30,7 +30,8 @@ def interleaved_medians(fns, repeats: int, warmup: int = 1) -> list[float]:
 def prefilled_engine(model, batch: int, prompt: int, new: int, seed: int, kv_cache_bytes: int):
     """An LLMEngine holding ``batch`` random prompts of ``prompt`` tokens (``new`` greedy tokens each),
     all prefilled by its first step -> (engine, that step's updates). Every later step decodes."""
-    from moegpt.infer.engine import EngineConfig, LLMEngine, Request
+    from moegpt.infer.engine import EngineConfig, LLMEngine
+    from moegpt.infer.sampling_params import SamplingParams
     from moegpt.infer.scheduler import SchedulerConfig
 
     engine = LLMEngine(model, EngineConfig(kv_cache_bytes=kv_cache_bytes, scheduler=SchedulerConfig(
@@ -38,7 +39,7 @@ def prefilled_engine(model, batch: int, prompt: int, new: int, seed: int, kv_cac
     g = torch.Generator().manual_seed(seed)
     for _ in range(batch):
         engine.add_request(torch.randint(0, model.cfg.vocab_size, (prompt,), generator=g).tolist(),
-                           Request(max_tokens=new))
+                           SamplingParams(max_tokens=new, temperature=0))
     return engine, engine.step()
 
 

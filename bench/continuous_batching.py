@@ -33,8 +33,9 @@ from bench.roofline import best_of, decode_roofline, measure_machine
 from moegpt.checkpoint.model_dir import save
 from moegpt.config import preset
 from moegpt.counts import forward_flops_per_token
-from moegpt.infer.engine import EngineConfig, LLMEngine, Request
-from moegpt.infer.paged_cache import kv_bytes_per_token
+from moegpt.counts import kv_cache_bytes_per_token
+from moegpt.infer.engine import EngineConfig, LLMEngine
+from moegpt.infer.sampling_params import SamplingParams
 from moegpt.infer.scheduler import SchedulerConfig
 from moegpt.model import build_model
 
@@ -58,10 +59,10 @@ def percentile(xs: list[float], q: float) -> float:
 @torch.no_grad()
 def run_ours(model, prompts: list[list[int]], outputs: list[int]) -> dict:
     need = sum(len(p) + o for p, o in zip(prompts, outputs)) + MAX_SEQS * 16
-    engine = LLMEngine(model, EngineConfig(kv_cache_bytes=need * kv_bytes_per_token(model.cfg, torch.float32),
-                                           scheduler=SchedulerConfig(MAX_SEQS, MAX_BATCHED)))
+    engine = LLMEngine(model, EngineConfig(kv_cache_bytes=need * kv_cache_bytes_per_token(model.cfg, torch.float32.itemsize),
+                                           scheduler=SchedulerConfig(max_num_seqs=MAX_SEQS, max_batched_tokens=MAX_BATCHED)))
     t0 = time.perf_counter()
-    ids = [engine.add_request(p, Request(max_tokens=o)) for p, o in zip(prompts, outputs)]
+    ids = [engine.add_request(p, SamplingParams(max_tokens=o, temperature=0)) for p, o in zip(prompts, outputs)]
     done, batch_sizes = {}, []
     while engine.has_work:
         updates = engine.step()

@@ -26,7 +26,8 @@ from bench.common import interleaved_medians, write_result
 from bench.roofline import best_of, decode_roofline, measure_machine, prefill_roofline
 from moegpt.checkpoint.model_dir import save
 from moegpt.config import preset
-from moegpt.infer.engine import EngineConfig, LLMEngine, Request
+from moegpt.infer.engine import EngineConfig, LLMEngine
+from moegpt.infer.sampling_params import SamplingParams
 from moegpt.model import build_model
 
 DEFAULT_PRESET, PROMPT = "small", 128
@@ -45,7 +46,7 @@ def bench_dtype(preset_name: str, name: str, new: int, repeats: int) -> dict:
     engine = LLMEngine(model, EngineConfig(kv_cache_bytes=64 * 2**20))
 
     def ours(n):
-        return engine.generate([prompt[0].tolist()], Request(max_tokens=n))[0]
+        return list(engine.generate([prompt[0].tolist()], SamplingParams(max_tokens=n, temperature=0))[0].outputs[0].token_ids)
 
     def theirs(n):
         return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)[0, PROMPT:].tolist()

@@ -102,16 +102,15 @@ def offline_tokens_per_s(model_dir: Path, n: int, vocab: int) -> float:
 
 
 def _offline(model_dir: Path, n: int, vocab: int) -> float:
-    from moegpt.infer.engine import Request
     from moegpt.infer.llm import LLM
-    from moegpt.infer.sampling import SamplingParams
+    from moegpt.infer.sampling_params import SamplingParams
 
     engine = LLM(model_dir).engine
-    req = Request(max_tokens=NEW, sampling=SamplingParams(temperature=0.0), ignore_eos=True)
+    req = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
     engine.generate(prompts(1, vocab), req)  # warm-up
     t0 = time.perf_counter()
     out = engine.generate(prompts(n, vocab), req)
-    return sum(map(len, out)) / (time.perf_counter() - t0)
+    return sum(len(o.outputs[0].token_ids) for o in out) / (time.perf_counter() - t0)
 
 
 def start_server(model_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from bench.common import interleaved_medians, write_result
 from moegpt.checkpoint.model_dir import load, save
 from moegpt.data.sources import iter_documents, shakespeare_source, stdlib_code_source
-from moegpt.infer.engine import EngineConfig, LLMEngine, Request, SpeculativeConfig, SpeculativeMethod
-from moegpt.infer.sampling import SamplingParams
+from moegpt.infer.engine import EngineConfig, LLMEngine, SpeculativeConfig, SpeculativeMethod
+from moegpt.infer.sampling_params import SamplingParams
 from moegpt.model import build_model
 from moegpt.train.trainer import default_cache_dir
 
@@ -106,17 +106,17 @@ def main() -> None:
     engines = {
         "plain": LLMEngine(target, EngineConfig(), tok),
         "draft": LLMEngine(target, EngineConfig(speculative=SpeculativeConfig(num_tokens=args.k)), tok, draft=draft),
-        "ngram": LLMEngine(target, EngineConfig(speculative=SpeculativeConfig(SpeculativeMethod.NGRAM, args.k)), tok),
+        "ngram": LLMEngine(target, EngineConfig(speculative=SpeculativeConfig(method=SpeculativeMethod.NGRAM, num_tokens=args.k)), tok),
     }
     rows = []
-    for mode, sampling in (("greedy", SamplingParams(temperature=0.0)), ("T=0.8", SamplingParams(0.8, top_k=50))):
-        req = Request(max_tokens=args.new_tokens, sampling=sampling, seed=0, ignore_eos=True)
+    for mode, sampling in (("greedy", dict(temperature=0.0)), ("T=0.8", dict(temperature=0.8, top_k=50))):
+        req = SamplingParams(max_tokens=args.new_tokens, seed=0, ignore_eos=True, **sampling)
         outputs: dict[str, list] = {}
 
         def runner(name):
             def run():  # batch 1: one prompt at a time
                 engine = engines[name]
-                outputs[name] = [engine.generate([p], req)[0] for p in prompts]
+                outputs[name] = [engine.generate([p], req)[0].outputs[0].token_ids for p in prompts]
             return run
 
         before = {n: (e.stats.spec_proposed, e.stats.spec_accepted, e.stats.steps, e.stats.generation_tokens)

@@ -17,8 +17,9 @@ import importlib
 _EXPORTS = {
     "load": "moegpt.checkpoint.model_dir", "save": "moegpt.checkpoint.model_dir",
     "PRESETS": "moegpt.config", "MLPKind": "moegpt.config", "ModelConfig": "moegpt.config", "preset": "moegpt.config",
-    "EngineConfig": "moegpt.infer.engine", "LLMEngine": "moegpt.infer.engine", "Request": "moegpt.infer.engine",
-    "LLM": "moegpt.infer.llm", "SamplingParams": "moegpt.infer.sampling",
+    "EngineConfig": "moegpt.infer.engine", "LLMEngine": "moegpt.infer.engine", "LLM": "moegpt.infer.llm",
+    "CompletionOutput": "moegpt.infer.outputs", "RequestOutput": "moegpt.infer.outputs",
+    "SamplingParams": "moegpt.infer.sampling_params",
     "MoEGPT": "moegpt.model", "build_model": "moegpt.model",
 }
 

@@ -13,20 +13,20 @@ from pathlib import Path
 
 
 def cmd_generate(args) -> int:
-    from moegpt.infer.engine import EngineConfig, Request, speculative_from_flags
+    from moegpt.infer.engine import EngineConfig, speculative_from_flags
     from moegpt.infer.llm import LLM
-    from moegpt.infer.sampling import SamplingParams
+    from moegpt.infer.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                            repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                            frequency_penalty=args.frequency_penalty)
-    request = Request(max_tokens=args.max_tokens, sampling=params, stop=tuple(args.stop), n=args.n, seed=args.seed)
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            min_p=args.min_p, seed=args.seed, stop=list(args.stop), max_tokens=args.max_tokens,
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                            repetition_penalty=args.repetition_penalty)
     spec = speculative_from_flags(bool(args.draft), args.ngram, args.speculative_tokens)
-    llm = LLM(args.model, EngineConfig(speculative=spec), draft_dir=args.draft)
+    llm = LLM(args.model, EngineConfig(speculative=spec), draft_model=args.draft)
     tok, engine = llm.tokenizer, llm.engine
     ids = tok.encode(args.prompt, add_special_tokens=True)
     texts: dict[int, list[str]] = {i: [] for i in range(args.n)}
-    for update in engine.stream(ids, request):
+    for update in engine.stream(ids, params):
         if args.n == 1:  # one completion: stream it as it comes
             if not texts[0]:
                 sys.stdout.write(args.prompt)
@@ -115,7 +115,7 @@ def cmd_demo(args) -> int:
     import torch
 
     from moegpt.infer.generate import generate
-    from moegpt.infer.sampling import SamplingParams
+    from moegpt.infer.sampling_params import SamplingParams
 
     out = Path(args.out)
     marker = out / DEMO_MARKER
@@ -173,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0: no top-p")
+    p.add_argument("--top-k", type=int, default=None, help="default (or -1, as vLLM): no top-k")
+    p.add_argument("--min-p", type=float, default=0.0, help="0.0: no min-p")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)

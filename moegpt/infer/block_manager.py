@@ -1,22 +1,56 @@
 """Paged KV-cache bookkeeping: fixed-size blocks, per-sequence block tables, reference counts, and
 prefix caching. Pure Python: the runner turns block tables into tensor indices.
 
-Prefix caching: a full block is named by a hash chained over every token up to its end, so two
-sequences that share a prompt prefix share its blocks (reference-counted). A freed block keeps its
-hash while it waits in the free list (oldest freed first), so a later request with the same prefix
-can still reuse it until the block is handed out again.
+Prefix caching, safe by construction: a full block is named by a SHA-256 hash chained over every
+token up to its end (as vLLM's ``sha256`` prefix-caching hash), so two sequences that share a prompt
+prefix share its blocks (reference-counted). A name alone is never trusted: each named block keeps
+its own token ids and which named block precedes it, and a hit is used only when both match, so
+even colliding hashes can only cost a cache miss, never a wrong key or value. A freed block keeps
+its name while it waits in the free list (oldest freed first), so a later request with the same
+prefix can still reuse it until the block is handed out again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import struct
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from moegpt.infer.sequence import Sequence
 
+ROOT = bytes(32)  # the chain's start: the "previous hash" of a sequence's first block
 
-def chain_hash(previous: int | None, tokens: tuple[int, ...]) -> int:
-    """Name of a full block: its tokens and everything before it (through ``previous``)."""
-    return hash((previous, tokens))
+
+def chain_hash(previous: bytes, tokens: tuple[int, ...]) -> bytes:
+    """Name of a full block: SHA-256 of the previous block's name (32 bytes) and its token ids, each
+    as 8 little-endian bytes (a fixed-width encoding: different inputs, different bytes)."""
+    return hashlib.sha256(previous + struct.pack(f"<{len(tokens)}q", *tokens)).digest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class CachedBlock:
+    """What a named block holds, checked on every hit."""
+
+    name: bytes  # its chain hash
+    tokens: tuple[int, ...]  # its token ids
+    parent: int | None  # serial of the named block before it; None for a sequence's first block
+    serial: int  # unique for the life of the manager: a block named again gets a new one
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Chain:
+    """How far a sequence's blocks are named: its first ``count`` blocks, the last of them ``name``,
+    whose content (and everything before it) the cached block of ``serial`` holds."""
+
+    count: int
+    name: bytes
+    serial: int | None  # None at the start (count 0), or after a collision
+    broken: bool = False  # its chain met another content's name: nothing after it is named for it
+
+
+_START = _Chain(count=0, name=ROOT, serial=None)  # nothing named yet
 
 
 class BlockManager:
@@ -27,10 +61,10 @@ class BlockManager:
         self.draft_cache = draft_cache  # a draft model keeps a second cache in the same blocks
         self.ref_count = [0] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # oldest first
-        self.hash_of: dict[int, int] = {}  # block -> hash, for full blocks
-        self.block_of: dict[int, int] = {}  # hash -> block
-        # seq_id -> (how many of its leading blocks are named, the chain hash of the last of them)
-        self.named: dict[int, tuple[int, int | None]] = {}
+        self.cached: dict[int, CachedBlock] = {}  # block -> its name and content, for named full blocks
+        self.block_of: dict[bytes, int] = {}  # name -> block
+        self.named: dict[int, _Chain] = {}  # seq_id -> how far its blocks are named
+        self._serials = itertools.count()
 
     @property
     def num_free_blocks(self) -> int:
@@ -42,41 +76,49 @@ class BlockManager:
     # ---- allocation --------------------------------------------------------------------------
     def _take_free(self) -> int:
         block, _ = self.free.popitem(last=False)
-        if block in self.hash_of:  # evict its cached content
-            del self.block_of[self.hash_of.pop(block)]
+        if block in self.cached:  # evict its cached content
+            del self.block_of[self.cached.pop(block).name]
         self.ref_count[block] = 1
         return block
 
     def _block_tokens(self, seq: Sequence, i: int) -> tuple[int, ...]:
         return tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
 
-    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], int | None]:
-        """Blocks holding a leading run of ``seq``'s full blocks, found by hash, and the chain hash of
-        the last one. The last token is never taken from the cache: the model must run on it to
-        produce the next token's logits."""
-        found, last = [], None
-        if not self.prefix_caching:
-            return found, last
-        for i in range((seq.num_tokens - 1) // self.block_size):
-            h = chain_hash(last, self._block_tokens(seq, i))
-            block = self.block_of.get(h)
-            if block is None:
-                break
-            found.append(block)
-            last = h
-        return found, last
+    def _lookup(self, name: bytes, tokens: tuple[int, ...], parent: int | None) -> CachedBlock | None:
+        """The cached block of this name, if it really holds ``tokens`` after the block ``parent``."""
+        block = self.block_of.get(name)
+        if block is None:
+            return None
+        c = self.cached[block]
+        return c if c.tokens == tokens and c.parent == parent else None  # else a hash collision
+
+    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], _Chain]:
+        """Blocks holding a leading run of ``seq``'s full blocks, found by name and verified by
+        content, and how far that names the sequence. The last token is never taken from the cache:
+        the model must run on it to produce the next token's logits."""
+        found, name, serial = [], ROOT, None
+        if self.prefix_caching:
+            for i in range((seq.num_tokens - 1) // self.block_size):
+                tokens = self._block_tokens(seq, i)
+                next_name = chain_hash(name, tokens)
+                c = self._lookup(next_name, tokens, serial)
+                if c is None:
+                    break
+                found.append(self.block_of[next_name])
+                name, serial = next_name, c.serial
+        return found, _Chain(count=len(found), name=name, serial=serial)
 
     def admit(self, seq: Sequence) -> None:
         """Give a waiting sequence its cached prefix blocks; it computes the rest."""
         assert not seq.block_table, f"sequence {seq.seq_id} already holds blocks"
-        cached, last = self._cached_prefix(seq)
+        cached, chain = self._cached_prefix(seq)
         for block in cached:
             if self.ref_count[block] == 0:
                 del self.free[block]
             self.ref_count[block] += 1
             seq.block_table.append(block)
         seq.num_computed = seq.num_draft_computed = len(cached) * self.block_size
-        self.named[seq.seq_id] = (len(cached), last)
+        self.named[seq.seq_id] = chain
 
     def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.blocks_needed(seq.num_computed + num_new_tokens) - len(seq.block_table) <= self.num_free_blocks
@@ -88,18 +130,30 @@ class BlockManager:
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """After a step: name the blocks that are now full and computed, so others can share them
-        (with a draft model, only blocks both caches hold)."""
+        (with a draft model, only blocks both caches hold). The first copy of a content keeps the
+        name; a later copy stays unnamed, and the sequence's chain goes on through the first copy."""
         if not self.prefix_caching:
             return
-        done, last = self.named.get(seq.seq_id, (0, None))
+        chain = self.named.get(seq.seq_id, _START)
         computed = min(seq.num_computed, seq.num_draft_computed) if self.draft_cache else seq.num_computed
         full = computed // self.block_size
-        for i in range(done, full):
+        if chain.broken or full <= chain.count:
+            return
+        name, serial = chain.name, chain.serial  # serial: the cached block holding the prefix so far
+        for i in range(chain.count, full):
+            tokens = self._block_tokens(seq, i)
+            name = chain_hash(name, tokens)
+            if name in self.block_of:  # named already: the same content, or a collision
+                c = self._lookup(name, tokens, serial)
+                if c is None:  # a collision: this sequence's later blocks go unnamed
+                    self.named[seq.seq_id] = _Chain(count=full, name=name, serial=None, broken=True)
+                    return
+                serial = c.serial
+                continue
             block = seq.block_table[i]
-            last = chain_hash(last, self._block_tokens(seq, i))
-            if last not in self.block_of and block not in self.hash_of:  # first copy of this content wins
-                self.block_of[last], self.hash_of[block] = block, last
-        self.named[seq.seq_id] = (max(done, full), last)
+            c = CachedBlock(name=name, tokens=tokens, parent=serial, serial=next(self._serials))
+            self.cached[block], self.block_of[name], serial = c, block, c.serial
+        self.named[seq.seq_id] = _Chain(count=full, name=name, serial=serial)
 
     def release(self, seq: Sequence) -> None:
         """Return the sequence's blocks (on finish, abort or preemption); shared blocks stay."""

@@ -1,11 +1,12 @@
 """The engine: requests in, tokens out, one scheduler step at a time (continuous batching).
 
-    engine = LLMEngine(model, tokenizer=tok)
-    rid = engine.add_request(prompt_ids, Request(max_tokens=64, sampling=SamplingParams(0.8), seed=1))
+    engine = LLMEngine(model, tokenizer=tok)   # re-lays out ``model``'s weights in place (see LLMEngine)
+    rid = engine.add_request(prompt_ids, SamplingParams(max_tokens=64, temperature=0.8, seed=1))
     while engine.has_work:
         for update in engine.step(): ...   # new tokens and text of each request, and whether it finished
 
-    for update in engine.stream(prompt_ids, Request(max_tokens=64)): ...   # one request's updates
+    for update in engine.stream(prompt_ids, SamplingParams(max_tokens=64)): ...   # one request's updates
+    outputs = engine.generate([prompt_ids, ...], SamplingParams(temperature=0))   # RequestOutputs
 
 A step: the scheduler picks each running sequence's next chunk; a proposer (if speculative decoding
 is on) guesses draft tokens; the runner runs the target model once over all chunks; each sequence
@@ -20,46 +21,26 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
 
+from moegpt.counts import kv_cache_bytes_per_token
 from moegpt.data.tokenizer import Tokenizer
 from moegpt.infer.block_manager import BlockManager
 from moegpt.infer.detokenizer import Detokenizer
+from moegpt.infer.draft import DraftModelProposer
 from moegpt.infer.layout import lay_out_for_decoding
-from moegpt.infer.paged_cache import PagedKVCache, kv_bytes_per_token
+from moegpt.infer.outputs import OutputCollector, RequestOutput, StepUpdate, TokenLogprob
+from moegpt.infer.paged_cache import PagedKVCache
 from moegpt.infer.runner import Chunk, ModelRunner
-from moegpt.infer.sampling import SamplingParams, apply_penalties, filtered_probs, sample, sample_from, top_logprobs
+from moegpt.infer.sampling import apply_penalties, filtered_probs, sample, top_logprobs
+from moegpt.infer.sampling_params import SamplingParams
 from moegpt.infer.scheduler import Batch, Scheduler, SchedulerConfig
 from moegpt.infer.sequence import FinishReason, Sequence
 from moegpt.infer.speculative import NgramProposer, Proposal, verify
 from moegpt.model import MoEGPT
-
-MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
-
-
-@dataclass(frozen=True)
-class Request:
-    max_tokens: int = 64
-    sampling: SamplingParams = SamplingParams(temperature=0.0)
-    stop_token_ids: frozenset[int] = frozenset()
-    stop: tuple[str, ...] = ()  # stop strings (needs the engine's tokenizer); the text is cut before them
-    n: int = 1  # independent completions of the prompt
-    logprobs: int | None = None  # None: none; 0: the chosen token's; N: also the N most likely
-    seed: int | None = None  # None: a fresh random seed
-    ignore_eos: bool = False  # keep going past the tokenizer's end-of-sequence token
-
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
-        if self.n < 1:
-            raise ValueError(f"n={self.n} must be >= 1")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs={self.logprobs} must be in [0, {MAX_LOGPROBS}]")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop={list(self.stop)!r}: stop strings must be non-empty strings")
 
 
 class SpeculativeMethod(enum.Enum):
@@ -67,7 +48,7 @@ class SpeculativeMethod(enum.Enum):
     NGRAM = "ngram"  # prompt lookup
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SpeculativeConfig:
     method: SpeculativeMethod = SpeculativeMethod.DRAFT
     num_tokens: int = 4  # draft tokens per step (the article's figure)
@@ -84,10 +65,11 @@ def speculative_from_flags(draft: bool, ngram: bool, num_tokens: int) -> Specula
         raise ValueError("--draft and --ngram are two proposers: pick one")
     if not (draft or ngram):
         return None
-    return SpeculativeConfig(SpeculativeMethod.DRAFT if draft else SpeculativeMethod.NGRAM, num_tokens=num_tokens)
+    method = SpeculativeMethod.DRAFT if draft else SpeculativeMethod.NGRAM
+    return SpeculativeConfig(method=method, num_tokens=num_tokens)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     block_size: int = 16
     kv_cache_bytes: int = 256 * 2**20  # KV memory budget (target and draft caches together)
@@ -103,24 +85,7 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be >= 1")
 
 
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]  # the most likely (token id, log-probability), best first
-
-
-@dataclass(frozen=True)
-class StepUpdate:
-    request_id: int
-    index: int  # which of the request's n completions
-    new_token_ids: tuple[int, ...]
-    text: str  # newly released text ("" without a tokenizer)
-    logprobs: tuple[TokenLogprob, ...] | None
-    finish_reason: FinishReason | None  # None while it runs
-
-
-@dataclass
+@dataclass(kw_only=True)
 class EngineStats:
     """Counters for monitoring; totals count since the engine started."""
 
@@ -144,14 +109,14 @@ class EngineStats:
         return self.spec_accepted / self.spec_proposed if self.spec_proposed else None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Live:
-    """A running completion: its sequence, where it came from, its RNG and detokenizer."""
+    """A running completion: its sequence, where it came from, its options, RNG and detokenizer."""
 
     seq: Sequence
     request_id: int
     index: int
-    request: Request
+    params: SamplingParams
     generator: torch.Generator
     stop_ids: frozenset[int]
     detok: Detokenizer | None
@@ -166,10 +131,21 @@ def _generator(seed: int | None, index: int) -> torch.Generator:
     return g
 
 
+def _kv_bytes_per_block(model: MoEGPT, block_size: int) -> int:
+    dtype = next(model.parameters()).dtype
+    return kv_cache_bytes_per_token(model.cfg, dtype.itemsize) * block_size
+
+
 class LLMEngine:
-    """Continuous-batching decoding of one model (and optionally a draft). The engine owns the models
-    it is given: their fp32 CPU weights are re-stored for decoding, in place, with the same values
-    (moegpt.infer.layout; ``restore_layout`` undoes it)."""
+    """Continuous-batching decoding of one model (and optionally a draft).
+
+    model: the model to decode with. **Changed in place**: the engine re-lays out its fp32 CPU
+        matmul weights for decoding (same names, shapes and values, stored (in, out); see
+        ``moegpt.infer.layout``) and puts it in eval mode. ``restore_layout(model)`` undoes the layout.
+    config: KV cache, scheduler, prefix caching and speculative decoding.
+    tokenizer: needed for text (stop strings, detokenized updates) and to stop at its eos token.
+    draft: a draft model for speculative decoding; changed in place like ``model``.
+    """
 
     def __init__(self, model: MoEGPT, config: EngineConfig = EngineConfig(), tokenizer: Tokenizer | None = None,
                  draft: MoEGPT | None = None):
@@ -183,59 +159,64 @@ class LLMEngine:
             raise ValueError(f"draft vocab_size ({draft.cfg.vocab_size}) differs from the model's ({model.cfg.vocab_size})")
         self.spec = spec
         self.draft = lay_out_for_decoding(draft.eval()) if draft is not None and spec.method == SpeculativeMethod.DRAFT else None
-        param = next(model.parameters())
-        per_block = kv_bytes_per_token(model.cfg, param.dtype) * config.block_size
+        per_block = _kv_bytes_per_block(model, config.block_size)
         if self.draft is not None:
-            per_block += kv_bytes_per_token(self.draft.cfg, next(self.draft.parameters()).dtype) * config.block_size
+            per_block += _kv_bytes_per_block(self.draft, config.block_size)
         num_blocks = config.num_kv_blocks or config.kv_cache_bytes // per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of {per_block} bytes")
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching, self.draft is not None)
+        param = next(model.parameters())
         self.cache = PagedKVCache(model.cfg, num_blocks, config.block_size, param.dtype, param.device)
         sched = config.scheduler
         if spec is not None:
-            sched = SchedulerConfig(sched.max_num_seqs, sched.max_batched_tokens, spec.num_tokens)
+            sched = SchedulerConfig(max_num_seqs=sched.max_num_seqs, max_batched_tokens=sched.max_batched_tokens,
+                                    num_lookahead=spec.num_tokens)
         self.scheduler = Scheduler(sched, self.blocks)
         self.runner = ModelRunner(model, self.cache)
+        self.drafter = None
         if self.draft is not None:
             dparam = next(self.draft.parameters())
-            self.draft_runner = ModelRunner(self.draft, PagedKVCache(self.draft.cfg, num_blocks, config.block_size,
-                                                                     dparam.dtype, dparam.device))
+            self.drafter = DraftModelProposer(ModelRunner(self.draft, PagedKVCache(
+                self.draft.cfg, num_blocks, config.block_size, dparam.dtype, dparam.device)))
         self.max_len = min(model.cfg.max_seq_len, self.draft.cfg.max_seq_len if self.draft else model.cfg.max_seq_len)
         self.live: dict[int, _Live] = {}  # seq_id -> its completion
         self.request_seqs: dict[int, list[int]] = {}  # request_id -> seq_ids of its n completions
         self.stats = EngineStats(kv_blocks_total=num_blocks, kv_blocks_free=num_blocks)
-        self._unclaimed: list[StepUpdate] = []  # updates that stream() saw for other requests
+        self._unclaimed: list[StepUpdate] = []  # updates that stream()/generate() saw for other requests
         self._request_ids = itertools.count()
         self._seq_ids = itertools.count()
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        """Requests to run, or updates that ``stream()``/``generate()`` kept for the next ``step()``."""
+        return self.scheduler.has_work or bool(self._unclaimed)
 
     # ---- requests ------------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], request: Request = Request()) -> int:
-        """Queue a request (its n completions); checks everything before anything is stored."""
+    def add_request(self, prompt_ids: Seq[int], params: SamplingParams) -> int:
+        """Queue a request (its ``params.n`` completions); checks everything before anything is stored."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         bad = [t for t in prompt_ids if not 0 <= t < self.model.cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model.cfg.vocab_size})")
-        if len(prompt_ids) + request.max_tokens > self.max_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
+        if len(prompt_ids) + params.max_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"context ({self.max_len})")
-        if request.stop and self.tokenizer is None:
+        if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
-        seqs = [Sequence(next(self._seq_ids), list(prompt_ids), request.max_tokens) for _ in range(request.n)]
+        seqs = [Sequence(seq_id=next(self._seq_ids), prompt_ids=list(prompt_ids), max_tokens=params.max_tokens)
+                for _ in range(params.n)]
         for seq in seqs:
             self.scheduler.check_fits(seq)  # raises if it can never fit in the KV cache
         rid = next(self._request_ids)
-        stop_ids = request.stop_token_ids
-        if self.tokenizer is not None and self.tokenizer.eos_id is not None and not request.ignore_eos:
+        stop_ids = frozenset(params.stop_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_id is not None and not params.ignore_eos:
             stop_ids = stop_ids | {self.tokenizer.eos_id}
         for index, seq in enumerate(seqs):
-            detok = Detokenizer(self.tokenizer.decode, request.stop) if self.tokenizer is not None else None
-            self.live[seq.seq_id] = _Live(seq, rid, index, request, _generator(request.seed, index), stop_ids, detok)
+            detok = Detokenizer(self.tokenizer.decode, params.stop) if self.tokenizer is not None else None
+            self.live[seq.seq_id] = _Live(seq=seq, request_id=rid, index=index, params=params,
+                                          generator=_generator(params.seed, index), stop_ids=stop_ids, detok=detok)
             self.scheduler.add(seq)
         self.request_seqs[rid] = [s.seq_id for s in seqs]
         self._refresh_stats()
@@ -265,7 +246,8 @@ class LLMEngine:
         for e in batch.entries:
             drafts = proposals[e.seq.seq_id].tokens if e.seq.seq_id in proposals else ()
             tokens = tuple(e.seq.token_ids[e.start:e.start + e.num_tokens]) + drafts
-            chunks.append(Chunk(tokens, e.start, tuple(e.seq.block_table), (1 + len(drafts)) if e.samples else 0))
+            chunks.append(Chunk(tokens=tokens, start=e.start, block_table=tuple(e.seq.block_table),
+                                num_logits=(1 + len(drafts)) if e.samples_next_token else 0))
             self.stats.prompt_tokens += max(0, min(e.start + e.num_tokens, len(e.seq.prompt_ids)) - e.start)
         out = self.runner.run(chunks)
         self.stats.steps += 1
@@ -277,20 +259,20 @@ class LLMEngine:
         sampled: dict[int, list[int]] = {}
         logprobs: dict[int, list[TokenLogprob]] = {}
         row = 0
+        no_proposal = Proposal(tokens=(), probs=None)
         for e, chunk in zip(batch.entries, chunks):
             if not chunk.num_logits:
                 continue
             live = self.live[e.seq.seq_id]
             rows = out.logits[row:row + chunk.num_logits]  # (k+1, V)
             row += chunk.num_logits
-            proposal = proposals.get(e.seq.seq_id, Proposal((), None))
+            proposal = proposals.get(e.seq.seq_id, no_proposal)
             tokens = self._sample(live, rows, proposal)
             self.stats.spec_proposed += len(proposal.tokens)
             self.stats.spec_accepted += len(tokens) - 1
             sampled[e.seq.seq_id] = tokens
-            if live.request.logprobs is not None:
-                logprobs[e.seq.seq_id] = [TokenLogprob(t, *top_logprobs(rows[i], t, live.request.logprobs))
-                                          for i, t in enumerate(tokens)]
+            if live.params.logprobs is not None:
+                logprobs[e.seq.seq_id] = [top_logprobs(rows[i], t, live.params.logprobs) for i, t in enumerate(tokens)]
 
         before = {sid: len(self.live[sid].seq.output_ids) for sid in sampled}
         self.scheduler.update(batch, sampled, {sid: self.live[sid].stop_ids for sid in sampled})
@@ -301,7 +283,7 @@ class LLMEngine:
 
     def _sample(self, live: _Live, rows: torch.Tensor, proposal: Proposal) -> list[int]:
         """rows (k+1, V): the target's logits after the last token and after each draft token."""
-        params, seq = live.request.sampling, live.seq
+        params, seq = live.params, live.seq
         history = list(seq.output_ids)
         processed = []
         for i in range(rows.shape[0]):
@@ -332,8 +314,9 @@ class LLMEngine:
             if seq.is_finished and not live.detok.stopped:
                 text += live.detok.flush()
         self.stats.generation_tokens += len(new)
-        update = StepUpdate(live.request_id, live.index, tuple(new), text,
-                            tuple(logprobs[:len(new)]) if logprobs is not None else None, seq.finish_reason)
+        update = StepUpdate(request_id=live.request_id, index=live.index, new_token_ids=tuple(new), text=text,
+                            logprobs=tuple(logprobs[:len(new)]) if logprobs is not None else None,
+                            finish_reason=seq.finish_reason)
         if seq.is_finished:
             del self.live[sid]
             siblings = self.request_seqs.get(live.request_id, [])
@@ -345,70 +328,56 @@ class LLMEngine:
     def _propose(self, batch: Batch) -> dict[int, Proposal]:
         if self.spec is None:
             return {}
-        if self.draft is None:
+        if self.drafter is None:
             ngram = self.spec.ngram
             return {e.seq.seq_id: ngram.propose(e.seq.token_ids, e.lookahead)
-                    for e in batch.entries if e.samples and e.lookahead > 0}
-        return self._draft_propose(batch)
-
-    def _draft_propose(self, batch: Batch) -> dict[int, Proposal]:
-        """Run the draft over the step's chunks (keeping its cache level with the target's), then
-        k-1 more single-token passes for the sequences that propose."""
-        chunks, proposing = [], []
-        for e in batch.entries:
-            seq, end = e.seq, e.start + e.num_tokens
-            k = e.lookahead if e.samples else 0
-            chunks.append(Chunk(tuple(seq.token_ids[seq.num_draft_computed:end]), seq.num_draft_computed,
-                                tuple(seq.block_table), 1 if k else 0))
-            if k:
-                proposing.append((e, k))
-        logits = self.draft_runner.run(chunks).logits  # (P, V)
-        drafts: dict[int, list[int]] = {e.seq.seq_id: [] for e, _ in proposing}
-        probs: dict[int, list[torch.Tensor]] = {e.seq.seq_id: [] for e, _ in proposing}
-        for i in range(max((k for _, k in proposing), default=0)):
-            if i > 0:
-                step = [(e, k) for e, k in proposing if k > i]
-                chunks = [Chunk((drafts[e.seq.seq_id][-1],), e.start + e.num_tokens + i - 1, tuple(e.seq.block_table), 1)
-                          for e, _ in step]
-                logits = self.draft_runner.run(chunks).logits
-            else:
-                step = proposing
-            for (e, _), row in zip(step, logits):
-                live = self.live[e.seq.seq_id]
-                params, sid = live.request.sampling, e.seq.seq_id
-                row = apply_penalties(row, params, e.seq.prompt_ids, list(e.seq.output_ids) + drafts[sid])
-                q = filtered_probs(row[None], params)  # (1, V)
-                drafts[sid].append(int(sample_from(q, live.generator)[0]) if not params.greedy else int(q[0].argmax()))
-                probs[sid].append(q[0])
-        for e in batch.entries:
-            k = e.lookahead if e.samples else 0
-            e.seq.num_draft_computed = e.start + e.num_tokens + max(k - 1, 0)
-        return {sid: Proposal(tuple(drafts[sid]), torch.stack(probs[sid])) for sid in drafts}
+                    for e in batch.entries if e.samples_next_token and e.lookahead > 0}
+        return self.drafter.propose(batch, lambda sid: (self.live[sid].params, self.live[sid].generator))
 
     # ---- conveniences --------------------------------------------------------------------------
-    def stream(self, prompt_ids: list[int], request: Request = Request()) -> Iterator[StepUpdate]:
+    def _step_for(self, request_ids: set[int]) -> Iterator[StepUpdate]:
+        """Step the engine and yield the updates of ``request_ids``; keep the others' for ``step()``."""
+        for update in self.step():
+            if update.request_id in request_ids:
+                yield update
+            else:
+                self._unclaimed.append(update)
+
+    def stream(self, prompt_ids: Seq[int], params: SamplingParams) -> Iterator[StepUpdate]:
         """Add a request and step the engine until it finishes, yielding its updates as they come.
         Other requests progress too; their updates are kept for the next ``step()`` call."""
-        rid = self.add_request(prompt_ids, request)
-        pending = set(range(request.n))  # completions not finished yet
+        rid = self.add_request(prompt_ids, params)
+        pending = set(range(params.n))  # completions not finished yet
         while pending:
-            for update in self.step():
-                if update.request_id != rid:
-                    self._unclaimed.append(update)
-                    continue
+            for update in self._step_for({rid}):
                 if update.finish_reason is not None:
                     pending.discard(update.index)
                 yield update
 
-    def generate(self, prompts: list[list[int]], request: Request = Request()) -> list[list[int]]:
-        """Run ``prompts`` to completion together; returns each one's generated token ids (first completion)."""
-        ids = [self.add_request(p, request) for p in prompts]
-        out: dict[int, list[int]] = {rid: [] for rid in ids}
-        while self.has_work:
-            for update in self.step():
-                if update.index == 0:
-                    out[update.request_id].extend(update.new_token_ids)
-        return [out[rid] for rid in ids]
+    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]) -> list[RequestOutput]:
+        """Run ``prompts`` (token ids; one ``params`` for all, or one per prompt) to completion together,
+        beside whatever else the engine runs; their outputs, in order."""
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(per_prompt)} sampling params for {len(prompts)} prompts")
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        collectors = {}
+        try:
+            for p, sp in zip(prompts, per_prompt):
+                rid = self.add_request(p, sp)
+                collectors[rid] = OutputCollector(rid, p, sp.n, sp.logprobs is not None, decode=decode)
+        except ValueError:
+            for rid in collectors:  # all or none
+                self.abort(rid)
+            raise
+        pending = set(collectors)
+        while pending:
+            for update in self._step_for(pending):
+                c = collectors[update.request_id]
+                c.add(update)
+                if c.finished:
+                    pending.discard(update.request_id)
+        return [c.output() for c in collectors.values()]
 
     def _refresh_stats(self) -> None:
         s = self.stats

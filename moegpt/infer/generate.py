@@ -10,7 +10,8 @@ from typing import Iterator
 import torch
 
 from moegpt.infer.kv_cache import KVCache
-from moegpt.infer.sampling import SamplingParams, sample
+from moegpt.infer.sampling import sample
+from moegpt.infer.sampling_params import SamplingParams
 from moegpt.model import MoEGPT
 
 
@@ -42,7 +43,8 @@ def generate_tokens(model: MoEGPT, prompt: torch.Tensor, max_new_tokens: int, pa
         tokens, positions = nxt[:, None], positions[-1:] + 1
 
 
-def generate(model: MoEGPT, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams = SamplingParams(0.0),
+def generate(model: MoEGPT, prompt: torch.Tensor, max_new_tokens: int,
+             params: SamplingParams = SamplingParams(temperature=0.0),
              eos_id: int | None = None, seed: int | None = None) -> torch.Tensor:
     """prompt (B, T) -> prompt followed by the generated tokens (B, T + n)."""
     generator = None

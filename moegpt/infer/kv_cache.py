@@ -37,10 +37,6 @@ class LayerCache:
         key_positions = torch.arange(end, device=k.device)  # (S,)
         return attention_over_keys(q, self.k[:, :, :end], self.v[:, :, :end], positions, key_positions)
 
-    def truncate(self, length: int) -> None:
-        """Forget positions >= length (used to roll back rejected speculative tokens)."""
-        self.length = min(self.length, length)
-
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
@@ -48,16 +44,5 @@ class KVCache:
         self.layers = [LayerCache(torch.zeros(shape, device=device, dtype=dtype),
                                   torch.zeros(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layers)]
 
-    @property
-    def length(self) -> int:
-        return self.layers[0].length
-
     def __getitem__(self, i: int) -> LayerCache:
         return self.layers[i]
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def truncate(self, length: int) -> None:
-        for layer in self.layers:
-            layer.truncate(length)

@@ -1,67 +1,63 @@
-"""Offline generation over the engine: text prompts in, completions out.
+"""Offline generation over the engine, in vLLM's shape: prompts in, ``RequestOutput``s out.
 
-    llm = moegpt.LLM("runs/demo")
-    for c in llm.generate(["ROMEO:", "def f(x):"], Request(max_tokens=50, sampling=SamplingParams(0.8), seed=0)):
-        print(c.text, c.finish_reason)
+    from moegpt import LLM, SamplingParams     # was: from vllm import LLM, SamplingParams
+    llm = LLM(model="runs/demo")
+    for o in llm.generate(["ROMEO:", "def f(x):"], SamplingParams(temperature=0.8, max_tokens=50, seed=0)):
+        print(o.prompt, o.outputs[0].text, o.outputs[0].finish_reason)
+
+A prompt is a string, a list of token ids, or vLLM's ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}``;
+``sampling_params`` is one ``SamplingParams`` for every prompt, or one per prompt.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from moegpt.checkpoint.model_dir import load
-from moegpt.infer.engine import EngineConfig, LLMEngine, Request, TokenLogprob
-from moegpt.infer.sequence import FinishReason
+from moegpt.infer.engine import EngineConfig, LLMEngine
+from moegpt.infer.outputs import RequestOutput
+from moegpt.infer.sampling_params import SamplingParams
 
-
-@dataclass(frozen=True)
-class Completion:
-    prompt: str
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: FinishReason
-    logprobs: tuple[TokenLogprob, ...] | None = None
-    index: int = 0  # which of the prompt's n completions
-
-
-@dataclass
-class _Pending:
-    token_ids: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: FinishReason | None = None
+Prompt = str | Sequence[int] | Mapping[str, object]
 
 
 class LLM:
-    def __init__(self, model_dir: str | Path, config: EngineConfig = EngineConfig(), draft_dir: str | Path | None = None):
-        self.model, self.tokenizer = load(model_dir)
+    """A model directory (moegpt's or any HF Mixtral one, with its tokenizer) and its engine."""
+
+    def __init__(self, model: str | Path, config: EngineConfig = EngineConfig(), draft_model: str | Path | None = None):
+        self.model, self.tokenizer = load(model)
         if self.tokenizer is None:
-            raise ValueError(f"{model_dir} has no tokenizer.json")
+            raise ValueError(f"{model} has no tokenizer.json")
         self.draft = None
-        if draft_dir is not None:
-            self.draft, draft_tok = load(draft_dir)
+        if draft_model is not None:
+            self.draft, draft_tok = load(draft_model)
             if draft_tok is None or draft_tok.fingerprint != self.tokenizer.fingerprint:
-                raise ValueError(f"draft {draft_dir} does not share the tokenizer of {model_dir}")
+                raise ValueError(f"draft {draft_model} does not share the tokenizer of {model}")
         self.config = config
         self.engine = LLMEngine(self.model, config, self.tokenizer, self.draft)
 
-    def generate(self, prompts: list[str], request: Request = Request()) -> list[Completion]:
-        """Completions for every prompt (n each, prompt by prompt), run together on the engine."""
-        tok, engine = self.tokenizer, self.engine
-        ids = [engine.add_request(tok.encode(p, add_special_tokens=True), request) for p in prompts]
-        pending = {(rid, i): _Pending(logprobs=[] if request.logprobs is not None else None)
-                   for rid in ids for i in range(request.n)}
-        while engine.has_work:
-            for u in engine.step():
-                if (u.request_id, u.index) not in pending:
-                    continue  # another caller's request
-                p = pending[u.request_id, u.index]
-                p.token_ids.extend(u.new_token_ids)
-                p.text.append(u.text)
-                if u.logprobs is not None:
-                    p.logprobs.extend(u.logprobs)
-                p.finish_reason = u.finish_reason or p.finish_reason
-        return [Completion(prompt, "".join(p.text), tuple(p.token_ids), p.finish_reason,
-                           tuple(p.logprobs) if p.logprobs is not None else None, i)
-                for prompt, rid in zip(prompts, ids) for i in range(request.n) for p in [pending[rid, i]]]
+    def _prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        """-> (the text, or None for token ids; the token ids)."""
+        if isinstance(prompt, Mapping):
+            if "prompt_token_ids" in prompt:
+                return None, list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError(f"prompt {dict(prompt)!r} has neither 'prompt' nor 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            tok = self.tokenizer
+            return prompt, tok.encode(prompt, add_special_tokens=True)
+        return None, list(prompt)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Completions for every prompt (``n`` each), run together on the engine; outputs in prompt order."""
+        if isinstance(prompts, (str, Mapping)) or (isinstance(prompts, Sequence) and prompts
+                                                   and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one prompt
+        texts, ids = zip(*(self._prompt(p) for p in prompts)) if prompts else ((), ())
+        outputs = self.engine.generate(list(ids), SamplingParams() if sampling_params is None else sampling_params)
+        return [dataclasses.replace(o, prompt=text) for o, text in zip(outputs, texts)]

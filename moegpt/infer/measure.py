@@ -57,7 +57,8 @@ def decode_step_s(cfg: ModelConfig, batch: int, context: int, dtype: torch.dtype
     The sequences share a prompt prefix of full blocks, prefilled once by a primer request and then
     taken from the prefix cache (one prefill, not ``batch``); each prompt ends in a token of its own,
     so the sequences decode, and route, differently."""
-    from moegpt.infer.engine import EngineConfig, LLMEngine, Request
+    from moegpt.infer.engine import EngineConfig, LLMEngine
+    from moegpt.infer.sampling_params import SamplingParams
     from moegpt.infer.scheduler import SchedulerConfig
     from moegpt.model import build_model
 
@@ -69,11 +70,11 @@ def decode_step_s(cfg: ModelConfig, batch: int, context: int, dtype: torch.dtype
         max_num_seqs=batch, max_batched_tokens=max(PREFILL_CHUNK, batch))))
     g = torch.Generator().manual_seed(0)  # not the global RNG
     prefix = torch.randint(0, cfg.vocab_size, (shared,), generator=g).tolist()
-    engine.add_request(prefix + [0], Request(max_tokens=1))
+    engine.add_request(prefix + [0], SamplingParams(max_tokens=1, temperature=0))
     while engine.has_work:  # the primer: prefills the shared prefix, in chunks (and warms the engine up)
         engine.step()
     for last in torch.randint(0, cfg.vocab_size, (batch,), generator=g).tolist():
-        engine.add_request(prefix + [last], Request(max_tokens=new))
+        engine.add_request(prefix + [last], SamplingParams(max_tokens=new, temperature=0))
     first = engine.step()  # each prompt's last token (the rest is cached): not timed
     if len(first) != batch:
         raise RuntimeError(f"--measure-efficiency: {len(first)} of {batch} sequences started in the first step")

@@ -28,21 +28,16 @@ from moegpt.config import ModelConfig
 from moegpt.model.attention import attention_over_keys
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Cache bytes one token takes: K and V, every layer, G heads of Dh values."""
-    return 2 * cfg.n_layers * cfg.kv_dim * torch.empty(0, dtype=dtype).element_size()
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DecodeBatch:
     """The step's one-token sequences, attended together."""
 
-    tokens: torch.Tensor  # (Bd,) index among the N new tokens of each one's query
+    query_index: torch.Tensor  # (Bd,) where each one's query is among the step's N new tokens
     slots: torch.Tensor  # (Bd, S_d) slots of each one's keys by position, padded with slot 0
     mask: torch.Tensor | None  # (Bd, 1, 1, S_d) True where a key exists; None when no padding
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PagedAttentionMetadata:
     slot_mapping: torch.Tensor  # (N,) slot of each new token's key/value
     query_lens: tuple[int, ...]  # new tokens of each sequence, in batch order (sums to N)
@@ -91,14 +86,14 @@ class PagedLayerView:
         self.k_slots.index_copy_(0, meta.slot_mapping, k[0].transpose(0, 1))  # (N, G, Dh) into their slots
         self.v_slots.index_copy_(0, meta.slot_mapping, v[0].transpose(0, 1))
         d = meta.decode
-        if d is not None and d.tokens.shape[0] == N:  # a pure decode step: tokens are the sequences
+        if d is not None and d.query_index.shape[0] == N:  # a pure decode step: tokens are the sequences
             out = attend_decode_batch(self.k_slots, self.v_slots, d, q[0].transpose(0, 1)[:, :, None])  # (N, H, 1, Dh)
             return out[:, :, 0].transpose(0, 1)[None]  # (1, H, N, Dh)
         out = torch.empty_like(q)  # (1, H, N, Dh)
         loop = range(len(meta.query_lens))
         if d is not None:
-            qd = q[0][:, d.tokens].transpose(0, 1)[:, :, None]  # (Bd, H, 1, Dh)
-            out[0][:, d.tokens] = attend_decode_batch(self.k_slots, self.v_slots, d, qd)[:, :, 0].transpose(0, 1)
+            qd = q[0][:, d.query_index].transpose(0, 1)[:, :, None]  # (Bd, H, 1, Dh)
+            out[0][:, d.query_index] = attend_decode_batch(self.k_slots, self.v_slots, d, qd)[:, :, 0].transpose(0, 1)
             loop = [i for i, n in enumerate(meta.query_lens) if n != 1]
         for start, o in attend_each_sequence(self.k_slots, self.v_slots, meta, q, positions, loop):
             out[:, :, start:start + o.shape[2]] = o

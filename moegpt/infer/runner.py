@@ -19,7 +19,7 @@ from moegpt.infer.paged_cache import DecodeBatch, PagedAttentionMetadata, PagedK
 from moegpt.model import MoEGPT
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Chunk:
     tokens: tuple[int, ...]  # run at positions [start, start + len(tokens))
     start: int
@@ -27,18 +27,10 @@ class Chunk:
     num_logits: int  # logits of the chunk's last num_logits positions
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StepOutput:
     logits: torch.Tensor  # (L, V) the asked-for rows, chunk by chunk in order
     expert_counts: torch.Tensor | None  # (n_layers, E) tokens routed to each expert this step
-
-
-def slots_of(block_table: tuple[int, ...] | list[int], block_size: int, start: int, end: int) -> torch.Tensor:
-    """Slots of positions [start, end) of a sequence with this block table -> (end - start,).
-    One chunk at a time: the reference ``attention_metadata`` is tested against."""
-    pos = torch.arange(start, end)
-    table = torch.tensor(block_table, dtype=torch.long)
-    return table[pos // block_size] * block_size + pos % block_size
 
 
 def attention_metadata(chunks: list[Chunk], block_size: int) -> tuple[PagedAttentionMetadata, torch.Tensor]:
@@ -66,9 +58,10 @@ def attention_metadata(chunks: list[Chunk], block_size: int) -> tuple[PagedAtten
         mask = None
         if min(lens) != S_d:
             mask = (torch.arange(S_d)[None, :] < torch.tensor(lens)[:, None])[:, None, None]  # (Bd, 1, 1, S_d)
-        tokens = torch.tensor([sum(query_lens[:i]) for i in one]) if len(one) < B else torch.arange(B)
-        decode = DecodeBatch(tokens=tokens, slots=slots[:, :S_d], mask=mask)
-    meta = PagedAttentionMetadata(slot_mapping, query_lens, context_lens, context_slots, decode)
+        query_index = torch.tensor([sum(query_lens[:i]) for i in one]) if len(one) < B else torch.arange(B)
+        decode = DecodeBatch(query_index=query_index, slots=slots[:, :S_d], mask=mask)
+    meta = PagedAttentionMetadata(slot_mapping=slot_mapping, query_lens=query_lens, context_lens=context_lens,
+                                  context_slots=context_slots, decode=decode)
     return meta, positions
 
 
@@ -87,4 +80,4 @@ class ModelRunner:
         hidden, router = self.model.trunk(tokens, positions, self.cache.views(meta))  # (1, N, D)
         logits = self.model.head(hidden[0, rows])  # (L, V): the head only on the rows asked for
         counts = torch.stack([s.expert_counts for s in router]) if router else None
-        return StepOutput(logits, counts)
+        return StepOutput(logits=logits, expert_counts=counts)

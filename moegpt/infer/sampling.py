@@ -1,4 +1,5 @@
-"""Turning logits into the next token: penalties, then greedy or temperature / top-k / top-p / min-p.
+"""Turning logits into the next token: penalties, then greedy or temperature / top-k / top-p / min-p
+(the options of ``SamplingParams``).
 
 Randomness comes from an explicit ``torch.Generator``, so a seed reproduces a sample. Every function
 works on one request's rows: nothing here mixes requests, which keeps outputs batch-invariant.
@@ -8,43 +9,11 @@ Legend: R rows (positions of one request), V vocab.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0  # 0 means greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None  # drop tokens below min_p * the top token's probability
-    repetition_penalty: float = 1.0  # CTRL-style: divide positive logits of seen tokens, multiply negative
-    presence_penalty: float = 0.0  # OpenAI-style: subtract once from every token already generated
-    frequency_penalty: float = 0.0  # ... and this times how often it was generated
-
-    def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be >= 1")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p={self.min_p} must be in [0, 1]")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [-2, 2]")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def has_penalties(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+from moegpt.infer.outputs import TokenLogprob
+from moegpt.infer.sampling_params import SamplingParams
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
@@ -77,13 +46,13 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (R, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if params.top_p is not None and params.top_p < 1.0:
+    if params.top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
         drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    if params.min_p is not None and params.min_p > 0:
+    if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0.0)
     return probs / probs.sum(-1, keepdim=True)
 
@@ -107,11 +76,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return sample_from(filtered_probs(logits, params), generator)
 
 
-def top_logprobs(logits: torch.Tensor, chosen: int, n: int) -> tuple[float, tuple[tuple[int, float], ...]]:
-    """logits (V,) -> (log-probability of ``chosen``, the ``n`` most likely (token, log-probability)).
-    Log-probabilities are the model's own (log-softmax of its logits, before any sampling filter),
-    as OpenAI and vLLM report them."""
+def top_logprobs(logits: torch.Tensor, chosen: int, n: int) -> TokenLogprob:
+    """logits (V,) -> the log-probability and rank of ``chosen`` and the ``n`` most likely (token,
+    log-probability). Log-probabilities are the model's own (log-softmax of its logits, before any
+    sampling filter), as OpenAI and vLLM report them."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     top = torch.topk(logp, min(n, logp.shape[-1])) if n > 0 else None
     pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
-    return float(logp[chosen]), pairs
+    rank = 1 + int((logp > logp[chosen]).sum())
+    return TokenLogprob(token_id=chosen, logprob=float(logp[chosen]), rank=rank, top=pairs)

@@ -17,7 +17,7 @@ from moegpt.infer.block_manager import BlockManager
 from moegpt.infer.sequence import FinishReason, Sequence, Status
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
     max_num_seqs: int = 64  # sequences per step
     max_batched_tokens: int = 512  # tokens per step (prefill chunks + decodes + draft tokens)
@@ -29,7 +29,7 @@ class SchedulerConfig:
                              f"({self.max_batched_tokens}) must be >= 1, num_lookahead ({self.num_lookahead}) >= 0")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ScheduledSeq:
     seq: Sequence
     start: int  # the step runs tokens [start, start + num_tokens) of the sequence
@@ -38,15 +38,15 @@ class ScheduledSeq:
 
     @classmethod
     def next_chunk(cls, seq: Sequence, num_tokens: int, lookahead: int = 0) -> "ScheduledSeq":
-        return cls(seq, seq.num_computed, num_tokens, lookahead)
+        return cls(seq=seq, start=seq.num_computed, num_tokens=num_tokens, lookahead=lookahead)
 
     @property
-    def samples(self) -> bool:
+    def samples_next_token(self) -> bool:
         """Whether this chunk ends at the sequence's last token, so a next token is sampled."""
         return self.start + self.num_tokens == self.seq.num_tokens
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Batch:
     entries: tuple[ScheduledSeq, ...]
     preempted: tuple[int, ...]  # seq_ids preempted while building this batch
@@ -145,7 +145,7 @@ class Scheduler:
             self.running.append(seq)
             entries.append(ScheduledSeq.next_chunk(seq, n, extra))
             budget -= n + extra
-        return Batch(tuple(entries), tuple(preempted))
+        return Batch(entries=tuple(entries), preempted=tuple(preempted))
 
     def update(self, batch: Batch, sampled: dict[int, list[int]], stop_ids: dict[int, frozenset[int]]) -> list[Sequence]:
         """After the model ran ``batch``: advance each sequence and append its new tokens (one sampled
@@ -155,7 +155,7 @@ class Scheduler:
         for entry in batch.entries:
             seq = entry.seq
             seq.num_computed = entry.start + entry.num_tokens
-            if entry.samples:
+            if entry.samples_next_token:
                 stops = stop_ids.get(seq.seq_id, frozenset())
                 for i, token in enumerate(sampled[seq.seq_id]):
                     seq.output_ids.append(token)

@@ -20,7 +20,7 @@ class FinishReason(enum.Enum):
     ABORT = "abort"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Sequence:
     seq_id: int
     prompt_ids: list[int]

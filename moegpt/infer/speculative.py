@@ -25,7 +25,7 @@ import torch
 from moegpt.infer.sampling import sample_from
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Proposal:
     tokens: tuple[int, ...]  # (k,) proposed continuation
     probs: torch.Tensor | None  # (k, V) the distributions they were drawn from; None: one-hot (certain)
@@ -55,7 +55,7 @@ def verify(target_probs: torch.Tensor, proposal: Proposal, generator: torch.Gene
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class NgramProposer:
     """Prompt lookup: match the last n tokens (n from max_n down to min_n) at their latest earlier
     occurrence in the sequence and propose what followed it."""
@@ -74,5 +74,5 @@ class NgramProposer:
             for start in range(len(ids) - n - 1, -1, -1):  # latest earlier occurrence first
                 if ids[start:start + n] == tail:
                     follow = ids[start + n:start + n + k]
-                    return Proposal(tuple(follow), None)
-        return Proposal((), None)
+                    return Proposal(tokens=tuple(follow), probs=None)
+        return Proposal(tokens=(), probs=None)

@@ -63,7 +63,8 @@ def cmd_serve(args) -> int:
     speculative = speculative_from_flags(bool(args.draft), args.ngram, args.speculative_tokens)
     config = EngineConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes,
                           num_kv_blocks=args.num_kv_blocks,
-                          scheduler=SchedulerConfig(args.max_num_seqs, args.max_batched_tokens),
+                          scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                                    max_batched_tokens=args.max_batched_tokens),
                           prefix_caching=not args.no_prefix_caching, speculative=speculative)
     options = ServerOptions(model_dir=args.model, draft_dir=args.draft, model_name=args.served_model_name,
                             host=args.host, port=args.port,

@@ -19,7 +19,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from moegpt.infer.engine import EngineStats, LLMEngine, Request, StepUpdate
+from moegpt.infer.engine import EngineStats, LLMEngine
+from moegpt.infer.outputs import StepUpdate
+from moegpt.infer.sampling_params import SamplingParams
 
 log = logging.getLogger("moegpt.serve")
 
@@ -96,7 +98,7 @@ class Stream:
     """One HTTP request's generation: its engine requests (one per prompt) and the events for it."""
 
     prompts: list[list[int]]
-    requests: list[Request]
+    params: list[SamplingParams]  # one per prompt
     arrival: float  # time.monotonic() when the HTTP request came in
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # StepUpdate | Failed
     request_ids: list[int] = field(default_factory=list)  # engine ids, in prompt order (set by the thread)
@@ -108,7 +110,7 @@ class Stream:
 
     @property
     def num_choices(self) -> int:
-        return sum(r.n for r in self.requests)
+        return sum(p.n for p in self.params)
 
 
 @dataclass(frozen=True)
@@ -149,12 +151,12 @@ class EngineLoop:
             self.commands.put(_Stop())
             self._thread.join(timeout)
 
-    async def submit(self, prompts: list[list[int]], requests: list[Request], arrival: float) -> Stream:
+    async def submit(self, prompts: list[list[int]], params: list[SamplingParams], arrival: float) -> Stream:
         """Queue one engine request per prompt, all or none. Raises ShuttingDown, QueueFull, or
         ValueError (bad input, one line). The caller must ``release`` the stream when done."""
         if self.draining:
             raise ShuttingDown("the server is shutting down")
-        stream = Stream(prompts, requests, arrival)
+        stream = Stream(prompts, params, arrival)
         done = asyncio.get_running_loop().create_future()
         self.in_flight += 1
         self.commands.put(_Add(stream, done))
@@ -212,15 +214,15 @@ class EngineLoop:
         if self.draining:
             return self._reply(cmd.done, ShuttingDown("the server is shutting down"))
         refusal = admission_refusal(self.limits, s.waiting, s.waiting_tokens, stream.num_choices,
-                                    sum(len(p) * r.n for p, r in zip(stream.prompts, stream.requests)))
+                                    sum(len(prompt) * p.n for prompt, p in zip(stream.prompts, stream.params)))
         if refusal is not None:
             return self._reply(cmd.done, QueueFull(refusal))
         try:
-            for prompt, request in zip(stream.prompts, stream.requests):
-                rid = self.engine.add_request(prompt, request)
+            for prompt, params in zip(stream.prompts, stream.params):
+                rid = self.engine.add_request(prompt, params)
                 stream.request_ids.append(rid)
                 self._streams[rid] = stream
-                stream.unfinished.update((rid, i) for i in range(request.n))
+                stream.unfinished.update((rid, i) for i in range(params.n))
         except ValueError as e:
             for rid in stream.request_ids:  # all or none
                 self.engine.abort(rid)

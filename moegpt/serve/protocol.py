@@ -1,4 +1,4 @@
-"""OpenAI request schemas (pydantic) and their translation into engine Requests.
+"""OpenAI request schemas (pydantic) and their translation into the engine's SamplingParams.
 
 Strict types: ``"1"`` is not a number and ``1`` is not a boolean, as in OpenAI's API. Unknown fields
 are ignored, as OpenAI ignores them; known fields this server does not implement (tools, logit_bias,
@@ -12,8 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from moegpt.infer.engine import MAX_LOGPROBS, Request
-from moegpt.infer.sampling import SamplingParams
+from moegpt.infer.sampling_params import MAX_LOGPROBS, SamplingParams
 from moegpt.serve.body import load_json
 from moegpt.serve.errors import APIError, bad_request
 
@@ -164,16 +163,17 @@ def _describe(e: ValidationError) -> str:
 
 
 def engine_request(req: _Sampling, max_tokens: int, logprobs: int | None,
-                   stop_token_ids: frozenset[int] = frozenset()) -> Request:
-    """The engine's Request for one prompt; range errors the engine finds become 400s."""
+                   stop_token_ids: frozenset[int] = frozenset()) -> SamplingParams:
+    """The engine's SamplingParams for one prompt; range errors the engine finds become 400s."""
     try:
-        sampling = SamplingParams(
-            temperature=1.0 if req.temperature is None else req.temperature, top_k=req.top_k, top_p=req.top_p,
-            min_p=req.min_p, repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0)
-        return Request(max_tokens=max_tokens, sampling=sampling, stop_token_ids=stop_token_ids,
-                       stop=req.stop_strings(), n=req.n or 1, logprobs=logprobs, seed=req.seed,
-                       ignore_eos=req.ignore_eos)
+        return SamplingParams(
+            n=req.n or 1, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k,
+            min_p=0.0 if req.min_p is None else req.min_p, seed=req.seed, stop=req.stop_strings(),
+            stop_token_ids=tuple(sorted(stop_token_ids)), ignore_eos=req.ignore_eos, max_tokens=max_tokens,
+            logprobs=logprobs, presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty)
     except ValueError as e:
         raise bad_request(str(e)) from None
 

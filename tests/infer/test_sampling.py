@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from moegpt.infer.sampling import SamplingParams, filtered_probs, sample
+from moegpt.infer.sampling import filtered_probs, sample
+from moegpt.infer.sampling_params import SamplingParams
 
 
 def test_greedy_takes_the_argmax():
@@ -33,7 +34,8 @@ def test_same_seed_same_samples_and_frequencies_follow_the_distribution():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(temperature=-1), "temperature=-1"), (dict(top_k=0), "top_k=0"), (dict(top_p=1.5), "top_p=1.5"),
+    (dict(temperature=-1), "temperature=-1"), (dict(top_k=-2), "top_k=-2"), (dict(top_p=1.5), "top_p=1.5"),
+    (dict(top_p=0.0), "top_p=0.0"),
 ])
 def test_bad_sampling_params_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -61,10 +63,20 @@ def test_top_logprobs_are_the_models_log_softmax():
     from moegpt.infer.sampling import top_logprobs
 
     logits = torch.tensor([1.0, 3.0, 2.0])
-    chosen, top = top_logprobs(logits, chosen=2, n=2)
+    lp = top_logprobs(logits, chosen=0, n=2)
     logp = torch.log_softmax(logits, -1)
-    assert chosen == pytest.approx(float(logp[2]))
-    assert [t for t, _ in top] == [1, 2] and top[0][1] == pytest.approx(float(logp[1]))
+    assert lp.token_id == 0 and lp.logprob == pytest.approx(float(logp[0])) and lp.rank == 3
+    assert [t for t, _ in lp.top] == [1, 2] and lp.top[0][1] == pytest.approx(float(logp[1]))
+
+
+def test_vllm_spellings_mean_what_they_mean_in_vllm():
+    assert SamplingParams(top_k=-1).top_k is None and SamplingParams(top_k=0).top_k is None  # no top-k
+    assert SamplingParams(stop="x").stop == ("x",) and SamplingParams(stop=["x", "y"]).stop == ("x", "y")
+    assert SamplingParams(stop_token_ids=[5, 7]).stop_token_ids == (5, 7) and SamplingParams().stop == ()
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    plain = filtered_probs(logits, SamplingParams())
+    assert torch.equal(filtered_probs(logits, SamplingParams(top_k=-1, top_p=1.0, min_p=0.0)), plain)
+    assert torch.allclose(plain, torch.softmax(logits, -1))
 
 
 @pytest.mark.parametrize("kwargs, message", [

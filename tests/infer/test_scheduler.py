@@ -21,7 +21,7 @@ def run(scheduler: Scheduler, stop_ids=None, abort_at: dict[int, int] | None = N
         batch = scheduler.schedule()
         if check is not None:
             check(batch, scheduler)
-        sampled = {e.seq.seq_id: [fake_next_token(e.seq.token_ids)] for e in batch.entries if e.samples}
+        sampled = {e.seq.seq_id: [fake_next_token(e.seq.token_ids)] for e in batch.entries if e.samples_next_token}
         for seq in scheduler.update(batch, sampled, stop_ids or {}):
             outputs[seq.seq_id] = list(seq.output_ids)
         step += 1
@@ -44,7 +44,8 @@ def expected_output(prompt: list[int], max_tokens: int) -> list[int]:
 
 def make_seqs(n, seed=0, prompt_len=(1, 40), max_tokens=(1, 20)):
     rng = random.Random(seed)
-    return [Sequence(i, [rng.randrange(3, 50) for _ in range(rng.randint(*prompt_len))], rng.randint(*max_tokens))
+    return [Sequence(seq_id=i, prompt_ids=[rng.randrange(3, 50) for _ in range(rng.randint(*prompt_len))],
+                     max_tokens=rng.randint(*max_tokens))
             for i in range(n)]
 
 
@@ -68,11 +69,11 @@ def test_every_request_gets_its_exact_tokens_under_step_limits():
 def test_long_prompt_is_prefilled_in_chunks_beside_running_decodes():
     blocks = BlockManager(num_blocks=64, block_size=4)
     sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_batched_tokens=8), blocks)
-    short = Sequence(0, [5, 6], 30)
+    short = Sequence(seq_id=0, prompt_ids=[5, 6], max_tokens=30)
     sched.add(short)
     first = sched.schedule()  # the short prompt's prefill
     sched.update(first, {0: [fake_next_token(short.token_ids)]}, {})
-    long = Sequence(1, list(range(3, 43)), 2)
+    long = Sequence(seq_id=1, prompt_ids=list(range(3, 43)), max_tokens=2)
     sched.add(long)
     chunks = []
     while long.num_computed < 40:
@@ -80,7 +81,7 @@ def test_long_prompt_is_prefilled_in_chunks_beside_running_decodes():
         by_id = {e.seq.seq_id: e for e in b.entries}
         assert 0 in by_id and by_id[0].num_tokens == 1  # the decode runs every step
         chunks.append(by_id[1].num_tokens)
-        sampled = {e.seq.seq_id: [fake_next_token(e.seq.token_ids)] for e in b.entries if e.samples}
+        sampled = {e.seq.seq_id: [fake_next_token(e.seq.token_ids)] for e in b.entries if e.samples_next_token}
         sched.update(b, sampled, {})
     assert sum(chunks) == 40 and max(chunks) <= 7 and len(chunks) >= 6
 
@@ -115,7 +116,8 @@ def test_shared_prompt_prefix_reuses_cached_blocks_with_same_outputs():
     prefix = list(range(3, 23))  # 20 tokens = 5 full blocks of 4
     blocks = BlockManager(num_blocks=32, block_size=4)
     sched = Scheduler(SchedulerConfig(max_num_seqs=1, max_batched_tokens=64), blocks)
-    first, second = Sequence(0, prefix + [40, 41], 3), Sequence(1, prefix + [42], 3)
+    first = Sequence(seq_id=0, prompt_ids=prefix + [40, 41], max_tokens=3)
+    second = Sequence(seq_id=1, prompt_ids=prefix + [42], max_tokens=3)
     sched.add(first)
     run(sched)
     sched.add(second)
@@ -130,7 +132,8 @@ def test_shared_prompt_prefix_reuses_cached_blocks_with_same_outputs():
 def test_concurrent_sequences_share_prefix_blocks_by_reference_count():
     prefix = list(range(3, 11))  # 2 full blocks of 4
     blocks = BlockManager(num_blocks=16, block_size=4)
-    a, b = Sequence(0, prefix + [30], 2), Sequence(1, prefix + [31], 2)
+    a = Sequence(seq_id=0, prompt_ids=prefix + [30], max_tokens=2)
+    b = Sequence(seq_id=1, prompt_ids=prefix + [31], max_tokens=2)
     blocks.admit(a)
     blocks.grow(a, a.num_uncomputed)
     a.num_computed = a.num_tokens
@@ -147,13 +150,50 @@ def test_concurrent_sequences_share_prefix_blocks_by_reference_count():
 def test_request_that_can_never_fit_is_refused_at_once():
     sched = Scheduler(SchedulerConfig(), BlockManager(num_blocks=4, block_size=4))
     with pytest.raises(ValueError, match=r"prompt \(10\) \+ max_tokens \(10\) needs 5 KV blocks; the cache has 4"):
-        sched.add(Sequence(0, list(range(10)), 10))
+        sched.add(Sequence(seq_id=0, prompt_ids=list(range(10)), max_tokens=10))
 
 
 def test_bad_sequences_and_limits_name_the_value():
     with pytest.raises(ValueError, match="max_tokens=0"):
-        Sequence(0, [1], 0)
+        Sequence(seq_id=0, prompt_ids=[1], max_tokens=0)
     with pytest.raises(ValueError, match="prompt is empty"):
-        Sequence(0, [], 5)
+        Sequence(seq_id=0, prompt_ids=[], max_tokens=5)
     with pytest.raises(ValueError, match=r"max_num_seqs \(0\)"):
         SchedulerConfig(max_num_seqs=0)
+
+
+def _computed(blocks: BlockManager, seq: Sequence) -> None:
+    """Admit ``seq`` and mark all its tokens computed, naming its full blocks."""
+    blocks.admit(seq)
+    blocks.grow(seq, seq.num_uncomputed)
+    seq.num_computed = seq.num_tokens
+    blocks.register_full_blocks(seq)
+
+
+def test_a_block_is_reused_only_when_its_tokens_and_its_prefix_match(monkeypatch):
+    import moegpt.infer.block_manager as block_manager
+
+    monkeypatch.setattr(block_manager, "chain_hash", lambda previous, tokens: b"\0" * 32)  # every name collides
+    blocks = BlockManager(num_blocks=16, block_size=4)
+    x, y, z = [3, 4, 5, 6], [7, 8, 9, 10], [11, 12, 13, 14]
+    first = Sequence(seq_id=0, prompt_ids=x + y + [1], max_tokens=1)
+    _computed(blocks, first)
+    same_start = Sequence(seq_id=1, prompt_ids=x + z + [1], max_tokens=1)
+    blocks.admit(same_start)
+    assert same_start.block_table == first.block_table[:1]  # x verified; z's name is x's, its tokens are not
+    other_start = Sequence(seq_id=2, prompt_ids=z + y + [1], max_tokens=1)
+    blocks.admit(other_start)
+    assert other_start.block_table == [] and other_start.num_computed == 0  # same name, other tokens: a miss
+
+
+def test_a_freed_block_is_found_by_its_name_until_it_is_handed_out_again():
+    blocks = BlockManager(num_blocks=3, block_size=2)
+    a = Sequence(seq_id=0, prompt_ids=[3, 4, 5, 6, 1], max_tokens=1)  # blocks [3, 4] [5, 6] [1]
+    _computed(blocks, a)
+    blocks.release(a)  # freed tail first: [1], then [5, 6], then [3, 4] (still named)
+    b = Sequence(seq_id=1, prompt_ids=[9, 9, 1], max_tokens=1)
+    _computed(blocks, b)  # takes the two oldest free blocks: [1]'s and [5, 6]'s
+    blocks.release(b)
+    again = Sequence(seq_id=2, prompt_ids=[3, 4, 5, 6, 2], max_tokens=1)
+    blocks.admit(again)
+    assert again.num_computed == 2  # [3, 4] is still cached; [5, 6]'s block was handed out to b

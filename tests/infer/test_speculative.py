@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from moegpt.config import preset
-from moegpt.infer.engine import EngineConfig, LLMEngine, Request, SpeculativeConfig, SpeculativeMethod
+from moegpt.counts import kv_cache_bytes_per_token
+from moegpt.infer.engine import EngineConfig, LLMEngine, SpeculativeConfig, SpeculativeMethod
 from moegpt.infer.generate import generate
-from moegpt.infer.paged_cache import kv_bytes_per_token
-from moegpt.infer.sampling import SamplingParams, filtered_probs, sample_from
+from moegpt.infer.sampling import filtered_probs, sample_from
+from moegpt.infer.sampling_params import SamplingParams
 from moegpt.infer.scheduler import SchedulerConfig
 from moegpt.infer.speculative import NgramProposer, Proposal, verify
 from moegpt.model import build_model
@@ -43,7 +44,7 @@ def first_token_counts(verifier, p, q, n=6_000, seed=0):
     counts = torch.zeros(p.shape[-1], dtype=torch.long)
     for _ in range(n):
         d = int(sample_from(q[None], g)[0])
-        token = verifier(torch.stack([p, p]), Proposal((d,), q[None]), g)[0]
+        token = verifier(torch.stack([p, p]), Proposal(tokens=(d,), probs=q[None]), g)[0]
         counts[token] += 1
     return counts
 
@@ -69,19 +70,19 @@ def _tiny_vocab_models():
 
 def test_speculative_engine_samples_two_tokens_from_the_targets_joint_distribution():
     target, draft = _tiny_vocab_models()
-    params = SamplingParams(temperature=1.0, top_k=6, top_p=0.9)
+    params = dict(temperature=1.0, top_k=6, top_p=0.9)
     prompt = [3, 5, 1]
     with torch.no_grad():  # the exact joint distribution of the next two tokens, by enumeration
-        p1 = filtered_probs(target(torch.tensor([prompt])).logits[0, -1:], params)[0]  # (V,)
+        p1 = filtered_probs(target(torch.tensor([prompt])).logits[0, -1:], SamplingParams(**params))[0]  # (V,)
         nxt = torch.tensor([prompt + [t] for t in range(8)])
-        p2 = filtered_probs(target(nxt).logits[:, -1], params)  # (V, V) given the first token
+        p2 = filtered_probs(target(nxt).logits[:, -1], SamplingParams(**params))  # (V, V) given the first token
     joint = (p1[:, None] * p2).reshape(-1)
     engine = LLMEngine(target, EngineConfig(speculative=SpeculativeConfig(num_tokens=4),
                                             scheduler=SchedulerConfig(max_num_seqs=128, max_batched_tokens=1024)),
                        draft=draft)
     counts = torch.zeros(64, dtype=torch.long)
     for chunk in range(12):
-        rids = [engine.add_request(prompt, Request(max_tokens=2, sampling=params, seed=chunk * 1000 + i))
+        rids = [engine.add_request(prompt, SamplingParams(max_tokens=2, seed=chunk * 1000 + i, **params))
                 for i in range(128)]
         tokens = {rid: [] for rid in rids}
         while engine.has_work:
@@ -116,18 +117,19 @@ def _prompts(n, seed=0):
 def test_greedy_speculative_output_equals_greedy_plain_output(method):
     target = _model()
     prompts = _prompts(7)
-    small_budget = EngineConfig(block_size=4, kv_cache_bytes=kv_bytes_per_token(target.cfg, torch.float32) * 2 * 4 * 14,
+    small_budget = EngineConfig(block_size=4, kv_cache_bytes=kv_cache_bytes_per_token(target.cfg, 4) * 2 * 4 * 14,
                                 scheduler=SchedulerConfig(max_num_seqs=4, max_batched_tokens=24))
     if method == "ngram":
-        cfg = EngineConfig(small_budget.block_size, small_budget.kv_cache_bytes // 2, scheduler=small_budget.scheduler,
-                           speculative=SpeculativeConfig(SpeculativeMethod.NGRAM, num_tokens=3))
+        cfg = EngineConfig(block_size=small_budget.block_size, kv_cache_bytes=small_budget.kv_cache_bytes // 2,
+                           scheduler=small_budget.scheduler,
+                           speculative=SpeculativeConfig(method=SpeculativeMethod.NGRAM, num_tokens=3))
         engine = LLMEngine(target, cfg)
     else:
         draft = target if method == "draft-is-target" else _model(seed=9, n_layers=1)
         engine = LLMEngine(target, small_budget, draft=draft)
     preempted, schedule = [], engine.scheduler.schedule
     engine.scheduler.schedule = lambda: (lambda b: (preempted.extend(b.preempted), b)[1])(schedule())
-    got = engine.generate(prompts, Request(max_tokens=14))
+    got = [list(o.outputs[0].token_ids) for o in engine.generate(prompts, SamplingParams(max_tokens=14, temperature=0))]
     for prompt, out in zip(prompts, got):
         assert out == generate(target, torch.tensor([prompt]), 14)[0, len(prompt):].tolist()
     assert engine.stats.spec_proposed > 0

@@ -26,7 +26,7 @@ def test_parse_takes_openai_bodies_and_ignores_unknown_fields():
     req = parse(CompletionRequest, b'{"model": "m", "prompt": [[1, 2], [3]], "n": 2, "stop": "x", "foo": 1}')
     assert req.prompt == [[1, 2], [3]] and req.n == 2 and req.stop_strings() == ("x",)
     er = engine_request(req, 5, None)
-    assert er.n == 2 and er.stop == ("x",) and er.sampling.temperature == 1.0
+    assert er.n == 2 and er.stop == ("x",) and er.temperature == 1.0
     chat = parse(ChatCompletionRequest, b'{"model": "m", "messages": [{"role": "user", "content": '
                                         b'[{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}], '
                                         b'"logprobs": true, "top_logprobs": 3}')
@@ -110,7 +110,7 @@ async def _drain(stream):
 
 
 def test_engine_loop_refuses_bad_input_and_survives_a_failing_step():
-    from moegpt.infer.engine import Request
+    from moegpt.infer.sampling_params import SamplingParams
 
     engine = _tiny_engine()
     step, calls = engine.step, []
@@ -127,12 +127,12 @@ def test_engine_loop_refuses_bad_input_and_survives_a_failing_step():
         loop = EngineLoop(engine)
         loop.start(asyncio.get_running_loop())
         with pytest.raises(ValueError, match="empty"):
-            await loop.submit([[]], [Request(max_tokens=2)], 0.0)
-        first = await loop.submit([[1, 2, 3]], [Request(max_tokens=20, ignore_eos=True)], 0.0)
+            await loop.submit([[]], [SamplingParams(max_tokens=2, temperature=0)], 0.0)
+        first = await loop.submit([[1, 2, 3]], [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)], 0.0)
         events = await _drain(first)
         loop.release(first)
         assert isinstance(events[-1], Failed) and "internal error" in events[-1].message
-        second = await loop.submit([[1, 2, 3]], [Request(max_tokens=5, ignore_eos=True)], 0.0)
+        second = await loop.submit([[1, 2, 3]], [SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)], 0.0)
         events = await _drain(second)
         loop.release(second)
         await asyncio.to_thread(loop.stop)
