@@ -35,7 +35,7 @@ class Model:
     tied_embeddings: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Params:
     total: int
     active_per_token: int

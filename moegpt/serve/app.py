@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from moegpt.data.tokenizer import Tokenizer
-from moegpt.infer.engine import StepUpdate
+from moegpt.infer.outputs import StepUpdate
 from moegpt.serve.auth import RequireAPIKey
 from moegpt.serve.body import DEFAULT_MAX_REQUEST_BYTES, read_body
 from moegpt.serve.chat import ChatFormat

@@ -68,7 +68,8 @@ def cmd_serve(args) -> int:
                           prefix_caching=not args.no_prefix_caching, speculative=speculative)
     options = ServerOptions(model_dir=args.model, draft_dir=args.draft, model_name=args.served_model_name,
                             host=args.host, port=args.port,
-                            limits=Limits(args.max_queued_requests, args.max_queued_tokens),
+                            limits=Limits(max_queued_requests=args.max_queued_requests,
+                                          max_queued_tokens=args.max_queued_tokens),
                             shutdown_timeout=args.shutdown_timeout, log_level=args.log_level, api_key=api_key,
                             chat_template=_read_template(args.chat_template),
                             max_request_bytes=args.max_request_bytes)

@@ -26,7 +26,7 @@ from moegpt.infer.sampling_params import SamplingParams
 log = logging.getLogger("moegpt.serve")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Limits:
     max_queued_requests: int = 256  # sequences waiting in the engine (a request with n=4 counts 4)
     max_queued_tokens: int = 1 << 18  # prompt tokens waiting in the engine

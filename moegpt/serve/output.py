@@ -12,11 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from moegpt.data.tokenizer import Tokenizer
-from moegpt.infer.engine import StepUpdate, TokenLogprob
-
-# The engine's reasons, in OpenAI's words ("abort" only reaches a client when the server stops it).
-FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
-
+from moegpt.infer.outputs import StepUpdate, TokenLogprob
 
 def _byte_level_table() -> dict[str, int]:
     """GPT-2's byte-level alphabet (printable stand-ins for the 256 bytes) -> the byte."""
@@ -145,7 +141,7 @@ class Response:
 
     def update_chunk(self, index: int, u: StepUpdate, choice: Choice, include_usage: bool) -> str | None:
         """The chunk for one engine update of choice ``index`` (None when it carries nothing)."""
-        finish = FINISH[u.finish_reason.value] if u.finish_reason is not None else None
+        finish = u.finish_reason.value if u.finish_reason is not None else None  # OpenAI's words
         if not u.text and finish is None and not (self.want_logprobs and u.new_token_ids):
             return None
         lps = list(u.logprobs or ()) if self.want_logprobs else None
@@ -181,4 +177,4 @@ def collect(choice: Choice, u: StepUpdate) -> None:
     if u.logprobs is not None:
         choice.logprobs.extend(u.logprobs)
     if u.finish_reason is not None:
-        choice.finish_reason = FINISH[u.finish_reason.value]
+        choice.finish_reason = u.finish_reason.value

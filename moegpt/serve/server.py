@@ -41,7 +41,7 @@ class ServerOptions:
 
 
 def serve(options: ServerOptions, config: EngineConfig = EngineConfig()) -> int:
-    llm = LLM(options.model_dir, config, options.draft_dir)  # checks the directories, tokenizer and draft
+    llm = LLM(options.model_dir, config, draft_model=options.draft_dir)  # checks the directories, tokenizer and draft
     loop = EngineLoop(llm.engine, options.limits)
     metrics = Metrics(lambda: loop.snapshot)
     loop.metrics = metrics

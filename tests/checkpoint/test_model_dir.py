@@ -34,8 +34,7 @@ def test_directory_with_only_a_sentencepiece_model_loads_and_generates(tmp_path)
     spm = pytest.importorskip("sentencepiece")
     import json
 
-    from moegpt import LLM
-    from moegpt.infer.engine import Request
+    from moegpt import LLM, SamplingParams
 
     (tmp_path / "corpus.txt").write_text(TEXT + "héllo 你好\n" * 20)
     spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
@@ -48,5 +47,5 @@ def test_directory_with_only_a_sentencepiece_model_loads_and_generates(tmp_path)
     _, tok = load(directory)
     assert tok is not None and tok.bos_id == 1 and tok.eos_id == 2
     assert tok.encode("to be", add_special_tokens=True)[0] == tok.bos_id
-    [completion] = LLM(directory).generate(["to be"], Request(max_tokens=3, ignore_eos=True))
-    assert len(completion.token_ids) == 3
+    [output] = LLM(directory).generate(["to be"], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(output.outputs[0].token_ids) == 3

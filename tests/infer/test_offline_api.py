@@ -57,7 +57,7 @@ def test_a_vllm_offline_script_runs_by_changing_the_import(model_dir):
     _, tok = load(model_dir)
     assert [(r[0], r[2]) for r in results] == [(p, i) for p in ("to be", "that is the", "question") for i in (0, 1)]
     for prompt, prompt_ids, _, text, token_ids, finish, chosen, cumulative in results:
-        assert prompt_ids == tok.encode(prompt, add_bos=True)
+        assert prompt_ids == tok.encode(prompt, add_special_tokens=True)
         assert 1 <= len(token_ids) <= 8 and finish in ("stop", "length")
         assert finish == "stop" or len(token_ids) == 8
         assert text == tok.decode(token_ids) or finish == "stop"
@@ -69,7 +69,7 @@ def test_prompts_as_text_or_token_ids_with_one_params_per_prompt(model_dir):
     from moegpt import LLM, CompletionOutput, RequestOutput
 
     llm = LLM(model=model_dir)
-    ids = llm.tokenizer.encode("to be", add_bos=True)
+    ids = llm.tokenizer.encode("to be", add_special_tokens=True)
     greedy3, greedy5 = SamplingParams(temperature=0, max_tokens=3), SamplingParams(temperature=0, max_tokens=5)
     outs = llm.generate(["to be", ids, {"prompt_token_ids": ids}, {"prompt": "to be"}], [greedy5, greedy5, greedy3, greedy5])
     assert all(isinstance(o, RequestOutput) and isinstance(o.outputs[0], CompletionOutput) for o in outs)
