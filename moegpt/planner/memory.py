@@ -54,7 +54,8 @@ def kv_bytes_per_token_per_gpu(inp: PlanInputs) -> float:
     heads_per_rank = math.ceil(G / tp)
     if lay.kv_sharding == "batch" and tp > G:
         heads_per_rank = G / tp
-    return 2 * (cfg.n_layers / lay.pp) * heads_per_rank * cfg.head_dim * inp.precision.kv_bytes
+    # the whole model's K and V per token (counts.py, the one formula), for this GPU's heads and layers
+    return kv_cache_bytes_per_token(cfg, inp.precision.kv_bytes) * heads_per_rank / G / lay.pp
 
 
 def microbatches_per_replica(inp: PlanInputs) -> int:
