@@ -146,9 +146,10 @@ def cmd_demo(args) -> int:
           f"({result.unigram_baseline - last:.3f} nats below it)")
     tok, model = trainer.tokenizer, trainer.model.eval()
     for prompt in DEMO_PROMPTS:
-        ids = torch.tensor([tok.encode(prompt, add_bos=True)])
-        gen = generate(model, ids, 120, SamplingParams(temperature=0.8, top_k=50), tok.eos_id, seed=args.seed)
-        print(f"\n--- sample: {prompt!r} ---\n{tok.decode(gen[0, 1:].tolist())}")
+        ids = tok.encode(prompt, add_special_tokens=True)  # as moegpt generate and the server encode it
+        gen = generate(model, torch.tensor([ids]), 120, SamplingParams(temperature=0.8, top_k=50), tok.eos_id,
+                       seed=args.seed)
+        print(f"\n--- sample: {prompt!r} ---\n{prompt}{tok.decode(gen[0, len(ids):].tolist())}")
     print(f"\nmodel directory: {out}  (try: moegpt generate --model {out} --prompt 'JULIET:')")
     return 0
 

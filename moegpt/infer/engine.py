@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Callable, Iterator, Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
@@ -200,12 +200,13 @@ class LLMEngine:
         bad = [t for t in prompt_ids if not 0 <= t < self.model.cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model.cfg.vocab_size})")
-        if len(prompt_ids) + params.max_tokens > self.max_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+        max_tokens = self.max_len - len(prompt_ids) if params.max_tokens is None else params.max_tokens
+        if len(prompt_ids) + max(max_tokens, 1) > self.max_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                              f"context ({self.max_len})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
-        seqs = [Sequence(seq_id=next(self._seq_ids), prompt_ids=list(prompt_ids), max_tokens=params.max_tokens)
+        seqs = [Sequence(seq_id=next(self._seq_ids), prompt_ids=list(prompt_ids), max_tokens=max_tokens)
                 for _ in range(params.n)]
         for seq in seqs:
             self.scheduler.check_fits(seq)  # raises if it can never fit in the KV cache
@@ -335,28 +336,33 @@ class LLMEngine:
         return self.drafter.propose(batch, lambda sid: (self.live[sid].params, self.live[sid].generator))
 
     # ---- conveniences --------------------------------------------------------------------------
-    def _step_for(self, request_ids: set[int]) -> Iterator[StepUpdate]:
-        """Step the engine and yield the updates of ``request_ids``; keep the others' for ``step()``."""
+    def _step_for(self, request_ids: set[int]) -> list[StepUpdate]:
+        """Step the engine; the updates of ``request_ids``. The others' are kept for ``step()``."""
+        mine = []
         for update in self.step():
-            if update.request_id in request_ids:
-                yield update
-            else:
-                self._unclaimed.append(update)
+            (mine if update.request_id in request_ids else self._unclaimed).append(update)
+        return mine
 
     def stream(self, prompt_ids: Seq[int], params: SamplingParams) -> Iterator[StepUpdate]:
         """Add a request and step the engine until it finishes, yielding its updates as they come.
         Other requests progress too; their updates are kept for the next ``step()`` call."""
         rid = self.add_request(prompt_ids, params)
         pending = set(range(params.n))  # completions not finished yet
-        while pending:
-            for update in self._step_for({rid}):
-                if update.finish_reason is not None:
-                    pending.discard(update.index)
-                yield update
+        try:
+            while pending:
+                for update in self._step_for({rid}):
+                    if update.finish_reason is not None:
+                        pending.discard(update.index)
+                    yield update
+        finally:  # closed early, interrupted or failed: the request must not stay in the engine
+            if pending:
+                self._drop({rid})
 
-    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]) -> list[RequestOutput]:
+    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams],
+                 on_output: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
         """Run ``prompts`` (token ids; one ``params`` for all, or one per prompt) to completion together,
-        beside whatever else the engine runs; their outputs, in order."""
+        beside whatever else the engine runs; their outputs, in order. ``on_output`` sees each request's
+        output as it finishes (a progress bar)."""
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(per_prompt)} sampling params for {len(prompts)} prompts")
@@ -371,13 +377,24 @@ class LLMEngine:
                 self.abort(rid)
             raise
         pending = set(collectors)
-        while pending:
-            for update in self._step_for(pending):
-                c = collectors[update.request_id]
-                c.add(update)
-                if c.finished:
-                    pending.discard(update.request_id)
+        try:
+            while pending:
+                for update in self._step_for(pending):
+                    c = collectors[update.request_id]
+                    c.add(update)
+                    if c.finished:
+                        pending.discard(update.request_id)
+                        if on_output is not None:
+                            on_output(c.output())
+        finally:  # interrupted or failed: the requests must not stay in the engine
+            self._drop(pending)
         return [c.output() for c in collectors.values()]
+
+    def _drop(self, request_ids: set[int]) -> None:
+        """Abort requests a caller gave up on, and forget the updates kept for them."""
+        for rid in request_ids:
+            self.abort(rid)
+        self._unclaimed = [u for u in self._unclaimed if u.request_id not in request_ids]
 
     def _refresh_stats(self) -> None:
         s = self.stats

@@ -6,7 +6,9 @@
         print(o.prompt, o.outputs[0].text, o.outputs[0].finish_reason)
 
 A prompt is a string, a list of token ids, or vLLM's ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}``;
-``sampling_params`` is one ``SamplingParams`` for every prompt, or one per prompt.
+``sampling_params`` is one ``SamplingParams`` for every prompt, or one per prompt. As in vLLM,
+``LLM(model, seed=S)`` seeds the requests that bring no seed of their own (request i: S + i, so a
+script's outputs repeat run to run), and ``generate(..., use_tqdm=True)`` shows a progress bar.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from moegpt.checkpoint.model_dir import load
+from moegpt.data.tokenizer import Tokenizer
 from moegpt.infer.engine import EngineConfig, LLMEngine
 from moegpt.infer.outputs import RequestOutput
 from moegpt.infer.sampling_params import SamplingParams
@@ -26,10 +29,14 @@ Prompt = str | Sequence[int] | Mapping[str, object]
 class LLM:
     """A model directory (moegpt's or any HF Mixtral one, with its tokenizer) and its engine."""
 
-    def __init__(self, model: str | Path, config: EngineConfig = EngineConfig(), draft_model: str | Path | None = None):
+    def __init__(self, model: str | Path, config: EngineConfig = EngineConfig(), draft_model: str | Path | None = None,
+                 *, seed: int | None = None):
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"seed={seed!r} must be an integer or None")
+        self.seed, self._requests = seed, 0
         self.model, self.tokenizer = load(model)
         if self.tokenizer is None:
-            raise ValueError(f"{model} has no tokenizer.json")
+            raise ValueError(f"{model} has no tokenizer (tokenizer.json or a sentencepiece tokenizer.model)")
         self.draft = None
         if draft_model is not None:
             self.draft, draft_tok = load(draft_model)
@@ -52,12 +59,30 @@ class LLM:
             return prompt, tok.encode(prompt, add_special_tokens=True)
         return None, list(prompt)
 
+    def get_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
         """Completions for every prompt (``n`` each), run together on the engine; outputs in prompt order."""
         if isinstance(prompts, (str, Mapping)) or (isinstance(prompts, Sequence) and prompts
                                                    and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt
         texts, ids = zip(*(self._prompt(p) for p in prompts)) if prompts else ((), ())
-        outputs = self.engine.generate(list(ids), SamplingParams() if sampling_params is None else sampling_params)
+        params = SamplingParams() if sampling_params is None else sampling_params
+        per_prompt = [params] * len(ids) if isinstance(params, SamplingParams) else list(params)
+        if self.seed is not None:  # the LLM's seed for the requests without one
+            per_prompt = [p if p.seed is not None else dataclasses.replace(p, seed=self.seed + self._requests + i)
+                          for i, p in enumerate(per_prompt)]
+            self._requests += len(per_prompt)
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(ids), desc="generate", unit="prompt", dynamic_ncols=True)
+        try:
+            outputs = self.engine.generate(list(ids), per_prompt, on_output=None if bar is None else lambda o: bar.update(1))
+        finally:
+            if bar is not None:
+                bar.close()
         return [dataclasses.replace(o, prompt=text) for o, text in zip(outputs, texts)]

@@ -22,6 +22,32 @@ def _stop_strings(stop: str | Iterable[str] | None) -> tuple[str, ...]:
     return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+INTS = ("n", "top_k", "seed", "max_tokens", "logprobs")  # None allowed except for n
+NUMBERS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
+def _check_types(p: "SamplingParams") -> None:
+    """One-line errors naming the field for values of the wrong type (before any arithmetic on them)."""
+    for name in INTS:
+        v = getattr(p, name)
+        if not (_is_int(v) or (v is None and name != "n")):
+            raise ValueError(f"{name}={v!r} must be an integer" + ("" if name == "n" else " or None"))
+    for name in NUMBERS:
+        v = getattr(p, name)
+        if not _is_number(v) or v != v:  # NaN
+            raise ValueError(f"{name}={v!r} must be a number")
+    if not isinstance(p.ignore_eos, bool):
+        raise ValueError(f"ignore_eos={p.ignore_eos!r} must be true or false")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     n: int = 1  # independent completions of the prompt
@@ -33,13 +59,14 @@ class SamplingParams:
     stop: str | tuple[str, ...] | None = None  # stop strings (the engine needs a tokenizer); text is cut before them
     stop_token_ids: tuple[int, ...] | None = None  # tokens that end the completion (kept in its token ids)
     ignore_eos: bool = False  # keep going past the tokenizer's end-of-sequence token
-    max_tokens: int = 16  # vLLM's default
+    max_tokens: int | None = 16  # vLLM's default; None: up to the model's context
     logprobs: int | None = None  # None: none; 0: the chosen token's; N: also the N most likely
     presence_penalty: float = 0.0  # OpenAI-style: subtract once from every token already generated
     frequency_penalty: float = 0.0  # ... and this times how often it was generated
     repetition_penalty: float = 1.0  # CTRL-style: divide positive logits of seen tokens, multiply negative
 
     def __post_init__(self):
+        _check_types(self)
         set_ = object.__setattr__  # normalise vLLM's spellings once, here (the dataclass is frozen)
         if self.top_k is not None and self.top_k in (-1, 0):
             set_(self, "top_k", None)
@@ -59,7 +86,7 @@ class SamplingParams:
             raise ValueError(f"stop={list(self.stop)!r}: stop strings must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids={list(self.stop_token_ids)!r} must be token ids (ints >= 0)")
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs={self.logprobs} must be in [0, {MAX_LOGPROBS}]")

@@ -57,9 +57,10 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--shutdown-timeout={args.shutdown_timeout} must be >= 0")
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes={args.max_request_bytes} must be >= 1")
+    source = "--api-key" if args.api_key is not None else "MOEGPT_API_KEY"
     api_key = args.api_key if args.api_key is not None else os.environ.get("MOEGPT_API_KEY") or None
-    if api_key is not None and not api_key.strip():
-        raise ValueError("--api-key must not be empty")
+    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
+        raise ValueError(f"{source} must not be empty or begin or end with whitespace (a bearer token never does)")
     speculative = speculative_from_flags(bool(args.draft), args.ngram, args.speculative_tokens)
     config = EngineConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes,
                           num_kv_blocks=args.num_kv_blocks,

@@ -44,7 +44,7 @@ class _Sampling(_Schema):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[Float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=1)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # vLLM: -1 (or 0) for no top-k
     min_p: Annotated[Float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[Float, Field(gt=0)] | None = None
     presence_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None

@@ -121,3 +121,49 @@ def test_engine_generate_runs_beside_requests_already_in_the_engine():
             assert u.request_id == rid
             tokens.extend(u.new_token_ids)
     assert tokens == alone[tuple(background)]
+
+
+def test_sampling_params_of_the_wrong_type_are_one_line_errors_naming_the_field():
+    for kwargs, named in [(dict(n=1.5), "n=1.5"), (dict(top_k=2.5), "top_k=2.5"), (dict(max_tokens=2.5), "max_tokens"),
+                          (dict(seed="x"), "seed='x'"), (dict(logprobs=True), "logprobs=True"),
+                          (dict(temperature="hot"), "temperature='hot'"), (dict(top_p=float("nan")), "top_p=nan")]:
+        with pytest.raises(ValueError, match=named.replace("(", r"\(")):
+            SamplingParams(**kwargs)
+    assert SamplingParams(max_tokens=None).max_tokens is None  # vLLM: up to the context
+
+
+def test_an_interrupted_generate_leaves_nothing_in_the_engine(model_dir):
+    from moegpt import LLM
+
+    llm = LLM(model=model_dir)
+    engine = llm.engine
+    calls = 0
+
+    def fail_on_second_output(output):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KeyboardInterrupt
+
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12]]
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(prompts, [SamplingParams(max_tokens=2, temperature=0), SamplingParams(max_tokens=4, temperature=0),
+                                  SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)],
+                        on_output=fail_on_second_output)
+    assert not engine.has_work and not engine.live and engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    stream = engine.stream([5, 6, 7], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    next(stream)
+    stream.close()  # a client that stops reading
+    assert not engine.has_work and engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    out = llm.generate(["to be"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), use_tqdm=True)
+    assert len(out[0].outputs[0].token_ids) == 3  # the engine still works
+
+
+def test_the_llm_seed_makes_unseeded_requests_repeat(model_dir):
+    from moegpt import LLM
+
+    params = SamplingParams(max_tokens=6, temperature=1.0, ignore_eos=True)
+    first = [o.outputs[0].token_ids for o in LLM(model=model_dir, seed=3).generate(["to be", "to be"], params)]
+    again = [o.outputs[0].token_ids for o in LLM(model=model_dir, seed=3).generate(["to be", "to be"], params)]
+    assert first == again and first[0] != first[1]  # per request: seed + i
+    assert LLM(model=model_dir).get_tokenizer() is not None

@@ -21,7 +21,7 @@ CASES = [
     ("string for a number", "/v1/completions", {**OK, "max_tokens": "5"}, 400, "max_tokens"),
     ("number for a boolean", "/v1/completions", {**OK, "stream": 1}, 400, "stream"),
     ("temperature too high", "/v1/completions", {**OK, "temperature": 2.5}, 400, "temperature"),
-    ("negative top_k", "/v1/completions", {**OK, "top_k": -1}, 400, "top_k"),
+    ("top_k below -1", "/v1/completions", {**OK, "top_k": -2}, 400, "top_k"),
     ("top_p zero", "/v1/completions", {**OK, "top_p": 0}, 400, "top_p"),
     ("max_tokens zero", "/v1/completions", {**OK, "max_tokens": 0}, 400, "max_tokens"),
     ("n zero", "/v1/completions", {**OK, "n": 0}, 400, "n"),
