@@ -1,4 +1,9 @@
-"""Weight layout for decoding: on a CPU in fp32, every matmul weight is stored (in, out).
+"""Weight layout for decoding: fused q|k|v and gate|up buffers, and on a CPU in fp32 every matmul
+weight stored (in, out).
+
+Fused buffers: each attention's wq, wk and wv become views of one ((H+2G)*Dh, D) tensor, and each
+SwiGLU expert stack's w_gate and w_up views of one (E, 2F, D) tensor, so the decode program
+(decode.py) runs one product where the model runs two or three, on the same parameters.
 
 Decoding one token multiplies each weight matrix by one row, a matrix-vector product as fast as the
 memory bandwidth it reaches. nn.Linear stores a weight (out, in) and computes x @ W.T; on a CPU in
@@ -10,8 +15,8 @@ run at the same speed either way. The experts' grouped_mm (batches of E rows and
 faster from it at 16-32 rows and 3-7% slower at 128-2048 (prefill). In bf16 on a CPU without bf16
 units a transposed weight is 20x slower, so only fp32 CPU weights are laid out.
 
-The model is changed in place: each parameter keeps its name, shape and values but becomes the
-transposed view of a contiguous (in, out) tensor. The model computes exactly as before, and moegpt's
+The model is changed in place: each parameter keeps its name, shape and values but becomes a view
+(of a fused buffer, and/or the transposed view of a contiguous (in, out) tensor). The model computes exactly as before, and moegpt's
 ``save`` writes the same files; code that needs contiguous parameters (``safetensors.save_file`` on
 a raw state dict, ``.view`` on a weight) calls ``restore_layout`` first.
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moegpt.model.attention import Attention
 from moegpt.model.experts import Experts
 
 
@@ -49,10 +55,61 @@ def matmul_weights(model: nn.Module) -> list[nn.Parameter]:
     return [w for w in weights if id(w) not in tables]
 
 
+def fused_groups(model: nn.Module) -> list[tuple[list[nn.Parameter], int]]:
+    """(parameters, the dim they are stacked along) of every fused buffer: q|k|v of each attention
+    (dim 0 of (out, in)), gate|up of each SwiGLU expert stack (dim 1 of (E, out, in))."""
+    groups = []
+    for module in model.modules():
+        if isinstance(module, Attention):
+            groups.append(([module.wq.weight, module.wk.weight, module.wv.weight], 0))
+        elif isinstance(module, Experts) and module.w_gate is not None:
+            groups.append(([module.w_gate, module.w_up], 1))
+    return groups
+
+
+def is_fused(params: list[nn.Parameter], dim: int) -> bool:
+    """Whether ``params`` are consecutive slices of one buffer along ``dim`` (each starting where the
+    previous one ends)."""
+    first = params[0]
+    offset = first.storage_offset()
+    for p in params:
+        if p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or p.stride() != first.stride() \
+                or p.storage_offset() != offset:
+            return False
+        offset += p.shape[dim] * p.stride(dim)
+    return True
+
+
+def fused_view(params: list[nn.Parameter], dim: int) -> torch.Tensor:
+    """The whole buffer that fused ``params`` are slices of, e.g. (H+2G)*Dh rows for q|k|v."""
+    first = params[0]
+    size = list(first.shape)
+    size[dim] = sum(p.shape[dim] for p in params)
+    return first.as_strided(size, first.stride(), first.storage_offset())
+
+
+@torch.no_grad()
+def fuse(params: list[nn.Parameter], dim: int) -> torch.Tensor:
+    """Concatenate ``params`` along ``dim`` into one buffer (stored (in, out) where that reads faster)
+    and make each a view of its slice, in place; returns the buffer (a no-op when already fused)."""
+    if is_fused(params, dim):
+        return fused_view(params, dim)
+    whole = torch.cat([p.data for p in params], dim=dim)
+    if streams_rows_faster(whole):
+        whole = store_in_by_out(whole)
+    start = 0
+    for p in params:
+        p.data = whole.narrow(dim, start, p.shape[dim])
+        start += p.shape[dim]
+    return whole
+
+
 @torch.no_grad()
 def lay_out_for_decoding(model: nn.Module) -> nn.Module:
-    """Stores the model's matmul weights (in, out) where that decodes faster; in place, idempotent,
-    returns the model."""
+    """Fuses q|k|v and gate|up and stores the model's matmul weights (in, out) where that decodes
+    faster; in place, idempotent, returns the model."""
+    for params, dim in fused_groups(model):
+        fuse(params, dim)
     for w in matmul_weights(model):
         if streams_rows_faster(w) and w.is_contiguous():  # not contiguous: laid out already
             w.data = store_in_by_out(w.data)

@@ -1,6 +1,10 @@
 """The one place that turns a step's chunks into tensors: flattened tokens, positions, the paged
 attention metadata, then the model, then the logits the engine asked for.
 
+A step in which every chunk is one token that needs its logits (every sequence decoding) runs the
+decode program (decode.py) over the model's fused weight views; any other step (prefill chunks,
+speculative verification) runs the model's forward.
+
 A chunk is a run of consecutive tokens of one sequence (a prefill chunk, a decode token, or a decode
 token followed by speculative draft tokens). The engine says how many trailing positions of each
 chunk need logits: 1 to sample the next token, k+1 to verify k draft tokens, 0 for a prefill chunk
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moegpt.infer.decode import DecodeMeta, decode_step, decode_weights
 from moegpt.infer.paged_cache import DecodeBatch, PagedAttentionMetadata, PagedKVCache
 from moegpt.model import MoEGPT
 
@@ -65,12 +70,34 @@ def attention_metadata(chunks: list[Chunk], block_size: int) -> tuple[PagedAtten
     return meta, positions
 
 
+def decode_metadata(chunks: list[Chunk], block_size: int, device: torch.device) -> tuple[DecodeMeta, torch.Tensor]:
+    """A decode step's metadata and positions (B,): one token per chunk, at position ``start``."""
+    B = len(chunks)
+    lens = [c.start + 1 for c in chunks]  # keys of each sequence once this step's are written
+    S = max(lens)
+    nb = -(-S // block_size)
+    table = torch.tensor([list(c.block_table[:nb]) + [0] * (nb - min(nb, len(c.block_table))) for c in chunks],
+                         device=device)  # (B, nb), padded with block 0 (read, masked)
+    slots = (table[:, :, None] * block_size + torch.arange(block_size, device=device)).view(B, nb * block_size)[:, :S]
+    positions = torch.tensor([c.start for c in chunks], device=device)  # (B,)
+    mask = None
+    if min(lens) != S:
+        missing = torch.arange(S, device=device)[None, :] >= torch.tensor(lens, device=device)[:, None]  # (B, S)
+        mask = torch.zeros(B, 1, 1, S, device=device).masked_fill_(missing[:, None, None], float("-inf"))
+    meta = DecodeMeta(slot_mapping=slots[torch.arange(B, device=device), positions], key_slots=slots.reshape(-1),
+                      mask=mask)
+    return meta, positions
+
+
 class ModelRunner:
     def __init__(self, model: MoEGPT, cache: PagedKVCache):
         self.model, self.cache = model, cache
+        self.weights = decode_weights(model)  # views of the model's parameters (fused in place)
 
     @torch.no_grad()
     def run(self, chunks: list[Chunk]) -> StepOutput:
+        if all(len(c.tokens) == 1 and c.num_logits == 1 for c in chunks):  # every sequence decoding
+            return self.decode(chunks)
         meta, positions = attention_metadata(chunks, self.cache.block_size)
         rows, end = [], 0
         for c in chunks:
@@ -80,4 +107,15 @@ class ModelRunner:
         hidden, router = self.model.trunk(tokens, positions, self.cache.views(meta))  # (1, N, D)
         logits = self.model.head(hidden[0, rows])  # (L, V): the head only on the rows asked for
         counts = torch.stack([s.expert_counts for s in router]) if router else None
+        return StepOutput(logits=logits, expert_counts=counts)
+
+    def decode(self, chunks: list[Chunk]) -> StepOutput:
+        """One token per chunk through the decode program."""
+        device = self.cache.k[0].device
+        meta, positions = decode_metadata(chunks, self.cache.block_size, device)
+        mask = meta.mask
+        if mask is not None and mask.dtype != self.weights.embed.dtype:
+            meta = DecodeMeta(slot_mapping=meta.slot_mapping, key_slots=meta.key_slots, mask=mask.to(self.weights.embed.dtype))
+        tokens = torch.tensor([c.tokens[0] for c in chunks], device=device)  # (B,)
+        logits, counts = decode_step(self.weights, tokens, positions, self.cache.k, self.cache.v, meta)
         return StepOutput(logits=logits, expert_counts=counts)

@@ -14,6 +14,7 @@ Why exact invariance does not hold, measured on a CPU (PyTorch with MKL/oneDNN):
   picks its kernel, and with it the order of the additions, by M. Neighbours change M for the
   projections and the router (tokens in the step), the experts (tokens routed to each expert; from
   E rows on, one grouped_mm) and the LM head (rows that sample).
+  The decode program's grouped product over the chosen experts likewise.
 - Decode attention: ``scaled_dot_product_attention`` gives a query different last bits when it is
   batched with other sequences' queries, and when its keys are padded to a longer neighbour's under
   a mask, than alone over its own keys.
@@ -25,6 +26,7 @@ padding), which the CPU libraries do not offer, or one-row calls, which give up 
 import torch
 import torch.nn.functional as F
 
+import moegpt.infer.decode as decode
 import moegpt.model.experts as experts
 from moegpt.config import preset
 from moegpt.infer.layout import lay_out_for_decoding
@@ -74,6 +76,7 @@ def one_row_kernels(monkeypatch) -> None:
     """Every matrix product one row at a time, and decode attention one sequence at a time over its
     own keys (no padding, no mask): the kernels' shapes no longer depend on the neighbours."""
     linear, sdpa, head = F.linear, F.scaled_dot_product_attention, MoEGPT.head
+    decode_matrix = decode.Matrix.__call__
 
     def row_linear(x, w, b=None):
         rows = x.reshape(-1, x.shape[-1])  # (M, K)
@@ -84,11 +87,18 @@ def one_row_kernels(monkeypatch) -> None:
         expert_of_row = [e for e, n in enumerate(counts) for _ in range(n)]
         return torch.cat([linear(x[i:i + 1], w[e]) for i, e in enumerate(expert_of_row)])  # (A, O)
 
+    def row_expert_products(x, w_t, expert, offs):  # the decode program's
+        return torch.cat([x[i:i + 1] @ w_t[int(e)] for i, e in enumerate(expert)])  # (A, O)
+
+    def row_matrix(self, x):  # the decode program's other products
+        return torch.cat([decode_matrix(self, x[i:i + 1]) for i in range(x.shape[0])])
+
     def sequence_attention(q, k, v, attn_mask=None, **kw):
         outs = []
-        for b in range(q.shape[0]):  # decode: (Bd, H, 1, Dh) queries, mask (Bd, 1, 1, S_d) or None
+        for b in range(q.shape[0]):  # decode: (B, *, *, Dh) queries, mask (B, 1, 1, S) or None
             if attn_mask is not None and attn_mask.dim() == 4:
-                S = int(attn_mask[b].sum())  # its own keys, the padding dropped
+                keep = attn_mask[b] if attn_mask.dtype == torch.bool else attn_mask[b] == 0  # bool, or additive
+                S = int(keep.sum())  # its own keys, the padding dropped
                 outs.append(sdpa(q[b:b + 1], k[b:b + 1, :, :S], v[b:b + 1, :, :S], **kw))
             else:
                 outs.append(sdpa(q[b:b + 1], k[b:b + 1], v[b:b + 1], attn_mask=attn_mask, **kw))
@@ -96,6 +106,8 @@ def one_row_kernels(monkeypatch) -> None:
 
     monkeypatch.setattr(F, "linear", row_linear)
     monkeypatch.setattr(experts, "grouped_linear", row_grouped_linear)
+    monkeypatch.setattr(decode, "expert_products", row_expert_products)
+    monkeypatch.setattr(decode.Matrix, "__call__", row_matrix)
     monkeypatch.setattr(F, "scaled_dot_product_attention", sequence_attention)
     monkeypatch.setattr(MoEGPT, "head", lambda self, x: torch.cat([head(self, x[i:i + 1]) for i in range(x.shape[0])]))
 

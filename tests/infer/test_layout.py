@@ -1,4 +1,5 @@
-"""The decode weight layout: same parameters, same values, same outputs; weights stored (in, out)."""
+"""The decode weight layout: same parameters, same values, same outputs; q|k|v and gate|up fused,
+weights stored (in, out)."""
 
 import copy
 
@@ -18,7 +19,13 @@ def _cfg(**kw):
 
 
 def _laid_out(t: torch.Tensor) -> bool:
-    return t.transpose(-2, -1).is_contiguous() and not t.is_contiguous()
+    """Stored (in, out): consecutive elements run along the out dim."""
+    return t.stride(-2) == 1 and t.stride(-1) != 1
+
+
+def _rows_kept(t: torch.Tensor) -> bool:
+    """Stored (out, in), as nn.Linear stores it (a fused slice need not be contiguous as a whole)."""
+    return t.stride(-1) == 1
 
 
 def test_fp32_weights_are_stored_in_by_out_with_the_same_names_values_and_outputs():
@@ -45,7 +52,7 @@ def test_fp32_weights_are_stored_in_by_out_with_the_same_names_values_and_output
 def test_bf16_and_an_embedding_table_shared_by_a_linear_keep_their_layout():
     bf16 = build_model(_cfg(), seed=1, dtype=torch.bfloat16)
     lay_out_for_decoding(bf16)
-    assert all(p.is_contiguous() for p in bf16.parameters())  # 20x slower transposed without bf16 units
+    assert all(_rows_kept(p) for p in bf16.parameters())  # 20x slower transposed without bf16 units
     shared = nn.Module()
     shared.table, shared.head, shared.proj = nn.Embedding(16, 8), nn.Linear(8, 16, bias=False), nn.Linear(8, 8)
     shared.head.weight = shared.table.weight  # a tied head: the table's rows are looked up
@@ -62,3 +69,21 @@ def test_the_engine_lays_out_its_models_and_they_still_save_and_load(tmp_path):
     save(model, None, tmp_path)
     loaded, _ = load(tmp_path)
     assert all(torch.equal(t, reference[name]) for name, t in loaded.state_dict().items())
+
+
+def test_q_k_v_and_gate_up_become_slices_of_one_buffer_each():
+    from moegpt.infer.layout import fused_groups, fused_view, is_fused
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_model(_cfg(), seed=1, dtype=dtype).eval()
+        before = copy.deepcopy(model)
+        lay_out_for_decoding(model)
+        groups = fused_groups(model)
+        assert len(groups) == 2 * model.cfg.n_layers  # one attention and one SwiGLU expert stack per layer
+        for params, dim in groups:
+            assert is_fused(params, dim)
+            whole = fused_view(params, dim)
+            assert torch.equal(whole, torch.cat([p.detach() for p in params], dim=dim))
+        attn = model.layers[0].attn
+        assert attn.wk.weight.untyped_storage().data_ptr() == attn.wq.weight.untyped_storage().data_ptr()
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.state_dict().values()))
