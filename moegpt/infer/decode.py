@@ -29,14 +29,16 @@ import torch.nn.functional as F
 
 from moegpt.config import MLPKind, ModelConfig
 from moegpt.infer.layout import fused_view, lay_out_for_decoding
+from moegpt.kernels import gemv_applies
 from moegpt.model import MoEGPT
 from moegpt.model.grouped import grouped_mm_supported
 from moegpt.model.layers import rope_cos_sin
 
 
 class Matrix:
-    """A weight the program multiplies rows by: x (M, I) -> (M, O). Stored (in, out) it is one ``mm``
-    with its transpose (no ``t`` dispatched per call); stored (out, in), ``F.linear``."""
+    """A weight the program multiplies rows by: x (M, I) -> (M, O). A few rows on a CPU: the C++
+    matrix-vector kernel (moegpt.kernels); otherwise, stored (in, out), one ``mm`` with its transpose
+    (no ``t`` dispatched per call), stored (out, in), ``F.linear``."""
 
     __slots__ = ("w", "w_io")
 
@@ -45,7 +47,12 @@ class Matrix:
         self.w_io = w.t() if w.stride(0) == 1 and w.stride(1) != 1 else None  # (I, O) contiguous rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if gemv_applies(x, self.w):
+            return torch.ops.moegpt.gemv(x, self.w)
         return torch.mm(x, self.w_io) if self.w_io is not None else F.linear(x, self.w)
+
+
+KERNEL_ASSIGNMENTS = 4  # the MoE kernel for up to this many assignments per expert on average (B*K / E)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,8 +62,10 @@ class LayerWeights:
     wo: Matrix  # (D, H * Dh)
     ffn_norm: torch.Tensor  # (D,)
     router: Matrix | None  # (E, D); None for a dense layer (one expert that every token goes to)
-    w_in: torch.Tensor  # (E, D, 2F): the transpose of the fused gate|up (SwiGLU) or of up (GELU), (E, out, in)
-    w_down: torch.Tensor  # (E, F, D): the transpose of w_down (E, D, F)
+    w_in: torch.Tensor  # (E, 2F, D) the fused gate|up (SwiGLU), or (E, F, D) up (GELU)
+    w_down: torch.Tensor  # (E, D, F)
+    w_in_t: torch.Tensor  # (E, D, 2F): w_in transposed, for grouped_mm
+    w_down_t: torch.Tensor  # (E, F, D)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,7 +94,7 @@ def decode_weights(model: MoEGPT) -> DecodeWeights:
             wqkv=Matrix(fused_view([attn.wq.weight, attn.wk.weight, attn.wv.weight], 0)),
             wo=Matrix(attn.wo.weight), ffn_norm=block.ffn_norm.weight,
             router=Matrix(ffn.router.weight) if hasattr(ffn, "router") else None,
-            w_in=w_in.transpose(-2, -1), w_down=experts.w_down.transpose(-2, -1)))
+            w_in=w_in, w_down=experts.w_down, w_in_t=w_in.transpose(-2, -1), w_down_t=experts.w_down.transpose(-2, -1)))
     dtype, device = model.embed.weight.dtype, model.embed.weight.device
     cos, sin = rope_cos_sin(torch.arange(cfg.max_seq_len, device=device), cfg.head_dim, cfg.rope_theta)
     half = cfg.head_dim // 2
@@ -143,10 +152,35 @@ def expert_products(x: torch.Tensor, w_t: torch.Tensor, expert: torch.Tensor, of
     return torch.bmm(x[:, None], w_t.index_select(0, expert))[:, 0]  # gathers the chosen matrices
 
 
+def activation(up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """(A, 2F) gate|up -> silu(gate) * up, or (A, F) -> gelu(up): (A, F)."""
+    Fd = cfg.d_ff
+    return F.silu(up[:, :Fd]) * up[:, Fd:] if cfg.mlp == MLPKind.SWIGLU else F.gelu(up, approximate="tanh")
+
+
+def moe_with_kernels(h: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The few-token MoE on the C++ kernel: each assignment times its chosen expert's matrices read
+    where they are (no grouping in Python, no copy of a weight). h (B, D) -> (B, D), counts (E,)."""
+    B, D = h.shape
+    K = cfg.top_k
+    probs = torch.softmax(lw.router(h), dim=-1, dtype=torch.float32)  # (B, E), as the model routes
+    top_w, top_e = torch.topk(probs, K, dim=-1)  # (B, K)
+    top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    expert = top_e.view(-1)  # (A,) token-major
+    routed = h.repeat_interleave(K, dim=0)  # (A, D)
+    y = torch.ops.moegpt.expert_gemv(activation(torch.ops.moegpt.expert_gemv(routed, lw.w_in, expert), cfg),
+                                     lw.w_down, expert)  # (A, D)
+    y = y.view(B, K, D) * top_w[..., None]  # fp32 routing weights, as the model
+    out = y.sum(dim=1)  # (B, D): each token's K rows, in the model's order
+    return out if out.dtype == h.dtype else out.to(h.dtype), torch.bincount(expert, minlength=cfg.n_experts)
+
+
 def moe(h: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """h (B, D) -> (B, D), and the tokens routed to each expert (E,) (None for a dense layer)."""
     B, D = h.shape
-    K, Fd = cfg.top_k, cfg.d_ff
+    K = cfg.top_k
+    if lw.router is not None and B * K <= KERNEL_ASSIGNMENTS * cfg.n_experts and gemv_applies(h, lw.w_in):
+        return moe_with_kernels(h, lw, cfg)
     if lw.router is None:  # dense: one expert, every token
         routed, weight, token, counts = h, None, None, None
         offs = torch.full((1,), B, dtype=torch.int32, device=h.device)
@@ -160,9 +194,8 @@ def moe(h: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> tuple[torch.Tens
         offs = counts.cumsum(0, dtype=torch.int32)
         token = order // K  # (A,) source token of each assignment
         routed, weight = h.index_select(0, token), top_w.view(-1).index_select(0, order)  # (A, D), (A,)
-    up = expert_products(routed, lw.w_in, expert, offs)  # (A, 2F) or (A, F)
-    act = F.silu(up[:, :Fd]) * up[:, Fd:] if cfg.mlp == MLPKind.SWIGLU else F.gelu(up, approximate="tanh")
-    y = expert_products(act, lw.w_down, expert, offs)  # (A, D)
+    up = expert_products(routed, lw.w_in_t, expert, offs)  # (A, 2F) or (A, F)
+    y = expert_products(activation(up, cfg), lw.w_down_t, expert, offs)  # (A, D)
     if weight is None:
         return y, None
     y = y * weight[:, None]  # fp32 routing weights, as the model

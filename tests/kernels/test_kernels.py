@@ -1,0 +1,59 @@
+"""The C++ decode kernels against their pure-PyTorch references, and the fallback without a compiler."""
+
+import pytest
+import torch
+
+import moegpt.kernels as kernels
+from moegpt.kernels import expert_gemv_reference, gemv_reference
+
+
+def _stored(w: torch.Tensor, in_by_out: bool) -> torch.Tensor:
+    """The same values stored (in, out) (the decode layout of fp32 weights) or (out, in)."""
+    return w.transpose(-2, -1).contiguous().transpose(-2, -1) if in_by_out else w.contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_by_out", [True, False])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_gemv_is_its_reference(dtype, in_by_out, rows):
+    assert kernels.available()  # the machines we test on have a compiler: the kernels must build
+    g = torch.Generator().manual_seed(rows)
+    w = _stored(torch.randn(301, 67, generator=g).to(dtype), in_by_out)  # odd sizes: no tail assumed
+    x = torch.randn(rows, 67, generator=g).to(dtype)
+    got = torch.ops.moegpt.gemv(x, w)
+    assert got.dtype == dtype and got.shape == (rows, 301)
+    torch.testing.assert_close(got.float(), gemv_reference(x, w).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_by_out", [True, False])
+def test_expert_gemv_is_its_reference_and_each_row_does_not_depend_on_the_others(dtype, in_by_out):
+    g = torch.Generator().manual_seed(0)
+    w = _stored(torch.randn(6, 45, 29, generator=g).to(dtype), in_by_out)  # (E, O, I)
+    x = torch.randn(9, 29, generator=g).to(dtype)
+    expert = torch.tensor([3, 0, 3, 5, 3, 0, 1, 5, 5])
+    got = torch.ops.moegpt.expert_gemv(x, w, expert)
+    torch.testing.assert_close(got.float(), expert_gemv_reference(x, w, expert).float(), rtol=1e-5, atol=1e-5)
+    for a in range(9):  # alone, a row gets bitwise what it got beside the others: batch invariant
+        assert torch.equal(torch.ops.moegpt.expert_gemv(x[a:a + 1], w, expert[a:a + 1])[0], got[a])
+
+
+def test_bad_inputs_are_errors_naming_the_shapes():
+    w = torch.randn(4, 10, 8)
+    with pytest.raises(RuntimeError, match="expert 7 of 4"):
+        torch.ops.moegpt.expert_gemv(torch.randn(2, 8), w, torch.tensor([1, 7]))
+    with pytest.raises(RuntimeError, match=r"x \(M, I\) and w \(O, I\)"):
+        torch.ops.moegpt.gemv(torch.randn(2, 9), torch.randn(5, 8))
+
+
+def test_without_a_compiler_one_line_says_so_and_the_references_run(monkeypatch, capsys):
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    kernels.available.cache_clear()
+    try:
+        assert not kernels.available()
+        assert capsys.readouterr().err.strip() == "moegpt: no C++ compiler found: decoding uses the pure-PyTorch kernels"
+        x, w = torch.randn(1, 8), torch.randn(4, 8)
+        assert not kernels.gemv_applies(x, w)
+    finally:
+        kernels.available.cache_clear()
