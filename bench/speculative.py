@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from bench.common import interleaved_medians, write_result
 from moegpt.checkpoint.model_dir import load, save
 from moegpt.data.sources import iter_documents, shakespeare_source, stdlib_code_source
-from moegpt.infer.engine import EngineConfig, LLMEngine, SpeculativeConfig, SpeculativeMethod
+from moegpt.infer.engine import EngineConfig, LLMEngine
+from moegpt.infer.speculative import SpeculativeConfig, SpeculativeMethod
 from moegpt.infer.sampling_params import SamplingParams
 from moegpt.model import build_model
 from moegpt.train.trainer import default_cache_dir

@@ -13,7 +13,8 @@ from pathlib import Path
 
 
 def cmd_generate(args) -> int:
-    from moegpt.infer.engine import EngineConfig, speculative_from_flags
+    from moegpt.infer.engine import EngineConfig
+    from moegpt.infer.speculative import speculative_from_flags
     from moegpt.infer.llm import LLM
     from moegpt.infer.sampling_params import SamplingParams
 

@@ -19,7 +19,6 @@ sequences, so a request's output does not depend on what else shares the batch.
 
 from __future__ import annotations
 
-import enum
 import itertools
 from collections.abc import Callable, Iterator, Sequence as Seq
 from dataclasses import dataclass, field
@@ -39,34 +38,8 @@ from moegpt.infer.sampling import apply_penalties, filtered_probs, sample, top_l
 from moegpt.infer.sampling_params import SamplingParams
 from moegpt.infer.scheduler import Batch, Scheduler, SchedulerConfig
 from moegpt.infer.sequence import FinishReason, Sequence
-from moegpt.infer.speculative import NgramProposer, Proposal, verify
+from moegpt.infer.speculative import Proposal, SpeculativeConfig, SpeculativeMethod, verify
 from moegpt.model import MoEGPT
-
-
-class SpeculativeMethod(enum.Enum):
-    DRAFT = "draft"  # a smaller model with the same tokenizer
-    NGRAM = "ngram"  # prompt lookup
-
-
-@dataclass(frozen=True, kw_only=True)
-class SpeculativeConfig:
-    method: SpeculativeMethod = SpeculativeMethod.DRAFT
-    num_tokens: int = 4  # draft tokens per step (the article's figure)
-    ngram: NgramProposer = NgramProposer()
-
-    def __post_init__(self):
-        if self.num_tokens < 1:
-            raise ValueError(f"speculative num_tokens={self.num_tokens} must be >= 1")
-
-
-def speculative_from_flags(draft: bool, ngram: bool, num_tokens: int) -> SpeculativeConfig | None:
-    """The speculative config the ``--draft`` / ``--ngram`` / ``--speculative-tokens`` flags ask for."""
-    if draft and ngram:
-        raise ValueError("--draft and --ngram are two proposers: pick one")
-    if not (draft or ngram):
-        return None
-    method = SpeculativeMethod.DRAFT if draft else SpeculativeMethod.NGRAM
-    return SpeculativeConfig(method=method, num_tokens=num_tokens)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,6 +17,7 @@ Legend: k draft tokens, V vocab.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,3 +77,32 @@ class NgramProposer:
                     follow = ids[start + n:start + n + k]
                     return Proposal(tokens=tuple(follow), probs=None)
         return Proposal(tokens=(), probs=None)
+
+
+# ---- configuration ---------------------------------------------------------------------------
+
+
+class SpeculativeMethod(enum.Enum):
+    DRAFT = "draft"  # a smaller model with the same tokenizer
+    NGRAM = "ngram"  # prompt lookup
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpeculativeConfig:
+    method: SpeculativeMethod = SpeculativeMethod.DRAFT
+    num_tokens: int = 4  # draft tokens per step (the article's figure)
+    ngram: NgramProposer = NgramProposer()
+
+    def __post_init__(self):
+        if self.num_tokens < 1:
+            raise ValueError(f"speculative num_tokens={self.num_tokens} must be >= 1")
+
+
+def speculative_from_flags(draft: bool, ngram: bool, num_tokens: int) -> SpeculativeConfig | None:
+    """The speculative config the ``--draft`` / ``--ngram`` / ``--speculative-tokens`` flags ask for."""
+    if draft and ngram:
+        raise ValueError("--draft and --ngram are two proposers: pick one")
+    if not (draft or ngram):
+        return None
+    method = SpeculativeMethod.DRAFT if draft else SpeculativeMethod.NGRAM
+    return SpeculativeConfig(method=method, num_tokens=num_tokens)

@@ -42,7 +42,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args) -> int:
-    from moegpt.infer.engine import EngineConfig, speculative_from_flags
+    from moegpt.infer.engine import EngineConfig
+    from moegpt.infer.speculative import speculative_from_flags
     from moegpt.infer.scheduler import SchedulerConfig
     from moegpt.serve.engine_loop import Limits
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from moegpt.checkpoint.model_dir import load, save
 from moegpt.config import preset
-from moegpt.infer.engine import EngineConfig, LLMEngine, SpeculativeConfig
+from moegpt.infer.engine import EngineConfig, LLMEngine
+from moegpt.infer.speculative import SpeculativeConfig
 from moegpt.infer.layout import lay_out_for_decoding, restore_layout
 from moegpt.model import build_model
 

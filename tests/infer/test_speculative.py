@@ -7,7 +7,8 @@ import torch
 
 from moegpt.config import preset
 from moegpt.counts import kv_cache_bytes_per_token
-from moegpt.infer.engine import EngineConfig, LLMEngine, SpeculativeConfig, SpeculativeMethod
+from moegpt.infer.engine import EngineConfig, LLMEngine
+from moegpt.infer.speculative import SpeculativeConfig, SpeculativeMethod
 from moegpt.infer.generate import generate
 from moegpt.infer.sampling import filtered_probs, sample_from
 from moegpt.infer.sampling_params import SamplingParams
