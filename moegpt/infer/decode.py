@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from moegpt.config import MLPKind, ModelConfig
 from moegpt.infer.layout import fused_view, lay_out_for_decoding
-from moegpt.kernels import gemv_applies
+from moegpt.kernels import expert_gemv_applies, gemv_applies
 from moegpt.model import MoEGPT
 from moegpt.model.grouped import grouped_mm_supported
 from moegpt.model.layers import rope_cos_sin
@@ -179,7 +179,7 @@ def moe(h: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> tuple[torch.Tens
     """h (B, D) -> (B, D), and the tokens routed to each expert (E,) (None for a dense layer)."""
     B, D = h.shape
     K = cfg.top_k
-    if lw.router is not None and B * K <= KERNEL_ASSIGNMENTS * cfg.n_experts and gemv_applies(h, lw.w_in):
+    if lw.router is not None and B * K <= KERNEL_ASSIGNMENTS * cfg.n_experts and expert_gemv_applies(h, lw.w_in):
         return moe_with_kernels(h, lw, cfg)
     if lw.router is None:  # dense: one expert, every token
         routed, weight, token, counts = h, None, None, None
