@@ -4,6 +4,7 @@ The servers start together at the first test that needs one (each takes a few se
 and load) and are stopped at the end of the session.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -130,6 +131,18 @@ def pytest_runtest_teardown(item, nextitem):
 STARTED = pytest.StashKey[list]()
 
 
+@contextlib.contextmanager
+def running(started: dict[str, Server]):
+    """Wait until every server in ``started`` answers; stop them all on the way out."""
+    try:
+        for s in started.values():
+            wait_ready(s)
+        yield started
+    finally:
+        for s in started.values():
+            stop(s)
+
+
 @pytest.fixture(scope="session")
 def servers(model_dir, pytestconfig):
     """Started together: 'main' (roomy queue), 'tight' (8 sequences a step; 8 sequences or 250 prompt tokens
@@ -142,13 +155,8 @@ def servers(model_dir, pytestconfig):
         "drain": start_server(model_dir, "--shutdown-timeout", "60"),
     }
     pytestconfig.stash[STARTED] = list(started.values())
-    try:
-        for s in started.values():
-            wait_ready(s)
+    with running(started):
         yield started
-    finally:
-        for s in started.values():
-            stop(s)
 
 
 @pytest.fixture(scope="session")

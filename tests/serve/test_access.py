@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from moegpt.data.tokenizer import Tokenizer
-from tests.serve.conftest import start_server, stop, wait_ready
+from tests.serve.conftest import running, start_server
 
 KEY = "sk-test-0123456789"
 OK = {"model": "tiny-test", "prompt": "to be", "max_tokens": 2}
@@ -33,13 +33,8 @@ def keyed(model_dir, tmp_path_factory):
                              "--max-request-bytes", str(LIMIT)),
         "env": start_server(model_dir, env={"MOEGPT_API_KEY": KEY}),
     }
-    try:
-        for s in started.values():
-            wait_ready(s)
+    with running(started):
         yield started
-    finally:
-        for s in started.values():
-            stop(s)
 
 
 def auth(key: str) -> dict[str, str]:
