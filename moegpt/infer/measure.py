@@ -15,7 +15,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from moegpt.config import ModelConfig
 
@@ -28,7 +27,9 @@ def weight_product_s(rows: int, out_features: int, in_features: int, in_by_out: 
                      pool_bytes: int = POOL_BYTES, passes: int = 3, budget_s: float = 1.0) -> float:
     """Median over passes of the seconds one product x (rows, I) @ W.T takes, cycling through copies of
     W that total ``pool_bytes``, so each is read from memory as a decode step reads it, not from the
-    cache. ``in_by_out``: the engine may store W (in, out) (layout.py; not a tied embedding table)."""
+    cache. ``in_by_out``: the engine may store W (in, out) (layout.py; not a tied embedding table).
+    Timed as the decode program multiplies (its ``Matrix``: the C++ kernel at a few rows on a CPU)."""
+    from moegpt.infer.decode import Matrix
     from moegpt.infer.layout import store_in_by_out, streams_rows_faster
 
     O, I = out_features, in_features
@@ -38,13 +39,14 @@ def weight_product_s(rows: int, out_features: int, in_features: int, in_by_out: 
     if in_by_out and streams_rows_faster(w):
         w = store_in_by_out(w)  # as the engine lays weights out: (n, O, I) views of a (n, I, O) tensor
     x = torch.full((rows, I), 0.01, dtype=dtype)  # (rows, I)
-    F.linear(x, w[0])  # warm-up
+    products = [Matrix(w[i]) for i in range(n)]
+    products[0](x)  # warm-up (and the kernels' first build)
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < passes and (not times or time.perf_counter() - start < budget_s):
         t0 = time.perf_counter()
-        for i in range(n):
-            F.linear(x, w[i])  # (rows, O), as the model's nn.Linear and its expert loop (below E rows) do
+        for product in products:
+            product(x)  # (rows, O)
         times.append((time.perf_counter() - t0) / n)
     return statistics.median(times)
 

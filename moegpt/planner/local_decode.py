@@ -4,8 +4,9 @@ The decode roofline divides the bytes a step reads by the read bandwidth of one 
 matrix-vector product. Our engine's step takes longer, for two reasons this file measures apart:
 
 - t_matmul: the step's weight matrix products at the model's own shapes, dtype and layout
-  (moegpt.infer.layout), weights cold in memory, each timed with F.linear (the engine's products
-  below E rows; from E rows on it runs the experts as one grouped_mm, which this approximates).
+  (moegpt.infer.layout), weights cold in memory, each timed as the engine's decode program
+  multiplies (moegpt.infer.measure: the C++ matrix-vector kernel at a few rows, torch's matmul
+  beyond; the program's MoE runs each touched expert's rows together, which this approximates).
   Small matrices, and products of a few rows, read slower per byte than the one large product.
 - t_software: everything in a step that is not streaming weights: Python, thousands of dispatched
   ops, scheduling, sampling. Measured by running LLMEngine on the same architecture (layers, heads,
