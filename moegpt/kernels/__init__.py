@@ -3,8 +3,9 @@ its pure-PyTorch reference: the fallback where no kernel can be built, and the t
 
 The kernels are compiled at first use with ``torch.utils.cpp_extension`` (``-O3 -march=native
 -fopenmp``) and the build is cached under ``$MOEGPT_CACHE/kernels`` (default ``~/.cache/moegpt``),
-keyed by the sources, this CPU's instruction-set flags, torch's version and the compiler, so a cache
-built on another CPU is never loaded. Without a compiler, or when the build fails, one line says so
+keyed by the sources (their contents and where they are), this CPU's instruction-set flags, torch's
+version and the compiler, so a cache built on another CPU is never loaded, and two checkouts never
+rebuild each other's library while one of them has it loaded. Without a compiler, or when the build fails, one line says so
 and decoding runs the references. ``MOEGPT_KERNELS=0`` turns them off.
 
 Legend: M rows (a decode step's tokens), I in features, O out features.
@@ -51,8 +52,9 @@ def _cpu_flags() -> str:
 
 def _build_key(compiler: str) -> str:
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES:  # contents and place: ninja rebuilds a build directory whose sources moved
         h.update(src.read_bytes())
+        h.update(str(src.resolve()).encode())
     h.update(_cpu_flags().encode())
     h.update(torch.__version__.encode())
     h.update(compiler.encode())
