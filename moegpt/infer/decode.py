@@ -10,10 +10,13 @@ decoding); prefill chunks and speculative verification keep the model's forward.
 - a rope table built once for every position;
 - the paged KV cache, with MQA/GQA attention that folds each KV head's query heads into rows of one
   product against that head's keys;
-- a few-token MoE: top-k of the router's probabilities, then only the chosen experts' matrices (one
-  grouped product over the assignments, no Python loop over experts, no host sync).
+- a few-token MoE: top-k of the router's probabilities, then only the chosen experts' matrices (no
+  Python loop over experts, no host sync).
 
-This pure-PyTorch program is the reference for fused kernels and their fallback.
+On a CPU the few-row products and the MoE's expert products run on C++ kernels (moegpt.kernels:
+``gemv``, ``expert_gemv``, which read each chosen expert's matrices where they are); everywhere else,
+and without a compiler, the same program runs on PyTorch ops (``mm``/``linear``, and one
+``grouped_mm`` over the assignments grouped by expert), which is also the kernels' oracle.
 
 Legend: B sequences (one new token each), D d_model, H query heads, G kv heads, R = H/G query
 heads per kv head, Dh head dim, S keys (the longest sequence's; shorter ones masked), E experts,
