@@ -35,7 +35,7 @@ from moegpt.infer.layout import fused_view, lay_out_for_decoding
 from moegpt.kernels import expert_gemv_applies, gemv_applies
 from moegpt.model import MoEGPT
 from moegpt.model.grouped import grouped_mm_supported
-from moegpt.model.layers import rope_cos_sin
+from moegpt.model.layers import rms_norm, rope_cos_sin
 
 
 class Matrix:
@@ -114,13 +114,6 @@ class DecodeMeta:
     slot_mapping: torch.Tensor  # (B,) slot of each sequence's new key/value
     key_slots: torch.Tensor  # (B * S,) slots of every sequence's keys by position, padded with slot 0
     mask: torch.Tensor | None  # (B, 1, 1, S) additive: 0 where a key exists, -inf on padding; None: none
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """As the model's RMSNorm: normalise in fp32, scale in the input's dtype."""
-    h = x if x.dtype == torch.float32 else x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * (h if h.dtype == x.dtype else h.to(x.dtype))
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

@@ -38,18 +38,24 @@ class StepOutput:
     expert_counts: torch.Tensor | None  # (n_layers, E) tokens routed to each expert this step
 
 
+def key_slots(chunks: list[Chunk], block_size: int, S: int, device: torch.device | None = None) -> torch.Tensor:
+    """(B, S) the slot of each sequence's key at each position up to S, from its block table, padded
+    with block 0 (the padding keys are read but masked, or never read)."""
+    B, nb = len(chunks), -(-S // block_size)
+    table = torch.tensor([list(c.block_table[:nb]) + [0] * (nb - min(nb, len(c.block_table))) for c in chunks],
+                         device=device)  # (B, nb)
+    slots = table[:, :, None] * block_size + torch.arange(block_size, device=device)  # (B, nb, block_size)
+    return slots.view(B, nb * block_size)[:, :S]
+
+
 def attention_metadata(chunks: list[Chunk], block_size: int) -> tuple[PagedAttentionMetadata, torch.Tensor]:
     """The step's paged-attention metadata and the positions (N,) of its tokens, built with a few
-    vectorised ops whatever the batch size (B sequences, S_max keys of the longest, nb its blocks)."""
+    vectorised ops whatever the batch size (B sequences, S_max keys of the longest)."""
     B = len(chunks)
     query_lens = tuple(len(c.tokens) for c in chunks)
     context_lens = tuple(c.start + n for c, n in zip(chunks, query_lens))
     S_max = max(context_lens)
-    nb = -(-S_max // block_size)
-    # Block tables padded with block 0: the padding keys are read but masked (or never read).
-    table = torch.tensor([list(c.block_table[:nb]) + [0] * (nb - min(nb, len(c.block_table))) for c in chunks])  # (B, nb)
-    context_slots = (table[:, :, None] * block_size + torch.arange(block_size))  # (B, nb, block_size)
-    context_slots = context_slots.view(B, nb * block_size)[:, :S_max]  # (B, S_max)
+    context_slots = key_slots(chunks, block_size, S_max)  # (B, S_max)
     positions = torch.tensor([p for c, n in zip(chunks, query_lens) for p in range(c.start, c.start + n)])  # (N,)
     seq_of_token = torch.arange(B).repeat_interleave(torch.tensor(query_lens))  # (N,)
     slot_mapping = context_slots[seq_of_token, positions]  # (N,)
@@ -75,10 +81,7 @@ def decode_metadata(chunks: list[Chunk], block_size: int, device: torch.device) 
     B = len(chunks)
     lens = [c.start + 1 for c in chunks]  # keys of each sequence once this step's are written
     S = max(lens)
-    nb = -(-S // block_size)
-    table = torch.tensor([list(c.block_table[:nb]) + [0] * (nb - min(nb, len(c.block_table))) for c in chunks],
-                         device=device)  # (B, nb), padded with block 0 (read, masked)
-    slots = (table[:, :, None] * block_size + torch.arange(block_size, device=device)).view(B, nb * block_size)[:, :S]
+    slots = key_slots(chunks, block_size, S, device)  # (B, S)
     positions = torch.tensor([c.start for c in chunks], device=device)  # (B,)
     mask = None
     if min(lens) != S:

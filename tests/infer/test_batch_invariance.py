@@ -56,11 +56,16 @@ def first_sequence_logits(model, prompts: list[list[int]], fed: list[int]) -> to
     return torch.stack(rows)
 
 
-def test_logits_beside_neighbours_are_deterministic_and_within_ulps_of_the_logits_alone():
-    model = _unscaled_model()
+def prompts_and_fed(steps: int) -> tuple[list[list[int]], list[int]]:
+    """Eight prompts of mixed lengths, and the tokens every sequence is fed for ``steps`` decode steps."""
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (9, 3, 17, 6, 12, 1, 25, 8)]
-    fed = torch.randint(0, 256, (10,), generator=g).tolist()
+    return prompts, torch.randint(0, 256, (steps,), generator=g).tolist()
+
+
+def test_logits_beside_neighbours_are_deterministic_and_within_ulps_of_the_logits_alone():
+    model = _unscaled_model()
+    prompts, fed = prompts_and_fed(10)
     alone = first_sequence_logits(model, prompts[:1], fed)
     for crowd_size in (2, 4, 8):
         crowd = first_sequence_logits(model, prompts[:crowd_size], fed)
@@ -115,9 +120,7 @@ def one_row_kernels(monkeypatch) -> None:
 def test_with_one_row_kernels_logits_beside_neighbours_are_bitwise_the_logits_alone(monkeypatch):
     one_row_kernels(monkeypatch)
     model = _unscaled_model()
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (9, 3, 17, 6, 12, 1, 25, 8)]
-    fed = torch.randint(0, 256, (6,), generator=g).tolist()
+    prompts, fed = prompts_and_fed(6)
     alone = first_sequence_logits(model, prompts[:1], fed)
     for crowd_size in (2, 4, 8):
         assert torch.equal(first_sequence_logits(model, prompts[:crowd_size], fed), alone), crowd_size
