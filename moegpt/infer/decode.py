@@ -8,15 +8,18 @@ decoding); prefill chunks and speculative verification keep the model's forward.
   one gate|up product per expert), so the model, HF conversion and TP sharding see the same names
   and values;
 - a rope table built once for every position;
+- the step's metadata (decode_batch.py): positions and block tables in persistent buffers;
 - the paged KV cache, with MQA/GQA attention that folds each KV head's query heads into rows of one
   product against that head's keys;
-- a few-token MoE: top-k of the router's probabilities, then only the chosen experts' matrices (no
+- a few-token MoE: top-k of the router's logits, then only the chosen experts' matrices (no
   Python loop over experts, no host sync).
 
-On a CPU the few-row products and the MoE's expert products run on C++ kernels (moegpt.kernels:
-``gemv``, ``expert_gemv``, which read each chosen expert's matrices where they are); everywhere else,
-and without a compiler, the same program runs on PyTorch ops (``mm``/``linear``, and one
-``grouped_mm`` over the assignments grouped by expert), which is also the kernels' oracle.
+On a CPU in fp32 or bf16 with up to KERNEL_ASSIGNMENTS assignments per expert, each layer is one C++
+op (moegpt.kernels: ``decode_layer``, which reads the chosen experts' matrices and the paged keys
+where they are), and the LM head a C++ matrix-vector product (``gemv``). Everywhere else, and
+without a compiler, the same program runs on PyTorch ops (``layers_in_pytorch``: ``mm``, flash
+attention over the keys gathered per layer, one ``grouped_mm`` over the assignments grouped by
+expert), which is also the C++ op's oracle.
 
 Legend: B sequences (one new token each), D d_model, H query heads, G kv heads, R = H/G query
 heads per kv head, Dh head dim, S keys (the longest sequence's; shorter ones masked), E experts,
@@ -31,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from moegpt.config import MLPKind, ModelConfig
+from moegpt.infer.decode_batch import DecodeMeta
 from moegpt.infer.layout import fused_view, lay_out_for_decoding
-from moegpt.kernels import expert_gemv_applies, gemv_applies
+from moegpt.kernels import MAX_ROWS_IN_BY_OUT, MAX_ROWS_OUT_BY_IN, decode_layer_applies, gemv_applies
 from moegpt.model import MoEGPT
 from moegpt.model.grouped import grouped_mm_supported
 from moegpt.model.layers import rms_norm, rope_cos_sin
@@ -40,22 +44,22 @@ from moegpt.model.layers import rms_norm, rope_cos_sin
 
 class Matrix:
     """A weight the program multiplies rows by: x (M, I) -> (M, O). A few rows on a CPU: the C++
-    matrix-vector kernel (moegpt.kernels); otherwise, stored (in, out), one ``mm`` with its transpose
-    (no ``t`` dispatched per call), stored (out, in), ``F.linear``."""
+    matrix-vector kernel (moegpt.kernels); otherwise one ``mm`` with the weight's transpose, a view
+    taken once (no ``t`` dispatched per call), whichever way the weight is stored."""
 
-    __slots__ = ("w", "w_io")
+    __slots__ = ("w", "w_t")
 
     def __init__(self, w: torch.Tensor):
         self.w = w  # (O, I), a view of the model's parameter
-        self.w_io = w.t() if w.stride(0) == 1 and w.stride(1) != 1 else None  # (I, O) contiguous rows
+        self.w_t = w.t()  # (I, O)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if gemv_applies(x, self.w):
             return torch.ops.moegpt.gemv(x, self.w)
-        return torch.mm(x, self.w_io) if self.w_io is not None else F.linear(x, self.w)
+        return torch.mm(x, self.w_t)
 
 
-KERNEL_ASSIGNMENTS = 4  # the MoE kernel for up to this many assignments per expert on average (B*K / E)
+KERNEL_ASSIGNMENTS = 4  # the C++ layer for up to this many assignments per expert on average (B*K / E)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +73,7 @@ class LayerWeights:
     w_down: torch.Tensor  # (E, D, F)
     w_in_t: torch.Tensor  # (E, D, 2F): w_in transposed, for grouped_mm
     w_down_t: torch.Tensor  # (E, F, D)
+    expert_ids: torch.Tensor  # (E,) 1..E: where each expert's group ends among sorted assignments
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,7 +102,8 @@ def decode_weights(model: MoEGPT) -> DecodeWeights:
             wqkv=Matrix(fused_view([attn.wq.weight, attn.wk.weight, attn.wv.weight], 0)),
             wo=Matrix(attn.wo.weight), ffn_norm=block.ffn_norm.weight,
             router=Matrix(ffn.router.weight) if hasattr(ffn, "router") else None,
-            w_in=w_in, w_down=experts.w_down, w_in_t=w_in.transpose(-2, -1), w_down_t=experts.w_down.transpose(-2, -1)))
+            w_in=w_in, w_down=experts.w_down, w_in_t=w_in.transpose(-2, -1), w_down_t=experts.w_down.transpose(-2, -1),
+            expert_ids=torch.arange(1, w_in.shape[0] + 1, device=w_in.device)))
     dtype, device = model.embed.weight.dtype, model.embed.weight.device
     cos, sin = rope_cos_sin(torch.arange(cfg.max_seq_len, device=device), cfg.head_dim, cfg.rope_theta)
     half = cfg.head_dim // 2
@@ -108,22 +114,39 @@ def decode_weights(model: MoEGPT) -> DecodeWeights:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DecodeMeta:
-    """Where a decode step's keys go and come from."""
+class GatheredKeys:
+    """The pure-PyTorch program's view of a step's keys: every sequence's gathered into a padded batch."""
 
     slot_mapping: torch.Tensor  # (B,) slot of each sequence's new key/value
-    key_slots: torch.Tensor  # (B * S,) slots of every sequence's keys by position, padded with slot 0
+    key_slots: torch.Tensor  # (B * S,) slots of every sequence's keys by position, padded with block 0's
     mask: torch.Tensor | None  # (B, 1, 1, S) additive: 0 where a key exists, -inf on padding; None: none
+
+
+def gathered_keys(meta: DecodeMeta, positions: torch.Tensor, dtype: torch.dtype) -> GatheredKeys:
+    """From the block tables (B, nb): the slots of each sequence's keys up to S, the longest's."""
+    B, bs, S = len(meta.lens), meta.block_size, max(meta.lens)
+    nb = -(-S // bs)
+    offsets = torch.arange(bs, device=positions.device)
+    slots = (meta.block_tables[:, :nb, None] * bs + offsets).view(B, nb * bs)[:, :S]  # (B, S)
+    slot_mapping = slots.gather(1, positions[:, None]).view(B)
+    mask = None
+    if min(meta.lens) != S:
+        lens = torch.tensor(meta.lens, device=positions.device)
+        missing = torch.arange(S, device=positions.device)[None, :] >= lens[:, None]  # (B, S)
+        mask = torch.zeros(B, 1, 1, S, dtype=dtype, device=positions.device).masked_fill_(missing[:, None, None],
+                                                                                          float("-inf"))
+    return GatheredKeys(slot_mapping=slot_mapping, key_slots=slots.reshape(-1), mask=mask)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x (B, n, Dh) rotated by each row's position; cos/signed_sin (B, 1, Dh), the sine negated on the
     first half. The model's apply_rope computes x*cos + cat(-x2, x1)*sin; roll(x) = cat(x2, x1), and
-    (-a)*b == a*(-b) exactly, so these are the same numbers in two fewer ops."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+    (-a)*b == a*(-b) exactly, so these are the same numbers (to a rounding: addcmul rounds once) in
+    three fewer ops."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
-def attend(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, meta: DecodeMeta) -> torch.Tensor:
+def attend(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, meta: GatheredKeys) -> torch.Tensor:
     """q (B, H, Dh) against each sequence's cached keys -> (B, H * Dh). The R query heads that share a
     kv head are rows of one product against its keys (MQA: all H heads against the one head)."""
     B, H, Dh = q.shape
@@ -150,55 +173,64 @@ def expert_products(x: torch.Tensor, w_t: torch.Tensor, expert: torch.Tensor, of
 
 def activation(up: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """(A, 2F) gate|up -> silu(gate) * up, or (A, F) -> gelu(up): (A, F)."""
-    Fd = cfg.d_ff
-    return F.silu(up[:, :Fd]) * up[:, Fd:] if cfg.mlp == MLPKind.SWIGLU else F.gelu(up, approximate="tanh")
+    if cfg.mlp != MLPKind.SWIGLU:
+        return F.gelu(up, approximate="tanh")
+    gate, up = up.split(cfg.d_ff, dim=1)
+    return F.silu(gate) * up
 
 
-def moe_with_kernels(h: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The few-token MoE on the C++ kernel: each assignment times its chosen expert's matrices read
-    where they are (no grouping in Python, no copy of a weight). h (B, D) -> (B, D), counts (E,)."""
-    B, D = h.shape
-    K = cfg.top_k
-    probs = torch.softmax(lw.router(h), dim=-1, dtype=torch.float32)  # (B, E), as the model routes
-    top_w, top_e = torch.topk(probs, K, dim=-1)  # (B, K)
-    top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-    expert = top_e.view(-1)  # (A,) token-major
-    routed = h.repeat_interleave(K, dim=0)  # (A, D)
-    y = torch.ops.moegpt.expert_gemv(activation(torch.ops.moegpt.expert_gemv(routed, lw.w_in, expert), cfg),
-                                     lw.w_down, expert)  # (A, D)
-    y = y.view(B, K, D) * top_w[..., None]  # fp32 routing weights, as the model
-    out = y.sum(dim=1)  # (B, D): each token's K rows, in the model's order
-    return out if out.dtype == h.dtype else out.to(h.dtype), torch.bincount(expert, minlength=cfg.n_experts)
+def route(h: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's routing (moe.route: softmax over all E in fp32, top-k, renormalised) in two ops:
+    the top k of the logits are those of the probabilities, and the renormalised top-k
+    probabilities are the softmax of the top-k logits. h (B, D) -> weights (B, K) fp32, experts (B, K)."""
+    top_l, top_e = torch.topk(lw.router(h), cfg.top_k, dim=-1)  # (B, K)
+    return torch.softmax(top_l, dim=-1, dtype=torch.float32), top_e
 
 
 def moe(h: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """h (B, D) -> (B, D), and the tokens routed to each expert (E,) (None for a dense layer)."""
+    """h (B, D) -> (B, D), and where each expert's assignments end (E,) int32 among the assignments
+    sorted by expert (None for a dense layer): the step's expert counts come from it."""
     B, D = h.shape
     K = cfg.top_k
-    if lw.router is not None and B * K <= KERNEL_ASSIGNMENTS * cfg.n_experts and expert_gemv_applies(h, lw.w_in):
-        return moe_with_kernels(h, lw, cfg)
     if lw.router is None:  # dense: one expert, every token
-        routed, weight, token, counts = h, None, None, None
-        offs = torch.full((1,), B, dtype=torch.int32, device=h.device)
+        routed, weight, token, offs = h, None, None, None
+        ends = torch.full((1,), B, dtype=torch.int32, device=h.device)
         expert = torch.zeros(B, dtype=torch.long, device=h.device)
-    else:  # as the model routes (moe.route): softmax over all E in fp32, top-k, renormalised
-        probs = torch.softmax(lw.router(h), dim=-1, dtype=torch.float32)  # (B, E)
-        top_w, top_e = torch.topk(probs, K, dim=-1)  # (B, K)
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    else:
+        top_w, top_e = route(h, lw, cfg)
         expert, order = torch.sort(top_e.view(-1), stable=True)  # (A,): assignments grouped by expert
-        counts = torch.bincount(expert, minlength=cfg.n_experts)  # (E,)
-        offs = counts.cumsum(0, dtype=torch.int32)
+        ends = offs = torch.searchsorted(expert, lw.expert_ids, out_int32=True)  # (E,) end of each group
         token = order // K  # (A,) source token of each assignment
-        routed, weight = h.index_select(0, token), top_w.view(-1).index_select(0, order)  # (A, D), (A,)
-    up = expert_products(routed, lw.w_in_t, expert, offs)  # (A, 2F) or (A, F)
-    y = expert_products(activation(up, cfg), lw.w_down_t, expert, offs)  # (A, D)
+        routed, weight = h.index_select(0, token), top_w.view(-1, 1).index_select(0, order)  # (A, D), (A, 1)
+    up = expert_products(routed, lw.w_in_t, expert, ends)  # (A, 2F) or (A, F)
+    y = expert_products(activation(up, cfg), lw.w_down_t, expert, ends)  # (A, D)
     if weight is None:
         return y, None
-    y = y * weight[:, None]  # fp32 routing weights, as the model
+    y = y * weight  # fp32 routing weights, as the model
     if y.dtype != h.dtype:
         y = y.to(h.dtype)
     # each token's K rows summed (for K=2 exactly the model's sum, whatever the order)
-    return h.new_zeros(B, D).index_add_(0, token, y), counts
+    return h.new_zeros(B, D).index_add_(0, token, y), offs
+
+
+def layer_with_kernel(x: torch.Tensor, w: DecodeWeights, lw: LayerWeights, kc: torch.Tensor, vc: torch.Tensor,
+                      positions: torch.Tensor, meta: DecodeMeta, counts: torch.Tensor | None, row: int) -> torch.Tensor:
+    """The whole layer as one C++ op (moegpt.kernels: ``decode_layer``), x (B, D) -> (B, D); the
+    chosen experts' assignments added to counts[row] (E,)."""
+    cfg = w.cfg
+    return torch.ops.moegpt.decode_layer(
+        x, lw.attn_norm, lw.wqkv.w, lw.wo.w, lw.ffn_norm, None if lw.router is None else lw.router.w, lw.w_in,
+        lw.w_down, kc, vc, w.rope_cos, w.rope_sin, positions, meta.block_tables, meta.block_size, cfg.n_heads,
+        cfg.top_k, cfg.mlp == MLPKind.SWIGLU, cfg.norm_eps, counts if lw.router is not None else None, row,
+        MAX_ROWS_IN_BY_OUT, MAX_ROWS_OUT_BY_IN)
+
+
+def kernel_layers_apply(w: DecodeWeights, x: torch.Tensor, k_cache: list[torch.Tensor]) -> bool:
+    """Whether the step runs layer by layer on the C++ op: a CPU model in fp32 or bf16, its cache in
+    the same dtype, and few enough assignments per expert (as for the MoE kernel)."""
+    cfg = w.cfg
+    return (x.shape[0] * cfg.top_k <= KERNEL_ASSIGNMENTS * cfg.n_experts and k_cache[0].dtype == x.dtype
+            and decode_layer_applies(x))
 
 
 @torch.no_grad()
@@ -207,22 +239,41 @@ def decode_step(w: DecodeWeights, tokens: torch.Tensor, positions: torch.Tensor,
     """tokens (B,) at ``positions`` (B,), one per sequence; the layers' paged caches (slots, G, Dh)
     -> logits (B, V) and the tokens routed to each expert (Lm, E) (None without MoE layers)."""
     cfg = w.cfg
-    H, G, Dh, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps
-    B = tokens.shape[0]
     x = w.embed.index_select(0, tokens)  # (B, D)
+    if kernel_layers_apply(w, x, k_cache):
+        counts = torch.zeros(cfg.n_moe_layers, cfg.n_experts, dtype=torch.long) if cfg.n_moe_layers else None
+        row = 0
+        for lw, kc, vc in zip(w.layers, k_cache, v_cache):
+            x = layer_with_kernel(x, w, lw, kc, vc, positions, meta, counts, row)
+            row += lw.router is not None
+    else:
+        x, counts = layers_in_pytorch(w, x, positions, k_cache, v_cache, meta)
+    logits = w.head(rms_norm(x, w.norm, cfg.norm_eps))  # (B, V)
+    return logits, counts
+
+
+def layers_in_pytorch(w: DecodeWeights, x: torch.Tensor, positions: torch.Tensor, k_cache: list[torch.Tensor],
+                      v_cache: list[torch.Tensor], meta: DecodeMeta) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layers in PyTorch ops (the C++ op's oracle): x (B, D) -> (B, D), counts (Lm, E) or None."""
+    cfg = w.cfg
+    H, G, Dh, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps
+    B = x.shape[0]
+    keys = gathered_keys(meta, positions, x.dtype)
     cos = w.rope_cos.index_select(0, positions)[:, None]  # (B, 1, Dh)
     sin = w.rope_sin.index_select(0, positions)[:, None]
-    counts = []
+    ends = []
     for lw, kc, vc in zip(w.layers, k_cache, v_cache):
         qkv = lw.wqkv(rms_norm(x, lw.attn_norm, eps)).view(B, H + 2 * G, Dh)  # (B, H+2G, Dh)
         qk = rope(qkv[:, :H + G], cos, sin)  # q and k rotated together
         v = qkv[:, H + G:]  # (B, G, Dh)
-        kc.index_copy_(0, meta.slot_mapping, qk[:, H:].to(kc.dtype))  # (B, G, Dh) into their slots
-        vc.index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
-        x = x + lw.wo(attend(qk[:, :H], kc, vc, meta))
-        y, c = moe(rms_norm(x, lw.ffn_norm, eps), lw, cfg)
+        kc.index_copy_(0, keys.slot_mapping, qk[:, H:].to(kc.dtype))  # (B, G, Dh) into their slots
+        vc.index_copy_(0, keys.slot_mapping, v.to(vc.dtype))
+        x = x + lw.wo(attend(qk[:, :H], kc, vc, keys))
+        y, offs = moe(rms_norm(x, lw.ffn_norm, eps), lw, cfg)
         x = x + y
-        if c is not None:
-            counts.append(c)
-    logits = w.head(rms_norm(x, w.norm, eps))  # (B, V)
-    return logits, torch.stack(counts) if counts else None
+        if offs is not None:
+            ends.append(offs)
+    if not ends:
+        return x, None
+    ends = torch.stack(ends)  # (Lm, E)
+    return x, torch.diff(ends, dim=1, prepend=ends.new_zeros(len(ends), 1)).long()  # (Lm, E) counts

@@ -46,7 +46,8 @@ class DraftModelProposer:
             if i > 0:
                 step = [(e, k) for e, k in proposing if k > i]
                 chunks = [Chunk(tokens=(drafts[e.seq.seq_id][-1],), start=e.start + e.num_tokens + i - 1,
-                                block_table=tuple(e.seq.block_table), num_logits=1) for e, _ in step]
+                                block_table=tuple(e.seq.block_table), num_logits=1, seq_id=e.seq.seq_id)
+                          for e, _ in step]
                 logits = self.runner.run(chunks).logits
             else:
                 step = proposing

@@ -221,7 +221,7 @@ class LLMEngine:
             drafts = proposals[e.seq.seq_id].tokens if e.seq.seq_id in proposals else ()
             tokens = tuple(e.seq.token_ids[e.start:e.start + e.num_tokens]) + drafts
             chunks.append(Chunk(tokens=tokens, start=e.start, block_table=tuple(e.seq.block_table),
-                                num_logits=(1 + len(drafts)) if e.samples_next_token else 0))
+                                num_logits=(1 + len(drafts)) if e.samples_next_token else 0, seq_id=e.seq.seq_id))
             self.stats.prompt_tokens += max(0, min(e.start + e.num_tokens, len(e.seq.prompt_ids)) - e.start)
         out = self.runner.run(chunks)
         self.stats.steps += 1

@@ -1,5 +1,5 @@
-"""Weight layout for decoding: fused q|k|v and gate|up buffers, and on a CPU in fp32 every matmul
-weight stored (in, out).
+"""Weight layout for decoding: fused q|k|v and gate|up buffers, and on a CPU in fp32 without moegpt's
+C++ kernels every matmul weight stored (in, out).
 
 Fused buffers: each attention's wq, wk and wv become views of one ((H+2G)*Dh, D) tensor, and each
 SwiGLU expert stack's w_gate and w_up views of one (E, 2F, D) tensor, so the decode program
@@ -13,7 +13,10 @@ weights cold in memory, best of 7): the (32000, 768) LM head 5.7 -> 3.6 ms per t
 (768, 768) projection 145 -> 128 us, a (1024, 768) expert matrix 193 -> 168 us; 16 and 128 rows
 run at the same speed either way. The experts' grouped_mm (batches of E rows and more) runs ~20%
 faster from it at 16-32 rows and 3-7% slower at 128-2048 (prefill). In bf16 on a CPU without bf16
-units a transposed weight is 20x slower, so only fp32 CPU weights are laid out.
+units a transposed weight is 20x slower, so only fp32 CPU weights are laid out. moegpt's C++
+matrix-vector kernel (moegpt.kernels) reads (out, in) rows fastest (a (2048, 768) fp32 matrix at one
+row: 1.07 of a paired 1 GiB sum, vs 0.6-0.7 from (in, out)), so where it is built the layout stays
+nn.Linear's.
 
 The model is changed in place: each parameter keeps its name, shape and values but becomes a view
 (of a fused buffer, and/or the transposed view of a contiguous (in, out) tensor). The model computes exactly as before, and moegpt's
@@ -28,13 +31,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import moegpt.kernels as kernels
 from moegpt.model.attention import Attention
 from moegpt.model.experts import Experts
 
 
 def streams_rows_faster(w: torch.Tensor) -> bool:
-    """Whether a matrix-vector product reads ``w`` faster stored (in, out): fp32 on a CPU."""
-    return w.device.type == "cpu" and w.dtype == torch.float32
+    """Whether a matrix-vector product reads ``w`` faster stored (in, out): fp32 on a CPU where the
+    decode program runs on PyTorch's kernels (moegpt's own matrix-vector kernel reads (out, in) rows
+    faster, so with it every weight keeps nn.Linear's layout)."""
+    return w.device.type == "cpu" and w.dtype == torch.float32 and not kernels.available()
 
 
 def store_in_by_out(w: torch.Tensor) -> torch.Tensor:

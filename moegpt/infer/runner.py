@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moegpt.infer.decode import DecodeMeta, decode_step, decode_weights
+from moegpt.infer.decode import decode_step, decode_weights
+from moegpt.infer.decode_batch import DecodeBatchState, DecodeRow
 from moegpt.infer.paged_cache import DecodeBatch, PagedAttentionMetadata, PagedKVCache
 from moegpt.model import MoEGPT
 
@@ -30,6 +31,7 @@ class Chunk:
     start: int
     block_table: tuple[int, ...]  # physical block of each logical block (covers the chunk's end)
     num_logits: int  # logits of the chunk's last num_logits positions
+    seq_id: int | None = None  # the sequence's identity, which lets decode steps keep its metadata in place
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,26 +78,11 @@ def attention_metadata(chunks: list[Chunk], block_size: int) -> tuple[PagedAtten
     return meta, positions
 
 
-def decode_metadata(chunks: list[Chunk], block_size: int, device: torch.device) -> tuple[DecodeMeta, torch.Tensor]:
-    """A decode step's metadata and positions (B,): one token per chunk, at position ``start``."""
-    B = len(chunks)
-    lens = [c.start + 1 for c in chunks]  # keys of each sequence once this step's are written
-    S = max(lens)
-    slots = key_slots(chunks, block_size, S, device)  # (B, S)
-    positions = torch.tensor([c.start for c in chunks], device=device)  # (B,)
-    mask = None
-    if min(lens) != S:
-        missing = torch.arange(S, device=device)[None, :] >= torch.tensor(lens, device=device)[:, None]  # (B, S)
-        mask = torch.zeros(B, 1, 1, S, device=device).masked_fill_(missing[:, None, None], float("-inf"))
-    meta = DecodeMeta(slot_mapping=slots[torch.arange(B, device=device), positions], key_slots=slots.reshape(-1),
-                      mask=mask)
-    return meta, positions
-
-
 class ModelRunner:
     def __init__(self, model: MoEGPT, cache: PagedKVCache):
         self.model, self.cache = model, cache
         self.weights = decode_weights(model)  # views of the model's parameters (fused in place)
+        self.decode_batch = DecodeBatchState(cache.block_size, cache.k[0].device)
 
     @torch.no_grad()
     def run(self, chunks: list[Chunk]) -> StepOutput:
@@ -114,11 +101,8 @@ class ModelRunner:
 
     def decode(self, chunks: list[Chunk]) -> StepOutput:
         """One token per chunk through the decode program."""
-        device = self.cache.k[0].device
-        meta, positions = decode_metadata(chunks, self.cache.block_size, device)
-        mask = meta.mask
-        if mask is not None and mask.dtype != self.weights.embed.dtype:
-            meta = DecodeMeta(slot_mapping=meta.slot_mapping, key_slots=meta.key_slots, mask=mask.to(self.weights.embed.dtype))
-        tokens = torch.tensor([c.tokens[0] for c in chunks], device=device)  # (B,)
+        positions, meta = self.decode_batch.update(
+            [DecodeRow(seq_id=c.seq_id, position=c.start, block_table=c.block_table) for c in chunks])
+        tokens = torch.tensor([c.tokens[0] for c in chunks], device=positions.device)  # (B,)
         logits, counts = decode_step(self.weights, tokens, positions, self.cache.k, self.cache.v, meta)
         return StepOutput(logits=logits, expert_counts=counts)

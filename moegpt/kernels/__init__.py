@@ -23,21 +23,18 @@ from pathlib import Path
 
 import torch
 
-SOURCES = (Path(__file__).with_name("gemv.cpp"),)
-# Rows up to which gemv beats the library's matmul (measured on a 2-core EPYC, 2304 x 768, cold):
-# fp32 stored (in, out) 33 vs 15 GB/s at 2 rows, equal at 6; bf16 stored (out, in) 39 vs 25 at 2,
-# equal at 4; past these the library (which blocks over rows) is the better kernel.
-MAX_ROWS_IN_BY_OUT, MAX_ROWS_OUT_BY_IN = 6, 4
+SOURCES = (Path(__file__).with_name("gemv.cpp"), Path(__file__).with_name("decode_layer.cpp"))
+HEADERS = (Path(__file__).with_name("gemv.h"),)
+# Rows up to which gemv beats the library's matmul (measured on a 2-core EPYC, 2048 x 768, cold):
+# fp32 stored (in, out) 33 vs 15 GB/s at 2 rows, equal at 6; stored (out, in), fp32 and bf16, 1.5-4x
+# faster up to 8 rows (fp32 8 rows 12.1 vs 7.4 GB/s), equal or slower at 16, where the library
+# (which blocks over rows) is the better kernel.
+MAX_ROWS_IN_BY_OUT, MAX_ROWS_OUT_BY_IN = 6, 8
 
 
 def gemv_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (M, I), w (O, I) as nn.Linear stores it -> (M, O): what ``torch.ops.moegpt.gemv`` computes."""
     return (x.float() @ w.float().t()).to(x.dtype)
-
-
-def expert_gemv_reference(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-    """x (A, I), w (E, O, I), expert (A,) -> (A, O): row a times expert[a]'s matrix (``expert_gemv``)."""
-    return torch.stack([x[a].float() @ w[int(e)].float().t() for a, e in enumerate(expert)]).to(x.dtype)
 
 
 def _cpu_flags() -> str:
@@ -52,7 +49,7 @@ def _cpu_flags() -> str:
 
 def _build_key(compiler: str) -> str:
     h = hashlib.sha256()
-    for src in SOURCES:  # contents and place: ninja rebuilds a build directory whose sources moved
+    for src in SOURCES + HEADERS:  # contents and place: ninja rebuilds a build directory whose sources moved
         h.update(src.read_bytes())
         h.update(str(src.resolve()).encode())
     h.update(_cpu_flags().encode())
@@ -108,7 +105,7 @@ def gemv_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     return 0 < x.shape[0] <= _row_limit(x, w) and available()
 
 
-def expert_gemv_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``torch.ops.moegpt.expert_gemv`` can run x (A, I) against the expert stack w (E, O, I)
-    (the caller keeps the rows per expert few: the kernel runs each expert's rows as one gemv)."""
-    return _row_limit(x, w) > 0 and available()
+def decode_layer_applies(x: torch.Tensor) -> bool:
+    """Whether ``torch.ops.moegpt.decode_layer`` runs a decode step's layers for x (B, D): on the CPU,
+    fp32 or bf16 (the caller checks the weights and cache share x's dtype and the batch is few-token)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and available()

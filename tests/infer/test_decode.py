@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import moegpt.infer.decode as decode
+import moegpt.kernels as kernels
 from moegpt.config import MLPKind, preset
 from moegpt.infer.decode import decode_weights
 from moegpt.infer.engine import EngineConfig, LLMEngine
@@ -80,13 +82,19 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# Dispatched ops per layer of one batch-1 decode step through the engine. The training model took
-# ~130 here (340 at the small shape, with its per-expert loop); the decode program takes 65 in pure
-# PyTorch and 61 with the matrix kernels. A regression guard: the target with fused kernels is 8.
-OPS_PER_LAYER = 66
+# Dispatched ops per layer of one batch-1 decode step through the engine (scheduling, the program
+# and sampling included; the `tiny` shape). The training model took ~130 here (340 at the small
+# shape, with its per-expert loop). With the C++ kernels each layer is one op (decode_layer), and the
+# step's other ops (embedding, final norm, head, sampling) come to ~4 per layer; the issue's budget
+# is 8. In PyTorch ops alone the program takes OPS_IN_PYTORCH (the issue's target is 40).
+OPS_WITH_KERNELS = 8
+OPS_IN_PYTORCH = 61
 
 
-def test_a_batch_1_decode_step_stays_within_its_op_budget():
+def _decode_step_ops(monkeypatch, kernels: bool) -> collections.Counter:
+    if not kernels:
+        for name in ("kernel_layers_apply", "gemv_applies"):
+            monkeypatch.setattr(decode, name, lambda *a: False)
     cfg = preset("tiny")
     engine = LLMEngine(build_model(cfg, seed=0), EngineConfig(kv_cache_bytes=16 * 2**20))
     engine.add_request(list(range(20)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
@@ -94,9 +102,45 @@ def test_a_batch_1_decode_step_stays_within_its_op_budget():
     engine.step()
     with OpCounter() as counter:
         engine.step()  # a decode step: scheduling, the program, sampling
-    per_layer = sum(counter.ops.values()) / cfg.n_layers
-    assert per_layer <= OPS_PER_LAYER, counter.ops.most_common(12)
-    # the chosen experts only: two products over the assignments per MoE layer (the C++ kernel's, or
-    # grouped_mm without it), never one per expert
-    expert_products = counter.ops["moegpt.expert_gemv.default"] + counter.ops["aten._grouped_mm.default"]
-    assert expert_products == 2 * cfg.n_moe_layers, counter.ops
+    return counter.ops
+
+
+def test_a_batch_1_decode_step_with_the_kernels_stays_within_its_op_budget(monkeypatch):
+    assert kernels.available()
+    ops = _decode_step_ops(monkeypatch, kernels=True)
+    n_layers = preset("tiny").n_layers
+    assert sum(ops.values()) / n_layers <= OPS_WITH_KERNELS, ops.most_common(12)
+    assert ops["moegpt.decode_layer.default"] == n_layers, ops
+
+
+def test_a_batch_1_decode_step_in_pytorch_stays_within_its_op_budget(monkeypatch):
+    ops = _decode_step_ops(monkeypatch, kernels=False)
+    cfg = preset("tiny")
+    assert sum(ops.values()) / cfg.n_layers <= OPS_IN_PYTORCH, ops.most_common(12)
+    # the chosen experts only: two grouped products over the assignments per MoE layer, never one per expert
+    assert ops["aten._grouped_mm.default"] == 2 * cfg.n_moe_layers, ops
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_a_decode_step_reads_only_the_chosen_experts_weights(monkeypatch, kernels):
+    """Every expert no token chose is overwritten with NaN: the step's logits do not change, so those
+    bytes were never read (one NaN read would make every logit NaN)."""
+    if not kernels:
+        for name in ("kernel_layers_apply", "gemv_applies"):
+            monkeypatch.setattr(decode, name, lambda *a: False)
+    model = _model()
+    runner = ModelRunner(model, PagedKVCache(model.cfg, BLOCKS, BS))
+    table = tuple(range(BLOCKS))
+    runner.run([Chunk(tokens=(5, 17, 3, 9, 101), start=0, block_table=table, num_logits=1)])
+    step = [Chunk(tokens=(42,), start=5, block_table=table, num_logits=1)]
+    out = runner.run(step)
+    moe_layers = [b.ffn for b in model.layers if hasattr(b.ffn, "router")]
+    with torch.no_grad():
+        for ffn, counts in zip(moe_layers, out.expert_counts):
+            unchosen = (counts == 0).nonzero()[:, 0]
+            assert len(unchosen) == model.cfg.n_experts - model.cfg.top_k
+            for w in (ffn.experts.w_gate, ffn.experts.w_up, ffn.experts.w_down):
+                w[unchosen] = float("nan")
+    again = runner.run(step)  # the same token at the same position (its cache slot rewritten alike)
+    assert torch.isfinite(again.logits).all()
+    assert torch.equal(again.logits, out.logits)

@@ -1,10 +1,14 @@
 """The decode weight layout: same parameters, same values, same outputs; q|k|v and gate|up fused,
-weights stored (in, out)."""
+fp32 weights stored (in, out) where the decode program runs on PyTorch's kernels, (out, in) where
+moegpt's C++ kernels run it."""
 
 import copy
 
+import pytest
 import torch
 from torch import nn
+
+import moegpt.kernels as kernels
 
 from moegpt.checkpoint.model_dir import load, save
 from moegpt.config import preset
@@ -29,7 +33,13 @@ def _rows_kept(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1
 
 
-def test_fp32_weights_are_stored_in_by_out_with_the_same_names_values_and_outputs():
+@pytest.fixture
+def without_kernels(monkeypatch):
+    """As on a machine with no C++ compiler: the decode program on PyTorch's kernels."""
+    monkeypatch.setattr(kernels, "available", lambda: False)
+
+
+def test_fp32_weights_are_stored_in_by_out_with_the_same_names_values_and_outputs(without_kernels):
     model = build_model(_cfg(), seed=1).eval()
     before = copy.deepcopy(model)
     tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -50,7 +60,13 @@ def test_fp32_weights_are_stored_in_by_out_with_the_same_names_values_and_output
     assert all(torch.equal(t, old[name]) for name, t in model.state_dict().items())
 
 
-def test_bf16_and_an_embedding_table_shared_by_a_linear_keep_their_layout():
+def test_with_the_kernels_fp32_weights_keep_nn_linears_layout():
+    assert kernels.available()
+    model = lay_out_for_decoding(build_model(_cfg(), seed=1).eval())
+    assert all(_rows_kept(p) for p in model.parameters())
+
+
+def test_bf16_and_an_embedding_table_shared_by_a_linear_keep_their_layout(without_kernels):
     bf16 = build_model(_cfg(), seed=1, dtype=torch.bfloat16)
     lay_out_for_decoding(bf16)
     assert all(_rows_kept(p) for p in bf16.parameters())  # 20x slower transposed without bf16 units
@@ -61,7 +77,7 @@ def test_bf16_and_an_embedding_table_shared_by_a_linear_keep_their_layout():
     assert shared.table.weight.is_contiguous() and _laid_out(shared.proj.weight)
 
 
-def test_the_engine_lays_out_its_models_and_they_still_save_and_load(tmp_path):
+def test_the_engine_lays_out_its_models_and_they_still_save_and_load(tmp_path, without_kernels):
     model, draft = build_model(_cfg(), seed=1).eval(), build_model(_cfg(n_layers=1), seed=2).eval()
     reference = copy.deepcopy(model).state_dict()
     engine = LLMEngine(model, EngineConfig(speculative=SpeculativeConfig(num_tokens=2)), draft=draft)

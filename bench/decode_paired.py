@@ -1,0 +1,129 @@
+"""Decode steps of the engine against this machine's read bandwidth measured *paired* with each
+timing: a sum over a 1 GiB array, the timed steps, the sum again (this machine's bandwidth switches
+between levels every 10-30 s, so a bound from another moment mis-states a fraction by 10-40%).
+
+For each dtype and batch: ``small`` with random weights, prompts of 128 tokens prefilled, then
+repetitions of ``--steps`` decode steps. The bytes a step reads are counted from what it did: every
+shared weight (attention, norms, routers, the LM head), the embedding rows looked up, the experts the
+step's tokens chose (from the engine's per-step expert counts) and each sequence's KV. A
+repetition's fraction is those bytes per second over the mean of its two sums; a repetition whose
+sums differ by more than 15% is dropped; best and median of the rest are reported.
+
+Rows: the decode program with the C++ kernels, and the same program in PyTorch ops (the fallback
+without a compiler).
+
+    python -m bench.decode_paired [--dtypes fp32 bf16] [--batches 1 16] [--repeats 7] [--steps 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+
+import moegpt.infer.decode as decode
+from bench.common import prefilled_engine, write_result
+from moegpt.config import preset
+from moegpt.counts import param_counts
+from moegpt.model import build_model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROMPT = 128
+SUM_BYTES = 2**30
+
+
+def sum_bandwidth(a: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    a.sum()
+    return a.numel() * a.element_size() / (time.perf_counter() - t0)
+
+
+def step_bytes(cfg, model, engine, itemsize: int) -> int:
+    """Bytes the engine's last step read (see the module docstring)."""
+    c = param_counts(cfg)
+    expert = c.per_expert // max(1, cfg.n_moe_layers)  # one expert of one layer
+    embed = cfg.vocab_size * cfg.d_model
+    tied = model.lm_head is None
+    seqs = [s for s in engine.scheduler.running]
+    B = len(seqs)
+    shared = c.shared - (0 if tied else embed) + B * cfg.d_model  # the table is read as the head if tied
+    hit = int((engine.stats.last_expert_counts > 0).sum()) if engine.stats.last_expert_counts is not None else 0
+    kv = sum(len(s.token_ids) for s in seqs) * 2 * cfg.n_layers * cfg.kv_dim
+    return (shared + hit * expert + kv) * itemsize
+
+
+@contextlib.contextmanager
+def pytorch_only():
+    saved = {n: getattr(decode, n) for n in ("kernel_layers_apply", "gemv_applies")}
+    for n in saved:
+        setattr(decode, n, lambda *a: False)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(decode, n, f)
+
+
+def bench(dtype_name: str, batch: int, kernels: bool, repeats: int, steps: int, big: torch.Tensor) -> dict:
+    dtype = DTYPES[dtype_name]
+    cfg = preset("small")
+    model = build_model(cfg, seed=0, dtype=dtype).eval()
+    new = (repeats + 2) * steps + 2
+    engine, _ = prefilled_engine(model, batch, PROMPT, new, seed=0, kv_cache_bytes=batch * (PROMPT + new + 64) * 2
+                                 * cfg.n_layers * cfg.kv_dim * dtype.itemsize + 2**20)
+    reps = []
+    with contextlib.ExitStack() as stack:
+        if not kernels:
+            stack.enter_context(pytorch_only())
+        for _ in range(steps):  # warm-up
+            engine.step()
+        for _ in range(repeats):
+            before = sum_bandwidth(big)
+            nbytes, t0 = 0, time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+                nbytes += step_bytes(cfg, model, engine, dtype.itemsize)
+            t = time.perf_counter() - t0
+            after = sum_bandwidth(big)
+            bound = (before + after) / 2
+            reps.append({"tokens_per_s": batch * steps / t, "read_bytes_per_s": nbytes / t, "sum_before": before,
+                         "sum_after": after, "fraction": nbytes / t / bound,
+                         "kept": abs(before - after) <= 0.15 * max(before, after)})
+    kept = [r for r in reps if r["kept"]] or reps
+    fr = [r["fraction"] for r in kept]
+    tps = [r["tokens_per_s"] for r in kept]
+    return {"dtype": dtype_name, "batch": batch, "program": "kernels" if kernels else "pytorch",
+            "bytes_per_step_mean": nbytes / steps, "fraction_best": max(fr), "fraction_median": statistics.median(fr),
+            "tokens_per_s_median": statistics.median(tps), "sum_gb_s_median": statistics.median(
+                [(r["sum_before"] + r["sum_after"]) / 2e9 for r in kept]), "kept": len(kept), "repetitions": reps}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--no-pytorch", action="store_true", help="skip the PyTorch-ops rows")
+    a = p.parse_args()
+    torch.manual_seed(0)
+    big = torch.ones(SUM_BYTES // 4)
+    rows = []
+    for name in a.dtypes:
+        for batch in a.batches:
+            for kernels in (True, False) if not a.no_pytorch else (True,):
+                r = bench(name, batch, kernels, a.repeats, a.steps, big)
+                rows.append(r)
+                print(f"{name} batch {batch:>2} {r['program']:>7}: {r['tokens_per_s_median']:7.1f} tok/s, "
+                      f"{r['fraction_median']:.2f} of the paired 1 GiB sum (best {r['fraction_best']:.2f}; "
+                      f"sum {r['sum_gb_s_median']:.1f} GB/s, {r['bytes_per_step_mean'] / 1e6:.0f} MB/step, "
+                      f"{r['kept']}/{len(r['repetitions'])} kept)", flush=True)
+    path = write_result("decode_paired", {"rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,411 @@
+// decode_layer: one whole decoder layer for a decode step (one new token per sequence), as one op:
+//
+//   h = rms_norm(x) -> q|k|v = h Wqkv -> rope(q, k) -> k, v into their cache slots
+//   -> attention of each sequence's query heads over its paged keys -> x += o Wo
+//   -> h = rms_norm(x) -> router -> softmax, top-k, renormalised -> the chosen experts' gate|up and
+//   down products -> x += the routing-weighted sum
+//
+// x (B, D) in the model's dtype (fp32 or bf16); the weights are the decode program's views
+// (moegpt/infer/decode.py: LayerWeights). The pure-PyTorch decode program computes the same layer in
+// ~60 dispatched ops and is this op's oracle (tests/kernels/test_decode_layer.py); this op is one
+// dispatch, so a decode step costs the weights' read and little else.
+//
+// Numerics follow the PyTorch program: values are rounded to the model's dtype where its ops round
+// (after each norm, product, rope and residual add), accumulations are fp32, the router's softmax
+// and routing weights are fp32.
+//
+// Attention reads the keys and values where they are in the paged cache (slot = block * block_size
+// + offset, via each sequence's block table): the R = H / G query heads of a kv head are rows against
+// that head's keys, each key read once. A sequence's keys are split in chunks of a fixed size
+// (flash-decoding), combined in order, so a sequence's result does not depend on the batch.
+//
+// Legend: B sequences, D d_model, H query heads, G kv heads, R = H / G, Dh head dim, E experts,
+// K top-k, F d_ff, nb blocks per table row.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "gemv.h"
+
+namespace {
+
+using moegpt::to_float;
+
+constexpr int64_t CHUNK = 64;  // keys per attention work item
+
+template <typename T>
+inline float round_to(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return static_cast<float>(static_cast<T>(v));
+  }
+}
+
+// exp for x <= 88.7 (Cephes' expf: range reduction by ln 2 and a degree-6 polynomial, ~2 ulp),
+// written so that loops over arrays vectorise.
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.3f), 88.7f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  const float r2 = r * r;
+  const float p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+                    1.6666665459e-1f) * r + 5.0000001201e-1f) * r2 + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+struct Limits {
+  int64_t in_by_out, out_by_in;  // rows up to which the gemv kernel runs (past them: the library's mm)
+};
+
+// out (M, O) fp32 = x (M, I) fp32 times w (O, I) as nn.Linear stores it: the gemv kernel for a few
+// rows, the library's matmul in w's dtype for more (as the PyTorch program does).
+void matmul(const float* x, int64_t M, const at::Tensor& w, float* out, Limits lim) {
+  const int64_t O = w.size(0), I = w.size(1), so = w.stride(0), si = w.stride(1);
+  const int64_t limit = (so == 1 && O > 1) ? lim.in_by_out : (si == 1 ? lim.out_by_in : 0);
+  if (M <= limit) {
+    AT_DISPATCH_SWITCH(w.scalar_type(), "moegpt_decode_layer_matmul",
+      AT_DISPATCH_CASE(at::kFloat, [&] { moegpt::product(x, w.data_ptr<float>(), M, I, O, so, si, out); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { moegpt::product(x, w.data_ptr<c10::BFloat16>(), M, I, O, so, si, out); }));
+    return;
+  }
+  const at::Tensor xt = at::from_blob(const_cast<float*>(x), {M, I}, at::kFloat).to(w.scalar_type());
+  const at::Tensor y = at::mm(xt, w.t()).to(at::kFloat).contiguous();  // (M, O)
+  std::memcpy(out, y.data_ptr<float>(), M * O * sizeof(float));
+}
+
+template <typename T>
+void rms_norm(const T* x, const T* weight, int64_t B, int64_t D, float eps, float* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const T* xb = x + b * D;
+    float ss = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float v = to_float(xb[d]);
+      ss += v * v;
+    }
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+    for (int64_t d = 0; d < D; ++d) out[b * D + d] = round_to<T>(to_float(weight[d]) * round_to<T>(to_float(xb[d]) * inv));
+  }
+}
+
+// In place on n heads (n, Dh) of one row: x*cos + roll(x, Dh/2)*signed_sin, the sine negated on
+// the first half (decode.py: rope).
+template <typename T>
+void rope(float* x, int64_t n, int64_t Dh, const T* cos, const T* sin) {
+  const int64_t half = Dh / 2;
+  std::vector<float> tmp(Dh);
+  for (int64_t h = 0; h < n; ++h) {
+    float* xh = x + h * Dh;
+    for (int64_t d = 0; d < Dh; ++d) {
+      const float a = round_to<T>(xh[d] * to_float(cos[d]));
+      const float b = round_to<T>(xh[(d + half) % Dh] * to_float(sin[d]));
+      tmp[d] = round_to<T>(a + b);
+    }
+    std::memcpy(xh, tmp.data(), Dh * sizeof(float));
+  }
+}
+
+struct Item {
+  int64_t b, g, start, n;  // sequence, kv head, first key position, keys
+};
+
+// out (B, H * Dh) fp32: each sequence's query heads over its keys at positions [0, positions[b]].
+template <typename KV>
+void attention(const float* q, const KV* kc, const KV* vc, int64_t B, int64_t H, int64_t G, int64_t Dh,
+               const int64_t* tables, int64_t nb, const int64_t* positions, int64_t block_size, float* out) {
+  const int64_t R = H / G;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
+  std::vector<Item> items;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = positions[b] + 1;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t s = 0; s < L; s += CHUNK) items.push_back({b, g, s, std::min(CHUNK, L - s)});
+  }
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  std::vector<float> m(n_items * R), l(n_items * R), acc(n_items * R * Dh);
+#pragma omp parallel num_threads(std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(n_items))))
+  {
+    std::vector<float> kf(CHUNK * Dh), vf(CHUNK * Dh), s(R * CHUNK), qs(R * Dh);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_items; ++it) {
+      const Item w = items[it];
+      const int64_t* table = tables + w.b * nb;
+      for (int64_t j = 0; j < w.n; ++j) {  // this chunk's keys and values from their slots, as fp32
+        const int64_t p = w.start + j;
+        const int64_t slot = table[p / block_size] * block_size + p % block_size;
+        const KV* kr = kc + (slot * G + w.g) * Dh;
+        const KV* vr = vc + (slot * G + w.g) * Dh;
+        float* kd = kf.data() + j * Dh;
+        float* vd = vf.data() + j * Dh;
+#pragma omp simd
+        for (int64_t d = 0; d < Dh; ++d) {
+          kd[d] = to_float(kr[d]);
+          vd[d] = to_float(vr[d]);
+        }
+      }
+      const float* qb = q + (w.b * H + w.g * R) * Dh;  // (R, Dh): this kv head's query heads
+      for (int64_t i = 0; i < R * Dh; ++i) qs[i] = qb[i] * scale;
+      for (int64_t r = 0; r < R; ++r) {
+        const float* qr = qs.data() + r * Dh;
+        float* sr = s.data() + r * CHUNK;
+        for (int64_t j = 0; j < w.n; ++j) {
+          const float* kd = kf.data() + j * Dh;
+          float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < Dh; ++d) dot += qr[d] * kd[d];
+          sr[j] = dot;
+        }
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < w.n; ++j) mx = std::max(mx, sr[j]);
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < w.n; ++j) {
+          sr[j] = exp_approx(sr[j] - mx);
+          sum += sr[j];
+        }
+        float* a = acc.data() + (it * R + r) * Dh;
+        std::fill(a, a + Dh, 0.0f);
+        for (int64_t j = 0; j < w.n; ++j) {
+          const float pj = sr[j];
+          const float* vd = vf.data() + j * Dh;
+#pragma omp simd
+          for (int64_t d = 0; d < Dh; ++d) a[d] += pj * vd[d];
+        }
+        m[it * R + r] = mx;
+        l[it * R + r] = sum;
+      }
+    }
+  }
+  // each (sequence, kv head)'s chunks combined in order
+  for (int64_t first = 0; first < n_items;) {
+    int64_t last = first;
+    while (last < n_items && items[last].b == items[first].b && items[last].g == items[first].g) ++last;
+    const Item w = items[first];
+    for (int64_t r = 0; r < R; ++r) {
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t it = first; it < last; ++it) mx = std::max(mx, m[it * R + r]);
+      float* o = out + (w.b * H + w.g * R + r) * Dh;
+      std::fill(o, o + Dh, 0.0f);
+      float total = 0.0f;
+      for (int64_t it = first; it < last; ++it) {
+        const float c = std::exp(m[it * R + r] - mx);
+        total += l[it * R + r] * c;
+        const float* a = acc.data() + (it * R + r) * Dh;
+        for (int64_t d = 0; d < Dh; ++d) o[d] += a[d] * c;
+      }
+      for (int64_t d = 0; d < Dh; ++d) o[d] /= total;
+    }
+    first = last;
+  }
+}
+
+inline float silu(float v) { return v / (1.0f + exp_approx(-v)); }
+
+inline float gelu_tanh(float v) {
+  const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+  return 0.5f * v * (1.0f + (1.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f)));
+}
+
+// The MoE (or a dense layer's one expert, router undefined) of h (B, D) -> y (B, D) fp32, rounded
+// to T as the PyTorch program's sum of routed rows is.
+template <typename T>
+void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& router, const at::Tensor& w_in,
+         const at::Tensor& w_down, int64_t top_k, bool swiglu, int64_t* counts, Limits lim, float* y) {
+  const int64_t E = w_in.size(0), Fin = w_in.size(1), Fd = swiglu ? Fin / 2 : Fin;
+  const bool routed = router.has_value();
+  const int64_t K = routed ? top_k : 1;
+  std::vector<int64_t> expert(B * K, 0);
+  std::vector<float> weight(B * K, 1.0f);
+  if (routed) {
+    std::vector<float> logits(B * E);
+    matmul(h, B, *router, logits.data(), lim);
+    for (int64_t b = 0; b < B; ++b) {
+      float* lb = logits.data() + b * E;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t e = 0; e < E; ++e) mx = std::max(mx, lb[e] = round_to<T>(lb[e]));
+      float sum = 0.0f;
+      for (int64_t e = 0; e < E; ++e) sum += (lb[e] = std::exp(lb[e] - mx));
+      for (int64_t e = 0; e < E; ++e) lb[e] /= sum;
+      float chosen = 0.0f;
+      for (int64_t k = 0; k < K; ++k) {  // the k-th largest probability, the lowest index on ties
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; ++e) {
+          bool taken = false;
+          for (int64_t j = 0; j < k; ++j) taken |= expert[b * K + j] == e;
+          if (!taken && (best < 0 || lb[e] > lb[best])) best = e;
+        }
+        expert[b * K + k] = best;
+        weight[b * K + k] = lb[best];
+        chosen += lb[best];
+      }
+      for (int64_t k = 0; k < K; ++k) weight[b * K + k] /= chosen;
+    }
+    if (counts != nullptr)
+      for (int64_t a = 0; a < B * K; ++a) ++counts[expert[a]];
+  }
+  // the assignments grouped by expert: each chosen expert's matrices read once, the others never
+  std::vector<int64_t> order(B * K);
+  for (int64_t a = 0; a < B * K; ++a) order[a] = a;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return expert[p] < expert[q]; });
+  std::vector<float> out(B * K * D);
+  std::vector<float> xs, up, act, down;
+  const int64_t ise = w_in.stride(0), dse = w_down.stride(0);
+  for (int64_t start = 0; start < B * K;) {
+    int64_t end = start;
+    while (end < B * K && expert[order[end]] == expert[order[start]]) ++end;
+    const int64_t M = end - start, e = expert[order[start]];
+    xs.resize(M * D);
+    up.resize(M * Fin);
+    act.resize(M * Fd);
+    down.resize(M * D);
+    for (int64_t r = 0; r < M; ++r) std::memcpy(&xs[r * D], h + (order[start + r] / K) * D, D * sizeof(float));
+    AT_DISPATCH_SWITCH(w_in.scalar_type(), "moegpt_decode_layer_experts",
+      AT_DISPATCH_CASE(at::kFloat, [&] {
+        moegpt::product(xs.data(), w_in.data_ptr<float>() + e * ise, M, D, Fin, w_in.stride(1), w_in.stride(2), up.data());
+      })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] {
+        moegpt::product(xs.data(), w_in.data_ptr<c10::BFloat16>() + e * ise, M, D, Fin, w_in.stride(1), w_in.stride(2),
+                        up.data());
+      }));
+    for (int64_t r = 0; r < M; ++r) {
+      const float* u = up.data() + r * Fin;
+      float* a = act.data() + r * Fd;
+      if (swiglu) {
+        for (int64_t f = 0; f < Fd; ++f) a[f] = round_to<T>(round_to<T>(silu(round_to<T>(u[f]))) * round_to<T>(u[Fd + f]));
+      } else {
+        for (int64_t f = 0; f < Fd; ++f) a[f] = round_to<T>(gelu_tanh(round_to<T>(u[f])));
+      }
+    }
+    AT_DISPATCH_SWITCH(w_down.scalar_type(), "moegpt_decode_layer_experts",
+      AT_DISPATCH_CASE(at::kFloat, [&] {
+        moegpt::product(act.data(), w_down.data_ptr<float>() + e * dse, M, Fd, D, w_down.stride(1), w_down.stride(2),
+                        down.data());
+      })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] {
+        moegpt::product(act.data(), w_down.data_ptr<c10::BFloat16>() + e * dse, M, Fd, D, w_down.stride(1),
+                        w_down.stride(2), down.data());
+      }));
+    for (int64_t r = 0; r < M; ++r) std::memcpy(&out[order[start + r] * D], &down[r * D], D * sizeof(float));
+    start = end;
+  }
+  for (int64_t b = 0; b < B; ++b) {  // each token's K rows, weighted in fp32, summed in order
+    for (int64_t d = 0; d < D; ++d) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; ++k) s += round_to<T>(out[(b * K + k) * D + d]) * weight[b * K + k];
+      y[b * D + d] = round_to<T>(s);
+    }
+  }
+}
+
+template <typename T>
+at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& wqkv, const at::Tensor& wo,
+                 const at::Tensor& ffn_norm, const c10::optional<at::Tensor>& router, const at::Tensor& w_in,
+                 const at::Tensor& w_down, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rope_cos,
+                 const at::Tensor& rope_sin, const at::Tensor& positions, const at::Tensor& block_tables,
+                 int64_t block_size, int64_t n_heads, int64_t top_k, bool swiglu, double eps, int64_t* counts,
+                 Limits lim) {
+  const int64_t B = x.size(0), D = x.size(1), G = k_cache.size(1), Dh = k_cache.size(2), H = n_heads;
+  const int64_t Q = (H + 2 * G) * Dh, nb = block_tables.size(1);
+  const T* xp = x.data_ptr<T>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t max_pos = rope_cos.size(0);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(0 <= pos[b] && pos[b] < max_pos && pos[b] / block_size < nb, "moegpt::decode_layer: position ",
+                pos[b], " of sequence ", b, " is outside its rope table (", max_pos, ") or block table (", nb, " blocks)");
+    const int64_t slots = k_cache.size(0);
+    for (int64_t i = 0; i <= pos[b] / block_size; ++i)
+      TORCH_CHECK(0 <= tables[b * nb + i] && (tables[b * nb + i] + 1) * block_size <= slots,
+                  "moegpt::decode_layer: block ", tables[b * nb + i], " of sequence ", b, " is outside the cache");
+  }
+  std::vector<float> h(B * D), qkv(B * Q), o(B * H * Dh), y(B * D);
+  rms_norm<T>(xp, attn_norm.data_ptr<T>(), B, D, static_cast<float>(eps), h.data());
+  matmul(h.data(), B, wqkv, qkv.data(), lim);
+  for (auto& v : qkv) v = round_to<T>(v);
+  const T* cos = rope_cos.data_ptr<T>();
+  const T* sin = rope_sin.data_ptr<T>();
+  T* kc = k_cache.data_ptr<T>();
+  T* vc = v_cache.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b) {
+    float* row = qkv.data() + b * Q;
+    rope<T>(row, H + G, Dh, cos + pos[b] * Dh, sin + pos[b] * Dh);  // q and k
+    const int64_t slot = tables[b * nb + pos[b] / block_size] * block_size + pos[b] % block_size;
+    for (int64_t i = 0; i < G * Dh; ++i) {
+      kc[slot * G * Dh + i] = static_cast<T>(row[H * Dh + i]);
+      vc[slot * G * Dh + i] = static_cast<T>(row[(H + G) * Dh + i]);
+    }
+  }
+  std::vector<float> q(B * H * Dh);
+  for (int64_t b = 0; b < B; ++b) std::memcpy(&q[b * H * Dh], &qkv[b * Q], H * Dh * sizeof(float));
+  attention<T>(q.data(), kc, vc, B, H, G, Dh, tables, nb, pos, block_size, o.data());
+  for (auto& v : o) v = round_to<T>(v);
+  matmul(o.data(), B, wo, y.data(), lim);
+  at::Tensor out = at::empty_like(x);  // the residual stream after the layer
+  T* op = out.data_ptr<T>();
+  for (int64_t i = 0; i < B * D; ++i) op[i] = static_cast<T>(to_float(xp[i]) + round_to<T>(y[i]));
+  rms_norm<T>(op, ffn_norm.data_ptr<T>(), B, D, static_cast<float>(eps), h.data());
+  moe<T>(h.data(), B, D, router, w_in, w_down, top_k, swiglu, counts, lim, y.data());
+  for (int64_t i = 0; i < B * D; ++i) op[i] = static_cast<T>(to_float(op[i]) + y[i]);
+  return out;
+}
+
+at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& wqkv, const at::Tensor& wo,
+                        const at::Tensor& ffn_norm, const c10::optional<at::Tensor>& router, const at::Tensor& w_in,
+                        const at::Tensor& w_down, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rope_cos,
+                        const at::Tensor& rope_sin, const at::Tensor& positions, const at::Tensor& block_tables,
+                        int64_t block_size, int64_t n_heads, int64_t top_k, bool swiglu, double eps,
+                        const c10::optional<at::Tensor>& counts, int64_t counts_row, int64_t max_rows_in_by_out,
+                        int64_t max_rows_out_by_in) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "moegpt::decode_layer: fp32 or bf16, got ", dt);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "moegpt::decode_layer: x (B, D) contiguous on the CPU");
+  for (const at::Tensor* t : {&attn_norm, &wqkv, &wo, &ffn_norm, &w_in, &w_down, &k_cache, &v_cache, &rope_cos, &rope_sin})
+    TORCH_CHECK(t->scalar_type() == dt && t->device().is_cpu(), "moegpt::decode_layer: every tensor in x's dtype on the CPU");
+  TORCH_CHECK(attn_norm.is_contiguous() && ffn_norm.is_contiguous() && rope_cos.is_contiguous() && rope_sin.is_contiguous(),
+              "moegpt::decode_layer: norms and rope tables contiguous");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(),
+              "moegpt::decode_layer: caches (slots, G, Dh) contiguous");
+  const int64_t H = n_heads, G = k_cache.size(1), Dh = k_cache.size(2), D = x.size(1);
+  TORCH_CHECK(H % G == 0 && wqkv.size(0) == (H + 2 * G) * Dh && wqkv.size(1) == D && wo.size(0) == D &&
+              wo.size(1) == H * Dh && rope_cos.size(1) == Dh, "moegpt::decode_layer: weight shapes do not match");
+  TORCH_CHECK(w_in.dim() == 3 && w_down.dim() == 3 && w_in.size(2) == D && w_down.size(1) == D &&
+              w_down.size(2) == (swiglu ? w_in.size(1) / 2 : w_in.size(1)), "moegpt::decode_layer: expert shapes do not match");
+  for (const at::Tensor* t : {&wqkv, &wo})
+    TORCH_CHECK(moegpt::stored_either_way(t->stride(0), t->stride(1), t->size(0)), "moegpt::decode_layer: a matrix stored neither way");
+  TORCH_CHECK(moegpt::stored_either_way(w_in.stride(1), w_in.stride(2), w_in.size(1)) &&
+              moegpt::stored_either_way(w_down.stride(1), w_down.stride(2), w_down.size(1)),
+              "moegpt::decode_layer: an expert stored neither way");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == x.size(0) &&
+              positions.is_contiguous(), "moegpt::decode_layer: positions (B,) int64");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.size(0) == x.size(0) &&
+              block_tables.is_contiguous(), "moegpt::decode_layer: block_tables (B, nb) int64");
+  int64_t* cp = nullptr;
+  if (router.has_value()) {
+    TORCH_CHECK(router->scalar_type() == dt && router->size(0) == w_in.size(0) && router->size(1) == D &&
+                top_k >= 1 && top_k <= w_in.size(0), "moegpt::decode_layer: router (E, D) and 1 <= top_k <= E");
+    if (counts.has_value()) {
+      TORCH_CHECK(counts->scalar_type() == at::kLong && counts->dim() == 2 && counts->is_contiguous() &&
+                  counts->size(1) == w_in.size(0) && 0 <= counts_row && counts_row < counts->size(0),
+                  "moegpt::decode_layer: counts (layers, E) int64");
+      cp = counts->data_ptr<int64_t>() + counts_row * counts->size(1);
+    }
+  } else {
+    TORCH_CHECK(w_in.size(0) == 1, "moegpt::decode_layer: a dense layer has one expert");
+  }
+  const Limits lim{max_rows_in_by_out, max_rows_out_by_in};
+  if (dt == at::kFloat)
+    return layer<float>(x, attn_norm, wqkv, wo, ffn_norm, router, w_in, w_down, k_cache, v_cache, rope_cos, rope_sin,
+                        positions, block_tables, block_size, n_heads, top_k, swiglu, eps, cp, lim);
+  return layer<c10::BFloat16>(x, attn_norm, wqkv, wo, ffn_norm, router, w_in, w_down, k_cache, v_cache, rope_cos,
+                              rope_sin, positions, block_tables, block_size, n_heads, top_k, swiglu, eps, cp, lim);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moegpt, CPU, m) { m.impl("decode_layer", &decode_layer); }

@@ -1,0 +1,111 @@
+"""The fused C++ decode layer (torch.ops.moegpt.decode_layer) against its oracle, the decode program
+in PyTorch ops (infer/decode.py: layers_in_pytorch), over batch sizes, block sizes, contexts (past
+the op's 64-key chunks), attention shapes and dtypes; keys in scattered blocks of the paged cache."""
+
+import pytest
+import torch
+
+import moegpt.infer.decode as decode
+import moegpt.kernels as kernels
+from moegpt.config import MLPKind, preset
+from moegpt.infer.decode import decode_step, decode_weights, kernel_layers_apply
+from moegpt.infer.decode_batch import DecodeMeta
+from moegpt.model import build_model
+
+SHAPES = {
+    "mqa": {},
+    "gqa": dict(n_kv_heads=2),
+    "mha-top1": dict(n_kv_heads=4, top_k=1),
+    "dense-layers": dict(moe_every=2),
+    "gelu": dict(mlp=MLPKind.GELU),
+}
+
+
+def _model(dtype, **kw):
+    cfg = preset("tiny").replace(**{**dict(vocab_size=100, n_layers=2, d_model=64, n_heads=4, d_ff=48, n_experts=16,
+                                           max_seq_len=256), **kw})
+    return build_model(cfg, seed=1, dtype=dtype).eval()
+
+
+def _step(model, lens, block_size, seed=0):
+    """Random caches holding each sequence's keys before its position, in shuffled blocks -> the
+    step's inputs: (weights, tokens, positions, k caches, v caches, meta)."""
+    cfg, dtype = model.cfg, model.embed.weight.dtype
+    g = torch.Generator().manual_seed(seed)
+    per_seq = -(-max(lens) // block_size)
+    n_blocks = per_seq * len(lens) + 1
+    order = torch.randperm(n_blocks - 1, generator=g) + 1  # block 0 is never a sequence's
+    tables = order.view(len(lens), per_seq)
+    shape = (n_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)
+    k = [torch.randn(shape, generator=g).to(dtype) for _ in range(cfg.n_layers)]
+    v = [torch.randn(shape, generator=g).to(dtype) for _ in range(cfg.n_layers)]
+    tokens = torch.randint(0, cfg.vocab_size, (len(lens),), generator=g)
+    positions = torch.tensor([n - 1 for n in lens])
+    meta = DecodeMeta(block_tables=tables.contiguous(), block_size=block_size, lens=tuple(lens))
+    return decode_weights(model), tokens, positions, k, v, meta
+
+
+def _both(model, lens, block_size, monkeypatch):
+    w, tokens, positions, k, v, meta = _step(model, lens, block_size)
+    assert kernel_layers_apply(w, w.embed[tokens], k)
+    k2, v2 = [t.clone() for t in k], [t.clone() for t in v]
+    fused = decode_step(w, tokens, positions, k, v, meta)
+    with monkeypatch.context() as m:
+        m.setattr(decode, "kernel_layers_apply", lambda *a: False)
+        m.setattr(decode, "gemv_applies", lambda *a: False)
+        oracle = decode_step(w, tokens, positions, k2, v2, meta)
+    return fused, oracle, (k, v), (k2, v2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("batch,block_size", [(1, 16), (3, 1), (8, 4), (32, 16)])
+def test_the_fused_layer_is_the_pytorch_program(shape, dtype, batch, block_size, monkeypatch):
+    assert kernels.available()
+    model = _model(dtype, **SHAPES[shape])
+    g = torch.Generator().manual_seed(batch)
+    lens = torch.randint(1, 200, (batch,), generator=g).tolist()
+    lens[0] = 150  # past two of the op's 64-key chunks
+    (logits, counts), (want, want_counts), (k, v), (k2, v2) = _both(model, lens, block_size, monkeypatch)
+    if dtype == torch.float32:
+        torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    else:  # bf16 roundings in another order: nearly all logits within bf16's step, none far off
+        off = (logits.float() - want.float()).abs() > 0.05 * (1 + want.float().abs())
+        assert off.float().mean() < 0.005 and (logits.float() - want.float()).abs().max() < 0.5
+    for a, b in zip(k + v, k2 + v2):  # the new keys and values written to the same slots
+        t = 1e-5 if dtype == torch.float32 else 0.02
+        torch.testing.assert_close(a.float(), b.float(), rtol=t, atol=t)
+    if want_counts is None:
+        assert counts is None
+    else:
+        assert counts.shape == want_counts.shape and (counts.sum(1) == batch * model.cfg.top_k).all()
+        if dtype == torch.float32:  # the same experts chosen (bf16 rounding may break a near tie)
+            assert torch.equal(counts, want_counts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_sequence_gets_bitwise_the_same_layer_alone_or_beside_others(dtype):
+    """Up to the kernel's row limit every product is one row at a time and attention is per sequence
+    in fixed chunks: a sequence's result does not depend on its neighbours."""
+    model = _model(dtype)
+    lens = [150, 7, 90, 33]
+    w, tokens, positions, k, v, meta = _step(model, lens, 4)
+    together, _ = decode_step(w, tokens, positions, [t.clone() for t in k], [t.clone() for t in v], meta)
+    for b in range(len(lens)):
+        one = DecodeMeta(block_tables=meta.block_tables[b:b + 1].contiguous(), block_size=4, lens=(lens[b],))
+        alone, _ = decode_step(w, tokens[b:b + 1], positions[b:b + 1], [t.clone() for t in k],
+                               [t.clone() for t in v], one)
+        assert torch.equal(alone[0], together[b]), b
+
+
+def test_bad_metadata_is_an_error_naming_the_value():
+    model = _model(torch.float32)
+    w, tokens, positions, k, v, meta = _step(model, [10], 4)
+    lw = w.layers[0]
+    args = lambda pos, tables: (w.embed[tokens], lw.attn_norm, lw.wqkv.w, lw.wo.w, lw.ffn_norm, lw.router.w, lw.w_in,
+                                lw.w_down, k[0], v[0], w.rope_cos, w.rope_sin, pos, tables, 4, 4, 2, True, 1e-5,
+                                None, 0, 6, 8)
+    with pytest.raises(RuntimeError, match="position 300 of sequence 0"):
+        torch.ops.moegpt.decode_layer(*args(torch.tensor([300]), meta.block_tables))
+    with pytest.raises(RuntimeError, match="block 99 of sequence 0"):
+        torch.ops.moegpt.decode_layer(*args(positions, torch.full_like(meta.block_tables, 99)))
