@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from moegpt.data.sources import shakespeare_source
 
@@ -17,6 +18,9 @@ SLOW_FIXTURES = {"servers", "server", "tight_server", "drain_server", "keyed"}
 
 
 def pytest_collection_modifyitems(config, items):
+    no_cuda = pytest.mark.skip(reason="no CUDA device")
     for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
         if item.path.name in SLOW_FILES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

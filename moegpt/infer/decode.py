@@ -241,7 +241,7 @@ def decode_step(w: DecodeWeights, tokens: torch.Tensor, positions: torch.Tensor,
     cfg = w.cfg
     x = w.embed.index_select(0, tokens)  # (B, D)
     if kernel_layers_apply(w, x, k_cache):
-        counts = torch.zeros(cfg.n_moe_layers, cfg.n_experts, dtype=torch.long) if cfg.n_moe_layers else None
+        counts = torch.zeros(cfg.n_moe_layers, cfg.n_experts, dtype=torch.long) if cfg.n_moe_layers else None  # CPU
         row = 0
         for lw, kc, vc in zip(w.layers, k_cache, v_cache):
             x = layer_with_kernel(x, w, lw, kc, vc, positions, meta, counts, row)

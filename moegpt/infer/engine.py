@@ -95,8 +95,9 @@ class _Live:
     detok: Detokenizer | None
 
 
-def _generator(seed: int | None, index: int) -> torch.Generator:
-    g = torch.Generator()
+def _generator(seed: int | None, index: int, device: torch.device) -> torch.Generator:
+    """A request's random generator, on the model's device (its draws are made there)."""
+    g = torch.Generator(device=device)
     if seed is None:
         g.seed()
     else:
@@ -190,7 +191,7 @@ class LLMEngine:
         for index, seq in enumerate(seqs):
             detok = Detokenizer(self.tokenizer.decode, params.stop) if self.tokenizer is not None else None
             self.live[seq.seq_id] = _Live(seq=seq, request_id=rid, index=index, params=params,
-                                          generator=_generator(params.seed, index), stop_ids=stop_ids, detok=detok)
+                                          generator=_generator(params.seed, index, self.cache.k[0].device), stop_ids=stop_ids, detok=detok)
             self.scheduler.add(seq)
         self.request_seqs[rid] = [s.seq_id for s in seqs]
         self._refresh_stats()

@@ -50,16 +50,18 @@ def key_slots(chunks: list[Chunk], block_size: int, S: int, device: torch.device
     return slots.view(B, nb * block_size)[:, :S]
 
 
-def attention_metadata(chunks: list[Chunk], block_size: int) -> tuple[PagedAttentionMetadata, torch.Tensor]:
-    """The step's paged-attention metadata and the positions (N,) of its tokens, built with a few
-    vectorised ops whatever the batch size (B sequences, S_max keys of the longest)."""
+def attention_metadata(chunks: list[Chunk], block_size: int,
+                       device: torch.device | None = None) -> tuple[PagedAttentionMetadata, torch.Tensor]:
+    """The step's paged-attention metadata and the positions (N,) of its tokens, on ``device``, built
+    with a few vectorised ops whatever the batch size (B sequences, S_max keys of the longest)."""
     B = len(chunks)
     query_lens = tuple(len(c.tokens) for c in chunks)
     context_lens = tuple(c.start + n for c, n in zip(chunks, query_lens))
     S_max = max(context_lens)
-    context_slots = key_slots(chunks, block_size, S_max)  # (B, S_max)
-    positions = torch.tensor([p for c, n in zip(chunks, query_lens) for p in range(c.start, c.start + n)])  # (N,)
-    seq_of_token = torch.arange(B).repeat_interleave(torch.tensor(query_lens))  # (N,)
+    context_slots = key_slots(chunks, block_size, S_max, device)  # (B, S_max)
+    positions = torch.tensor([p for c, n in zip(chunks, query_lens) for p in range(c.start, c.start + n)],
+                             device=device)  # (N,)
+    seq_of_token = torch.arange(B, device=device).repeat_interleave(torch.tensor(query_lens, device=device))  # (N,)
     slot_mapping = context_slots[seq_of_token, positions]  # (N,)
 
     decode = None
@@ -67,11 +69,13 @@ def attention_metadata(chunks: list[Chunk], block_size: int) -> tuple[PagedAtten
     if one:
         lens = [context_lens[i] for i in one]
         S_d = max(lens)
-        slots = context_slots if len(one) == B else context_slots[torch.tensor(one)]
+        slots = context_slots if len(one) == B else context_slots[torch.tensor(one, device=device)]
         mask = None
         if min(lens) != S_d:
-            mask = (torch.arange(S_d)[None, :] < torch.tensor(lens)[:, None])[:, None, None]  # (Bd, 1, 1, S_d)
-        query_index = torch.tensor([sum(query_lens[:i]) for i in one]) if len(one) < B else torch.arange(B)
+            mask = (torch.arange(S_d, device=device)[None, :]
+                    < torch.tensor(lens, device=device)[:, None])[:, None, None]  # (Bd, 1, 1, S_d)
+        query_index = (torch.tensor([sum(query_lens[:i]) for i in one], device=device) if len(one) < B
+                       else torch.arange(B, device=device))
         decode = DecodeBatch(query_index=query_index, slots=slots[:, :S_d], mask=mask)
     meta = PagedAttentionMetadata(slot_mapping=slot_mapping, query_lens=query_lens, context_lens=context_lens,
                                   context_slots=context_slots, decode=decode)
@@ -88,12 +92,13 @@ class ModelRunner:
     def run(self, chunks: list[Chunk]) -> StepOutput:
         if all(len(c.tokens) == 1 and c.num_logits == 1 for c in chunks):  # every sequence decoding
             return self.decode(chunks)
-        meta, positions = attention_metadata(chunks, self.cache.block_size)
+        device = self.cache.k[0].device
+        meta, positions = attention_metadata(chunks, self.cache.block_size, device)
         rows, end = [], 0
         for c in chunks:
             end += len(c.tokens)
             rows.extend(range(end - c.num_logits, end))
-        tokens = torch.tensor([[t for c in chunks for t in c.tokens]])  # (1, N)
+        tokens = torch.tensor([[t for c in chunks for t in c.tokens]], device=device)  # (1, N)
         hidden, router = self.model.trunk(tokens, positions, self.cache.views(meta))  # (1, N, D)
         logits = self.model.head(hidden[0, rows])  # (L, V): the head only on the rows asked for
         counts = torch.stack([s.expert_counts for s in router]) if router else None

@@ -26,12 +26,13 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: Se
     logits = logits.float().clone()
     V = logits.shape[-1]
     if params.repetition_penalty != 1.0:
-        seen = torch.zeros(V, dtype=torch.bool)
-        seen[torch.tensor(list(prompt_ids) + list(output_ids), dtype=torch.long)] = True
+        seen = torch.zeros(V, dtype=torch.bool, device=logits.device)
+        seen[torch.tensor(list(prompt_ids) + list(output_ids), dtype=torch.long, device=logits.device)] = True
         penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
     if output_ids and (params.presence_penalty or params.frequency_penalty):
-        counts = torch.bincount(torch.tensor(list(output_ids), dtype=torch.long), minlength=V)[:V].float()
+        counts = torch.bincount(torch.tensor(list(output_ids), dtype=torch.long, device=logits.device),
+                                minlength=V)[:V].float()
         logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
     return logits
 
@@ -60,11 +61,11 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """probs (R, V) -> token ids (R,). Inverse-CDF with one uniform per row from ``generator``, so
     the draw depends only on this request's generator and distribution."""
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64)  # (R, 1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)  # (R, 1)
     cdf = probs.double().cumsum(-1)  # (R, V)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
     # u * total can round up to total: never step past the last token that has mass.
-    last = (probs > 0).long().mul(torch.arange(probs.shape[-1])).amax(-1)  # (R,)
+    last = (probs > 0).long().mul(torch.arange(probs.shape[-1], device=probs.device)).amax(-1)  # (R,)
     idx = torch.minimum(idx, last)
     return idx
 

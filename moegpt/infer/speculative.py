@@ -43,7 +43,7 @@ def verify(target_probs: torch.Tensor, proposal: Proposal, generator: torch.Gene
             q[d] = 1.0
         else:
             q = proposal.probs[i].to(p.dtype)
-        u = float(torch.rand((), generator=generator, dtype=torch.float64))
+        u = float(torch.rand((), generator=generator, dtype=torch.float64, device=target_probs.device))
         if u * float(q[d]) < float(p[d]):  # accept with probability min(1, p(d) / q(d))
             out.append(d)
             continue

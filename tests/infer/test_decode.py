@@ -144,3 +144,26 @@ def test_a_decode_step_reads_only_the_chosen_experts_weights(monkeypatch, kernel
     again = runner.run(step)  # the same token at the same position (its cache slot rewritten alike)
     assert torch.isfinite(again.logits).all()
     assert torch.equal(again.logits, out.logits)
+
+
+def test_decode_steps_update_their_metadata_in_place_while_the_batch_holds():
+    cfg = preset("tiny")
+    engine = LLMEngine(build_model(cfg, seed=0), EngineConfig(kv_cache_bytes=16 * 2**20, block_size=4))
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    for prompt in ([1, 2, 3], list(range(10, 17))):
+        engine.add_request(prompt, params)
+    engine.step()  # both prefills
+    state = engine.runner.decode_batch
+    engine.step()
+    positions, rebuilds = state.positions, state.rebuilds
+    for _ in range(8):  # across block boundaries: the new blocks' entries are written in place
+        engine.step()
+        assert state.positions is positions and state.rebuilds == rebuilds
+        lens = [len(s.token_ids) - 2 for s in engine.scheduler.running]  # the step fed each its newest token
+        assert positions.tolist() == lens
+        for row, seq in zip(state.tables.tolist(), engine.scheduler.running):
+            assert row[:len(seq.block_table)] == list(seq.block_table)
+    engine.add_request([5, 6], params)  # the batch changes: rebuilt once, then in place again
+    engine.step()
+    engine.step()
+    assert state.rebuilds == rebuilds + 1
