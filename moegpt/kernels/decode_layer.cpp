@@ -72,7 +72,9 @@ void matmul(const float* x, int64_t M, const at::Tensor& w, float* out, Limits l
   if (M <= limit) {
     AT_DISPATCH_SWITCH(w.scalar_type(), "moegpt_decode_layer_matmul",
       AT_DISPATCH_CASE(at::kFloat, [&] { moegpt::product(x, w.data_ptr<float>(), M, I, O, so, si, out); })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] { moegpt::product(x, w.data_ptr<c10::BFloat16>(), M, I, O, so, si, out); }));
+      AT_DISPATCH_CASE(at::kBFloat16, [&] {
+        moegpt::product(x, w.data_ptr<c10::BFloat16>(), M, I, O, so, si, out, /*x_is_bf16=*/true);
+      }));
     return;
   }
   const at::Tensor xt = at::from_blob(const_cast<float*>(x), {M, I}, at::kFloat).to(w.scalar_type());
@@ -271,7 +273,7 @@ void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& 
       })
       AT_DISPATCH_CASE(at::kBFloat16, [&] {
         moegpt::product(xs.data(), w_in.data_ptr<c10::BFloat16>() + e * ise, M, D, Fin, w_in.stride(1), w_in.stride(2),
-                        up.data());
+                        up.data(), /*x_is_bf16=*/true);
       }));
     for (int64_t r = 0; r < M; ++r) {
       const float* u = up.data() + r * Fin;
@@ -289,7 +291,7 @@ void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& 
       })
       AT_DISPATCH_CASE(at::kBFloat16, [&] {
         moegpt::product(act.data(), w_down.data_ptr<c10::BFloat16>() + e * dse, M, Fd, D, w_down.stride(1),
-                        w_down.stride(2), down.data());
+                        w_down.stride(2), down.data(), /*x_is_bf16=*/true);
       }));
     for (int64_t r = 0; r < M; ++r) std::memcpy(&out[order[start + r] * D], &down[r * D], D * sizeof(float));
     start = end;

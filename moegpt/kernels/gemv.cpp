@@ -36,7 +36,8 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
     AT_DISPATCH_CASE(at::kBFloat16, [&] {
       const c10::BFloat16* wp = w.data_ptr<c10::BFloat16>();
       in_by_out ? gemv_in_by_out(xf.data_ptr<float>(), wp, M, I, O, ld, out.data_ptr<float>())
-                : gemv_out_by_in(xf.data_ptr<float>(), wp, M, I, O, ld, out.data_ptr<float>());
+                : gemv_out_by_in(xf.data_ptr<float>(), wp, M, I, O, ld, out.data_ptr<float>(),
+                                 x.scalar_type() == at::kBFloat16);
     }));
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
