@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ["bench.hf_parity", "bench.train_throughput", "bench.generate_throughput", "bench.decode_roofline",
+BENCHES = ["bench.hf_parity", "bench.train_throughput", "bench.generate_throughput", "bench.decode_roofline", "bench.decode_paired",
            "bench.continuous_batching", "bench.expert_batch_sizes", "bench.plan_vs_engine", "bench.speculative",
            "bench.serve_throughput"]
 

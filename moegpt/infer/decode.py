@@ -60,6 +60,7 @@ class Matrix:
 
 
 KERNEL_ASSIGNMENTS = 4  # the C++ layer for up to this many assignments per expert on average (B*K / E)
+MAX_QUERY_TOKENS = 8  # a sequence's tokens in one decode-program step (a token and its draft tokens)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,9 +236,12 @@ def kernel_layers_apply(w: DecodeWeights, x: torch.Tensor, k_cache: list[torch.T
 
 @torch.no_grad()
 def decode_step(w: DecodeWeights, tokens: torch.Tensor, positions: torch.Tensor, k_cache: list[torch.Tensor],
-                v_cache: list[torch.Tensor], meta: DecodeMeta) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """tokens (B,) at ``positions`` (B,), one per sequence; the layers' paged caches (slots, G, Dh)
-    -> logits (B, V) and the tokens routed to each expert (Lm, E) (None without MoE layers)."""
+                v_cache: list[torch.Tensor], meta: DecodeMeta,
+                logit_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """tokens (B,) at ``positions`` (B,), each a row with its sequence's block table in ``meta`` (a
+    sequence may have several rows, at consecutive positions); the layers' paged caches (slots, G,
+    Dh) -> logits (L, V) of ``logit_rows`` (L,) (None: every row) and the tokens routed to each
+    expert (Lm, E) (None without MoE layers)."""
     cfg = w.cfg
     x = w.embed.index_select(0, tokens)  # (B, D)
     if kernel_layers_apply(w, x, k_cache):
@@ -248,7 +252,9 @@ def decode_step(w: DecodeWeights, tokens: torch.Tensor, positions: torch.Tensor,
             row += lw.router is not None
     else:
         x, counts = layers_in_pytorch(w, x, positions, k_cache, v_cache, meta)
-    logits = w.head(rms_norm(x, w.norm, cfg.norm_eps))  # (B, V)
+    if logit_rows is not None:
+        x = x.index_select(0, logit_rows)  # (L, D)
+    logits = w.head(rms_norm(x, w.norm, cfg.norm_eps))  # (L, V)
     return logits, counts
 
 

@@ -1,9 +1,9 @@
 """The one place that turns a step's chunks into tensors: flattened tokens, positions, the paged
 attention metadata, then the model, then the logits the engine asked for.
 
-A step in which every chunk is one token that needs its logits (every sequence decoding) runs the
-decode program (decode.py) over the model's fused weight views; any other step (prefill chunks,
-speculative verification) runs the model's forward.
+A step in which every chunk is one token (every sequence decoding), or every chunk a few tokens and
+few in all (speculative verification: a token and its drafts), runs the decode program (decode.py)
+over the model's fused weight views; any other step (prefill chunks) runs the model's forward.
 
 A chunk is a run of consecutive tokens of one sequence (a prefill chunk, a decode token, or a decode
 token followed by speculative draft tokens). The engine says how many trailing positions of each
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moegpt.infer.decode import decode_step, decode_weights
+from moegpt.infer.decode import KERNEL_ASSIGNMENTS, MAX_QUERY_TOKENS, decode_step, decode_weights
 from moegpt.infer.decode_batch import DecodeBatchState, DecodeRow
 from moegpt.infer.paged_cache import DecodeBatch, PagedAttentionMetadata, PagedKVCache
 from moegpt.model import MoEGPT
@@ -88,9 +88,19 @@ class ModelRunner:
         self.weights = decode_weights(model)  # views of the model's parameters (fused in place)
         self.decode_batch = DecodeBatchState(cache.block_size, cache.k[0].device)
 
+    def runs_decode_program(self, chunks: list[Chunk]) -> bool:
+        """Every chunk one token (every sequence decoding), or a few tokens each (speculative
+        verification, the draft's catching up) and few in all: the decode program, else the model."""
+        if all(len(c.tokens) == 1 for c in chunks):
+            return True
+        cfg = self.model.cfg
+        n = sum(len(c.tokens) for c in chunks)
+        return (max(len(c.tokens) for c in chunks) <= MAX_QUERY_TOKENS
+                and n * cfg.top_k <= KERNEL_ASSIGNMENTS * cfg.n_experts)
+
     @torch.no_grad()
     def run(self, chunks: list[Chunk]) -> StepOutput:
-        if all(len(c.tokens) == 1 and c.num_logits == 1 for c in chunks):  # every sequence decoding
+        if self.runs_decode_program(chunks):
             return self.decode(chunks)
         device = self.cache.k[0].device
         meta, positions = attention_metadata(chunks, self.cache.block_size, device)
@@ -105,9 +115,17 @@ class ModelRunner:
         return StepOutput(logits=logits, expert_counts=counts)
 
     def decode(self, chunks: list[Chunk]) -> StepOutput:
-        """One token per chunk through the decode program."""
-        positions, meta = self.decode_batch.update(
-            [DecodeRow(seq_id=c.seq_id, position=c.start, block_table=c.block_table) for c in chunks])
-        tokens = torch.tensor([c.tokens[0] for c in chunks], device=positions.device)  # (B,)
-        logits, counts = decode_step(self.weights, tokens, positions, self.cache.k, self.cache.v, meta)
+        """The chunks' tokens through the decode program, each token a row at its position (a chunk's
+        later tokens see its earlier ones: every row's key is written before any row attends)."""
+        rows, wanted, end = [], [], 0
+        for c in chunks:
+            one = len(c.tokens) == 1  # only a one-token chunk keeps its metadata in place
+            rows += [DecodeRow(seq_id=c.seq_id if one else None, position=c.start + j, block_table=c.block_table)
+                     for j in range(len(c.tokens))]
+            end += len(c.tokens)
+            wanted.extend(range(end - c.num_logits, end))
+        positions, meta = self.decode_batch.update(rows)
+        tokens = torch.tensor([t for c in chunks for t in c.tokens], device=positions.device)  # (N,)
+        logit_rows = None if len(wanted) == end else torch.tensor(wanted, dtype=torch.long, device=positions.device)
+        logits, counts = decode_step(self.weights, tokens, positions, self.cache.k, self.cache.v, meta, logit_rows)
         return StepOutput(logits=logits, expert_counts=counts)

@@ -131,8 +131,8 @@ def test_a_decode_step_reads_only_the_chosen_experts_weights(monkeypatch, kernel
     model = _model()
     runner = ModelRunner(model, PagedKVCache(model.cfg, BLOCKS, BS))
     table = tuple(range(BLOCKS))
-    runner.run([Chunk(tokens=(5, 17, 3, 9, 101), start=0, block_table=table, num_logits=1)])
-    step = [Chunk(tokens=(42,), start=5, block_table=table, num_logits=1)]
+    runner.run([Chunk(tokens=tuple(range(5, 5 + 3 * BS)), start=0, block_table=table, num_logits=1)])
+    step = [Chunk(tokens=(42,), start=3 * BS, block_table=table, num_logits=1)]
     out = runner.run(step)
     moe_layers = [b.ffn for b in model.layers if hasattr(b.ffn, "router")]
     with torch.no_grad():
@@ -149,7 +149,7 @@ def test_a_decode_step_reads_only_the_chosen_experts_weights(monkeypatch, kernel
 def test_decode_steps_update_their_metadata_in_place_while_the_batch_holds():
     cfg = preset("tiny")
     engine = LLMEngine(build_model(cfg, seed=0), EngineConfig(kv_cache_bytes=16 * 2**20, block_size=4))
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     for prompt in ([1, 2, 3], list(range(10, 17))):
         engine.add_request(prompt, params)
     engine.step()  # both prefills
@@ -163,7 +163,33 @@ def test_decode_steps_update_their_metadata_in_place_while_the_batch_holds():
         assert positions.tolist() == lens
         for row, seq in zip(state.tables.tolist(), engine.scheduler.running):
             assert row[:len(seq.block_table)] == list(seq.block_table)
-    engine.add_request([5, 6], params)  # the batch changes: rebuilt once, then in place again
+    engine.add_request([5, 6], params)  # the batch changes: rebuilt, then in place again
+    engine.step()  # the new prompt beside the others' tokens
+    engine.step()  # three sequences decoding: rebuilt
+    assert state.rebuilds > rebuilds
+    rebuilds = state.rebuilds
     engine.step()
-    engine.step()
-    assert state.rebuilds == rebuilds + 1
+    assert state.rebuilds == rebuilds
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_verification_chunks_run_the_decode_program_with_the_full_forward_logits(monkeypatch, kernels_on):
+    """A token and its draft tokens (a speculative verification step), beside another sequence's
+    one token: each row sees its own chunk's earlier rows, as the full forward does."""
+    if not kernels_on:
+        for name in ("kernel_layers_apply", "gemv_applies"):
+            monkeypatch.setattr(decode, name, lambda *a: False)
+    model = _model()
+    runner = ModelRunner(model, PagedKVCache(model.cfg, 2 * BLOCKS, BS))
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (9, 14)]
+    tables = [tuple(range(BLOCKS)), tuple(range(BLOCKS, 2 * BLOCKS))]
+    runner.run([Chunk(tokens=tuple(s), start=0, block_table=t, num_logits=1) for s, t in zip(seqs, tables)])
+    new = [torch.randint(0, 200, (4,), generator=g).tolist(), torch.randint(0, 200, (1,), generator=g).tolist()]
+    chunks = [Chunk(tokens=tuple(n), start=len(s), block_table=t, num_logits=len(n))
+              for s, n, t in zip(seqs, new, tables)]
+    assert runner.runs_decode_program(chunks)
+    out = runner.run(chunks)
+    with torch.no_grad():
+        want = torch.cat([model(torch.tensor([s + n])).logits[0, -len(n):] for s, n in zip(seqs, new)])
+    torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-5)
