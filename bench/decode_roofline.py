@@ -5,8 +5,8 @@ For each dtype (fp32, bf16): greedy, a 128-token prompt, 128 new tokens. Each si
 generating 1 token (prefill + one sample) and 128 tokens, interleaved (ours, HF, ours, HF, ...);
 decode tokens/s = 127 / (t_128 - t_1), prefill tokens/s = 128 / t_1. Both must produce the same
 tokens (same weights, greedy; checked in fp32, reported in bf16 where rounding may differ).
-The decode roofline divides the read bandwidth (a large fp32 matrix-vector product, best of
-several) by the bytes one token reads: attention, router, 2 of 16 experts per layer, one embedding
+The decode roofline divides the read bandwidth (a sum over a 1 GiB array, best of several; see
+bench/decode_paired.py for fractions paired with each timing) by the bytes one token reads: attention, router, 2 of 16 experts per layer, one embedding
 row, the LM head, norms, and the KV of the mean context (prompt + new/2). The prefill roofline is the
 fp32 matmul peak (bf16 matmuls run on fp32 units on this CPU, so its bound is no higher). Both are
 measured before and after the timings and the better figure kept (a shared machine's dips).

@@ -2,8 +2,8 @@
 
 The ``small`` preset (0.52B total, 0.12B active, fp32) with random weights is saved to a model
 directory; the planner reads that directory (fp32 -> 4-byte weights and KV, the fp32 peak) with
-hardware ``local`` (this machine, measured once and cached: the read bandwidth of a matrix-vector
-product and the fp32 matmul peak) and ``embedding_lookup`` on, at context = prompt + half the new
+hardware ``local`` (this machine, measured once and cached: the read bandwidth of a 1 GiB sum and
+the fp32 matmul peak) and ``embedding_lookup`` on, at context = prompt + half the new
 tokens. Two predictions per batch:
 - roofline: the reference decode algorithm, hbm_efficiency 1;
 - measured efficiency: the same plan with the hbm_efficiency that ``moegpt plan --hardware local

@@ -21,7 +21,7 @@ from moegpt.hardware import measure_matmul_flops, measure_read_bandwidth
 
 @dataclass(frozen=True)
 class Machine:
-    read_bytes_per_s: float  # best of a large fp32 matrix-vector product
+    read_bytes_per_s: float  # best of a sum over a 1 GiB array (moegpt.hardware.measure_read_bandwidth)
     fp32_flops: float  # best of a square fp32 matmul
 
     def to_dict(self) -> dict:

@@ -17,7 +17,7 @@ from typing import Callable
 from moegpt.atomic import write_text_atomic
 from moegpt.planner.hardware import Hardware, PeakFlops
 
-CACHE_FILE = "planner-local-hardware.json"
+CACHE_FILE = "planner-local-hardware-v2.json"  # v2: read bandwidth from a 1 GiB sum
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Measurement:
     device_name: str
     mem_bytes: float
     copy_bytes_per_s: float  # read + write, as HBM bandwidth is quoted (kept for reference)
-    read_bytes_per_s: float  # fp32 matrix-vector product: how decode reads weights; the HBM figure used
+    read_bytes_per_s: float  # a read-only stream (1 GiB sum): the bound of decoding; the HBM figure used
     matmul_flops_fp32: float
     matmul_flops_bf16: float
 
@@ -40,7 +40,7 @@ class Measurers:
 
     copy_bandwidth: Callable[[str], float]  # device -> bytes/s
     matmul_flops: Callable[[str, str], float]  # (dtype name, device) -> FLOP/s
-    read_bandwidth: Callable[[str], float]  # device -> bytes/s (matrix-vector product)
+    read_bandwidth: Callable[[str], float]  # device -> bytes/s (a read-only stream)
 
 
 def default_measurers() -> Measurers:
@@ -55,9 +55,7 @@ def default_measurers() -> Measurers:
     return Measurers(
         copy_bandwidth=lambda device: measure_copy_bandwidth(device=device),
         matmul_flops=lambda dtype, device: measure_matmul_flops(dtypes[dtype], device=device, n=sizes[device, dtype]),
-        # a GPU's caches are tens of MB, a CPU's a few: 1 GiB reads past either
-        read_bandwidth=lambda device: measure_read_bandwidth(device=device,
-                                                             n_bytes=(2**30 if device == "cuda" else 256 * 2**20)),
+        read_bandwidth=lambda device: measure_read_bandwidth(device=device),  # 1 GiB: past any cache
     )
 
 
@@ -102,7 +100,7 @@ def write_cache(cache_dir: Path, m: Measurement) -> Path:
 
 def hardware_from(m: Measurement) -> Hardware:
     """A planner hardware entry from a measurement: one device, no NVLink, no scale-out network.
-    Its HBM bandwidth is the read (matrix-vector) figure: decoding streams weights, it does not copy."""
+    Its HBM bandwidth is the read-stream figure: decoding streams weights, it does not copy."""
     return Hardware(
         name="local", mem_bytes=m.mem_bytes, hbm_bytes_per_s=m.read_bytes_per_s,
         peak_flops=PeakFlops(bf16=m.matmul_flops_bf16), nvlink_bytes_per_s=None, nic_bits_per_s_per_gpu=None,

@@ -1,13 +1,13 @@
 """``--measure-efficiency``: how fast our engine decodes one model here, at one batch and context, measured.
 
-The decode roofline divides the bytes a step reads by the read bandwidth of one large
-matrix-vector product. Our engine's step takes longer, for two reasons this file measures apart:
+The decode roofline divides the bytes a step reads by the read bandwidth of a 1 GiB sum. Our
+engine's step takes longer, for two reasons this file measures apart:
 
 - t_matmul: the step's weight matrix products at the model's own shapes, dtype and layout
   (moegpt.infer.layout), weights cold in memory, each timed as the engine's decode program
   multiplies (moegpt.infer.measure: the C++ matrix-vector kernel at a few rows, torch's matmul
   beyond; the program's MoE runs each touched expert's rows together, which this approximates).
-  Small matrices, and products of a few rows, read slower per byte than the one large product.
+  Small matrices, and products of a few rows, read slower per byte than the one long stream.
 - t_software: everything in a step that is not streaming weights: Python, thousands of dispatched
   ops, scheduling, sampling. Measured by running LLMEngine on the same architecture (layers, heads,
   KV heads, experts, top-k, MLP kind, MoE pattern) shrunk to tiny widths, where weights cost nothing.

@@ -72,7 +72,7 @@ def fmt(name: str, value, section: str = "") -> str:
 def hardware_line(d: dict, measured_on: str | None, fp32: float | None) -> str:
     peaks = ", ".join(f"{k} {si(v, 'FLOP/s')}" for k, v in d["peak_flops"].items() if v is not None)
     nvlink = "-" if d["nvlink_bytes_per_s"] is None else si(d["nvlink_bytes_per_s"], "B/s")
-    memory = "HBM" if measured_on is None else "read (matrix-vector)"
+    memory = "HBM" if measured_on is None else "read (1 GiB sum)"
     line = (f"{d['name']}: {si(d['mem_bytes'], 'B')}, {memory} {si(d['hbm_bytes_per_s'], 'B/s')}, {peaks}, "
             f"NVLink {nvlink}, bf16 ridge {d['ridge_flop_per_byte']:.3g} FLOP/B")
     if measured_on is not None:

@@ -70,7 +70,7 @@ def test_plans_on_local_hardware(tmp_path):
 
 
 # ---- the prediction `moegpt plan --hardware local --model DIR --batch B` makes, by hand ----------
-# A measured machine: 20 GB/s read bandwidth (matrix-vector), 100 GFLOP/s fp32 matmul.
+# A measured machine: 20 GB/s read bandwidth (a read stream), 100 GFLOP/s fp32 matmul.
 MEASURED = Hardware(name="local", mem_bytes=1e12, hbm_bytes_per_s=20e9, peak_flops=PeakFlops(bf16=1e9),
                     nvlink_bytes_per_s=None, nic_bits_per_s_per_gpu=None, gpus_per_nvlink_domain=1,
                     measured_on="2024-05-01 (test)", peak_flops_fp32=100e9)
