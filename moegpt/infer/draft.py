@@ -55,10 +55,14 @@ class DraftModelProposer:
                 sid = e.seq.seq_id
                 params, generator = sampling_of(sid)
                 row = apply_penalties(row, params, e.seq.prompt_ids, list(e.seq.output_ids) + drafts[sid])
+                if params.greedy:  # certain: the proposal carries no distribution (verify takes it one-hot)
+                    drafts[sid].append(int(row.argmax()))
+                    continue
                 q = filtered_probs(row[None], params)  # (1, V)
-                drafts[sid].append(int(q[0].argmax()) if params.greedy else int(sample_from(q, generator)[0]))
+                drafts[sid].append(int(sample_from(q, generator)[0]))
                 probs[sid].append(q[0])
         for e in batch.entries:
             k = e.lookahead if e.samples_next_token else 0
             e.seq.num_draft_computed = e.start + e.num_tokens + max(k - 1, 0)
-        return {sid: Proposal(tokens=tuple(drafts[sid]), probs=torch.stack(probs[sid])) for sid in drafts}
+        return {sid: Proposal(tokens=tuple(drafts[sid]), probs=torch.stack(probs[sid]) if probs[sid] else None)
+                for sid in drafts}

@@ -38,7 +38,7 @@ from moegpt.infer.sampling import apply_penalties, filtered_probs, sample, top_l
 from moegpt.infer.sampling_params import SamplingParams
 from moegpt.infer.scheduler import Batch, Scheduler, SchedulerConfig
 from moegpt.infer.sequence import FinishReason, Sequence
-from moegpt.infer.speculative import Proposal, SpeculativeConfig, SpeculativeMethod, verify
+from moegpt.infer.speculative import Proposal, SpeculativeConfig, SpeculativeMethod, verify, verify_greedy
 from moegpt.model import MoEGPT
 
 
@@ -266,6 +266,8 @@ class LLMEngine:
         logits = torch.stack(processed)  # (k+1, V)
         if not proposal.tokens:
             return [int(sample(logits, params, live.generator)[0])]
+        if params.greedy:  # verify's rule with one-hot target distributions, in one argmax
+            return verify_greedy(logits.argmax(-1).tolist(), proposal)
         return verify(filtered_probs(logits, params), proposal, live.generator)
 
     def _emit(self, sid: int, before: int, logprobs: list[TokenLogprob] | None) -> StepUpdate:

@@ -56,6 +56,19 @@ def verify(target_probs: torch.Tensor, proposal: Proposal, generator: torch.Gene
     return out
 
 
+def verify_greedy(target_tokens: list[int], proposal: Proposal) -> list[int]:
+    """``verify`` for a greedy target: target_tokens (k+1,) its argmax at each draft position and one
+    past. Its distributions are one-hot, so a draft token is accepted exactly when it is the target's
+    and the first one that is not is replaced by the target's (whatever the draft's distribution)."""
+    out: list[int] = []
+    for d, t in zip(proposal.tokens, target_tokens):
+        out.append(t)
+        if d != t:
+            return out
+    out.append(target_tokens[len(proposal.tokens)])
+    return out
+
+
 @dataclass(frozen=True, kw_only=True)
 class NgramProposer:
     """Prompt lookup: match the last n tokens (n from max_n down to min_n) at their latest earlier

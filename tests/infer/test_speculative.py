@@ -13,7 +13,7 @@ from moegpt.infer.generate import generate
 from moegpt.infer.sampling import filtered_probs, sample_from
 from moegpt.infer.sampling_params import SamplingParams
 from moegpt.infer.scheduler import SchedulerConfig
-from moegpt.infer.speculative import NgramProposer, Proposal, verify
+from moegpt.infer.speculative import NgramProposer, Proposal, verify, verify_greedy
 from moegpt.model import build_model
 
 
@@ -149,3 +149,17 @@ def test_ngram_proposer_continues_the_latest_match():
 def test_draft_with_another_vocabulary_is_refused():
     with pytest.raises(ValueError, match=r"draft vocab_size \(300\) differs from the model's \(256\)"):
         LLMEngine(_model(), draft=_model(vocab=300))
+
+
+def test_greedy_verification_is_verify_with_one_hot_targets():
+    g = torch.Generator().manual_seed(0)
+    V = 6
+    for _ in range(200):
+        k = int(torch.randint(1, 5, (), generator=g))
+        target = torch.randint(0, V, (k + 1,), generator=g).tolist()
+        drafts = tuple(t if bool(torch.rand((), generator=g) < 0.6) else int(torch.randint(0, V, (), generator=g))
+                       for t in target[:k])
+        one_hot = torch.nn.functional.one_hot(torch.tensor(target), V).float()  # (k+1, V)
+        for probs in (None, torch.softmax(torch.randn(k, V, generator=g), -1)):  # certain or sampled drafts
+            proposal = Proposal(tokens=drafts, probs=probs)
+            assert verify_greedy(target, proposal) == verify(one_hot, proposal, torch.Generator().manual_seed(1))
