@@ -59,7 +59,8 @@ class Matrix:
         return torch.mm(x, self.w_t)
 
 
-KERNEL_ASSIGNMENTS = 4  # the C++ layer for up to this many assignments per expert on average (B*K / E)
+KERNEL_ASSIGNMENTS = 8  # the C++ layer for up to this many assignments per expert on average (B*K / E):
+# measured at batch 64 of small (8 per expert): 199 ms a step vs 292 in PyTorch ops
 MAX_QUERY_TOKENS = 8  # a sequence's tokens in one decode-program step (a token and its draft tokens)
 
 

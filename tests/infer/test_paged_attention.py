@@ -126,6 +126,8 @@ def test_runner_logits_are_the_full_forwards_rows(dtype):
     assert out.logits.shape == (2, model.cfg.vocab_size)
     with torch.no_grad():
         full = model(torch.tensor([prompts[0]])).logits[0]  # (T, V)
-    torch.testing.assert_close(out.logits, full[-2:])
+    # (short chunks run the decode program: in bf16 its roundings come in another order)
+    tol = {} if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(out.logits, full[-2:], **tol)
     assert out.expert_counts.shape == (model.cfg.n_layers, model.cfg.n_experts)
     assert out.expert_counts.sum().item() == model.cfg.n_layers * 10 * model.cfg.top_k
