@@ -11,7 +11,7 @@ row, the LM head, norms, and the KV of the mean context (prompt + new/2). The pr
 fp32 matmul peak (bf16 matmuls run on fp32 units on this CPU, so its bound is no higher). Both are
 measured before and after the timings and the better figure kept (a shared machine's dips).
 
-    python -m bench.decode_roofline [--dtypes fp32 bf16] [--new 128] [--repeats 3]
+    python -m bench.decode_roofline [--dtypes fp32 bf16] [--new 128] [--repeats 3] [--prompt 128]
 """
 
 from __future__ import annotations
@@ -30,35 +30,37 @@ from moegpt.infer.engine import EngineConfig, LLMEngine
 from moegpt.infer.sampling_params import SamplingParams
 from moegpt.model import build_model
 
-DEFAULT_PRESET, PROMPT = "small", 128
+DEFAULT_PRESET, DEFAULT_PROMPT = "small", 128
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @torch.no_grad()
-def bench_dtype(preset_name: str, name: str, new: int, repeats: int) -> dict:
+def bench_dtype(preset_name: str, name: str, new: int, repeats: int, prompt_len: int) -> dict:
     dtype = DTYPES[name]
     cfg = preset(preset_name)
     model = build_model(cfg, seed=0, dtype=dtype).eval()
-    prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as d:
         save(model, None, d)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
-    engine = LLMEngine(model, EngineConfig(kv_cache_bytes=64 * 2**20))
+    # no prefix caching: every repetition prefills its whole prompt (the same prompt would be cached)
+    engine = LLMEngine(model, EngineConfig(kv_cache_bytes=64 * 2**20, prefix_caching=False))
 
     def ours(n):
         return list(engine.generate([prompt[0].tolist()], SamplingParams(max_tokens=n, temperature=0))[0].outputs[0].token_ids)
 
     def theirs(n):
-        return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)[0, PROMPT:].tolist()
+        return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)[0, prompt_len:].tolist()
 
     same = ours(new) == theirs(new)
     t1_ours, t1_hf, tn_ours, tn_hf = interleaved_medians(
         [lambda: ours(1), lambda: theirs(1), lambda: ours(new), lambda: theirs(new)], repeats)
-    return {"dtype": name, "cfg": cfg, "new": new, "same": same, "times": (t1_ours, t1_hf, tn_ours, tn_hf)}
+    return {"dtype": name, "cfg": cfg, "new": new, "prompt": prompt_len, "same": same,
+            "times": (t1_ours, t1_hf, tn_ours, tn_hf)}
 
 
 def report(timed: dict, preset_name: str, machine) -> dict:
-    name, cfg, new, same = timed["dtype"], timed["cfg"], timed["new"], timed["same"]
+    name, cfg, new, same, PROMPT = timed["dtype"], timed["cfg"], timed["new"], timed["same"], timed["prompt"]
     t1_ours, t1_hf, tn_ours, tn_hf = timed["times"]
     dtype = DTYPES[name]
     roof = decode_roofline(cfg, machine, 1, PROMPT + new / 2, torch.empty(0, dtype=dtype).element_size())
@@ -86,18 +88,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=DEFAULT_PROMPT, help="prompt tokens (the prefill measured)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--preset", default=DEFAULT_PRESET, help="a smaller one (tiny) for a quick smoke run")
     args = parser.parse_args()
     transformers.utils.logging.disable_progress_bar()
     before = measure_machine()
-    timed = [bench_dtype(args.preset, d, args.new, args.repeats) for d in args.dtypes]
+    timed = [bench_dtype(args.preset, d, args.new, args.repeats, args.prompt) for d in args.dtypes]
     machine = best_of(before, measure_machine())
-    print(f"batch-1 decode, {args.preset}, prompt {PROMPT}, {args.new} new tokens, greedy, {torch.get_num_threads()} "
+    print(f"batch-1 decode, {args.preset}, prompt {args.prompt}, {args.new} new tokens, greedy, {torch.get_num_threads()} "
           f"threads; read bandwidth {machine.read_bytes_per_s / 1e9:.1f} GB/s, fp32 matmul "
           f"{machine.fp32_flops / 1e9:.0f} GFLOP/s (best of before and after the timings)")
     rows = [report(t, args.preset, machine) for t in timed]
-    print("wrote", write_result("decode_roofline", {"machine_measured": machine.to_dict(), "rows": rows}))
+    name = "decode_roofline" if args.prompt == DEFAULT_PROMPT else f"decode_roofline_prompt{args.prompt}"
+    print("wrote", write_result(name, {"machine_measured": machine.to_dict(), "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def _both(model, lens, block_size, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("batch,block_size", [(1, 16), (3, 1), (8, 4), (32, 16)])
+@pytest.mark.parametrize("batch,block_size", [(1, 16), (3, 1), (8, 4), (32, 16), (64, 8)])
 def test_the_fused_layer_is_the_pytorch_program(shape, dtype, batch, block_size, monkeypatch):
     assert kernels.available()
     model = _model(dtype, **SHAPES[shape])
