@@ -30,6 +30,10 @@
 
 #include "gemv.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 using moegpt::to_float;
@@ -117,11 +121,49 @@ struct Item {
   int64_t b, g, start, n;  // sequence, kv head, first key position, keys
 };
 
+constexpr int64_t HEADS = 16;  // query heads scored together: one vector of 16 fp32 lanes
+
+// st[j * RP + r] = dot(q_r, k_j) for n keys kf (n, Dh) and the query heads transposed in blocks of
+// HEADS, qt (RP / HEADS, Dh, HEADS): each key element is broadcast against HEADS heads at once, four
+// keys at a time, so there is no horizontal sum per dot product.
+inline void scores(const float* qt, const float* kf, int64_t n, int64_t Dh, int64_t RP, float* st) {
+  for (int64_t rb = 0; rb < RP; rb += HEADS) {
+    const float* q = qt + rb * Dh;  // (Dh, HEADS)
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    for (; j + 4 <= n; j += 4) {
+      const float* k = kf + j * Dh;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t d = 0; d < Dh; ++d) {
+        const __m512 qd = _mm512_loadu_ps(q + d * HEADS);
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(k[d]), qd, a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(k[Dh + d]), qd, a1);
+        a2 = _mm512_fmadd_ps(_mm512_set1_ps(k[2 * Dh + d]), qd, a2);
+        a3 = _mm512_fmadd_ps(_mm512_set1_ps(k[3 * Dh + d]), qd, a3);
+      }
+      _mm512_storeu_ps(st + j * RP + rb, a0);
+      _mm512_storeu_ps(st + (j + 1) * RP + rb, a1);
+      _mm512_storeu_ps(st + (j + 2) * RP + rb, a2);
+      _mm512_storeu_ps(st + (j + 3) * RP + rb, a3);
+    }
+#endif
+    for (; j < n; ++j) {
+      float a[HEADS] = {};
+      for (int64_t d = 0; d < Dh; ++d) {
+        const float kd = kf[j * Dh + d];
+#pragma omp simd
+        for (int64_t r = 0; r < HEADS; ++r) a[r] += kd * q[d * HEADS + r];
+      }
+      std::memcpy(st + j * RP + rb, a, sizeof(a));
+    }
+  }
+}
+
 // out (B, H * Dh) fp32: each sequence's query heads over its keys at positions [0, positions[b]].
 template <typename KV>
 void attention(const float* q, const KV* kc, const KV* vc, int64_t B, int64_t H, int64_t G, int64_t Dh,
                const int64_t* tables, int64_t nb, const int64_t* positions, int64_t block_size, float* out) {
-  const int64_t R = H / G;
+  const int64_t R = H / G, RP = (R + HEADS - 1) / HEADS * HEADS;  // R padded to blocks of HEADS
   const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
   std::vector<Item> items;
   for (int64_t b = 0; b < B; ++b) {
@@ -133,7 +175,7 @@ void attention(const float* q, const KV* kc, const KV* vc, int64_t B, int64_t H,
   std::vector<float> m(n_items * R), l(n_items * R), acc(n_items * R * Dh);
 #pragma omp parallel num_threads(std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(n_items))))
   {
-    std::vector<float> kf(CHUNK * Dh), vf(CHUNK * Dh), s(R * CHUNK), qs(R * Dh);
+    std::vector<float> kf(CHUNK * Dh), vf(CHUNK * Dh), st(CHUNK * RP), qt(RP * Dh, 0.0f);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
       const Item w = items[it];
@@ -152,35 +194,35 @@ void attention(const float* q, const KV* kc, const KV* vc, int64_t B, int64_t H,
         }
       }
       const float* qb = q + (w.b * H + w.g * R) * Dh;  // (R, Dh): this kv head's query heads
-      for (int64_t i = 0; i < R * Dh; ++i) qs[i] = qb[i] * scale;
+      for (int64_t r = 0; r < R; ++r)  // transposed, in blocks of HEADS heads: qt[(r / HEADS, d, r % HEADS)]
+        for (int64_t d = 0; d < Dh; ++d) qt[((r / HEADS) * Dh + d) * HEADS + r % HEADS] = qb[r * Dh + d] * scale;
+      scores(qt.data(), kf.data(), w.n, Dh, RP, st.data());  // st (n, RP): key j's scores for every head
+      float* mx = m.data() + it * R;
+      float* sum = l.data() + it * R;
       for (int64_t r = 0; r < R; ++r) {
-        const float* qr = qs.data() + r * Dh;
-        float* sr = s.data() + r * CHUNK;
-        for (int64_t j = 0; j < w.n; ++j) {
-          const float* kd = kf.data() + j * Dh;
-          float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < Dh; ++d) dot += qr[d] * kd[d];
-          sr[j] = dot;
-        }
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < w.n; ++j) mx = std::max(mx, sr[j]);
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < w.n; ++j) {
-          sr[j] = exp_approx(sr[j] - mx);
-          sum += sr[j];
-        }
-        float* a = acc.data() + (it * R + r) * Dh;
-        std::fill(a, a + Dh, 0.0f);
-        for (int64_t j = 0; j < w.n; ++j) {
-          const float pj = sr[j];
-          const float* vd = vf.data() + j * Dh;
+        mx[r] = -std::numeric_limits<float>::infinity();
+        sum[r] = 0.0f;
+      }
+      for (int64_t j = 0; j < w.n; ++j)
+        for (int64_t r = 0; r < R; ++r) mx[r] = std::max(mx[r], st[j * RP + r]);
+      for (int64_t j = 0; j < w.n; ++j) {
+        float* sj = st.data() + j * RP;
 #pragma omp simd
-          for (int64_t d = 0; d < Dh; ++d) a[d] += pj * vd[d];
+        for (int64_t r = 0; r < R; ++r) {
+          sj[r] = exp_approx(sj[r] - mx[r]);
+          sum[r] += sj[r];
         }
-        m[it * R + r] = mx;
-        l[it * R + r] = sum;
+      }
+      float* a = acc.data() + it * R * Dh;  // (R, Dh)
+      std::fill(a, a + R * Dh, 0.0f);
+      for (int64_t j = 0; j < w.n; ++j) {
+        const float* vd = vf.data() + j * Dh;
+        for (int64_t r = 0; r < R; ++r) {
+          const float pj = st[j * RP + r];
+          float* ar = a + r * Dh;
+#pragma omp simd
+          for (int64_t d = 0; d < Dh; ++d) ar[d] += pj * vd[d];
+        }
       }
     }
   }
