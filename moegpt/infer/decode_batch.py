@@ -52,6 +52,10 @@ class DecodeBatchState:
         ids = tuple(r.seq_id for r in rows)
         positions = tuple(r.position for r in rows)
         needed = [r.position // self.block_size + 1 for r in rows]  # table entries this step reads
+        for r, n in zip(rows, needed):
+            if len(r.block_table) < n:  # padding would map the position to block 0: another sequence's
+                raise ValueError(f"sequence {r.seq_id}: position {r.position} needs {n} blocks, its block table "
+                                 f"has {len(r.block_table)}")
         same = (None not in ids and ids == self.ids and all(p == q + 1 for p, q in zip(positions, self.last))
                 and max(needed) <= self.tables.shape[1])
         if same:

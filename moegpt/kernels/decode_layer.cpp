@@ -49,10 +49,10 @@ inline float round_to(float v) {
   }
 }
 
-// exp for x <= 88.7 (Cephes' expf: range reduction by ln 2 and a degree-6 polynomial, ~2 ulp),
+// exp for x <= 88.37 (Cephes' expf: range reduction by ln 2 and a degree-6 polynomial, ~2 ulp),
 // written so that loops over arrays vectorise.
 inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.3f), 88.7f);
+  x = std::min(std::max(x, -87.3f), 88.37f);  // past ~88.38 the scale would be 2^128
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   const float r2 = r * r;
@@ -341,7 +341,7 @@ void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& 
   for (int64_t b = 0; b < B; ++b) {  // each token's K rows, weighted in fp32, summed in order
     for (int64_t d = 0; d < D; ++d) {
       float s = 0.0f;
-      for (int64_t k = 0; k < K; ++k) s += round_to<T>(out[(b * K + k) * D + d]) * weight[b * K + k];
+      for (int64_t k = 0; k < K; ++k) s += round_to<T>(round_to<T>(out[(b * K + k) * D + d]) * weight[b * K + k]);
       y[b * D + d] = round_to<T>(s);
     }
   }
@@ -364,8 +364,8 @@ at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Ten
     TORCH_CHECK(0 <= pos[b] && pos[b] < max_pos && pos[b] / block_size < nb, "moegpt::decode_layer: position ",
                 pos[b], " of sequence ", b, " is outside its rope table (", max_pos, ") or block table (", nb, " blocks)");
     const int64_t slots = k_cache.size(0);
-    for (int64_t i = 0; i <= pos[b] / block_size; ++i)
-      TORCH_CHECK(0 <= tables[b * nb + i] && (tables[b * nb + i] + 1) * block_size <= slots,
+    for (int64_t i = 0; i <= pos[b] / block_size; ++i)  // (compared by division: no overflow)
+      TORCH_CHECK(0 <= tables[b * nb + i] && tables[b * nb + i] < slots / block_size,
                   "moegpt::decode_layer: block ", tables[b * nb + i], " of sequence ", b, " is outside the cache");
   }
   std::vector<float> h(B * D), qkv(B * Q), o(B * H * Dh), y(B * D);
@@ -416,9 +416,16 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(),
               "moegpt::decode_layer: caches (slots, G, Dh) contiguous");
   const int64_t H = n_heads, G = k_cache.size(1), Dh = k_cache.size(2), D = x.size(1);
-  TORCH_CHECK(H % G == 0 && wqkv.size(0) == (H + 2 * G) * Dh && wqkv.size(1) == D && wo.size(0) == D &&
-              wo.size(1) == H * Dh && rope_cos.size(1) == Dh, "moegpt::decode_layer: weight shapes do not match");
-  TORCH_CHECK(w_in.dim() == 3 && w_down.dim() == 3 && w_in.size(2) == D && w_down.size(1) == D &&
+  TORCH_CHECK(G > 0 && H > 0 && H % G == 0 && Dh > 0 && Dh % 2 == 0, "moegpt::decode_layer: ", H, " query heads, ",
+              G, " kv heads of dim ", Dh, " (kv heads must divide query heads, the head dim be even)");
+  TORCH_CHECK(block_size > 0, "moegpt::decode_layer: block_size ", block_size, " must be >= 1");
+  TORCH_CHECK(x.size(0) > 0, "moegpt::decode_layer: an empty batch");
+  TORCH_CHECK(wqkv.dim() == 2 && wo.dim() == 2 && rope_cos.dim() == 2 && rope_cos.sizes() == rope_sin.sizes() &&
+              attn_norm.numel() == D && ffn_norm.numel() == D && wqkv.size(0) == (H + 2 * G) * Dh &&
+              wqkv.size(1) == D && wo.size(0) == D && wo.size(1) == H * Dh && rope_cos.size(1) == Dh,
+              "moegpt::decode_layer: weight shapes do not match");
+  TORCH_CHECK(w_in.dim() == 3 && w_down.dim() == 3 && w_in.size(0) == w_down.size(0) && w_in.size(2) == D &&
+              w_down.size(1) == D &&
               w_down.size(2) == (swiglu ? w_in.size(1) / 2 : w_in.size(1)), "moegpt::decode_layer: expert shapes do not match");
   for (const at::Tensor* t : {&wqkv, &wo})
     TORCH_CHECK(moegpt::stored_either_way(t->stride(0), t->stride(1), t->size(0)), "moegpt::decode_layer: a matrix stored neither way");
@@ -431,7 +438,8 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
               block_tables.is_contiguous(), "moegpt::decode_layer: block_tables (B, nb) int64");
   int64_t* cp = nullptr;
   if (router.has_value()) {
-    TORCH_CHECK(router->scalar_type() == dt && router->size(0) == w_in.size(0) && router->size(1) == D &&
+    TORCH_CHECK(router->scalar_type() == dt && router->dim() == 2 && router->size(0) == w_in.size(0) &&
+                router->size(1) == D &&
                 top_k >= 1 && top_k <= w_in.size(0), "moegpt::decode_layer: router (E, D) and 1 <= top_k <= E");
     if (counts.has_value()) {
       TORCH_CHECK(counts->scalar_type() == at::kLong && counts->dim() == 2 && counts->is_contiguous() &&

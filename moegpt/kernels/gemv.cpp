@@ -2,7 +2,7 @@
 // definitions are here; decode_layer.cpp holds the fused layer).
 //
 // gemv(x, w): x (M, I) times a weight w given as nn.Linear stores it, (O, I), -> (M, O), for the few
-// rows of a decode step (M <= 8); fp32 or bf16, accumulated in fp32; see gemv.h. The pure-PyTorch
+// rows of a decode step (up to 16); fp32 or bf16, accumulated in fp32; see gemv.h. The pure-PyTorch
 // reference is x @ w.T (moegpt/kernels/__init__.py).
 
 #include <torch/library.h>
@@ -12,8 +12,6 @@
 namespace {
 
 using moegpt::product;
-using moegpt::gemv_in_by_out;
-using moegpt::gemv_out_by_in;
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "moegpt::gemv: x (M, I) and w (O, I), got ",
@@ -23,21 +21,16 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
   const int64_t M = x.size(0), I = x.size(1), O = w.size(0);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, O}, x.options().dtype(at::kFloat));
-  const bool in_by_out = w.stride(0) == 1 && O > 1;
-  TORCH_CHECK(in_by_out || w.stride(1) == 1, "moegpt::gemv: w must be stored (in, out) or (out, in), got strides ",
-              w.strides());
-  const int64_t ld = in_by_out ? w.stride(1) : w.stride(0);
+  TORCH_CHECK(moegpt::stored_either_way(w.stride(0), w.stride(1), O),
+              "moegpt::gemv: w must be stored (in, out) or (out, in), got strides ", w.strides());
+  const bool x_is_bf16 = x.scalar_type() == at::kBFloat16;
   AT_DISPATCH_SWITCH(w.scalar_type(), "moegpt_gemv",
     AT_DISPATCH_CASE(at::kFloat, [&] {
-      const float* wp = w.data_ptr<float>();
-      in_by_out ? gemv_in_by_out(xf.data_ptr<float>(), wp, M, I, O, ld, out.data_ptr<float>())
-                : gemv_out_by_in(xf.data_ptr<float>(), wp, M, I, O, ld, out.data_ptr<float>());
+      product(xf.data_ptr<float>(), w.data_ptr<float>(), M, I, O, w.stride(0), w.stride(1), out.data_ptr<float>());
     })
     AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      const c10::BFloat16* wp = w.data_ptr<c10::BFloat16>();
-      in_by_out ? gemv_in_by_out(xf.data_ptr<float>(), wp, M, I, O, ld, out.data_ptr<float>())
-                : gemv_out_by_in(xf.data_ptr<float>(), wp, M, I, O, ld, out.data_ptr<float>(),
-                                 x.scalar_type() == at::kBFloat16);
+      product(xf.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), M, I, O, w.stride(0), w.stride(1),
+              out.data_ptr<float>(), x_is_bf16);
     }));
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }

@@ -1,10 +1,10 @@
 // The matrix-vector products shared by moegpt's CPU decode kernels (gemv.cpp, decode_layer.cpp).
 //
 // product(x, w, ...): x (M, I) fp32 times a weight w given as nn.Linear stores it, (O, I), -> (M, O)
-// fp32, for the few rows of a decode step. The weight may be stored (in, out) (the decode layout of
-// fp32 weights) or (out, in); fp32 or bf16, accumulated in fp32. Each thread streams one contiguous
-// block of the weight's stored rows, one row at a time: what reached ~0.94 of the read bandwidth on a
-// 2-core EPYC at batch 1 (row blocking and software prefetch were slower there).
+// fp32, for the few rows of a decode step. The weight may be stored (in, out) or (out, in) (nn.Linear's
+// layout, the one the kernels read fastest); fp32 or bf16, accumulated in fp32. Each thread streams
+// one contiguous block of the weight's stored rows (see dot_range for the tiles, prefetching and
+// blocking, and the measurements behind them).
 
 #pragma once
 
@@ -64,7 +64,7 @@ inline void gemv_in_by_out(const float* x, const T* w, int64_t M, int64_t I, int
 constexpr int64_t ONE_THREAD_BYTES = 96 * 1024;
 constexpr int64_t PREFETCH_ROWS = 4;
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 // The (out, in) kernels: each output is a dot product of a row of x and a row of the weight, in
 // vectors of L lanes, two accumulators per output (even and odd vectors), a masked tail into the
 // first, one horizontal sum. Every output is summed in this order whatever the tile it is computed
@@ -248,7 +248,7 @@ inline void gemv_out_by_in(const float* x, const T* w, int64_t M, int64_t I, int
   {
     const int t = omp_get_thread_num(), n = omp_get_num_threads();
     const int64_t o0 = O * t / n, o1 = O * (t + 1) / n;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
     if constexpr (std::is_same_v<T, float>) {
       dot_range<Fp32>(x, w, ld, M, I, out, O, o0, o1);
     } else {
@@ -281,6 +281,11 @@ inline void gemv_out_by_in(const float* x, const T* w, int64_t M, int64_t I, int
 template <typename T>
 inline void product(const float* x, const T* w, int64_t M, int64_t I, int64_t O, int64_t so, int64_t si, float* out,
                     bool x_is_bf16 = false) {
+  if (M == 0 || O == 0) return;
+  if (I == 0) {  // an empty sum
+    std::fill(out, out + M * O, 0.0f);
+    return;
+  }
   if (so == 1 && O > 1) {
     gemv_in_by_out(x, w, M, I, O, si, out);
   } else {

@@ -193,3 +193,11 @@ def test_verification_chunks_run_the_decode_program_with_the_full_forward_logits
     with torch.no_grad():
         want = torch.cat([model(torch.tensor([s + n])).logits[0, -len(n):] for s, n in zip(seqs, new)])
     torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_table_short_of_its_position_is_an_error_not_block_0():
+    from moegpt.infer.decode_batch import DecodeBatchState, DecodeRow
+
+    state = DecodeBatchState(4, torch.device("cpu"))
+    with pytest.raises(ValueError, match="position 9 needs 3 blocks, its block table has 2"):
+        state.update([DecodeRow(seq_id=7, position=9, block_table=(3, 5))])

@@ -109,3 +109,18 @@ def test_bad_metadata_is_an_error_naming_the_value():
         torch.ops.moegpt.decode_layer(*args(torch.tensor([300]), meta.block_tables))
     with pytest.raises(RuntimeError, match="block 99 of sequence 0"):
         torch.ops.moegpt.decode_layer(*args(positions, torch.full_like(meta.block_tables, 99)))
+    with pytest.raises(RuntimeError, match="is outside the cache"):  # no overflow past the bounds check
+        torch.ops.moegpt.decode_layer(*args(positions, torch.full_like(meta.block_tables, 2**62 - 1)))
+    for bs in (0, -4):
+        a = list(args(positions, meta.block_tables))
+        a[14] = bs
+        with pytest.raises(RuntimeError, match=f"block_size {bs} must be >= 1"):
+            torch.ops.moegpt.decode_layer(*a)
+    a = list(args(positions, meta.block_tables))
+    a[0] = a[0][:0]
+    with pytest.raises(RuntimeError, match="an empty batch"):
+        torch.ops.moegpt.decode_layer(*a)
+    a = list(args(positions, meta.block_tables))
+    a[1] = a[1][:-1]  # a norm of the wrong size
+    with pytest.raises(RuntimeError, match="weight shapes do not match"):
+        torch.ops.moegpt.decode_layer(*a)

@@ -34,6 +34,11 @@ def test_a_gemv_row_does_not_depend_on_the_rows_beside_it(dtype):
         assert torch.equal(torch.ops.moegpt.gemv(x[m:m + 1], w)[0], got[m])
 
 
+def test_empty_products_are_empty_or_zero():
+    assert torch.ops.moegpt.gemv(torch.zeros(0, 64), torch.randn(256, 64)).shape == (0, 256)
+    assert torch.equal(torch.ops.moegpt.gemv(torch.zeros(5, 0), torch.zeros(3, 0)), torch.zeros(5, 3))
+
+
 def test_bad_inputs_are_errors_naming_the_shapes():
     with pytest.raises(RuntimeError, match=r"x \(M, I\) and w \(O, I\)"):
         torch.ops.moegpt.gemv(torch.randn(2, 9), torch.randn(5, 8))
