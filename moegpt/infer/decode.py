@@ -245,7 +245,8 @@ def decode_step(w: DecodeWeights, tokens: torch.Tensor, positions: torch.Tensor,
     expert (Lm, E) (None without MoE layers)."""
     cfg = w.cfg
     x = w.embed.index_select(0, tokens)  # (B, D)
-    if kernel_layers_apply(w, x, k_cache):
+    kernels = kernel_layers_apply(w, x, k_cache)
+    if kernels:
         counts = torch.zeros(cfg.n_moe_layers, cfg.n_experts, dtype=torch.long) if cfg.n_moe_layers else None  # CPU
         row = 0
         for lw, kc, vc in zip(w.layers, k_cache, v_cache):
@@ -255,8 +256,8 @@ def decode_step(w: DecodeWeights, tokens: torch.Tensor, positions: torch.Tensor,
         x, counts = layers_in_pytorch(w, x, positions, k_cache, v_cache, meta)
     if logit_rows is not None:
         x = x.index_select(0, logit_rows)  # (L, D)
-    logits = w.head(rms_norm(x, w.norm, cfg.norm_eps))  # (L, V)
-    return logits, counts
+    h = torch.ops.moegpt.rms_norm(x, w.norm, cfg.norm_eps) if kernels else rms_norm(x, w.norm, cfg.norm_eps)
+    return w.head(h), counts  # (L, V)
 
 
 def layers_in_pytorch(w: DecodeWeights, x: torch.Tensor, positions: torch.Tensor, k_cache: list[torch.Tensor],

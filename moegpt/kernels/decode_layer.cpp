@@ -458,6 +458,31 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
                               rope_sin, positions, block_tables, block_size, n_heads, top_k, swiglu, eps, cp, lim);
 }
 
+// The final norm of a decode step (the model's rms_norm: fp32 statistics, scaled in x's dtype), one op.
+at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous() && weight.numel() == x.size(1) &&
+              weight.scalar_type() == x.scalar_type() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "moegpt::rms_norm: x (B, D) contiguous, fp32 or bf16, and a weight (D,) of its dtype");
+  const int64_t B = x.size(0), D = x.size(1);
+  std::vector<float> h(B * D);
+  at::Tensor out = at::empty_like(x);
+  AT_DISPATCH_SWITCH(x.scalar_type(), "moegpt_rms_norm",
+    AT_DISPATCH_CASE(at::kFloat, [&] {
+      rms_norm<float>(x.data_ptr<float>(), weight.data_ptr<float>(), B, D, static_cast<float>(eps), h.data());
+      std::memcpy(out.data_ptr<float>(), h.data(), B * D * sizeof(float));
+    })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] {
+      rms_norm<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(), B, D,
+                              static_cast<float>(eps), h.data());
+      c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+      for (int64_t i = 0; i < B * D; ++i) o[i] = static_cast<c10::BFloat16>(h[i]);  // exact: h is rounded
+    }));
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moegpt, CPU, m) { m.impl("decode_layer", &decode_layer); }
+TORCH_LIBRARY_IMPL(moegpt, CPU, m) {
+  m.impl("decode_layer", &decode_layer);
+  m.impl("rms_norm", &rms_norm_op);
+}

@@ -39,6 +39,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
 
 TORCH_LIBRARY(moegpt, m) {
   m.def("gemv(Tensor x, Tensor w) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("decode_layer(Tensor x, Tensor attn_norm, Tensor wqkv, Tensor wo, Tensor ffn_norm, Tensor? router, "
         "Tensor w_in, Tensor w_down, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rope_cos, Tensor rope_sin, "
         "Tensor positions, Tensor block_tables, int block_size, int n_heads, int top_k, bool swiglu, float eps, "

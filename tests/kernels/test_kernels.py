@@ -55,3 +55,13 @@ def test_without_a_compiler_one_line_says_so_and_the_references_run(monkeypatch,
         assert not kernels.gemv_applies(x, w)
     finally:
         kernels.available.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_the_models(dtype):
+    from moegpt.model.layers import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 77, generator=g).to(dtype), torch.randn(77, generator=g).to(dtype)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(torch.ops.moegpt.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5), **tol)
