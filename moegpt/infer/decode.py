@@ -224,7 +224,7 @@ def layer_with_kernel(x: torch.Tensor, w: DecodeWeights, lw: LayerWeights, kc: t
         x, lw.attn_norm, lw.wqkv.w, lw.wo.w, lw.ffn_norm, None if lw.router is None else lw.router.w, lw.w_in,
         lw.w_down, kc, vc, w.rope_cos, w.rope_sin, positions, meta.block_tables, meta.block_size, cfg.n_heads,
         cfg.top_k, cfg.mlp == MLPKind.SWIGLU, cfg.norm_eps, counts if lw.router is not None else None, row,
-        MAX_ROWS_IN_BY_OUT, MAX_ROWS_OUT_BY_IN)
+        MAX_ROWS_IN_BY_OUT, MAX_ROWS_OUT_BY_IN[x.dtype])
 
 
 def kernel_layers_apply(w: DecodeWeights, x: torch.Tensor, k_cache: list[torch.Tensor]) -> bool:

@@ -28,8 +28,11 @@ HEADERS = (Path(__file__).with_name("gemv.h"),)
 # Rows up to which gemv beats the library's matmul (measured on a 2-core EPYC, 2048 x 768, cold,
 # as fractions of a paired 1 GiB sum): fp32 stored (in, out) 33 vs 15 GB/s at 2 rows, equal at 6;
 # stored (out, in), fp32: 0.95 / 0.84 / 0.61 / 0.35 at 1 / 4 / 8 / 16 rows vs F.linear's 0.34 /
-# 0.23 / 0.29 / 0.23; bf16: 0.80 / 0.61 / 0.56 / 0.38 vs 0.33 / 0.30 / 0.33 / 0.24.
-MAX_ROWS_IN_BY_OUT, MAX_ROWS_OUT_BY_IN = 6, 16
+# 0.23 / 0.29 / 0.23; bf16: 0.80 / 0.61 / 0.56 / 0.38 vs 0.33 / 0.30 / 0.33 / 0.24. Past 16 rows both
+# are compute-bound (hot, GFLOP/s): fp32 the kernel still wins at 32 and 64 rows (2048 x 768: 104 /
+# 101 vs 102 / 80; the 32000 x 768 head: 109 / 125 vs 51 / 86), bf16 the library (151-167 vs 200-287).
+MAX_ROWS_IN_BY_OUT = 6
+MAX_ROWS_OUT_BY_IN = {torch.float32: 64, torch.bfloat16: 16}
 
 
 def gemv_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -96,7 +99,7 @@ def _row_limit(x: torch.Tensor, w: torch.Tensor) -> int:
         return 0
     if w.stride(-2) == 1:
         return MAX_ROWS_IN_BY_OUT
-    return MAX_ROWS_OUT_BY_IN if w.stride(-1) == 1 else 0
+    return MAX_ROWS_OUT_BY_IN[w.dtype] if w.stride(-1) == 1 else 0
 
 
 def gemv_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
