@@ -18,7 +18,7 @@ SLOW_FIXTURES = {"servers", "server", "tight_server", "drain_server", "keyed"}
 
 
 def pytest_collection_modifyitems(config, items):
-    no_cuda = pytest.mark.skip(reason="no CUDA device")
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is false)")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_cuda)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from moegpt.config import MLPKind, ModelConfig
 from moegpt.infer.decode_batch import DecodeMeta
 from moegpt.infer.layout import fused_view, lay_out_for_decoding
+from moegpt.infer.paged_cache import slots_by_position
 from moegpt.kernels import MAX_ROWS_IN_BY_OUT, MAX_ROWS_OUT_BY_IN, decode_layer_applies, gemv_applies
 from moegpt.model import MoEGPT
 from moegpt.model.grouped import grouped_mm_supported
@@ -126,10 +127,8 @@ class GatheredKeys:
 
 def gathered_keys(meta: DecodeMeta, positions: torch.Tensor, dtype: torch.dtype) -> GatheredKeys:
     """From the block tables (B, nb): the slots of each sequence's keys up to S, the longest's."""
-    B, bs, S = len(meta.lens), meta.block_size, max(meta.lens)
-    nb = -(-S // bs)
-    offsets = torch.arange(bs, device=positions.device)
-    slots = (meta.block_tables[:, :nb, None] * bs + offsets).view(B, nb * bs)[:, :S]  # (B, S)
+    B, S = len(meta.lens), max(meta.lens)
+    slots = slots_by_position(meta.block_tables, meta.block_size, S)  # (B, S)
     slot_mapping = slots.gather(1, positions[:, None]).view(B)
     mask = None
     if min(meta.lens) != S:
@@ -195,13 +194,13 @@ def moe(h: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> tuple[torch.Tens
     B, D = h.shape
     K = cfg.top_k
     if lw.router is None:  # dense: one expert, every token
-        routed, weight, token, offs = h, None, None, None
+        routed, weight, token = h, None, None
         ends = torch.full((1,), B, dtype=torch.int32, device=h.device)
         expert = torch.zeros(B, dtype=torch.long, device=h.device)
     else:
         top_w, top_e = route(h, lw, cfg)
         expert, order = torch.sort(top_e.view(-1), stable=True)  # (A,): assignments grouped by expert
-        ends = offs = torch.searchsorted(expert, lw.expert_ids, out_int32=True)  # (E,) end of each group
+        ends = torch.searchsorted(expert, lw.expert_ids, out_int32=True)  # (E,) end of each group
         token = order // K  # (A,) source token of each assignment
         routed, weight = h.index_select(0, token), top_w.view(-1, 1).index_select(0, order)  # (A, D), (A, 1)
     up = expert_products(routed, lw.w_in_t, expert, ends)  # (A, 2F) or (A, F)
@@ -212,7 +211,7 @@ def moe(h: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> tuple[torch.Tens
     if y.dtype != h.dtype:
         y = y.to(h.dtype)
     # each token's K rows summed (for K=2 exactly the model's sum, whatever the order)
-    return h.new_zeros(B, D).index_add_(0, token, y), offs
+    return h.new_zeros(B, D).index_add_(0, token, y), ends
 
 
 def layer_with_kernel(x: torch.Tensor, w: DecodeWeights, lw: LayerWeights, kc: torch.Tensor, vc: torch.Tensor,

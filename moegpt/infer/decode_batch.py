@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moegpt.infer.paged_cache import block_table_tensor
+
 TABLE_HEADROOM = 8  # entries past the longest table, so a growing sequence rarely forces a rebuild
 
 
@@ -80,8 +82,7 @@ class DecodeBatchState:
     def _rebuild(self, rows: list[DecodeRow], ids: tuple[int | None, ...], positions: tuple[int, ...]) -> None:
         nb = max(len(r.block_table) for r in rows) + TABLE_HEADROOM
         self.held = [tuple(r.block_table) for r in rows]
-        table = [list(t) + [0] * (nb - len(t)) for t in self.held]
-        self.tables = torch.tensor(table, dtype=torch.long, device=self.device)
+        self.tables = block_table_tensor(self.held, nb, self.device)
         self.positions = torch.tensor(positions, dtype=torch.long, device=self.device)
         self.ids = ids
         self.rebuilds += 1

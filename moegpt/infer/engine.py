@@ -190,8 +190,9 @@ class LLMEngine:
             stop_ids = stop_ids | {self.tokenizer.eos_id}
         for index, seq in enumerate(seqs):
             detok = Detokenizer(self.tokenizer.decode, params.stop) if self.tokenizer is not None else None
-            self.live[seq.seq_id] = _Live(seq=seq, request_id=rid, index=index, params=params,
-                                          generator=_generator(params.seed, index, self.cache.k[0].device), stop_ids=stop_ids, detok=detok)
+            generator = _generator(params.seed, index, self.cache.k[0].device)
+            self.live[seq.seq_id] = _Live(seq=seq, request_id=rid, index=index, params=params, generator=generator,
+                                          stop_ids=stop_ids, detok=detok)
             self.scheduler.add(seq)
         self.request_seqs[rid] = [s.seq_id for s in seqs]
         self._refresh_stats()

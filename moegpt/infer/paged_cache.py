@@ -28,6 +28,19 @@ from moegpt.config import ModelConfig
 from moegpt.model.attention import attention_over_keys
 
 
+def block_table_tensor(tables: list[tuple[int, ...]], nb: int, device: torch.device | None = None) -> torch.Tensor:
+    """(B, nb) int64: each sequence's block table cut or padded (with block 0) to nb entries."""
+    return torch.tensor([list(t[:nb]) + [0] * (nb - min(nb, len(t))) for t in tables], dtype=torch.long, device=device)
+
+
+def slots_by_position(tables: torch.Tensor, block_size: int, S: int) -> torch.Tensor:
+    """tables (B, >= ceil(S / block_size)) -> (B, S): the slot of each sequence's key at each position
+    (slot = block * block_size + offset); a padded table's padding reads block 0 (masked, or never read)."""
+    B, nb = tables.shape[0], -(-S // block_size)
+    slots = tables[:, :nb, None] * block_size + torch.arange(block_size, device=tables.device)  # (B, nb, block_size)
+    return slots.view(B, nb * block_size)[:, :S]
+
+
 @dataclass(frozen=True, kw_only=True)
 class DecodeBatch:
     """The step's one-token sequences, attended together."""

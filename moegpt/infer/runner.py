@@ -21,7 +21,8 @@ import torch
 
 from moegpt.infer.decode import KERNEL_ASSIGNMENTS, MAX_QUERY_TOKENS, decode_step, decode_weights
 from moegpt.infer.decode_batch import DecodeBatchState, DecodeRow
-from moegpt.infer.paged_cache import DecodeBatch, PagedAttentionMetadata, PagedKVCache
+from moegpt.infer.paged_cache import (DecodeBatch, PagedAttentionMetadata, PagedKVCache, block_table_tensor,
+                                      slots_by_position)
 from moegpt.model import MoEGPT
 
 
@@ -40,16 +41,6 @@ class StepOutput:
     expert_counts: torch.Tensor | None  # (n_layers, E) tokens routed to each expert this step
 
 
-def key_slots(chunks: list[Chunk], block_size: int, S: int, device: torch.device | None = None) -> torch.Tensor:
-    """(B, S) the slot of each sequence's key at each position up to S, from its block table, padded
-    with block 0 (the padding keys are read but masked, or never read)."""
-    B, nb = len(chunks), -(-S // block_size)
-    table = torch.tensor([list(c.block_table[:nb]) + [0] * (nb - min(nb, len(c.block_table))) for c in chunks],
-                         device=device)  # (B, nb)
-    slots = table[:, :, None] * block_size + torch.arange(block_size, device=device)  # (B, nb, block_size)
-    return slots.view(B, nb * block_size)[:, :S]
-
-
 def attention_metadata(chunks: list[Chunk], block_size: int,
                        device: torch.device | None = None) -> tuple[PagedAttentionMetadata, torch.Tensor]:
     """The step's paged-attention metadata and the positions (N,) of its tokens, on ``device``, built
@@ -58,7 +49,8 @@ def attention_metadata(chunks: list[Chunk], block_size: int,
     query_lens = tuple(len(c.tokens) for c in chunks)
     context_lens = tuple(c.start + n for c, n in zip(chunks, query_lens))
     S_max = max(context_lens)
-    context_slots = key_slots(chunks, block_size, S_max, device)  # (B, S_max)
+    table = block_table_tensor([c.block_table for c in chunks], -(-S_max // block_size), device)  # (B, nb)
+    context_slots = slots_by_position(table, block_size, S_max)  # (B, S_max)
     positions = torch.tensor([p for c, n in zip(chunks, query_lens) for p in range(c.start, c.start + n)],
                              device=device)  # (N,)
     seq_of_token = torch.arange(B, device=device).repeat_interleave(torch.tensor(query_lens, device=device))  # (N,)

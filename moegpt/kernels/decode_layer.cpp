@@ -68,17 +68,25 @@ struct Limits {
   int64_t in_by_out, out_by_in;  // rows up to which the gemv kernel runs (past them: the library's mm)
 };
 
+// out (M, O) fp32 = x (M, I) fp32 (values of w's dtype) times one matrix on the gemv kernel: w (O, I)
+// as nn.Linear stores it, or matrix e of a stack w (E, O, I).
+void kernel_product(const float* x, int64_t M, const at::Tensor& w, int64_t e, float* out) {
+  const int64_t d = w.dim(), O = w.size(d - 2), I = w.size(d - 1), so = w.stride(d - 2), si = w.stride(d - 1);
+  const int64_t offset = d == 3 ? e * w.stride(0) : 0;
+  AT_DISPATCH_SWITCH(w.scalar_type(), "moegpt_decode_layer_product",
+    AT_DISPATCH_CASE(at::kFloat, [&] { moegpt::product(x, w.data_ptr<float>() + offset, M, I, O, so, si, out); })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] {
+      moegpt::product(x, w.data_ptr<c10::BFloat16>() + offset, M, I, O, so, si, out, /*x_is_bf16=*/true);
+    }));
+}
+
 // out (M, O) fp32 = x (M, I) fp32 times w (O, I) as nn.Linear stores it: the gemv kernel for a few
 // rows, the library's matmul in w's dtype for more (as the PyTorch program does).
 void matmul(const float* x, int64_t M, const at::Tensor& w, float* out, Limits lim) {
   const int64_t O = w.size(0), I = w.size(1), so = w.stride(0), si = w.stride(1);
   const int64_t limit = (so == 1 && O > 1) ? lim.in_by_out : (si == 1 ? lim.out_by_in : 0);
   if (M <= limit) {
-    AT_DISPATCH_SWITCH(w.scalar_type(), "moegpt_decode_layer_matmul",
-      AT_DISPATCH_CASE(at::kFloat, [&] { moegpt::product(x, w.data_ptr<float>(), M, I, O, so, si, out); })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        moegpt::product(x, w.data_ptr<c10::BFloat16>(), M, I, O, so, si, out, /*x_is_bf16=*/true);
-      }));
+    kernel_product(x, M, w, 0, out);
     return;
   }
   const at::Tensor xt = at::from_blob(const_cast<float*>(x), {M, I}, at::kFloat).to(w.scalar_type());
@@ -299,7 +307,6 @@ void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& 
   std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return expert[p] < expert[q]; });
   std::vector<float> out(B * K * D);
   std::vector<float> xs, up, act, down;
-  const int64_t ise = w_in.stride(0), dse = w_down.stride(0);
   for (int64_t start = 0; start < B * K;) {
     int64_t end = start;
     while (end < B * K && expert[order[end]] == expert[order[start]]) ++end;
@@ -309,14 +316,7 @@ void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& 
     act.resize(M * Fd);
     down.resize(M * D);
     for (int64_t r = 0; r < M; ++r) std::memcpy(&xs[r * D], h + (order[start + r] / K) * D, D * sizeof(float));
-    AT_DISPATCH_SWITCH(w_in.scalar_type(), "moegpt_decode_layer_experts",
-      AT_DISPATCH_CASE(at::kFloat, [&] {
-        moegpt::product(xs.data(), w_in.data_ptr<float>() + e * ise, M, D, Fin, w_in.stride(1), w_in.stride(2), up.data());
-      })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        moegpt::product(xs.data(), w_in.data_ptr<c10::BFloat16>() + e * ise, M, D, Fin, w_in.stride(1), w_in.stride(2),
-                        up.data(), /*x_is_bf16=*/true);
-      }));
+    kernel_product(xs.data(), M, w_in, e, up.data());
     for (int64_t r = 0; r < M; ++r) {
       const float* u = up.data() + r * Fin;
       float* a = act.data() + r * Fd;
@@ -326,15 +326,7 @@ void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& 
         for (int64_t f = 0; f < Fd; ++f) a[f] = round_to<T>(gelu_tanh(round_to<T>(u[f])));
       }
     }
-    AT_DISPATCH_SWITCH(w_down.scalar_type(), "moegpt_decode_layer_experts",
-      AT_DISPATCH_CASE(at::kFloat, [&] {
-        moegpt::product(act.data(), w_down.data_ptr<float>() + e * dse, M, Fd, D, w_down.stride(1), w_down.stride(2),
-                        down.data());
-      })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        moegpt::product(act.data(), w_down.data_ptr<c10::BFloat16>() + e * dse, M, Fd, D, w_down.stride(1),
-                        w_down.stride(2), down.data(), /*x_is_bf16=*/true);
-      }));
+    kernel_product(act.data(), M, w_down, e, down.data());
     for (int64_t r = 0; r < M; ++r) std::memcpy(&out[order[start + r] * D], &down[r * D], D * sizeof(float));
     start = end;
   }
