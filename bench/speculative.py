@@ -6,6 +6,12 @@ cache). The draft is a one-layer model distilled from it: trained on the bundled
 target's next-token distributions (KL to the target's softmax), with the target's tokenizer.
 Both are cached, so later runs only measure.
 
+Beside each measured speedup, its weight-byte bound: an MoE target's verification pass over k+1
+tokens reads every expert those tokens chose (up to (k+1)*top_k per layer, against top_k for one
+token), so the target's weight bytes per generated token, counted from the experts each pass
+actually hit, bound the speedup from above (the draft's own passes cost extra):
+bound = plain bytes per token / speculative bytes per token.
+
     python -m bench.speculative [--new-tokens 128] [--repeats 3]
 """
 
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 
 from bench.common import interleaved_medians, write_result
 from moegpt.checkpoint.model_dir import load, save
+from moegpt.counts import param_counts
 from moegpt.data.sources import iter_documents, shakespeare_source, stdlib_code_source
 from moegpt.infer.engine import EngineConfig, LLMEngine
 from moegpt.infer.speculative import SpeculativeConfig, SpeculativeMethod
@@ -109,6 +116,21 @@ def main() -> None:
         "draft": LLMEngine(target, EngineConfig(speculative=SpeculativeConfig(num_tokens=args.k)), tok, draft=draft),
         "ngram": LLMEngine(target, EngineConfig(speculative=SpeculativeConfig(method=SpeculativeMethod.NGRAM, num_tokens=args.k)), tok),
     }
+    c = param_counts(target.cfg)
+    embed = 0 if target.lm_head is None else target.cfg.vocab_size * target.cfg.d_model  # looked up, not read
+    shared, expert = c.shared - embed, c.per_expert // max(1, target.cfg.n_moe_layers)  # elements; one expert, one layer
+    weight_elements = {name: 0 for name in engines}  # the target's weights read, summed over passes
+
+    def counting(name, run):
+        def wrapped(chunks):
+            out = run(chunks)
+            hit = int((out.expert_counts > 0).sum()) if out.expert_counts is not None else 0
+            weight_elements[name] += shared + hit * expert
+            return out
+        return wrapped
+
+    for name, engine in engines.items():
+        engine.runner.run = counting(name, engine.runner.run)
     rows = []
     for mode, sampling in (("greedy", dict(temperature=0.0)), ("T=0.8", dict(temperature=0.8, top_k=50))):
         req = SamplingParams(max_tokens=args.new_tokens, seed=0, ignore_eos=True, **sampling)
@@ -120,14 +142,16 @@ def main() -> None:
                 outputs[name] = [engine.generate([p], req)[0].outputs[0].token_ids for p in prompts]
             return run
 
-        before = {n: (e.stats.spec_proposed, e.stats.spec_accepted, e.stats.steps, e.stats.generation_tokens)
-                  for n, e in engines.items()}
+        before = {n: (e.stats.spec_proposed, e.stats.spec_accepted, e.stats.steps, e.stats.generation_tokens,
+                      weight_elements[n]) for n, e in engines.items()}
         times = dict(zip(engines, interleaved_medians([runner(n) for n in engines], args.repeats)))
         if mode == "greedy":
             assert outputs["draft"] == outputs["plain"] == outputs["ngram"], "greedy speculative output differs"
         n_tokens = len(prompts) * args.new_tokens
+        per_token = {n: (weight_elements[n] - before[n][4]) / (e.stats.generation_tokens - before[n][3])
+                     for n, e in engines.items()}
         for name, engine in engines.items():
-            p0, a0, s0, g0 = before[name]
+            p0, a0, s0, g0, _ = before[name]
             s = engine.stats
             proposed, accepted = s.spec_proposed - p0, s.spec_accepted - a0
             rows.append({
@@ -135,14 +159,18 @@ def main() -> None:
                 "speedup": times["plain"] / times[name],
                 "acceptance_rate": accepted / proposed if proposed else None,
                 "tokens_per_target_pass": (s.generation_tokens - g0) / (s.steps - s0),
+                "target_weight_bytes_per_token": per_token[name] * target.embed.weight.element_size(),
+                "speedup_bound_by_weight_bytes": per_token["plain"] / per_token[name],
             })
     print(f"\nspeculative decoding, batch 1, {len(prompts)} prompts x {args.new_tokens} new tokens, k={args.k}; "
           f"target {tpath.name}, draft {dpath.name} (1 layer, distilled)")
-    print(f"{'mode':8} {'method':6} {'tokens/s':>9} {'speedup':>8} {'accept':>7} {'tok/pass':>9}")
+    print(f"{'mode':8} {'method':6} {'tokens/s':>9} {'speedup':>8} {'accept':>7} {'tok/pass':>9} "
+          f"{'MB/token':>9} {'bound':>7}")
     for r in rows:
         acc = f"{r['acceptance_rate']:.2f}" if r["acceptance_rate"] is not None else "-"
         print(f"{r['mode']:8} {r['method']:6} {r['tokens_per_s']:9.1f} {r['speedup']:7.2f}x {acc:>7} "
-              f"{r['tokens_per_target_pass']:9.2f}")
+              f"{r['tokens_per_target_pass']:9.2f} {r['target_weight_bytes_per_token'] / 1e6:9.2f} "
+              f"{r['speedup_bound_by_weight_bytes']:6.2f}x")
     path = write_result("speculative", {"k": args.k, "new_tokens": args.new_tokens, "prompts": list(PROMPTS),
                                         "target": tpath.name, "draft": dpath.name, "rows": rows})
     print(f"results: {path}")

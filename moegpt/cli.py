@@ -155,6 +155,47 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    """Fine-tune --model on --data's conversations; exact match of greedy answers on the held-out
+    conversations before (the base model) and after, printed and written to OUT/finetune_eval.json."""
+    from moegpt.atomic import write_text_atomic
+    from moegpt.checkpoint.model_dir import load
+    from moegpt.infer.chat_eval import exact_match
+    from moegpt.train.cli import run_training
+    from moegpt.train.finetune import finetune_inputs
+
+    template = None
+    if args.chat_template is not None:
+        path = Path(args.chat_template)
+        if not path.is_file():
+            raise ValueError(f"--chat-template {path} does not exist")
+        template = path.read_text(encoding="utf-8")
+    ft = finetune_inputs(args.model, args.data, chat_template=template, packing=not args.no_packing,
+                         drop_long=args.long == "drop")
+    out = Path(args.out)
+
+    def evaluate(directory: Path, trainer) -> dict:
+        model, tok = load(directory)
+        scores = {}
+        for source in trainer.data.sources:
+            convs, tasks = source.val[:args.eval_max], (source.val_tasks or (None,) * len(source.val))[:args.eval_max]
+            scores[source.name] = exact_match(model, tok, ft.chat, convs, tasks)
+        return scores
+
+    trainer, result = run_training(args, out, args.resume, finetune=ft)
+    if args.no_eval or not result.finished:
+        return 0
+    report = {"base": evaluate(Path(args.model), trainer), "tuned": evaluate(out, trainer)}
+    write_text_atomic(out / "finetune_eval.json", json.dumps(report, indent=2) + "\n")
+    print("\nexact match of greedy answers on held-out conversations (base -> tuned):")
+    for name, tuned in report["tuned"].items():
+        for task, row in tuned.items():
+            base = report["base"][name][task]
+            print(f"  {name:14s} {task:14s} {base['exact_match']:6.1%} -> {row['exact_match']:6.1%}  (n={row['n']})")
+    print(f"tuned model directory: {out}  (try: moegpt serve --model {out})")
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """Bad flags get one line naming the value (argparse's own message), not the whole usage."""
 
@@ -166,9 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="moegpt", description="GPT-4-style sparse MoE: train, generate, inspect")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    from moegpt.train.cli import add_train_args, add_train_parser
+    from moegpt.train.cli import add_finetune_parser, add_train_args, add_train_parser
 
     add_train_parser(sub)
+    add_finetune_parser(sub, cmd_finetune)
 
     p = sub.add_parser("generate", help="generate text from a model directory")
     p.add_argument("--model", required=True, help="model directory (HF Mixtral format)")

@@ -6,6 +6,7 @@ Legend: B batch, T new tokens, S keys (cached + new), H query heads, G kv heads,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -24,6 +25,25 @@ class KVCacheView(Protocol):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """q (B, H, T, Dh), k/v (B, G, T, Dh) of the new tokens at ``positions`` (T,) -> (B, H, T, Dh)."""
         ...
+
+
+@dataclass(frozen=True)
+class DocumentMask:
+    """The attention view of packed training rows (several documents per row): each token attends
+    to the tokens at or before it in its own document only, so no document sees another. Every
+    layer gets the same view (the KVCacheView protocol; nothing is cached)."""
+
+    mask: torch.Tensor  # (B, 1, T, T) bool: query t may attend to key s
+
+    @staticmethod
+    def of(docs: torch.Tensor) -> "DocumentMask":
+        """docs (B, T): the document of each token (a row's documents contiguous, in order)."""
+        T = docs.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=docs.device).tril()
+        return DocumentMask(((docs[:, :, None] == docs[:, None, :]) & causal)[:, None])
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def attention_over_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,

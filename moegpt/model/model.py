@@ -71,7 +71,8 @@ class MoEGPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: Sequence[KVCacheView] | None = None) -> ModelOutput:
-        """tokens (B, T); positions (T,) absolute positions (default 0..T-1); cache: one view per layer."""
+        """tokens (B, T); positions (T,) absolute positions (default 0..T-1), or (B, T) one row each;
+        cache: one attention view per layer (a KV cache, or attention.DocumentMask for packed rows)."""
         x, stats = self.trunk(tokens, positions, cache)
         return ModelOutput(logits=self.head(x), router=stats)  # logits (B, T, V)
 
@@ -83,7 +84,9 @@ class MoEGPT(nn.Module):
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)  # (T, Dh) each
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)  # (T, Dh) each, or (B, T, Dh)
+        if positions.dim() == 2:  # positions per row (packed documents): broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
         x = self.embed(tokens)  # (B, T, D)
         if cos.dtype != x.dtype:  # cast once here rather than twice per layer in apply_rope (same values)
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)

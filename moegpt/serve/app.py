@@ -23,7 +23,7 @@ from moegpt.data.tokenizer import Tokenizer
 from moegpt.infer.outputs import StepUpdate
 from moegpt.serve.auth import RequireAPIKey
 from moegpt.serve.body import DEFAULT_MAX_REQUEST_BYTES, read_body
-from moegpt.serve.chat import ChatFormat
+from moegpt.data.chat import ChatFormat
 from moegpt.serve.engine_loop import EngineLoop, Failed, QueueFull, ShuttingDown, Stream
 from moegpt.serve.errors import APIError, bad_request, error_body, error_response
 from moegpt.serve.metrics import Metrics

@@ -20,7 +20,7 @@ from moegpt.infer.engine import EngineConfig
 from moegpt.infer.llm import LLM
 from moegpt.serve.app import Served, build_app
 from moegpt.serve.body import DEFAULT_MAX_REQUEST_BYTES
-from moegpt.serve.chat import chat_format
+from moegpt.data.chat import chat_format
 from moegpt.serve.engine_loop import EngineLoop, Limits
 from moegpt.serve.metrics import Metrics
 

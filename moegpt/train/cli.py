@@ -172,16 +172,24 @@ def print_row(row: dict, log_every: int) -> None:
           f"expert load per EP rank {row['ep_load']} peak MiB/rank {row['peak_mem_mb']}", flush=True)
 
 
-def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=None):
+def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=None, finetune=None):
     """Check every input, then set up (tokenizer, data, model) and train, in one process or on every
     rank of a torchrun layout. The hooks run around the set-up (the demo clears its directory
-    before, and marks it as its own after). Returns (trainer, result)."""
+    before, and marks it as its own after). ``finetune`` (train/finetune.py): start from its model
+    and read ``args.data`` as conversation sources. Returns (trainer, result)."""
     from moegpt.counts import param_counts
+    from moegpt.data.sft import parse_conversation_mixture
     from moegpt.data.sources import parse_mixture
     from moegpt.train.trainer import Trainer, default_cache_dir
 
-    model_cfg, train_cfg = model_config_from_args(args), train_config_from_args(args)
-    sources = parse_mixture(args.data)
+    train_cfg = train_config_from_args(args)
+    if finetune is None:
+        model_cfg, sources = model_config_from_args(args), parse_mixture(args.data)
+    else:
+        if "WORLD_SIZE" in os.environ:
+            raise ValueError("moegpt finetune runs in one process: torchrun layouts are not supported for it yet")
+        model_cfg = finetune.model_cfg
+        sources = parse_conversation_mixture(args.data, train_cfg.val_fraction, train_cfg.seed)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     dims = parallel_dims_from_args(args)
     if dims is not None:  # checked before any process group or data work
@@ -197,14 +205,19 @@ def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=N
         if before_setup is not None:
             before_setup()
         trainer = Trainer(model_cfg, train_cfg, out, sources, cache_dir, resume=resume, dims=dims, device=device,
-                          record_samples=getattr(args, "record_samples", False))
+                          record_samples=getattr(args, "record_samples", False), finetune=finetune)
         if after_setup is not None:
             after_setup()
         main = trainer.runtime.is_main
         if main:
             counts = param_counts(model_cfg)
             where = "" if dims is None else f" on {trainer.runtime.world_size} ranks, layout {dims.describe()},"
-            print(f"moegpt: training {args.preset}: {counts.total / 1e6:.2f}M params "
+            what = args.preset if finetune is None else f"from {args.model}"
+            dropped = getattr(trainer.data, "dropped", {})
+            if dropped:
+                print(f"moegpt: dropped conversations longer than a row ({train_cfg.seq_len + 1} tokens): "
+                      + ", ".join(f"{n} {k}" for k, n in dropped.items()), flush=True)
+            print(f"moegpt: training {what}: {counts.total / 1e6:.2f}M params "
                   f"({counts.active_per_token / 1e6:.2f}M active/token), "
                   f"data {', '.join(f'{n} x{e:g}' for n, e in zip(trainer.data.names, trainer.data.epochs))},"
                   f"{where} from step {trainer.step} to {train_cfg.steps}", flush=True)
@@ -233,6 +246,38 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, final model)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.set_defaults(func=cmd_train)
+    return p
+
+
+FINETUNE_DEFAULTS = {"steps": 300, "seq_len": 256, "lr": 1e-3, "warmup_steps": 20, "eval_every": 50,
+                     "ckpt_every": 50}
+
+
+def add_finetune_parser(subparsers, func) -> argparse.ArgumentParser:
+    """``moegpt finetune``: the training flags (fine-tuning defaults) and what fine-tuning adds;
+    ``func`` runs it (the top-level CLI's, which evaluates the result with the inference engine)."""
+    from moegpt.train.config import TrainConfig
+
+    p = subparsers.add_parser("finetune", help="instruction-tune a model directory on chat conversations")
+    p.add_argument("--model", required=True, help="the model directory to start from")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, the tuned model)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--data", default="instructions:1",
+                   help="conversation sources as name:epochs,...: instructions (generated from the bundled "
+                        "corpus) or NAME=FILE.jsonl (OpenAI-style messages); default instructions:1")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template (default: the model's, else moegpt's ChatML)")
+    p.add_argument("--no-packing", action="store_true", help="one conversation per row (default: packed)")
+    p.add_argument("--long", choices=["drop", "error"], default="drop",
+                   help="conversations longer than a row: drop them (counted) or refuse to start")
+    p.add_argument("--eval-max", type=int, default=200, help="held-out conversations per source for exact match")
+    p.add_argument("--no-eval", action="store_true", help="skip the exact-match evaluation")
+    add_config_flags(p.add_argument_group("training (TrainConfig; fine-tuning defaults)"), TrainConfig)
+    p.set_defaults(**FINETUNE_DEFAULTS)
+    p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this step")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=func)
     return p
 
 

@@ -60,9 +60,12 @@ class LocalRuntime:
         return fn()
 
     # ---- model ----------------------------------------------------------------------------------
-    def build(self, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    def build(self, model_cfg: ModelConfig, cfg: TrainConfig, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """The model (initialised by the seed, or given ``weights``: a fine-tuning run's start) and its optimizer."""
         self.model_cfg, self.cfg = model_cfg, cfg
         self.model = build_model(model_cfg, seed=cfg.seed)
+        if weights is not None:
+            self.model.load_state_dict(weights)
         self.model.train()
         self.optimizer = make_optimizer(self.model, cfg)
 
@@ -141,12 +144,14 @@ class DistributedRuntime:
         return result
 
     # ---- model ----------------------------------------------------------------------------------
-    def build(self, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    def build(self, model_cfg: ModelConfig, cfg: TrainConfig, weights: dict[str, torch.Tensor] | None = None) -> None:
         from moegpt.parallel import parallelize
 
         self.model_cfg, self.cfg = model_cfg, cfg
         self.mesh = self.dims.build_mesh(self.device.type)
         model = build_model(model_cfg, device=self.device, seed=cfg.seed)  # the same weights on every rank
+        if weights is not None:
+            model.load_state_dict(weights)
         model.train()
         self.pm = parallelize(model, self.dims, self.mesh)
         self.optimizer = make_parallel_optimizer(self.pm, cfg)

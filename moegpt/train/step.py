@@ -1,5 +1,10 @@
 """One optimizer step: gradient accumulation over micro-batches, the MoE losses, clipping.
 
+A step's batch is pre-training blocks (B, T+1), every token a target, or packed fine-tuning rows
+(data/sft.py: PackedBatch), whose targets are the assistant's tokens only. Either way the
+cross-entropy is normalised over the targets of the whole step, not of each micro-batch, so
+accumulating micro-batches gives the gradient of one large batch.
+
 Legend: B sequences in the step, M micro-batch, T seq_len, V vocab, Lm MoE layers, E experts.
 """
 
@@ -11,7 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moegpt.model import MoEGPT
+from moegpt.data.sft import IGNORE, PackedBatch
+from moegpt.model import MoEGPT, ModelOutput
+from moegpt.model.attention import DocumentMask
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,43 +48,71 @@ def autocast_context(bf16: bool, device_type: str):
     return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def train_step(model: MoEGPT, optimizer: torch.optim.Optimizer, batch: torch.Tensor, micro_batch: int,
+def packed_forward(model: MoEGPT, rows: PackedBatch) -> ModelOutput:
+    """The model over packed rows: positions restart at each conversation, attention stays inside it."""
+    view = DocumentMask.of(rows.docs)
+    return model(rows.inputs, rows.positions, [view] * model.cfg.n_layers)
+
+
+def _forward(model: MoEGPT, chunk: torch.Tensor | PackedBatch) -> tuple[ModelOutput, torch.Tensor]:
+    """A micro-batch -> the model's output and its targets (M, T) (IGNORE outside the loss)."""
+    if isinstance(chunk, PackedBatch):
+        return packed_forward(model, chunk), chunk.targets
+    return model(chunk[:, :-1]), chunk[:, 1:]
+
+
+def num_targets(batch: torch.Tensor | PackedBatch) -> int:
+    return batch.num_targets if isinstance(batch, PackedBatch) else batch[:, 1:].numel()
+
+
+def train_step(model: MoEGPT, optimizer: torch.optim.Optimizer, batch: torch.Tensor | PackedBatch, micro_batch: int,
                weights: LossWeights, grad_clip: float, bf16: bool = False) -> StepMetrics:
-    """batch (B, T+1) token blocks; inputs are [:, :-1], targets [:, 1:]."""
-    B = batch.shape[0]
+    """batch: blocks (B, T+1), inputs [:, :-1] and targets [:, 1:]; or packed rows (B of them)."""
+    B = len(batch)
+    total = num_targets(batch)
+    if total == 0:
+        raise ValueError("the step's rows hold no loss target (no assistant token): nothing to learn from")
     optimizer.zero_grad(set_to_none=True)
     ce_sum = aux_sum = z_sum = 0.0
     counts = None
     for start in range(0, B, micro_batch):
-        chunk = batch[start:start + micro_batch]
-        n = chunk.shape[0]
-        with autocast_context(bf16, chunk.device.type):
-            out = model(chunk[:, :-1])
+        chunk = batch[start:start + micro_batch] if isinstance(batch, torch.Tensor) else batch.rows(start, start + micro_batch)
+        n = len(chunk)
+        with autocast_context(bf16, chunk_device(chunk).type):
+            out, targets = _forward(model, chunk)
         logits = out.logits.float()  # (M, T, V)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
-        loss = ce + weights.aux * out.aux_loss + weights.z * out.z_loss
-        (loss * (n / B)).backward()  # the mean over the whole step, whatever the micro-batch
-        ce_sum += ce.item() * n
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                             reduction="sum")
+        # the mean over the whole step's targets, whatever the micro-batch; the router losses per row
+        loss = ce / total + (weights.aux * out.aux_loss + weights.z * out.z_loss) * (n / B)
+        loss.backward()
+        ce_sum += ce.item()
         aux_sum += out.aux_loss.item() * n
         z_sum += out.z_loss.item() * n
         c = out.expert_counts if out.router else torch.zeros(0, 0, dtype=torch.long)
         counts = c if counts is None else counts + c
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return StepMetrics(loss=ce_sum / B, aux_loss=aux_sum / B, z_loss=z_sum / B, grad_norm=float(grad_norm),
+    return StepMetrics(loss=ce_sum / total, aux_loss=aux_sum / B, z_loss=z_sum / B, grad_norm=float(grad_norm),
                        expert_counts=counts)
+
+
+def chunk_device(chunk: torch.Tensor | PackedBatch) -> torch.device:
+    return chunk.device if isinstance(chunk, torch.Tensor) else chunk.inputs.device
 
 
 @torch.no_grad()
 def evaluate(model: MoEGPT, batches, bf16: bool = False) -> tuple[float, int]:
-    """(summed next-token cross-entropy, target count) over ``batches`` of (B, T+1) blocks."""
+    """(summed next-token cross-entropy, target count) over ``batches`` of (B, T+1) blocks or packed rows."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        with autocast_context(bf16, batch.device.type):
-            logits = model(batch[:, :-1]).logits.float()
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
-        count += batch[:, 1:].numel()
+        with autocast_context(bf16, chunk_device(batch).type):
+            out, targets = _forward(model, batch)
+        logits = out.logits.float()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                                 reduction="sum").item()
+        count += num_targets(batch)
     model.train(was_training)
     return total, count

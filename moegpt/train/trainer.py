@@ -36,6 +36,7 @@ from moegpt.config import ModelConfig, field_differences
 from moegpt.counts import train_flops_per_token
 from moegpt.data.corpus_tokenizer import corpus_tokenizer
 from moegpt.data.dataset import MixtureData, build_mixture
+from moegpt.data.sft import SFTData, build_sft_data
 from moegpt.data.sources import Source
 from moegpt.data.tokenizer import Tokenizer
 from moegpt.hardware import measure_matmul_flops
@@ -46,6 +47,7 @@ from moegpt.train.schedule import BatchRamp, LRSchedule
 
 if TYPE_CHECKING:
     from moegpt.parallel import ParallelDims
+    from moegpt.train.finetune import Finetune
 
 @dataclass
 class RunResult:
@@ -58,7 +60,7 @@ class RunResult:
 
 
 def check_resume_compatible(ckpt: dict, model_cfg: ModelConfig, train_cfg: TrainConfig, mixture: list,
-                            where: Path) -> None:
+                            where: Path, finetune: dict | None = None) -> None:
     missing = {"model_config", "train_config", "mixture", "tokenizer_fingerprint", "step"} - set(ckpt)
     if missing:
         raise ValueError(f"checkpoint {where} is not a moegpt training checkpoint (missing {sorted(missing)})")
@@ -70,6 +72,10 @@ def check_resume_compatible(ckpt: dict, model_cfg: ModelConfig, train_cfg: Train
     diffs = TrainConfig(**ckpt["train_config"]).differences(train_cfg)
     if diffs:
         raise ValueError(f"cannot resume {where}: train config differs ({'; '.join(diffs)})")
+    before, now = ckpt.get("finetune") or {}, finetune or {}
+    if before != now:
+        diffs = field_differences(before, now) + [f"{k}: None -> {now[k]!r}" for k in now if k not in before]
+        raise ValueError(f"cannot resume {where}: fine-tuning settings differ ({'; '.join(diffs)})")
 
 
 class Trainer:
@@ -77,14 +83,19 @@ class Trainer:
 
     ``dims`` None: one process. Otherwise every rank of a torchrun group builds a Trainer with the
     same arguments (the group already joined: parallel/process_group.py); rank 0 writes the log, the
-    tokenizer and the final model directory."""
+    tokenizer and the final model directory.
+
+    ``finetune`` (train/finetune.py): start from a model directory's weights and tokenizer and read
+    conversations (``sources`` are then data.sft.ConversationSets) instead of pre-training text."""
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path,
                  sources: Sequence[Source], cache_dir: str | Path, *, resume: bool = False,
                  dims: ParallelDims | None = None, device: torch.device = torch.device("cpu"),
-                 record_samples: bool = False):
+                 record_samples: bool = False, finetune: Finetune | None = None):
         self.model_cfg, self.cfg, self.out = model_cfg, train_cfg, Path(out)
         self.record_samples = record_samples
+        self.finetune = finetune
+        settings = finetune.settings if finetune is not None else None
         if dims is None:
             rt = self.runtime = LocalRuntime()
         else:
@@ -106,7 +117,7 @@ class Trainer:
             if existing is None:
                 raise ValueError(f"--resume: no checkpoint in {self.ckpt_dir}")
             train_state = rt.read_train_state(existing)
-            check_resume_compatible(train_state, model_cfg, train_cfg, self.mixture, existing)
+            check_resume_compatible(train_state, model_cfg, train_cfg, self.mixture, existing, settings)
             self.resumed_from = existing
         elif self.out.exists() and any(self.out.iterdir()) and not rt.restarted:
             raise ValueError(f"--out {self.out} exists and is not empty; pass --resume to continue a run, or choose another --out")
@@ -118,17 +129,24 @@ class Trainer:
             if train_state["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
                 raise ValueError(f"{self.out / 'tokenizer.json'} is not the tokenizer checkpoint "
                                  f"{self.resumed_from.name} was trained with")
+        elif finetune is not None:
+            self.tokenizer = finetune.tokenizer
         else:
             self.tokenizer = rt.main_first(lambda: corpus_tokenizer(sources, model_cfg.vocab_size, cache_dir))
-        if self.tokenizer.vocab_size != model_cfg.vocab_size:
+        if self.tokenizer.vocab_size != model_cfg.vocab_size and not (
+                finetune is not None and self.tokenizer.vocab_size < model_cfg.vocab_size):  # (a padded HF vocab)
             raise ValueError(f"tokenizer vocab ({self.tokenizer.vocab_size}) != model vocab_size ({model_cfg.vocab_size})")
-        self.data: MixtureData = rt.main_first(lambda: build_mixture(
-            sources, self.tokenizer, train_cfg.seq_len, cache_dir, train_cfg.val_fraction))
+        if finetune is not None:
+            self.data: MixtureData | SFTData = build_sft_data(sources, self.tokenizer, finetune.chat, train_cfg.seq_len,
+                                                               finetune.packing, finetune.drop_long)
+        else:
+            self.data = rt.main_first(lambda: build_mixture(
+                sources, self.tokenizer, train_cfg.seq_len, cache_dir, train_cfg.val_fraction))
         self.sampler = self.data.make_sampler(train_cfg.seed)
         self.source_draws = [0] * len(sources)  # training samples drawn from each source so far
 
         torch.manual_seed(train_cfg.seed)
-        rt.build(model_cfg, train_cfg)
+        rt.build(model_cfg, train_cfg, None if finetune is None else finetune.weights)
         self.lr_at = LRSchedule(peak=train_cfg.lr, warmup_steps=train_cfg.warmup_steps, total_steps=train_cfg.steps,
                                 min_ratio=train_cfg.min_lr_ratio)
         start = train_cfg.batch_start or train_cfg.batch_size
@@ -171,6 +189,7 @@ class Trainer:
             "tokenizer_fingerprint": self.tokenizer.fingerprint,
             "mixture": self.mixture,
             "source_draws": list(self.source_draws),
+            "finetune": self.finetune.settings if self.finetune is not None else None,
         }
 
     def save_checkpoint(self) -> Path:
@@ -198,6 +217,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.resumed_from is None:
                 self.tokenizer.save(self.out)  # the run's tokenizer, for resume and the final model
+                if self.finetune is not None:
+                    self.finetune.record(self.out)
             log = RunLog(self.out, resume_step=self.step if self.resumed_from is not None else None)
             if progress:
                 from tqdm.auto import tqdm

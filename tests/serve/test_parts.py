@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moegpt.data.tokenizer import Tokenizer
-from moegpt.serve.chat import TemplateError, chat_format
+from moegpt.data.chat import TemplateError, chat_format
 from moegpt.serve.engine_loop import EngineLoop, Failed, Limits, admission_refusal
 from moegpt.serve.errors import APIError
 from moegpt.serve.metrics import load_imbalance
