@@ -183,7 +183,7 @@ def cmd_finetune(args) -> int:
         return scores
 
     trainer, result = run_training(args, out, args.resume, finetune=ft)
-    if args.no_eval or not result.finished:
+    if args.no_eval or not result.finished or not trainer.runtime.is_main:
         return 0
     report = {"base": evaluate(Path(args.model), trainer), "tuned": evaluate(out, trainer)}
     write_text_atomic(out / "finetune_eval.json", json.dumps(report, indent=2) + "\n")

@@ -148,6 +148,9 @@ class PackedBatch:
         return PackedBatch(self.inputs[start:end], self.targets[start:end], self.positions[start:end],
                            self.docs[start:end])
 
+    def to(self, device: torch.device) -> "PackedBatch":
+        return PackedBatch(*(t.to(device) for t in (self.inputs, self.targets, self.positions, self.docs)))
+
     @property
     def num_targets(self) -> int:
         return int((self.targets != IGNORE).sum())

@@ -186,14 +186,15 @@ def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=N
     if finetune is None:
         model_cfg, sources = model_config_from_args(args), parse_mixture(args.data)
     else:
-        if "WORLD_SIZE" in os.environ:
-            raise ValueError("moegpt finetune runs in one process: torchrun layouts are not supported for it yet")
         model_cfg = finetune.model_cfg
         sources = parse_conversation_mixture(args.data, train_cfg.val_fraction, train_cfg.seed)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     dims = parallel_dims_from_args(args)
     if dims is not None:  # checked before any process group or data work
         dims.validate(int(os.environ.get("WORLD_SIZE", "1")), model_cfg)
+        if finetune is not None and dims.pp > 1:
+            raise ValueError(f"--pp {dims.pp}: fine-tuning's packed rows do not run through a pipeline yet "
+                             "(use --tp, --ep, --dp, --fsdp or --zero1)")
         if "WORLD_SIZE" not in os.environ:
             raise ValueError(f"layout {dims.describe()} needs torchrun: torchrun --nproc-per-node N -m moegpt train ...")
     with process_group(dims) as device:
@@ -275,6 +276,7 @@ def add_finetune_parser(subparsers, func) -> argparse.ArgumentParser:
     p.add_argument("--eval-max", type=int, default=200, help="held-out conversations per source for exact match")
     p.add_argument("--no-eval", action="store_true", help="skip the exact-match evaluation")
     add_config_flags(p.add_argument_group("training (TrainConfig; fine-tuning defaults)"), TrainConfig)
+    add_parallel_args(p)
     p.set_defaults(**FINETUNE_DEFAULTS)
     p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this step")

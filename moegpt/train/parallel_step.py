@@ -3,11 +3,13 @@ torchrun layout; the parallel model comes from moegpt.parallel, which knows noth
 
 Legend: B sequences in the step, M micro-batch, T seq_len, R = dp x ep data ranks, Lm MoE layers, E experts.
 
-Every rank holds the whole global batch (B, T+1) and takes whole micro-batches of it: micro-batch i
+Every rank holds the whole global batch (B, T+1) blocks, or B packed fine-tuning rows (data/sft.py:
+PackedBatch; every layout but a pipeline), and takes whole micro-batches of it: micro-batch i
 goes to data rank i mod R. A micro-batch is never split, because the load-balancing loss of an MoE
 layer is not a sum over sequences: it is computed over exactly the tokens one process would see.
-Each micro-batch's loss is weighted M/B, so the gradients summed over ranks are the one-process
-gradient. Ranks left with fewer micro-batches (B/M not a multiple of R) run padding micro-batches
+Each micro-batch's loss is weighted M/B (packed rows: its cross-entropy summed and divided by
+the whole step's targets, as train_step does), so the gradients summed over ranks are the
+one-process gradient. Ranks left with fewer micro-batches (B/M not a multiple of R) run padding micro-batches
 whose targets are all ignored and whose weight is 0: the collectives of EP, DDP and FSDP still match.
 """
 
@@ -22,21 +24,31 @@ import torch.nn.functional as F
 from moegpt.parallel import ParallelModel
 from moegpt.parallel.dims import DataParallel
 from moegpt.parallel.fsdp import all_reduce_grads, local_tensor
-from moegpt.train.step import LossWeights, StepMetrics, autocast_context
-
-IGNORE = -100  # cross_entropy's ignore_index: the targets of a padding micro-batch
+from moegpt.data.sft import IGNORE, PackedBatch  # IGNORE: also the targets of a padding micro-batch
+from moegpt.model.attention import DocumentMask
+from moegpt.train.step import LossWeights, StepMetrics, autocast_context, num_targets
 
 
 def microbatch_loss(logits: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, targets: torch.Tensor,
-                    weights: LossWeights, scale: float, parts: list) -> torch.Tensor:
-    """The loss of one micro-batch times ``scale``; 0 for a padding one. Appends (ce, aux, z, real)."""
-    real = bool((targets[:, 0] != IGNORE).all())
+                    weights: LossWeights, scale: float, parts: list, ce_weight: float | None = None,
+                    real: bool | None = None) -> torch.Tensor:
+    """The loss of one micro-batch times ``scale``; 0 for a padding one (``real`` False; None: a
+    padding one is told by its ignored targets). Appends (ce, aux, z, real). ``ce_weight``: the
+    summed cross-entropy times this instead (packed rows: 1 / the whole step's targets, times the
+    data ranks' factor), so micro-batches with different numbers of targets weigh as one batch."""
+    if real is None:
+        real = bool((targets[:, 0] != IGNORE).all())
     V = logits.shape[-1]
-    ce = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE,
-                         reduction="sum") / targets.numel()
-    parts.append((ce.detach(), aux.detach(), z.detach(), real))
-    loss = ce + weights.aux * aux + weights.z * z
-    return loss * (scale if real else 0.0)
+    ce_sum = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    router = weights.aux * aux + weights.z * z
+    if ce_weight is None:
+        ce = ce_sum / targets.numel()
+        parts.append((ce.detach(), aux.detach(), z.detach(), real))
+        loss = (ce + router) * scale
+    else:
+        parts.append((ce_sum.detach(), aux.detach(), z.detach(), real))
+        loss = ce_sum * ce_weight + router * scale
+    return loss * (1.0 if real else 0.0)
 
 
 def _assignments(pm: ParallelModel, n_micro: int) -> list[int | None]:
@@ -62,15 +74,28 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
                            micro_batch: int, weights: LossWeights, grad_clip: float,
                            n_moe_layers: int, n_experts: int, schedules: dict | None = None,
                            bf16: bool = False) -> StepMetrics:
-    """batch (B, T+1), the same on every rank -> the step's metrics, the same on every rank."""
+    """batch (B, T+1) blocks or B packed rows, the same on every rank -> the step's metrics, the same
+    on every rank."""
     dims = pm.dims
-    B, M = batch.shape[0], micro_batch
+    packed = isinstance(batch, PackedBatch)
+    if packed and dims.pp > 1:
+        raise ValueError("packed fine-tuning rows do not run through a pipeline yet (--pp 1)")
+    B, M = len(batch), micro_batch
+    device = batch.inputs.device if packed else batch.device
     mine = _assignments(pm, B // M)
     # DDP averages gradients over dp; undo that so the ranks' gradients sum.
-    scale = M / B * (dims.dp if pm.reduces_in_backward else 1)
+    ranks = dims.dp if pm.reduces_in_backward else 1
+    scale = M / B * ranks
+    total = num_targets(batch)
+    ce_weight = ranks / total if packed else None
     chunks = []
     for i in mine:
-        chunk = batch[(i if i is not None else 0) * M:((i if i is not None else 0) + 1) * M]
+        first = (i if i is not None else 0) * M
+        if packed:
+            rows = batch.rows(first, first + M)
+            chunks.append((rows.inputs, rows.targets, rows.positions, DocumentMask.of(rows.docs)))
+            continue
+        chunk = batch[first:first + M]
         inp, tgt = chunk[:, :-1], chunk[:, 1:].clone()
         if i is None:
             tgt.fill_(IGNORE)
@@ -78,16 +103,17 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
     for p in pm.parameters():  # (ZeRO-1's optimizer holds local shards, not these parameters)
         p.grad = None
     parts: list = []
-    counts = torch.zeros(n_moe_layers, n_experts, dtype=torch.long, device=batch.device)
+    counts = torch.zeros(n_moe_layers, n_experts, dtype=torch.long, device=device)
     if dims.pp > 1:
-        with autocast_context(bf16, batch.device.type):
+        with autocast_context(bf16, device.type):
             _pipeline_step(pm, chunks, weights, scale, parts, counts, n_moe_layers, schedules)
     else:
-        for k, (inp, tgt) in enumerate(chunks):
+        for k, (inp, tgt, *packing) in enumerate(chunks):
             with _sync(pm, last=k == len(chunks) - 1):
-                with autocast_context(bf16, batch.device.type):
-                    out = pm.module(inp)
-                loss = microbatch_loss(out.logits, out.aux_loss, out.z_loss, tgt, weights, scale, parts)
+                with autocast_context(bf16, device.type):
+                    out = pm.module(inp, packing[0], [packing[1]] * n_layers(pm)) if packing else pm.module(inp)
+                loss = microbatch_loss(out.logits, out.aux_loss, out.z_loss, tgt, weights, scale, parts, ce_weight,
+                                       real=mine[k] is not None)
                 loss.backward()
             if mine[k] is not None and out.router:
                 counts += out.expert_counts
@@ -108,12 +134,17 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
 
     # Metrics: sums over the real micro-batches of every data rank (TP ranks hold copies: / tp).
     real = [(ce, a, z) for ce, a, z, is_real in parts if is_real]
-    sums = torch.tensor([sum(float(v[j]) for v in real) * M for j in range(3)], dtype=torch.float64, device=batch.device)
+    sums = torch.tensor([sum(float(v[j]) for v in real) * M for j in range(3)], dtype=torch.float64, device=device)
     dist.all_reduce(sums)
     dist.all_reduce(counts)
     sums, counts = sums / dims.tp, counts // dims.tp
-    return StepMetrics(loss=float(sums[0]) / B, aux_loss=float(sums[1]) / B, z_loss=float(sums[2]) / B,
+    loss = float(sums[0]) / M / total if packed else float(sums[0]) / B  # (packed parts are summed, not means)
+    return StepMetrics(loss=loss, aux_loss=float(sums[1]) / B, z_loss=float(sums[2]) / B,
                        grad_norm=grad_norm, expert_counts=counts.cpu())
+
+
+def n_layers(pm: ParallelModel) -> int:
+    return pm.module.module.cfg.n_layers if hasattr(pm.module, "module") else pm.module.cfg.n_layers
 
 
 def _clip(pm: ParallelModel, params: list[torch.Tensor], max_norm: float) -> float:

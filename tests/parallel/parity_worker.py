@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from moegpt.config import ModelConfig
+from moegpt.data.sft import PackedBatch, pack
 from moegpt.model import build_model
 from moegpt.parallel import ParallelDims, parallelize
 from moegpt.parallel.checkpoint import full_state_dict
@@ -50,6 +51,10 @@ LAYOUTS = {
 }
 
 
+# Packed fine-tuning rows (data/sft.py): the same layouts, minus pipelines.
+PACKED = ("dp2", "tp2", "ep2", "fsdp-dp2", "tp2xdp2", "ep2xdp2")
+LAYOUTS.update({f"{name}-packed": LAYOUTS[name] for name in PACKED})
+
 # Layouts that need another model shape: GQA with 2 KV heads, split over TP ranks instead of replicated.
 CFG_OVERRIDES = {"tp2-gqa": dict(n_kv_heads=2)}
 
@@ -59,11 +64,34 @@ def batches() -> list[torch.Tensor]:
     return [torch.randint(0, CFG.vocab_size, (b, SEQ + 1), generator=g) for b in BATCHES]
 
 
-def reference(cfg: ModelConfig) -> tuple[list[float], dict, torch.Tensor]:
+def packed_batches() -> list[PackedBatch]:
+    """Rows of several conversations each (random lengths and assistant masks), as many as BATCHES says."""
+    g = torch.Generator().manual_seed(4321)
+    out = []
+    for b in BATCHES:
+        examples = []
+        while True:
+            n = int(torch.randint(3, 12, (1,), generator=g))
+            ids = torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist()
+            mask = (torch.rand(n, generator=g) < 0.5).tolist()
+            mask[-1] = True  # at least one target
+            examples.append((ids, mask))
+            rows = pack(examples, SEQ, 0)
+            if len(rows) > b:
+                out.append(rows.rows(0, b))
+                break
+    return out
+
+
+def step_batches(name: str) -> list:
+    return packed_batches() if name.endswith("-packed") else batches()
+
+
+def reference(cfg: ModelConfig, name: str) -> tuple[list[float], dict, torch.Tensor]:
     model = build_model(cfg, seed=0)
     opt = make_optimizer(model, TRAIN)
     losses, counts = [], []
-    for b in batches():
+    for b in step_batches(name):
         for g in opt.param_groups:
             g["lr"] = TRAIN.lr
         m = train_step(model, opt, b, MICRO, WEIGHTS, TRAIN.grad_clip)
@@ -72,14 +100,15 @@ def reference(cfg: ModelConfig) -> tuple[list[float], dict, torch.Tensor]:
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, torch.stack(counts)
 
 
-def run(layout: dict, cfg: ModelConfig) -> tuple[list[float], dict | None, torch.Tensor]:
+def run(name: str, cfg: ModelConfig) -> tuple[list[float], dict | None, torch.Tensor]:
+    layout = LAYOUTS[name]
     dims = ParallelDims(**layout)
     dims.validate(dist.get_world_size(), cfg)
     mesh = dims.build_mesh("cpu")
     pm = parallelize(build_model(cfg, seed=0), dims, mesh)
     opt = make_parallel_optimizer(pm, TRAIN)
     losses, counts, schedules = [], [], {}
-    for b in batches():
+    for b in step_batches(name):
         m = distributed_train_step(pm, opt, b, MICRO, WEIGHTS, TRAIN.grad_clip, cfg.n_moe_layers, cfg.n_experts,
                                    schedules)
         losses.append(m.loss)
@@ -93,11 +122,12 @@ def main() -> None:
     refs = {}
     for name in sys.argv[2:]:
         cfg = CFG.replace(**CFG_OVERRIDES.get(name, {}))
-        losses, weights, counts = run(LAYOUTS[name], cfg)
+        losses, weights, counts = run(name, cfg)
         if dist.get_rank() == 0:
-            if cfg not in refs:
-                refs[cfg] = reference(cfg)
-            ref_losses, ref_weights, ref_counts = refs[cfg]
+            key = (cfg, name.endswith("-packed"))
+            if key not in refs:
+                refs[key] = reference(cfg, name)
+            ref_losses, ref_weights, ref_counts = refs[key]
             weight_err = max(float((weights[k] - v).abs().max()) for k, v in ref_weights.items())
             try:
                 for k, v in ref_weights.items():
