@@ -164,6 +164,8 @@ def cmd_finetune(args) -> int:
     from moegpt.train.cli import run_training
     from moegpt.train.finetune import finetune_inputs
 
+    if args.eval_max < 0:
+        raise ValueError(f"--eval-max {args.eval_max} must be >= 0")
     template = None
     if args.chat_template is not None:
         path = Path(args.chat_template)
@@ -178,7 +180,9 @@ def cmd_finetune(args) -> int:
         model, tok = load(directory)
         scores = {}
         for source in trainer.data.sources:
-            convs, tasks = source.val[:args.eval_max], (source.val_tasks or (None,) * len(source.val))[:args.eval_max]
+            # each held-out conversation up to its last assistant message (the reference answer)
+            convs = [c[:max(i for i, m in enumerate(c) if m["role"] == "assistant") + 1] for c in source.val[:args.eval_max]]
+            tasks = (source.val_tasks or (None,) * len(source.val))[:args.eval_max]
             scores[source.name] = exact_match(model, tok, ft.chat, convs, tasks)
         return scores
 

@@ -11,8 +11,8 @@ The assistant mask comes from the rendering itself, not from markers in the temp
 ``{% generation %}``, which most templates lack, and whose absence gives an all-zero mask): the
 conversation is rendered up to each assistant turn with the generation prompt (what the server
 sends the model before that turn) and through the turn; the difference is what the model must
-write. Each piece is tokenized on its own, the prompt pieces exactly as the server tokenizes a
-prompt. A template whose renderings do not extend one another, or that leaves an assistant turn
+write. The whole rendering is tokenized once, as the server tokenizes a prompt, and a token is the
+assistant's when it starts inside one of its replies. A template whose renderings do not extend one another, or that leaves an assistant turn
 empty, is an error naming the turn.
 """
 
@@ -72,14 +72,17 @@ class ChatFormat:
 
     def tokens(self, tokenizer: Tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
         """The conversation's token ids and, for each, whether the assistant wrote it (the loss's
-        tokens). Each piece is tokenized as the server tokenizes a prompt (no added specials)."""
-        ids: list[int] = []
-        mask: list[bool] = []
-        for text, mine in self.pieces(messages):
-            piece = tokenizer.encode(text)
-            ids += piece
-            mask += [mine] * len(piece)
-        return ids, mask
+        tokens): the whole rendering tokenized once, as the server tokenizes a prompt (no added
+        specials; tokenizing piece by piece would, e.g., give a sentencepiece tokenizer a word-start
+        mark at every piece), each token the assistant's when it starts inside one of its replies."""
+        pieces = self.pieces(messages)
+        spans, at = [], 0
+        for text, mine in pieces:
+            if mine:
+                spans.append((at, at + len(text)))
+            at += len(text)
+        ids, offsets = tokenizer.encode_with_offsets("".join(text for text, _ in pieces))
+        return ids, [any(a <= start < b for a, b in spans) for start, _ in offsets]
 
 
 def _raise(message: str):

@@ -181,6 +181,11 @@ class Tokenizer:
         ids = self._hf.encode(text, add_special_tokens=add_special_tokens).ids
         return [self._require_bos(), *ids] if add_bos else ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` (no added specials) and each token's [start, end) characters in it."""
+        enc = self._hf.encode(text, add_special_tokens=False)
+        return enc.ids, [tuple(o) for o in enc.offsets]
+
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False, *,
                      add_bos: bool = False) -> list[list[int]]:
         """`encode` over many texts, tokenized in parallel on the Rust side."""

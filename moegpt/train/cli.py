@@ -188,6 +188,9 @@ def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=N
     else:
         model_cfg = finetune.model_cfg
         sources = parse_conversation_mixture(args.data, train_cfg.val_fraction, train_cfg.seed)
+        # the conversations themselves, so a resume refuses a data file edited since
+        finetune = dataclasses.replace(finetune, settings={**finetune.settings,
+                                                           "conversations_sha256": conversations_digest(sources)})
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     dims = parallel_dims_from_args(args)
     if dims is not None:  # checked before any process group or data work
@@ -252,6 +255,16 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 # Measured on the tiny demo model and the generated instruction set (docs/finetune.md): lr 3e-3 beat
 # 1e-3 and 5e-3; 1100 steps (about one pass over its 100,000 training conversations) take ~12 min here.
+def conversations_digest(sources) -> str:
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(json.dumps([s.name, s.epochs, s.train, s.val], sort_keys=True).encode())
+    return h.hexdigest()
+
+
 FINETUNE_DEFAULTS = {"steps": 1100, "seq_len": 256, "lr": 3e-3, "warmup_steps": 20, "eval_every": 100,
                      "ckpt_every": 100}
 

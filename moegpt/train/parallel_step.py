@@ -87,7 +87,10 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
     ranks = dims.dp if pm.reduces_in_backward else 1
     scale = M / B * ranks
     total = num_targets(batch)
+    if total == 0:
+        raise ValueError("the step's rows hold no loss target (no assistant token): nothing to learn from")
     ce_weight = ranks / total if packed else None
+    n_layers = getattr(pm.module, "module", pm.module).cfg.n_layers if packed else 0  # (DDP wraps the model)
     chunks = []
     for i in mine:
         first = (i if i is not None else 0) * M
@@ -111,7 +114,7 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
         for k, (inp, tgt, *packing) in enumerate(chunks):
             with _sync(pm, last=k == len(chunks) - 1):
                 with autocast_context(bf16, device.type):
-                    out = pm.module(inp, packing[0], [packing[1]] * n_layers(pm)) if packing else pm.module(inp)
+                    out = pm.module(inp, packing[0], [packing[1]] * n_layers) if packing else pm.module(inp)
                 loss = microbatch_loss(out.logits, out.aux_loss, out.z_loss, tgt, weights, scale, parts, ce_weight,
                                        real=mine[k] is not None)
                 loss.backward()
@@ -141,10 +144,6 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
     loss = float(sums[0]) / M / total if packed else float(sums[0]) / B  # (packed parts are summed, not means)
     return StepMetrics(loss=loss, aux_loss=float(sums[1]) / B, z_loss=float(sums[2]) / B,
                        grad_norm=grad_norm, expert_counts=counts.cpu())
-
-
-def n_layers(pm: ParallelModel) -> int:
-    return pm.module.module.cfg.n_layers if hasattr(pm.module, "module") else pm.module.cfg.n_layers
 
 
 def _clip(pm: ParallelModel, params: list[torch.Tensor], max_norm: float) -> float:

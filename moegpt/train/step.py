@@ -51,7 +51,8 @@ def autocast_context(bf16: bool, device_type: str):
 def packed_forward(model: MoEGPT, rows: PackedBatch) -> ModelOutput:
     """The model over packed rows: positions restart at each conversation, attention stays inside it."""
     view = DocumentMask.of(rows.docs)
-    return model(rows.inputs, rows.positions, [view] * model.cfg.n_layers)
+    layers = getattr(model, "module", model).cfg.n_layers  # (a DDP-wrapped model's own model)
+    return model(rows.inputs, rows.positions, [view] * layers)
 
 
 def _forward(model: MoEGPT, chunk: torch.Tensor | PackedBatch) -> tuple[ModelOutput, torch.Tensor]:

@@ -39,11 +39,11 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-def test_data_parallel_fine_tuning_matches_one_process(base):
+def test_data_parallel_fine_tuning_matches_one_process(base):  # ZeRO-1: a DDP-wrapped model, validated too
     root, args = base
     subprocess.run([sys.executable, "-m", "moegpt", "finetune", "--out", str(root / "one"), *args], check=True,
                    capture_output=True)
-    torchrun(2, ["moegpt", "finetune", "--out", str(root / "dp2"), *args, "--dp", "2"], module=True)
+    torchrun(2, ["moegpt", "finetune", "--out", str(root / "dp2"), *args, "--dp", "2", "--zero1"], module=True)
     assert losses(root / "dp2") == pytest.approx(losses(root / "one"), rel=1e-4)
     one, dp2 = load(root / "one").model.state_dict(), load(root / "dp2").model.state_dict()
     for k in one:

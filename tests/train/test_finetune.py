@@ -118,6 +118,12 @@ def test_moegpt_finetune_runs_records_its_settings_and_resumes(tmp_path, base_di
             "--seq-len", "48", "--batch-size", "4", "--micro-batch", "2", "--eval-every", "2", "--ckpt-every", "2",
             "--warmup-steps", "1", "--eval-max", "4", "--no-progress", "--peak-flops", "1e11"]
     assert main(args + ["--steps", "4", "--stop-at", "2"]) == 0
+    with open(tmp_path / "chats.jsonl", "a") as f:  # the data edited since: refused too, then put back
+        f.write(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}) + "\n")
+    with pytest.raises(SystemExit):
+        main(args + ["--steps", "4", "--resume"])
+    assert "conversations_sha256" in capsys.readouterr().err
+    (tmp_path / "chats.jsonl").write_text("".join((tmp_path / "chats.jsonl").read_text().splitlines(keepends=True)[:-1]))
     with pytest.raises(SystemExit) as e:  # other settings than the run's: refused, naming them
         main(args + ["--steps", "4", "--resume", "--no-packing"])
     assert e.value.code == 2 and "fine-tuning settings differ (packing: True -> False)" in capsys.readouterr().err
