@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moegpt.data.sft import IGNORE, PackedBatch  # IGNORE: also the targets of a padding micro-batch
+from moegpt.model.attention import DocumentMask
 from moegpt.parallel import ParallelModel
 from moegpt.parallel.dims import DataParallel
 from moegpt.parallel.fsdp import all_reduce_grads, local_tensor
-from moegpt.data.sft import IGNORE, PackedBatch  # IGNORE: also the targets of a padding micro-batch
-from moegpt.model.attention import DocumentMask
 from moegpt.train.step import LossWeights, StepMetrics, autocast_context, num_targets
 
 
