@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from moegpt.atomic import write_atomic
-from moegpt.data.sampler import MixtureSampler
+from moegpt.data.sampler import SampledMixture
 from moegpt.data.sources import Source, files_signature, iter_documents
 from moegpt.data.tokenizer import Tokenizer
 
@@ -124,7 +124,7 @@ class BlockView:
 
 
 @dataclass(frozen=True, eq=False)
-class MixtureData:
+class MixtureData(SampledMixture):
     """Per-source train and val blocks of a tokenized mixture."""
 
     sources: tuple[Source, ...]
@@ -134,23 +134,12 @@ class MixtureData:
     val: tuple[BlockView, ...]
 
     @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.sources)
-
-    @property
-    def epochs(self) -> tuple[float, ...]:
-        return tuple(s.epochs for s in self.sources)
-
-    @property
     def train_block_counts(self) -> tuple[int, ...]:
         return tuple(v.n_blocks for v in self.train)
 
     @property
     def val_block_counts(self) -> tuple[int, ...]:
         return tuple(v.n_blocks for v in self.val)
-
-    def make_sampler(self, seed: int) -> MixtureSampler:
-        return MixtureSampler(self.train_block_counts, self.epochs, seed)
 
     def gather(self, samples: torch.Tensor) -> torch.Tensor:
         """Train blocks for sampler output `samples` (n, 2) [source, block] -> LongTensor (n, seq_len + 1)."""

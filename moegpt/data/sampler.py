@@ -128,3 +128,22 @@ class MixtureSampler:
             )
         self.pass_index = pass_index
         self.position = position
+
+
+class SampledMixture:
+    """What a dataset of named sources with epoch counts shares (dataset.MixtureData, sft.SFTData):
+    its names, epochs and the sampler over its training rows (``train_block_counts`` per source)."""
+
+    sources: tuple
+    train_block_counts: tuple[int, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.sources)
+
+    @property
+    def epochs(self) -> tuple[float, ...]:
+        return tuple(s.epochs for s in self.sources)
+
+    def make_sampler(self, seed: int) -> MixtureSampler:
+        return MixtureSampler(self.train_block_counts, self.epochs, seed)

@@ -18,6 +18,7 @@ Legend: N rows, T seq_len.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from moegpt.data.chat import ChatFormat, TemplateError
-from moegpt.data.sampler import MixtureSampler
+from moegpt.data.sampler import SampledMixture
 from moegpt.data.tokenizer import Tokenizer
 
 IGNORE = -100  # cross_entropy's ignore_index: a target outside the loss
@@ -99,6 +100,14 @@ def jsonl_source(name: str, path: str | Path, epochs: float, val_fraction: float
         raise ValueError(f"{path}: {len(rows)} conversations are too few to hold out {n_val}")
     return ConversationSet(name=name, epochs=epochs, train=tuple(c for c, _ in rows[:-n_val]),
                            val=tuple(c for c, _ in rows[-n_val:]), val_tasks=tuple(t for _, t in rows[-n_val:]))
+
+
+def conversations_digest(sources: Sequence[ConversationSet]) -> str:
+    """A hash of the sources' conversations themselves (a resume refuses a data file edited since)."""
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(json.dumps([s.name, s.epochs, s.train, s.val], sort_keys=True).encode())
+    return h.hexdigest()
 
 
 def parse_conversation_mixture(spec: str, val_fraction: float, seed: int = 0) -> tuple[ConversationSet, ...]:
@@ -188,7 +197,7 @@ def pack(examples: Sequence[tuple[list[int], list[bool]]], seq_len: int, pad_id:
 
 
 @dataclass(frozen=True, eq=False)
-class SFTData:
+class SFTData(SampledMixture):
     """Packed training and held-out rows of each conversation source (MixtureData's interface, so
     the one training loop runs either)."""
 
@@ -200,19 +209,8 @@ class SFTData:
     dropped: dict[str, int] = field(default_factory=dict)  # conversations longer than a row, per source
 
     @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.sources)
-
-    @property
-    def epochs(self) -> tuple[float, ...]:
-        return tuple(s.epochs for s in self.sources)
-
-    @property
     def train_block_counts(self) -> tuple[int, ...]:
         return tuple(len(b) for b in self.train)
-
-    def make_sampler(self, seed: int) -> MixtureSampler:
-        return MixtureSampler(self.train_block_counts, self.epochs, seed)
 
     def gather(self, samples: torch.Tensor) -> PackedBatch:
         """Rows for sampler output ``samples`` (n, 2) [source, row], in that order."""

@@ -178,7 +178,7 @@ def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=N
     before, and marks it as its own after). ``finetune`` (train/finetune.py): start from its model
     and read ``args.data`` as conversation sources. Returns (trainer, result)."""
     from moegpt.counts import param_counts
-    from moegpt.data.sft import parse_conversation_mixture
+    from moegpt.data.sft import conversations_digest, parse_conversation_mixture
     from moegpt.data.sources import parse_mixture
     from moegpt.train.trainer import Trainer, default_cache_dir
 
@@ -255,16 +255,6 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 # Measured on the tiny demo model and the generated instruction set (docs/finetune.md): lr 3e-3 beat
 # 1e-3 and 5e-3; 1100 steps (about one pass over its 100,000 training conversations) take ~12 min here.
-def conversations_digest(sources) -> str:
-    import hashlib
-    import json
-
-    h = hashlib.sha256()
-    for s in sources:
-        h.update(json.dumps([s.name, s.epochs, s.train, s.val], sort_keys=True).encode())
-    return h.hexdigest()
-
-
 FINETUNE_DEFAULTS = {"steps": 1100, "seq_len": 256, "lr": 3e-3, "warmup_steps": 20, "eval_every": 100,
                      "ckpt_every": 100}
 

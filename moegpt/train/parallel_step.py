@@ -22,11 +22,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moegpt.data.sft import IGNORE, PackedBatch  # IGNORE: also the targets of a padding micro-batch
-from moegpt.model.attention import DocumentMask
 from moegpt.parallel import ParallelModel
 from moegpt.parallel.dims import DataParallel
 from moegpt.parallel.fsdp import all_reduce_grads, local_tensor
-from moegpt.train.step import LossWeights, StepMetrics, autocast_context, num_targets
+from moegpt.train.step import LossWeights, StepMetrics, autocast_context, num_targets, packed_forward
 
 
 def microbatch_loss(logits: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, targets: torch.Tensor,
@@ -90,13 +89,12 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
     if total == 0:
         raise ValueError("the step's rows hold no loss target (no assistant token): nothing to learn from")
     ce_weight = ranks / total if packed else None
-    n_layers = getattr(pm.module, "module", pm.module).cfg.n_layers if packed else 0  # (DDP wraps the model)
     chunks = []
     for i in mine:
         first = (i if i is not None else 0) * M
         if packed:
             rows = batch.rows(first, first + M)
-            chunks.append((rows.inputs, rows.targets, rows.positions, DocumentMask.of(rows.docs)))
+            chunks.append((rows, rows.targets))
             continue
         chunk = batch[first:first + M]
         inp, tgt = chunk[:, :-1], chunk[:, 1:].clone()
@@ -111,10 +109,10 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
         with autocast_context(bf16, device.type):
             _pipeline_step(pm, chunks, weights, scale, parts, counts, n_moe_layers, schedules)
     else:
-        for k, (inp, tgt, *packing) in enumerate(chunks):
+        for k, (inp, tgt) in enumerate(chunks):
             with _sync(pm, last=k == len(chunks) - 1):
                 with autocast_context(bf16, device.type):
-                    out = pm.module(inp, packing[0], [packing[1]] * n_layers) if packing else pm.module(inp)
+                    out = packed_forward(pm.module, inp) if packed else pm.module(inp)
                 loss = microbatch_loss(out.logits, out.aux_loss, out.z_loss, tgt, weights, scale, parts, ce_weight,
                                        real=mine[k] is not None)
                 loss.backward()
