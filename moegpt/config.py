@@ -12,6 +12,61 @@ import enum
 from dataclasses import dataclass
 
 
+class RopeType(str, enum.Enum):
+    """How RoPE is stretched past the context a model was pre-trained at (transformers' ``rope_type``)."""
+
+    LINEAR = "linear"  # position interpolation: every frequency divided by the factor
+    DYNAMIC = "dynamic"  # NTK-aware: the base grows with the sequence length beyond the original context
+    YARN = "yarn"  # NTK-by-parts: low frequencies interpolated, high ones kept, attention temperature
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """A scaled RoPE, with transformers 5's ``rope_parameters`` fields (model/rope.py has the math).
+
+    ``original_max_seq_len`` is the context the model was pre-trained at (transformers'
+    ``original_max_position_embeddings``): dynamic and YaRN scaling need it, linear records it.
+    """
+
+    type: RopeType
+    factor: float
+    original_max_seq_len: int | None = None
+    beta_fast: float = 32.0  # YaRN: rotations above which a frequency is kept (extrapolated)
+    beta_slow: float = 1.0  # YaRN: rotations below which a frequency is interpolated
+    attention_factor: float | None = None  # YaRN: cos/sin scale; None: 0.1 * ln(factor) + 1
+    truncate: bool = True  # YaRN: round the ramp's ends to whole dimensions
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.type, RopeType):
+            try:
+                object.__setattr__(self, "type", RopeType(self.type))
+            except ValueError:
+                raise ValueError(f"rope scaling type={self.type!r} is not one of "
+                                 f"{[k.value for k in RopeType]}") from None
+        if not isinstance(self.factor, (int, float)) or isinstance(self.factor, bool) or not self.factor > 1:
+            raise ValueError(f"rope scaling factor={self.factor!r} must be a number > 1")
+        if self.original_max_seq_len is None and self.type != RopeType.LINEAR:
+            raise ValueError(f"{self.type.value} rope scaling needs original_max_seq_len (the pre-trained context)")
+        if self.original_max_seq_len is not None and (not isinstance(self.original_max_seq_len, int)
+                                                      or isinstance(self.original_max_seq_len, bool)
+                                                      or self.original_max_seq_len <= 0):
+            raise ValueError(f"rope scaling original_max_seq_len={self.original_max_seq_len!r} must be a positive integer")
+        if not (isinstance(self.beta_fast, (int, float)) and isinstance(self.beta_slow, (int, float))
+                and 0 < self.beta_slow <= self.beta_fast):
+            raise ValueError(f"rope scaling beta_fast={self.beta_fast!r}, beta_slow={self.beta_slow!r}: "
+                             "want 0 < beta_slow <= beta_fast")
+        if self.attention_factor is not None and not (isinstance(self.attention_factor, (int, float))
+                                                      and self.attention_factor > 0):
+            raise ValueError(f"rope scaling attention_factor={self.attention_factor!r} must be a positive number")
+        if not isinstance(self.truncate, bool):
+            raise ValueError(f"rope scaling truncate={self.truncate!r} must be true or false")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["type"] = self.type.value
+        return d
+
+
 class MLPKind(str, enum.Enum):
     """The feed-forward shape of each expert (and of dense layers)."""
 
@@ -41,6 +96,7 @@ class ModelConfig:
     moe_every: int = 1
     capacity_factor: float | None = None
     rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE
     max_seq_len: int = 2048
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -60,6 +116,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive number")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if self.rope_scaling is not None:
+            self._check_rope_scaling()
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings={self.tie_embeddings!r} must be true or false")
         if self.head_dim is None:
@@ -76,6 +136,20 @@ class ModelConfig:
             raise ValueError(f"top_k ({self.top_k}) > n_experts ({self.n_experts})")
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+
+    def _check_rope_scaling(self) -> None:
+        scaling = self.rope_scaling
+        if not isinstance(scaling, RopeScaling):
+            raise ValueError(f"rope_scaling={scaling!r} must be a RopeScaling, a dict of its fields, or None")
+        original = scaling.original_max_seq_len
+        if original is not None and original > self.max_seq_len:
+            raise ValueError(f"rope scaling original_max_seq_len ({original}) is longer than max_seq_len "
+                             f"({self.max_seq_len})")
+        # transformers and vLLM serve a dynamic model to factor x its original context; any other
+        # length would not survive a save as an HF directory (max_position_embeddings is the original)
+        if scaling.type == RopeType.DYNAMIC and self.max_seq_len != round(original * scaling.factor):
+            raise ValueError(f"dynamic rope scaling serves original_max_seq_len x factor = "
+                             f"{round(original * scaling.factor)} tokens, but max_seq_len={self.max_seq_len}")
 
     # ---- derived shape -------------------------------------------------------------------------
     @property
@@ -107,6 +181,7 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["mlp"] = self.mlp.value
+        d["rope_scaling"] = None if self.rope_scaling is None else self.rope_scaling.to_dict()
         return d
 
     @classmethod

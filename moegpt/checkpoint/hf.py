@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moegpt.config import MLPKind, ModelConfig
+from moegpt.config import MLPKind, ModelConfig, RopeScaling, RopeType
 
 # Our name -> HF name, "{i}" for the layer. Expert weights are handled by EXPERT_NAMES.
 NAME_MAP: dict[str, str] = {
@@ -64,11 +64,10 @@ def config_to_hf(cfg: ModelConfig, bos_id: int | None, eos_id: int | None, pad_i
         "hidden_act": "silu",
         "num_local_experts": cfg.n_experts,
         "num_experts_per_tok": cfg.top_k,
-        "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
-        # transformers 4.x reads rope_theta, 5.x reads rope_parameters.
+        # transformers 4.x reads rope_theta (and rope_scaling), 5.x reads rope_parameters.
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        **rope_to_hf(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
         "sliding_window": None,
         "attention_dropout": 0.0,
@@ -80,6 +79,66 @@ def config_to_hf(cfg: ModelConfig, bos_id: int | None, eos_id: int | None, pad_i
     }
 
 
+def rope_to_hf(cfg: ModelConfig) -> dict:
+    """max_position_embeddings and rope_parameters (plus the legacy rope_scaling) as transformers 5
+    reads them. A dynamic scaling's max_position_embeddings is its original context: transformers
+    grows the base past it."""
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return {"max_position_embeddings": cfg.max_seq_len,
+                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+    params = {"rope_type": scaling.type.value, "rope_theta": cfg.rope_theta, "factor": float(scaling.factor)}
+    out = {"max_position_embeddings": cfg.max_seq_len}
+    if scaling.type == RopeType.YARN:
+        params.update(original_max_position_embeddings=scaling.original_max_seq_len,
+                      beta_fast=float(scaling.beta_fast), beta_slow=float(scaling.beta_slow), truncate=scaling.truncate)
+        if scaling.attention_factor is not None:
+            params["attention_factor"] = float(scaling.attention_factor)
+    elif scaling.type == RopeType.DYNAMIC:
+        out["max_position_embeddings"] = scaling.original_max_seq_len
+    elif scaling.original_max_seq_len is not None:  # linear: transformers ignores it; kept beside, as Phi-3 does
+        out["original_max_position_embeddings"] = scaling.original_max_seq_len
+    legacy = {"type": params["rope_type"], **{k: v for k, v in params.items() if k not in ("rope_type", "rope_theta")}}
+    return {**out, "rope_parameters": params, "rope_scaling": legacy}
+
+
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast",
+              "beta_slow", "attention_factor", "truncate", "partial_rotary_factor"}
+
+
+def rope_from_hf(d: dict, where: str) -> tuple[float, RopeScaling | None, int]:
+    """(rope_theta, scaling, max_seq_len) of an HF config: transformers 5's rope_parameters, else the
+    legacy rope_scaling (transformers 4) beside a top-level rope_theta."""
+    params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", d.get("rope_theta", 1e6)))
+    max_len = d.get("max_position_embeddings", 4096)
+    if kind == "default":
+        return theta, None, max_len
+    if kind not in [t.value for t in RopeType]:
+        raise ValueError(f"{where}: rope_type={kind!r} is not supported (default, linear, dynamic or yarn)")
+    unknown = sorted(set(params) - _ROPE_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: {kind} rope parameters {unknown} are not supported")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor={params['partial_rotary_factor']!r} is not supported")
+    factor = params.get("factor")
+    if kind == "yarn" and factor is None and params.get("original_max_position_embeddings"):
+        factor = max_len / params["original_max_position_embeddings"]
+    original = params.get("original_max_position_embeddings", d.get("original_max_position_embeddings"))
+    if kind == "dynamic":  # transformers' dynamic base grows past max_position_embeddings
+        original = max_len
+        max_len = round(max_len * factor) if isinstance(factor, (int, float)) else max_len
+    elif kind == "yarn" and original is None:
+        original = max_len
+    fields = {k: params[k] for k in ("beta_fast", "beta_slow", "attention_factor", "truncate") if params.get(k) is not None}
+    try:
+        scaling = RopeScaling(type=kind, factor=factor, original_max_seq_len=original, **fields)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return theta, scaling, max_len
+
+
 def config_from_hf(d: dict, where: str = "config.json") -> ModelConfig:
     if d.get("model_type") != "mixtral":
         raise ValueError(f"{where}: model_type={d.get('model_type')!r}, expected 'mixtral'")
@@ -87,24 +146,20 @@ def config_from_hf(d: dict, where: str = "config.json") -> ModelConfig:
         raise ValueError(f"{where}: hidden_act={d['hidden_act']!r}, only 'silu' Mixtral experts are supported")
     if d.get("sliding_window") not in (None, 0) and d["sliding_window"] < d.get("max_position_embeddings", 0):
         raise ValueError(f"{where}: sliding_window={d['sliding_window']} is not supported")
-    rope = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or {}  # transformers 4.x name
-    for params in (rope, scaling):
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            raise ValueError(f"{where}: rope_type={kind!r} is not supported (only 'default')")
-    theta = rope.get("rope_theta", d.get("rope_theta", 1e6))
+    theta, scaling, max_len = rope_from_hf(d, where)
     try:
         return ModelConfig(
             vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=d["num_hidden_layers"],
             n_heads=d["num_attention_heads"], n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
             head_dim=d.get("head_dim"), d_ff=d["intermediate_size"], mlp=MLPKind.SWIGLU,
             n_experts=d["num_local_experts"], top_k=d["num_experts_per_tok"], moe_every=1,
-            rope_theta=float(theta), max_seq_len=d.get("max_position_embeddings", 4096),
+            rope_theta=theta, rope_scaling=scaling, max_seq_len=max_len,
             norm_eps=d.get("rms_norm_eps", 1e-5), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         )
     except KeyError as e:
         raise ValueError(f"{where}: missing field {e.args[0]!r}") from None
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -40,7 +40,8 @@ from moegpt.infer.paged_cache import slots_by_position
 from moegpt.kernels import MAX_ROWS_IN_BY_OUT, MAX_ROWS_OUT_BY_IN, decode_layer_applies, gemv_applies
 from moegpt.model import MoEGPT
 from moegpt.model.grouped import grouped_mm_supported
-from moegpt.model.layers import rms_norm, rope_cos_sin
+from moegpt.model.layers import rms_norm
+from moegpt.model.rope import rope_cos_sin
 
 
 class Matrix:
@@ -108,7 +109,9 @@ def decode_weights(model: MoEGPT) -> DecodeWeights:
             w_in=w_in, w_down=experts.w_down, w_in_t=w_in.transpose(-2, -1), w_down_t=experts.w_down.transpose(-2, -1),
             expert_ids=torch.arange(1, w_in.shape[0] + 1, device=w_in.device)))
     dtype, device = model.embed.weight.dtype, model.embed.weight.device
-    cos, sin = rope_cos_sin(torch.arange(cfg.max_seq_len, device=device), cfg.head_dim, cfg.rope_theta)
+    # every position a sequence can reach; a dynamic scaling is fixed at max_seq_len (model/rope.py)
+    cos, sin = rope_cos_sin(torch.arange(cfg.max_seq_len, device=device), cfg.head_dim, cfg.rope_theta,
+                            cfg.rope_scaling, seq_len=cfg.max_seq_len)
     half = cfg.head_dim // 2
     sin[:, :half].neg_()  # the rotation's sign folded into the table: rope is x*cos + roll(x)*sin
     head = model.embed.weight if model.lm_head is None else model.lm_head.weight

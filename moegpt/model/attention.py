@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moegpt.config import ModelConfig
-from moegpt.model.layers import apply_rope
+from moegpt.model.rope import apply_rope
 
 
 class KVCacheView(Protocol):

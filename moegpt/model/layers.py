@@ -1,4 +1,4 @@
-"""Small building blocks: RMSNorm and rotary position embeddings.
+"""Small building blocks: RMSNorm (rotary position embeddings: rope.py).
 
 Legend: B batch, T tokens, H heads, Dh head dim, D d_model, F d_ff.
 """
@@ -25,23 +25,3 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for the given positions (T,) or (B, T) -> two (T, Dh) or (B, T, Dh) fp32 tensors.
-
-    The "rotate half" layout (first half of the head paired with the second), as HF Llama/Mixtral.
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # (..., T, Dh/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, Dh)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, Dh) rotated by position; cos/sin (T, Dh), or (B, 1, T, Dh) for positions per row."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    if cos.dtype != x.dtype:
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + rotated * sin

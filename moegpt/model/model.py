@@ -15,10 +15,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from moegpt.config import ModelConfig
-from moegpt.model.attention import Attention, KVCacheView
+from moegpt.config import ModelConfig, RopeType
+from moegpt.model.attention import Attention, DocumentMask, KVCacheView
 from moegpt.model.experts import DenseMLP
-from moegpt.model.layers import RMSNorm, rope_cos_sin
+from moegpt.model.layers import RMSNorm
+from moegpt.model.rope import rope_cos_sin
 from moegpt.model.moe import MoE, RouterStats
 
 
@@ -84,7 +85,8 @@ class MoEGPT(nn.Module):
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)  # (T, Dh) each, or (B, T, Dh)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling,
+                                self._rope_len(positions, cache))  # (T, Dh) each, or (B, T, Dh)
         if positions.dim() == 2:  # positions per row (packed documents): broadcast over heads
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
         x = self.embed(tokens)  # (B, T, D)
@@ -96,6 +98,16 @@ class MoEGPT(nn.Module):
             if s is not None:
                 stats.append(s)
         return self.norm(x), stats
+
+    def _rope_len(self, positions: torch.Tensor, cache: Sequence[KVCacheView] | None) -> int | None:
+        """The length a dynamic rope scaling is evaluated at: this forward's own (as transformers)
+        when nothing is cached, max_seq_len with a KV cache (keys cached at one base stay valid)."""
+        scaling = self.cfg.rope_scaling
+        if scaling is None or scaling.type != RopeType.DYNAMIC:
+            return None
+        if cache is None or isinstance(cache[0], DocumentMask):
+            return int(positions.max()) + 1
+        return self.cfg.max_seq_len
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., D) -> logits (..., V)."""

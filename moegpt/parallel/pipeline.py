@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from moegpt.model import MoEGPT
-from moegpt.model.layers import rope_cos_sin
+from moegpt.model.rope import rope_cos_sin
 from moegpt.parallel.dims import ParallelDims, Schedule, stage_layers
 
 
@@ -47,7 +47,7 @@ class StageModule(nn.Module):
             aux = x.new_zeros(2)
         T = x.shape[1]
         positions = torch.arange(T, device=x.device)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)  # (T, Dh)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling, T)  # (T, Dh)
         counts = []
         for layer in self.layers.values():
             x, s = layer(x, cos, sin, positions)

@@ -6,7 +6,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="HF parity needs the dev extra (transformers)")
 
 from moegpt.checkpoint.model_dir import load, save  # noqa: E402
-from moegpt.config import MLPKind, PRESETS  # noqa: E402
+from moegpt.config import MLPKind, PRESETS, RopeScaling  # noqa: E402
 from moegpt.model import build_model  # noqa: E402
 
 
@@ -91,12 +91,104 @@ def test_fused_expert_layout_of_transformers_5_loads(tmp_path):
         assert (ours(tokens).logits - hf(tokens).logits).abs().max().item() <= 1e-4
 
 
-def test_scaled_rope_is_refused_rather_than_silently_wrong(tmp_path):
+# Each scaled RoPE as transformers 5 stores it, with positions well past the original context (32).
+SCALINGS = {
+    "linear": (dict(rope_type="linear", factor=4.0), 128),
+    "dynamic": (dict(rope_type="dynamic", factor=4.0), 32),  # transformers' dynamic base grows past max_position_embeddings
+    "yarn": (dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32), 128),
+    "yarn-options": (dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32, beta_fast=16.0,
+                          beta_slow=2.0, attention_factor=1.3, truncate=False), 128),
+}
+
+
+def _scaled_hf_model(name: str):
+    params, max_positions = SCALINGS[name]
+    cfg = transformers.MixtralConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=max_positions, rope_parameters={"rope_theta": 10_000.0, **params},
+    )
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # large enough that the rope's frequencies move the logits well past 1e-4
+    return model
+
+
+def _unscaled_logits(model, tokens):
+    plain = build_model(model.cfg.replace(rope_scaling=None))
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        return plain(tokens).logits
+
+
+@pytest.mark.parametrize("name", list(SCALINGS))
+def test_hf_scaled_rope_gives_same_logits_in_moegpt_past_the_original_context(tmp_path, name):
+    hf = _scaled_hf_model(name)
+    hf.save_pretrained(tmp_path)
+    ours, _ = load(tmp_path)
+    assert ours.cfg.rope_scaling is not None and ours.cfg.rope_scaling.type.value == name.split("-")[0]
+    for T in (20, 128):  # a dynamic base depends on the forward's length
+        tokens = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            expected = hf(tokens).logits
+            got = ours(tokens).logits
+        assert (got - expected).abs().max().item() <= 1e-4
+    # the scaling is not a no-op here: plain RoPE gives other logits past the original context
+    assert (_unscaled_logits(ours, tokens) - expected)[:, 40:].abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["linear", "dynamic", "yarn"])
+def test_moegpt_scaled_rope_gives_same_logits_in_transformers_and_round_trips(tmp_path, name):
+    scaling = RopeScaling(type=name, factor=4.0, original_max_seq_len=32)
+    cfg = PRESETS["tiny"].replace(vocab_size=211, n_layers=2, d_model=64, n_heads=4, d_ff=96, n_experts=4,
+                                  max_seq_len=128, rope_scaling=scaling)
+    ours = build_model(cfg, seed=3).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(4))
+    save(ours, None, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tokens = torch.randint(0, 211, (2, 128), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = ours(tokens).logits
+        assert (hf(tokens).logits - expected).abs().max().item() <= 1e-4
+    assert (_unscaled_logits(ours, tokens) - expected)[:, 40:].abs().max().item() > 1e-2
+    back, _ = load(tmp_path)
+    assert back.cfg == cfg
+
+
+@pytest.mark.parametrize("name", ["linear", "dynamic", "yarn"])
+def test_the_legacy_rope_scaling_key_loads_as_rope_parameters(tmp_path, name):
+    import json
+
+    hf = _scaled_hf_model(name)
+    hf.save_pretrained(tmp_path)
+    modern, _ = load(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    params = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = params.pop("rope_theta")
+    cfg["rope_scaling"] = {"type": params.pop("rope_type"), **params}  # transformers 4's form
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    legacy, _ = load(tmp_path)
+    assert legacy.cfg == modern.cfg
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_type": "llama3", "factor": 8.0}, "rope_type='llama3' is not supported"),
+    ({"rope_type": "linear", "factor": 1.0}, "factor=1.0 must be a number > 1"),
+    ({"rope_type": "linear", "factor": 0.5}, "factor=0.5 must be a number > 1"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "mscale": 0.7},
+     r"rope parameters \['mscale'\] are not supported"),
+])
+def test_unsupported_or_bad_rope_parameters_are_one_line_errors(tmp_path, change, message):
     import json
 
     _hf_model(1).save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["rope_scaling"] = {"type": "linear", "factor": 2.0}
+    cfg["rope_parameters"] = {"rope_theta": 10_000.0, **change}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="rope_type='linear' is not supported"):
+    with pytest.raises(ValueError, match=message) as e:
         load(tmp_path)
+    assert "\n" not in str(e.value) and "config.json" in str(e.value)

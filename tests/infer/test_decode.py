@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import moegpt.infer.decode as decode
 import moegpt.kernels as kernels
-from moegpt.config import MLPKind, preset
+from moegpt.config import MLPKind, RopeScaling, preset
 from moegpt.infer.decode import decode_weights
 from moegpt.infer.engine import EngineConfig, LLMEngine
 from moegpt.infer.paged_cache import PagedKVCache
@@ -26,6 +26,9 @@ SHAPES = {
     "dense-layers": dict(moe_every=2),
     "gelu": dict(mlp=MLPKind.GELU),
     "mha-top1": dict(n_kv_heads=4, top_k=1),
+    # positions run past the original context (16): the program's rope tables are the model's
+    "rope-linear": dict(rope_scaling=RopeScaling(type="linear", factor=4.0, original_max_seq_len=16)),
+    "rope-yarn": dict(rope_scaling=RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16)),
 }
 
 
