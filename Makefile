@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 # index serves CUDA builds: make demo TORCH_PIP_ARGS="--index-url <your CPU-only wheel index>"
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test test-quick bench install install-dev clean
+.PHONY: demo demo-context test test-quick bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
 	$(BIN)/moegpt demo
+
+# context extension (docs/finetune.md): a tiny model pre-trained at 128 tokens, taught passkey
+# retrieval at 128, then extended to 512 (YaRN); passkey by length and depth and perplexity by
+# position before and after the extension; about 15 minutes
+demo-context: $(VENV)/.installed-dev
+	$(BIN)/moegpt demo --set max_seq_len=128 --out runs/demo-128
+	rm -rf runs/passkey-128 runs/context
+	$(BIN)/moegpt finetune --model runs/demo-128 --out runs/passkey-128 --data passkey:1 --seq-len 128 --steps 500 --eval-max 100
+	$(BIN)/moegpt finetune --model runs/passkey-128 --out runs/context --context 4x
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest

@@ -161,25 +161,29 @@ def cmd_finetune(args) -> int:
     from moegpt.atomic import write_text_atomic
     from moegpt.checkpoint.model_dir import load
     from moegpt.infer.chat_eval import exact_match
-    from moegpt.train.cli import run_training
+    from moegpt.train.cli import CONTEXT_DEFAULTS, apply_finetune_defaults, run_training
     from moegpt.train.finetune import finetune_inputs
 
-    if args.eval_max < 0:
-        raise ValueError(f"--eval-max {args.eval_max} must be >= 0")
+    if args.eval_max < 0 or args.passkey_per_cell < 1:
+        raise ValueError(f"--eval-max {args.eval_max} must be >= 0 and --passkey-per-cell {args.passkey_per_cell} >= 1")
     template = None
     if args.chat_template is not None:
         path = Path(args.chat_template)
         if not path.is_file():
             raise ValueError(f"--chat-template {path} does not exist")
         template = path.read_text(encoding="utf-8")
-    ft = finetune_inputs(args.model, args.data, chat_template=template, packing=not args.no_packing,
-                         drop_long=args.long == "drop")
+    data = args.data or (CONTEXT_DEFAULTS["data"] if args.context else "instructions:1")
+    ft = finetune_inputs(args.model, data, chat_template=template, packing=not args.no_packing,
+                         drop_long=args.long == "drop", context=args.context, rope_type=args.rope_scaling)
+    apply_finetune_defaults(args, ft.model_cfg.max_seq_len if args.context else None)
     out = Path(args.out)
 
     def evaluate(directory: Path, trainer) -> dict:
         model, tok = load(directory)
         scores = {}
         for source in trainer.data.sources:
+            if not hasattr(source, "val_tasks"):  # plain text: its held-out loss is in the log
+                continue
             # each held-out conversation up to its last assistant message (the reference answer)
             convs = [c[:max(i for i, m in enumerate(c) if m["role"] == "assistant") + 1] for c in source.val[:args.eval_max]]
             tasks = (source.val_tasks or (None,) * len(source.val))[:args.eval_max]
@@ -188,6 +192,13 @@ def cmd_finetune(args) -> int:
 
     trainer, result = run_training(args, out, args.resume, finetune=ft)
     if args.no_eval or not result.finished or not trainer.runtime.is_main:
+        return 0
+    if args.context:
+        from moegpt.infer.context_eval import context_evaluation
+        from moegpt.train.trainer import default_cache_dir
+
+        context_evaluation(Path(args.model), out, ft, trainer, args.passkey_per_cell,
+                           Path(args.cache_dir) if args.cache_dir else default_cache_dir())
         return 0
     report = {"base": evaluate(Path(args.model), trainer), "tuned": evaluate(out, trainer)}
     write_text_atomic(out / "finetune_eval.json", json.dumps(report, indent=2) + "\n")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,9 @@ import numpy as np
 import torch
 
 from moegpt.data.chat import ChatFormat, TemplateError
+from moegpt.data.dataset import load_tokens, split_blocks, tokenize_source
 from moegpt.data.sampler import SampledMixture
+from moegpt.data.sources import Source, files_signature, files_source, shakespeare_source, stdlib_code_source
 from moegpt.data.tokenizer import Tokenizer
 
 IGNORE = -100  # cross_entropy's ignore_index: a target outside the loss
@@ -102,23 +104,44 @@ def jsonl_source(name: str, path: str | Path, epochs: float, val_fraction: float
                            val=tuple(c for c, _ in rows[-n_val:]), val_tasks=tuple(t for _, t in rows[-n_val:]))
 
 
-def conversations_digest(sources: Sequence[ConversationSet]) -> str:
-    """A hash of the sources' conversations themselves (a resume refuses a data file edited since)."""
+@dataclass(frozen=True, kw_only=True)
+class CorpusSet:
+    """Plain text among the conversations (a context-extension fine-tune keeps modelling text at
+    every position): a pre-training source cut into rows of seq_len + 1 tokens, every token a
+    target, its held-out split the one pre-training held out (dataset.split_blocks)."""
+
+    name: str
+    epochs: float
+    source: Source
+
+
+def conversations_digest(sources: Sequence[ConversationSet | CorpusSet]) -> str:
+    """A hash of the sources' conversations themselves, or a corpus's files (a resume refuses a data
+    file edited since)."""
     h = hashlib.sha256()
     for s in sources:
-        h.update(json.dumps([s.name, s.epochs, s.train, s.val], sort_keys=True).encode())
+        if isinstance(s, CorpusSet):
+            h.update(json.dumps([s.name, s.epochs]).encode() + files_signature(s.source.paths))
+        else:
+            h.update(json.dumps([s.name, s.epochs, s.train, s.val], sort_keys=True).encode())
     return h.hexdigest()
 
 
-def parse_conversation_mixture(spec: str, val_fraction: float, seed: int = 0) -> tuple[ConversationSet, ...]:
-    """A CLI mixture of conversation sources, e.g. "instructions:1" or "instructions:1,mine=chats.jsonl:2":
-    ``instructions`` is the generated set (instructions.py), ``NAME=PATH`` a JSONL file."""
+def parse_conversation_mixture(spec: str, val_fraction: float, seed: int = 0, *,
+                               count_tokens: Callable[[Conversation], int] | None = None,
+                               max_tokens: int | None = None) -> tuple[ConversationSet | CorpusSet, ...]:
+    """A CLI mixture of fine-tuning sources, e.g. "instructions:1", "instructions:1,mine=chats.jsonl:2"
+    or "passkey:1,text:1": ``instructions`` and ``passkey`` are generated (instructions.py,
+    passkey.py: its lengths run up to ``max_tokens`` as ``count_tokens`` counts them), ``text`` and
+    ``code`` the pre-training corpora as plain text rows, ``NAME=FILE.jsonl`` conversations, ``NAME=PATH``
+    (any other file, or a directory) plain text rows."""
     from moegpt.data.instructions import instruction_source
+    from moegpt.data.passkey import passkey_source
 
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
         raise ValueError(f"--data {spec!r} names no conversation source")
-    out: list[ConversationSet] = []
+    out: list[ConversationSet | CorpusSet] = []
     for item in items:
         head, sep, epochs_text = item.rpartition(":")
         try:
@@ -126,15 +149,26 @@ def parse_conversation_mixture(spec: str, val_fraction: float, seed: int = 0) ->
         except ValueError:
             epochs = float("nan")
         if not (math.isfinite(epochs) and epochs > 0):
-            raise ValueError(f"--data item {item!r} must look like instructions:EPOCHS or NAME=FILE.jsonl:EPOCHS "
+            raise ValueError(f"--data item {item!r} must look like SOURCE:EPOCHS or NAME=FILE.jsonl:EPOCHS "
                              "with EPOCHS > 0")
         if head == "instructions":
             source = instruction_source(epochs, seed=seed)
+        elif head == "passkey":
+            if count_tokens is None or max_tokens is None:
+                raise ValueError("--data passkey needs the model's tokenizer and a row length")
+            source = passkey_source(epochs, count_tokens, max_tokens, seed=seed)
+        elif head in ("text", "code"):
+            corpus = shakespeare_source(epochs) if head == "text" else stdlib_code_source(epochs)
+            source = CorpusSet(name=head, epochs=epochs, source=corpus)
         elif "=" in head and head.partition("=")[0] and head.partition("=")[2]:
             name, _, path = head.partition("=")
-            source = jsonl_source(name, path, epochs, val_fraction)
+            if path.endswith(".jsonl"):
+                source = jsonl_source(name, path, epochs, val_fraction)
+            else:  # a text file or a directory of them: plain text rows
+                source = CorpusSet(name=name, epochs=epochs, source=files_source(name, path, epochs))
         else:
-            raise ValueError(f"--data item {item!r}: unknown source {head!r} (use instructions or NAME=FILE.jsonl)")
+            raise ValueError(f"--data item {item!r}: unknown source {head!r} "
+                             "(use instructions, passkey, text, code, NAME=FILE.jsonl or NAME=PATH)")
         if any(s.name == source.name for s in out):
             raise ValueError(f"--data item {item!r} repeats source name {source.name!r}")
         out.append(source)
@@ -247,10 +281,24 @@ def _gather(parts: tuple[PackedBatch, ...], pairs: torch.Tensor) -> PackedBatch:
     return PackedBatch(*(torch.cat([getattr(p, f) for p in picked]) for f in ("inputs", "targets", "positions", "docs")))
 
 
-def build_sft_data(sources: Sequence[ConversationSet], tokenizer: Tokenizer, fmt: ChatFormat, seq_len: int,
-                   packing: bool = True, drop_long: bool = True) -> SFTData:
+def corpus_examples(source: CorpusSet, tokenizer: Tokenizer, seq_len: int, cache_dir: str | Path,
+                    val_fraction: float) -> tuple[list, list]:
+    """A corpus's training and held-out rows as (ids, all-target mask) examples of seq_len + 1 tokens."""
+    tokens = load_tokens(tokenize_source(source.source, tokenizer, cache_dir))
+    try:
+        splits = split_blocks(len(tokens), seq_len, val_fraction)
+    except ValueError as e:
+        raise ValueError(f"source {source.name!r}: {e}") from None
+    return [[(tokens[start + i * seq_len:start + (i + 1) * seq_len + 1].astype(np.int64).tolist(), [True] * (seq_len + 1))
+             for i in range(n)] for start, n in splits]
+
+
+def build_sft_data(sources: Sequence[ConversationSet | CorpusSet], tokenizer: Tokenizer, fmt: ChatFormat,
+                   seq_len: int, packing: bool = True, drop_long: bool = True, cache_dir: str | Path | None = None,
+                   val_fraction: float = 0.05) -> SFTData:
     """Render, tokenize and pack every source. A conversation longer than a row (seq_len + 1 tokens)
-    is dropped and counted, or with ``drop_long=False`` an error naming it."""
+    is dropped and counted, or with ``drop_long=False`` an error naming it. A corpus is tokenized
+    (cached under ``cache_dir``) and cut into rows."""
     if not sources:
         raise ValueError("fine-tuning needs at least one conversation source")
     names = [s.name for s in sources]
@@ -259,6 +307,13 @@ def build_sft_data(sources: Sequence[ConversationSet], tokenizer: Tokenizer, fmt
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     train, val, dropped = [], [], {}
     for s in sources:
+        if isinstance(s, CorpusSet):
+            if cache_dir is None:
+                raise ValueError(f"source {s.name!r}: a corpus needs a token cache directory")
+            rows = corpus_examples(s, tokenizer, seq_len, cache_dir, val_fraction)
+            train.append(pack(rows[0], seq_len, pad, packing))
+            val.append(pack(rows[1], seq_len, pad, packing))
+            continue
         packed = []
         for split, convs in (("training", s.train), ("held-out", s.val)):
             examples = []

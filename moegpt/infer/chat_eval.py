@@ -29,11 +29,18 @@ def exact_match(model: MoEGPT, tokenizer: Tokenizer, fmt: ChatFormat, conversati
             raise ValueError("an evaluation conversation must end with the assistant's reference answer")
         prompts.append(tokenizer.encode(fmt.render(list(conv[:-1]), add_generation_prompt=True)))
         answers.append(conv[-1]["content"].strip())
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop_token_ids=sorted(fmt.stop_token_ids))
-    outputs = engine.generate(prompts, params)
+    stops = sorted(fmt.stop_token_ids)
+    # an answer may use what is left of the context (a prompt that fills it gets no answer: wrong)
+    room = [min(max_tokens, engine.max_len - len(p)) for p in prompts]
+    asked = [i for i, r in enumerate(room) if r > 0]
+    generated = engine.generate([prompts[i] for i in asked],
+                                [SamplingParams(temperature=0.0, max_tokens=room[i], stop_token_ids=stops) for i in asked])
+    texts = [""] * len(prompts)
+    for i, out in zip(asked, generated):
+        texts[i] = out.outputs[0].text
     tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for out, answer, task in zip(outputs, answers, tasks or [None] * len(answers)):
-        hit = int(out.outputs[0].text.strip() == answer)
+    for text, answer, task in zip(texts, answers, tasks or [None] * len(answers)):
+        hit = int(text.strip() == answer)
         for key in ("all",) + ((task,) if task else ()):
             tally[key][0] += 1
             tally[key][1] += hit

@@ -187,7 +187,9 @@ def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=N
         model_cfg, sources = model_config_from_args(args), parse_mixture(args.data)
     else:
         model_cfg = finetune.model_cfg
-        sources = parse_conversation_mixture(args.data, train_cfg.val_fraction, train_cfg.seed)
+        sources = parse_conversation_mixture(
+            args.data, train_cfg.val_fraction, train_cfg.seed, max_tokens=train_cfg.seq_len + 1,
+            count_tokens=lambda conv: len(finetune.chat.tokens(finetune.tokenizer, list(conv))[0]))
         # the conversations themselves, so a resume refuses a data file edited since
         finetune = dataclasses.replace(finetune, settings={**finetune.settings,
                                                            "conversations_sha256": conversations_digest(sources)})
@@ -257,6 +259,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 # 1e-3 and 5e-3; 1100 steps (about one pass over its 100,000 training conversations) take ~12 min here.
 FINETUNE_DEFAULTS = {"steps": 1100, "seq_len": 256, "lr": 3e-3, "warmup_steps": 20, "eval_every": 100,
                      "ckpt_every": 100}
+# With --context: rows of the extended length, passkey conversations beside plain text (docs/finetune.md).
+CONTEXT_DEFAULTS = {"data": "passkey:1,text:1", "steps": 600, "lr": 1e-3, "batch_size": 8, "micro_batch": 4}
 
 
 def add_finetune_parser(subparsers, func) -> argparse.ArgumentParser:
@@ -268,24 +272,45 @@ def add_finetune_parser(subparsers, func) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the model directory to start from")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, the tuned model)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--data", default="instructions:1",
-                   help="conversation sources as name:epochs,...: instructions (generated from the bundled "
-                        "corpus) or NAME=FILE.jsonl (OpenAI-style messages); default instructions:1")
+    p.add_argument("--data", default=None,
+                   help="sources as name:epochs,...: instructions or passkey (generated), text or code (the "
+                        "bundled corpora as plain text), NAME=FILE.jsonl (OpenAI-style messages), NAME=PATH (a "
+                        "text file or directory); default instructions:1, with --context passkey:1,text:1")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="Jinja chat template (default: the model's, else moegpt's ChatML)")
     p.add_argument("--no-packing", action="store_true", help="one conversation per row (default: packed)")
     p.add_argument("--long", choices=["drop", "error"], default="drop",
                    help="conversations longer than a row: drop them (counted) or refuse to start")
+    p.add_argument("--context", default=None, metavar="4x|TOKENS",
+                   help="extend the context: a factor of the model's max_seq_len (4x) or a length; rows "
+                        "default to that length")
+    p.add_argument("--rope-scaling", choices=["linear", "dynamic", "yarn"], default="yarn",
+                   help="how --context stretches RoPE (default yarn)")
+    p.add_argument("--passkey-per-cell", type=int, default=20,
+                   help="with --context: passkey conversations per length and depth in the report")
     p.add_argument("--eval-max", type=int, default=200, help="held-out conversations per source for exact match")
     p.add_argument("--no-eval", action="store_true", help="skip the exact-match evaluation")
     add_config_flags(p.add_argument_group("training (TrainConfig; fine-tuning defaults)"), TrainConfig)
     add_parallel_args(p)
-    p.set_defaults(**FINETUNE_DEFAULTS)
+    p.set_defaults(**{k: None for k in {**FINETUNE_DEFAULTS, **CONTEXT_DEFAULTS}})  # apply_finetune_defaults
     p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this step")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=func)
     return p
+
+
+def apply_finetune_defaults(args: argparse.Namespace, context_len: int | None) -> None:
+    """Fill the flags left unset: the fine-tuning defaults, or with --context (``context_len``, the
+    extended length) the context-extension ones and rows of that length."""
+    from moegpt.train.config import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | FINETUNE_DEFAULTS | {"data": "instructions:1"}
+    if context_len is not None:
+        defaults |= CONTEXT_DEFAULTS | {"seq_len": context_len}
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None and key in {**FINETUNE_DEFAULTS, **CONTEXT_DEFAULTS}:
+            setattr(args, key, value)
 
 
 def cmd_train(args) -> int:

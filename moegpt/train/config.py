@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from moegpt.config import field_differences
 
 # Fields that change only bookkeeping, not the numbers a run computes: they may differ on resume.
-BOOKKEEPING = frozenset({"eval_every", "eval_sequences", "ckpt_every", "keep_checkpoints", "log_every", "peak_flops"})
+# (Activation checkpointing recomputes the same numbers.)
+BOOKKEEPING = frozenset({"eval_every", "eval_sequences", "ckpt_every", "keep_checkpoints", "log_every", "peak_flops",
+                         "activation_checkpointing"})
 
 
 def option(default, help: str):
@@ -36,6 +38,8 @@ class TrainConfig:
     aux_loss_coef: float = option(0.01, "Switch load-balancing loss weight")
     z_loss_coef: float = option(1e-3, "router z-loss weight (ST-MoE)")
     bf16: bool = option(False, "bf16 autocast for forward and backward")
+    activation_checkpointing: bool = option(False, "recompute each layer in the backward pass: it keeps only its "
+                                                   "input (less memory at long contexts, one more forward)")
     seed: int = option(0, "seed of the weights and the data order")
     val_fraction: float = option(0.05, "share of each source held out for validation")
     eval_every: int = option(100, "validate every this many steps")

@@ -18,7 +18,7 @@ import torch
 
 from moegpt.atomic import write_text_atomic
 from moegpt.checkpoint.model_dir import load
-from moegpt.config import ModelConfig
+from moegpt.config import ModelConfig, RopeScaling
 from moegpt.data.chat import ChatFormat, chat_format
 from moegpt.data.tokenizer import CHAT_TEMPLATE, Tokenizer
 
@@ -37,10 +37,30 @@ class Finetune:
         write_text_atomic(out / "finetune.json", json.dumps(self.settings, indent=2) + "\n")
 
 
+def extended_config(cfg: ModelConfig, context: str, rope_type: str) -> ModelConfig:
+    """The model at a longer context: ``context`` "4x" (a factor of its max_seq_len, the context it
+    was pre-trained at) or a length in tokens; RoPE scaled by ``rope_type`` (linear, dynamic, yarn)."""
+    if cfg.rope_scaling is not None:
+        raise ValueError(f"--context: the model already has {cfg.rope_scaling.type.value} rope scaling; "
+                         "extend a model with plain RoPE")
+    base = cfg.max_seq_len
+    text = context.strip().lower()
+    try:
+        length = round(base * float(text[:-1])) if text.endswith("x") else int(text)
+    except ValueError:
+        raise ValueError(f"--context {context!r}: want a factor such as 4x or a length in tokens") from None
+    if length <= base:
+        raise ValueError(f"--context {context}: {length} tokens is not longer than the model's context ({base}); "
+                         "the scaling factor must be > 1")
+    scaling = RopeScaling(type=rope_type, factor=length / base, original_max_seq_len=base)
+    return cfg.replace(max_seq_len=length, rope_scaling=scaling)
+
+
 def finetune_inputs(model_dir: str | Path, data: str, *, chat_template: str | None = None, packing: bool = True,
-                    drop_long: bool = True) -> Finetune:
+                    drop_long: bool = True, context: str | None = None, rope_type: str = "yarn") -> Finetune:
     """Read the base model directory; ``chat_template``: a Jinja template's text, which overrides the
-    tokenizer's. A model with neither a template nor moegpt's chat tokens is a one-line error."""
+    tokenizer's. A model with neither a template nor moegpt's chat tokens is a one-line error.
+    ``context``: extend the model's context (``extended_config``)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"--model {model_dir} is not a model directory (no config.json)")
@@ -52,8 +72,11 @@ def finetune_inputs(model_dir: str | Path, data: str, *, chat_template: str | No
         raise ValueError(f"--model {model_dir} has no chat template and its tokenizer lacks moegpt's chat tokens: "
                          "pass --chat-template FILE")
     tokenizer.chat_template = chat_template or tokenizer.chat_template or CHAT_TEMPLATE
+    cfg = model.cfg if context is None else extended_config(model.cfg, context, rope_type)
     settings = {"base": str(model_dir.resolve()), "data": data, "chat_template": tokenizer.chat_template,
                 "packing": packing, "drop_long": drop_long}
+    if context is not None:
+        settings.update(context=cfg.max_seq_len, rope_scaling=cfg.rope_scaling.to_dict())
     weights = {k: v.float() for k, v in model.state_dict().items()}
-    return Finetune(model_cfg=model.cfg, weights=weights, tokenizer=tokenizer, chat=fmt, packing=packing,
+    return Finetune(model_cfg=cfg, weights=weights, tokenizer=tokenizer, chat=fmt, packing=packing,
                     drop_long=drop_long, settings=settings)

@@ -25,6 +25,7 @@ import torch
 from moegpt.checkpoint import store
 from moegpt.config import ModelConfig
 from moegpt.model import MoEGPT, build_model
+from moegpt.train.activations import SavedActivations, checkpoint_layers, peak_rss_mib, reset_peak_rss
 from moegpt.train.config import TrainConfig
 from moegpt.train.optim import make_optimizer, make_parallel_optimizer
 from moegpt.train.parallel_step import distributed_train_step, pipeline_evaluate
@@ -67,19 +68,29 @@ class LocalRuntime:
         if weights is not None:
             self.model.load_state_dict(weights)
         self.model.train()
+        if cfg.activation_checkpointing:
+            checkpoint_layers(self.model)
         self.optimizer = make_optimizer(self.model, cfg)
+        self._memory: dict = {}
 
     def step(self, batch: torch.Tensor) -> StepMetrics:
-        """batch (B, T+1) -> the step's metrics."""
+        """batch (B, T+1) -> the step's metrics; its memory (peak resident, activations kept per
+        micro-batch) for the log row."""
         cfg = self.cfg
-        return train_step(self.model, self.optimizer, batch, cfg.micro_batch, loss_weights(cfg), cfg.grad_clip,
-                          cfg.bf16)
+        reset_peak_rss()
+        with SavedActivations(self.model) as saved:
+            metrics = train_step(self.model, self.optimizer, batch, cfg.micro_batch, loss_weights(cfg), cfg.grad_clip,
+                                 cfg.bf16)
+        micro_batches = -(-len(batch) // cfg.micro_batch)
+        self._memory = {"peak_rss_mib": round(peak_rss_mib(), 1),
+                        "activation_mib": round(saved.bytes / micro_batches / 2**20, 2)}
+        return metrics
 
     def evaluate(self, batches: Iterable[torch.Tensor]) -> tuple[float, int]:
         return evaluate(self.model, batches, self.cfg.bf16)
 
     def row_fields(self, metrics: StepMetrics) -> dict:
-        return {}
+        return dict(self._memory)
 
     def final_model(self) -> MoEGPT | None:
         return self.model
@@ -153,6 +164,8 @@ class DistributedRuntime:
         if weights is not None:
             model.load_state_dict(weights)
         model.train()
+        if cfg.activation_checkpointing:
+            checkpoint_layers(model)
         self.pm = parallelize(model, self.dims, self.mesh)
         self.optimizer = make_parallel_optimizer(self.pm, cfg)
         self.schedules: dict = {}  # pipeline schedules by micro-batch count, reused across steps

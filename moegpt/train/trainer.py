@@ -137,8 +137,9 @@ class Trainer:
                 finetune is not None and self.tokenizer.vocab_size < model_cfg.vocab_size):  # (a padded HF vocab)
             raise ValueError(f"tokenizer vocab ({self.tokenizer.vocab_size}) != model vocab_size ({model_cfg.vocab_size})")
         if finetune is not None:
-            self.data: MixtureData | SFTData = build_sft_data(sources, self.tokenizer, finetune.chat, train_cfg.seq_len,
-                                                               finetune.packing, finetune.drop_long)
+            self.data: MixtureData | SFTData = rt.main_first(lambda: build_sft_data(
+                sources, self.tokenizer, finetune.chat, train_cfg.seq_len, finetune.packing, finetune.drop_long,
+                cache_dir, train_cfg.val_fraction))
         else:
             self.data = rt.main_first(lambda: build_mixture(
                 sources, self.tokenizer, train_cfg.seq_len, cache_dir, train_cfg.val_fraction))

@@ -291,3 +291,37 @@ def test_kv_budget_in_blocks_and_a_draft_with_another_tokenizer_is_refused(tmp_p
     save(build_model(preset("tiny").replace(vocab_size=300, n_layers=1), seed=1), other, tmp_path / "draft")
     with pytest.raises(ValueError, match="does not share the tokenizer"):
         LLM(model=tmp_path / "target", draft_model=tmp_path / "draft")
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn"])
+def test_a_context_extended_model_serves_past_its_original_context_with_prefix_caching(kind):
+    """A model extended 16 -> 128 tokens: the engine admits prompts past 16 (max_model_len is the
+    config's), its greedy tokens are plain generation's, and prefix-cache hits change nothing."""
+    from moegpt.config import RopeScaling
+
+    scaling = RopeScaling(type=kind, factor=8.0, original_max_seq_len=16)
+    model = _model()
+    extended = build_model(model.cfg.replace(max_seq_len=128, rope_scaling=scaling), seed=2)
+    extended.load_state_dict(model.state_dict())
+    extended.eval()
+    shared = _prompts(1, seed=5)[0] * 3
+    prompts = [shared + [7] * 20, shared + [9, 11] * 15, shared + [7] * 20]
+    assert min(len(p) for p in prompts) > 16
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    engine = LLMEngine(extended, EngineConfig(block_size=4))
+    assert engine.max_len == 128
+    hits, lookup = [], engine.blocks._cached_prefix
+
+    def counted(seq):
+        found = lookup(seq)
+        hits.append(len(found[0]))
+        return found
+
+    engine.blocks._cached_prefix = counted
+    got = _one_at_a_time(engine, prompts, params)  # the third finds the first's blocks cached
+    assert hits[2] * 4 > 16  # cached blocks past the original context
+    for prompt, out in zip(prompts, got):
+        assert out == generate(extended, torch.tensor([prompt]), 8)[0, len(prompt):].tolist()
+    assert got[0] == got[2]
+    plain = _first_tokens(LLMEngine(model.eval(), EngineConfig(block_size=4)).generate(prompts[:1], params))
+    assert plain[0] != got[0]  # the scaling is in effect (plain RoPE goes elsewhere)
