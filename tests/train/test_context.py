@@ -46,8 +46,11 @@ def test_passkey_conversations_fill_their_length_and_hide_the_key_at_its_depth(t
         assert length - 40 < n <= length  # within one filler sentence of the length
         text, key = conv[0]["content"], conv[1]["content"]
         assert key.startswith("The pass key is ") and key in text and len(key) == len("The pass key is 12345.")
-        where = text.index("The pass key is") / len(text)
-        assert abs(where - depth) < 0.25
+        from moegpt.data.passkey import FILLER
+
+        cut = text.index("The pass key is")
+        before, total = text[:cut].count(FILLER), text.count(FILLER)
+        assert abs(before / max(total, 1) - depth) < 0.25
     source = passkey_source(1.0, count, 300, n_train=200, n_val=20)
     lengths = [count(c) for c in source.train]
     assert max(lengths) <= 300 and min(lengths) < 120 < 250 < max(lengths)  # spread up to the row
