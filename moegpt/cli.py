@@ -53,6 +53,7 @@ def cmd_info(args) -> int:
 
     cfg = preset(args.preset)
     c = param_counts(cfg)
+    vision = _vision_info(cfg, args) if args.vision else None
     info = {
         "preset": args.preset,
         "config": cfg.to_dict(),
@@ -62,6 +63,8 @@ def cmd_info(args) -> int:
         "context": args.context,
         "kv_cache_bytes_per_token_fp16": kv_cache_bytes_per_token(cfg, 2),
     }
+    if vision is not None:
+        info["vision"] = vision
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -83,9 +86,25 @@ def cmd_info(args) -> int:
     print(f"{args.preset}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads x {cfg.head_dim}, "
           f"{cfg.n_kv_heads} KV head(s), {cfg.n_experts} experts top-{cfg.top_k} ({cfg.mlp.value}, d_ff {cfg.d_ff}), "
           f"vocab {cfg.vocab_size}")
+    if vision is not None:
+        p = vision["params"]
+        rows += [(f"vision tower ({args.vision})", n(p["tower"])), ("resampler", n(p["resampler"])),
+                 (f"gated cross-attention (x{len(vision['cross_attention_layers'])})", n(p["cross_attention"])),
+                 ("vision adds", n(p["added"])), ("image encode FLOPs/image", n(vision["image_flops"])),
+                 ("cross-attention FLOPs/token", n(vision["cross_attention_flops_per_token"]))]
     for label, value in rows:
         print(f"  {label:<34} {value:>10}")
     return 0
+
+
+def _vision_info(cfg, args) -> dict:
+    from moegpt.counts import cross_attention_flops_per_token, image_flops, vision_param_counts
+    from moegpt.vision_config import VisionConfig, tower_preset
+
+    vcfg = VisionConfig.for_text(cfg, tower_preset(args.vision), cross_attention_every=args.cross_attention_every)
+    return {"config": vcfg.to_dict(), "params": vision_param_counts(vcfg).to_dict(),
+            "cross_attention_layers": list(vcfg.cross_attention_layers), "image_flops": image_flops(vcfg),
+            "cross_attention_flops_per_token": cross_attention_flops_per_token(vcfg)}
 
 
 def engine_decode_measurers(pool_bytes: int | None = None, steps: int | None = None):
@@ -250,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", required=True)
     p.add_argument("--context", type=int, default=8192, help="context for the attention FLOPs (default 8192)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--vision", default=None, metavar="TOWER",
+                   help="also count a Flamingo-style vision part with this tower preset (tiny, clip-vit-b-16, "
+                        "clip-vit-l-14, siglip-so400m-14-384)")
+    p.add_argument("--cross-attention-every", type=int, default=4,
+                   help="with --vision: a gated cross-attention block before every Nth layer (default 4)")
     p.set_defaults(func=cmd_info)
 
     from moegpt.planner.cli import add_plan_parser

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from moegpt.config import MLPKind, ModelConfig
+from moegpt.vision_config import TowerConfig, TowerKind, VisionConfig
 
 
 def mlp_params(d_model: int, d_ff: int, kind: MLPKind) -> int:
@@ -87,3 +88,71 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:
     """K and V for every layer: with MQA (G=1) this is H times smaller than multi-head."""
     return 2 * cfg.n_layers * cfg.kv_dim * bytes_per_value
+
+
+# ---- vision (Flamingo-style: tower -> resampler -> gated cross-attention) ---------------------------
+# Legend: Dv tower width, Fv tower MLP width, S positions per image, P patch, C channels, Lt tower
+# layers, R resampler layers, Lq latents, Hr x Dr resampler heads, Hx x Dx cross-attention heads, m ff_mult.
+
+
+def tower_param_counts(t: TowerConfig) -> int:
+    D, F = t.hidden_size, t.intermediate_size
+    clip = t.kind == TowerKind.CLIP
+    mlp = 2 * D * F + F + D
+    block = 4 * D + 4 * (D * D + D) + mlp  # 2 LayerNorms, q/k/v/o with biases, the MLP
+    embeddings = t.num_channels * t.patch_size ** 2 * D + (0 if clip else D) + t.n_positions * D + (D if clip else 0)
+    head = (D + 3 * D * D + 3 * D + D * D + D + 2 * D + mlp) if t.use_head else 0  # probe, attention, LN, MLP
+    return embeddings + (2 * D if clip else 0) + t.n_layers * block + 2 * D + head
+
+
+def feed_forward_params(dim: int, mult: int) -> int:
+    return 2 * dim + 2 * mult * dim * dim  # LayerNorm + two bias-free matrices
+
+
+def resampler_params(v: VisionConfig) -> int:
+    D, inner = v.tower.hidden_size, v.resampler_heads * v.resampler_head_dim
+    attention = 4 * D + 4 * D * inner  # two LayerNorms; q, k, v, o
+    return v.n_latents * D + v.resampler_layers * (attention + feed_forward_params(D, v.ff_mult)) + 2 * D
+
+
+def cross_attention_block_params(v: VisionConfig) -> int:
+    D, Dv, inner = v.text_d_model, v.tower.hidden_size, v.cross_attention_heads * v.cross_attention_head_dim
+    return 2 * D + 2 * D * inner + 2 * Dv * inner + feed_forward_params(D, v.ff_mult) + 2  # + the two gates
+
+
+@dataclass(frozen=True)
+class VisionParamCounts:
+    tower: int
+    resampler: int
+    cross_attention: int  # all gated blocks
+
+    @property
+    def added(self) -> int:
+        """What joining vision adds to the text model."""
+        return self.tower + self.resampler + self.cross_attention
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "added": self.added}
+
+
+def vision_param_counts(v: VisionConfig) -> VisionParamCounts:
+    return VisionParamCounts(tower=tower_param_counts(v.tower), resampler=resampler_params(v),
+                             cross_attention=len(v.cross_attention_layers) * cross_attention_block_params(v))
+
+
+def image_flops(v: VisionConfig) -> int:
+    """Forward FLOPs to encode one image: the tower over its S positions, then the resampler."""
+    t = v.tower
+    D, S = t.hidden_size, t.n_positions
+    tower = S * 2 * (t.num_channels * t.patch_size ** 2 * D + t.n_layers * (4 * D * D + 2 * D * t.intermediate_size))
+    tower += t.n_layers * 4 * S * S * D  # scores and values
+    inner, L = v.resampler_heads * v.resampler_head_dim, v.n_latents
+    per_layer = 2 * L * D * inner * 2 + 2 * (S + L) * D * inner * 2 + 4 * L * (S + L) * inner
+    per_layer += 2 * L * 2 * v.ff_mult * D * D
+    return tower + v.resampler_layers * per_layer
+
+
+def cross_attention_flops_per_token(v: VisionConfig) -> int:
+    """A text token's FLOPs in the gated blocks (its image's K/V computed once per image, not here)."""
+    D, inner = v.text_d_model, v.cross_attention_heads * v.cross_attention_head_dim
+    return len(v.cross_attention_layers) * (2 * 2 * D * inner + 4 * v.n_latents * inner + 2 * 2 * v.ff_mult * D * D)

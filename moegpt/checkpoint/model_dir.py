@@ -3,6 +3,8 @@
 ``load(dir)`` reads any Mixtral directory, including one written by transformers'
 ``MixtralForCausalLM.save_pretrained``; ``save(model, tokenizer, dir)`` writes one that
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Each file is written atomically.
+A vision model (model/vision) keeps its image side beside the text model's files (vision_dir.py):
+``load`` brings the whole model back unless ``text_only``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from moegpt.model import MoEGPT, build_model
 
 
 class LoadedModel(NamedTuple):
-    model: MoEGPT
+    model: MoEGPT  # or a VisionMoEGPT
     tokenizer: Tokenizer | None  # None when the directory has neither tokenizer.json nor tokenizer.model
 
 
@@ -45,8 +47,12 @@ def read_config(directory: str | Path) -> ModelConfig:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
-def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load a Mixtral-format model directory. ``dtype`` None keeps the stored dtype."""
+def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         text_only: bool = False) -> LoadedModel:
+    """Load a Mixtral-format model directory. ``dtype`` None keeps the stored dtype. A directory with
+    a vision part loads as a VisionMoEGPT, unless ``text_only`` (text-only rows compute the same)."""
+    from moegpt.checkpoint.vision_dir import attach_vision, has_vision
+
     directory = Path(directory)
     cfg = read_config(directory)
     has_tokenizer = (directory / "tokenizer.json").exists() or (directory / SENTENCEPIECE_FILE).exists()
@@ -65,13 +71,23 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     if dtype is not None:
         model = model.to(dtype)
     model = model.to(device)
+    if has_vision(directory) and not text_only:
+        return LoadedModel(attach_vision(model.eval(), directory), tokenizer)
     return LoadedModel(model.eval(), tokenizer)
 
 
 def save(model: MoEGPT, tokenizer: Tokenizer | None, directory: str | Path) -> Path:
-    """Write ``model`` (and ``tokenizer``) as an HF Mixtral directory; returns the directory."""
+    """Write ``model`` (and ``tokenizer``) as an HF Mixtral directory; returns the directory. A
+    VisionMoEGPT writes its text model so, and its image side beside it (vision_dir.py)."""
     from safetensors.torch import save_file
 
+    from moegpt.checkpoint.vision_dir import save_vision
+    from moegpt.model.vision.vision_model import VisionMoEGPT
+
+    if isinstance(model, VisionMoEGPT):
+        directory = save(model.text, tokenizer, directory)
+        save_vision(model, directory)
+        return directory
     cfg = model.cfg
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer vocab ({tokenizer.vocab_size}) exceeds model vocab_size ({cfg.vocab_size})")

@@ -1,0 +1,114 @@
+"""A vision model directory: the text model stays an HF Mixtral directory that transformers loads,
+with the image side beside it.
+
+    DIR/config.json, model.safetensors, tokenizer.*   the text model (model_dir.py)
+    DIR/vision_tower/                                  a CLIP-vision / SigLIP-vision directory with its
+                                                       preprocessor_config.json (transformers loads it)
+    DIR/vision_config.json                             moegpt's VisionConfig (resampler, gated blocks)
+    DIR/vision_adapter.safetensors                     the resampler's and the gated blocks' weights
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from moegpt.atomic import write_atomic, write_text_atomic
+from moegpt.checkpoint.vision_hf import load_tower, save_tower
+from moegpt.data.images import ImageProcessing
+from moegpt.model import MoEGPT
+from moegpt.model.vision.vision_model import VisionMoEGPT
+from moegpt.vision_config import VisionConfig
+
+TOWER_DIR = "vision_tower"
+CONFIG_FILE = "vision_config.json"
+ADAPTER_FILE = "vision_adapter.safetensors"
+
+
+def has_vision(directory: Path) -> bool:
+    return (directory / CONFIG_FILE).exists()
+
+
+def read_vision_config(directory: Path) -> VisionConfig:
+    path = directory / CONFIG_FILE
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    try:
+        return VisionConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def adapter_state(model: VisionMoEGPT) -> dict[str, torch.Tensor]:
+    """The resampler's and gated blocks' tensors, under their names in the vision model."""
+    return {k: v for k, v in model.state_dict().items() if k.startswith(("resampler.", "cross_attn."))}
+
+
+def attach_vision(text: MoEGPT, directory: Path) -> VisionMoEGPT:
+    """Join ``text`` to the vision part stored in ``directory``; every mismatch is a one-line error."""
+    from safetensors.torch import load_file
+
+    cfg = read_vision_config(directory)
+    try:
+        cfg.check_fits(text.cfg)
+    except ValueError as e:
+        raise ValueError(f"{directory / CONFIG_FILE}: {e}") from None
+    tower_dir = directory / TOWER_DIR
+    if not tower_dir.is_dir():
+        raise ValueError(f"{directory}: {CONFIG_FILE} is there but the {TOWER_DIR}/ directory is missing")
+    tower = load_tower(tower_dir)
+    if tower.cfg != cfg.tower:
+        raise ValueError(f"{tower_dir}: the tower's config differs from {CONFIG_FILE}'s: {tower.cfg} vs {cfg.tower}")
+    dtype = text.embed.weight.dtype
+    with torch.device("meta"):  # the new parts' shapes only: their weights come from the files
+        vision = VisionMoEGPT(text, cfg, tower)
+    path = directory / ADAPTER_FILE
+    try:
+        adapter = load_file(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing") from None
+    except Exception as e:  # safetensors raises several types for truncated files
+        raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+    expected = adapter_state(vision)
+    for name, p in expected.items():
+        if name not in adapter:
+            raise ValueError(f"{path}: tensor {name!r} is missing")
+        if tuple(adapter[name].shape) != tuple(p.shape):
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(adapter[name].shape)}, "
+                             f"{CONFIG_FILE} implies {tuple(p.shape)}")
+    extra = sorted(set(adapter) - set(expected))
+    if extra:
+        raise ValueError(f"{path}: tensors {CONFIG_FILE} does not use: {extra[:3]}")
+    vision.resampler.load_state_dict({k.removeprefix("resampler."): v for k, v in adapter.items()
+                                      if k.startswith("resampler.")}, assign=True)
+    vision.cross_attn.load_state_dict({k.removeprefix("cross_attn."): v for k, v in adapter.items()
+                                       if k.startswith("cross_attn.")}, assign=True)
+    device = text.embed.weight.device
+    for module in vision.vision_modules().values():
+        module.to(device=device, dtype=dtype)
+    return vision.eval()
+
+
+def save_vision(model: VisionMoEGPT, directory: Path, processing: ImageProcessing | None = None) -> None:
+    """Write the vision part of ``model`` into ``directory`` (model_dir.save writes the text part)."""
+    from safetensors.torch import save_file
+
+    tower_dir = save_tower(model.tower, directory / TOWER_DIR)
+    (processing or ImageProcessing.for_tower(model.vision_cfg.tower)).save(tower_dir, model.vision_cfg.tower.kind)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state(model).items()}
+    write_atomic(directory / ADAPTER_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_text_atomic(directory / CONFIG_FILE, json.dumps(model.vision_cfg.to_dict(), indent=2) + "\n")
+
+
+def read_image_processing(directory: str | Path) -> ImageProcessing:
+    """How the directory's vision model wants its images prepared."""
+    directory = Path(directory)
+    return ImageProcessing.load(directory / TOWER_DIR, read_vision_config(directory).tower)

@@ -1,0 +1,93 @@
+"""Flamingo's gated cross-attention dense block, inserted before a text decoder layer, and the rule
+for which image a token sees.
+
+x -> y = x + tanh(a) * xattn(LN(x), image latents); y = y + tanh(b) * FFW(y), gates a = b = 0 at
+initialisation, so a freshly joined model computes exactly what the text model does. A token sees
+only the most recent image at or before it (Flamingo's rule); a token before any image sees none and
+passes through unchanged, so text-only rows keep the text model's output bit for bit.
+
+Legend: B batch, T tokens, N images in the batch, L latents per image, D text width, Dv latent
+width, H heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moegpt.model.vision.resampler import feed_forward
+from moegpt.vision_config import VisionConfig
+
+
+@dataclass(frozen=True)
+class ImageContext:
+    """The batch's images and which one each token sees: an argument, like a KV-cache view."""
+
+    latents: torch.Tensor  # (N, L, Dv) resampled images, in the order their image tokens appear (row-major)
+    image_of_token: torch.Tensor  # (B, T) long: the image a token sees (0 where it sees none)
+    sees_image: torch.Tensor  # (B, T) bool: False before a row's first image
+
+    @staticmethod
+    def from_locations(latents: torch.Tensor, locations: torch.Tensor) -> "ImageContext":
+        """locations (B, T) bool: where each image sits (its image token); rows' images in order."""
+        n_images = int(locations.sum())
+        if n_images != latents.shape[0]:
+            raise ValueError(f"{n_images} image tokens in the batch but {latents.shape[0]} images")
+        seen = locations.long().cumsum(1)  # (B, T) images at or before each token, per row
+        before_row = (seen[:, -1].cumsum(0) - seen[:, -1])[:, None]  # (B, 1) images in earlier rows
+        return ImageContext(latents=latents, image_of_token=(before_row + seen - 1).clamp(min=0),
+                            sees_image=seen > 0)
+
+
+def attend_to_images(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_of_token: torch.Tensor) -> torch.Tensor:
+    """q (B, H, T, Dh); k/v (N, L, H, Dh) per image; each token attends to its image's L latents only.
+    -> (B, H, T, Dh). (One masked attention over all N x L keys: the batch's images are few.)"""
+    N, L, H, Dh = k.shape
+    keys = k.reshape(1, N * L, H, Dh).transpose(1, 2)  # (1, H, N*L, Dh)
+    values = v.reshape(1, N * L, H, Dh).transpose(1, 2)
+    key_image = torch.arange(N, device=q.device).repeat_interleave(L)  # (N*L,)
+    mask = (image_of_token[:, :, None] == key_image)[:, None]  # (B, 1, T, N*L)
+    return F.scaled_dot_product_attention(q, keys.expand(q.shape[0], -1, -1, -1),
+                                          values.expand(q.shape[0], -1, -1, -1), attn_mask=mask)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, d_model: int, latent_dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.norm = nn.LayerNorm(d_model)
+        self.wq = nn.Linear(d_model, heads * head_dim, bias=False)
+        self.wkv = nn.Linear(latent_dim, 2 * heads * head_dim, bias=False)
+        self.wo = nn.Linear(heads * head_dim, d_model, bias=False)
+
+    def keys_values(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents (N, L, Dv) -> k, v (N, L, H, Dh): what a serving cache keeps per image and layer."""
+        N, L, _ = latents.shape
+        k, v = self.wkv(latents).view(N, L, 2, self.heads, self.head_dim).unbind(2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, images: ImageContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(self.norm(x)).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k, v = self.keys_values(images.latents.to(x.dtype))
+        out = attend_to_images(q, k, v, images.image_of_token)  # (B, H, T, Dh)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    def __init__(self, d_model: int, cfg: VisionConfig):
+        super().__init__()
+        self.attn = CrossAttention(d_model, cfg.tower.hidden_size, cfg.cross_attention_heads,
+                                   cfg.cross_attention_head_dim)
+        self.attn_gate = nn.Parameter(torch.zeros(()))
+        self.ff = feed_forward(d_model, cfg.ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, images: ImageContext) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D); rows' tokens that see no image come back unchanged."""
+        y = x + torch.tanh(self.attn_gate) * self.attn(x, images)
+        y = y + torch.tanh(self.ff_gate) * self.ff(y)
+        return torch.where(images.sees_image[..., None], y, x)

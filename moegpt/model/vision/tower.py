@@ -1,0 +1,146 @@
+"""The image encoder: a ViT in the CLIP layout (CLIP's and SigLIP's variants), separate from the text
+model as the article describes GPT-4's (and as Flamingo joins a frozen NFNet to a frozen LM).
+
+patch conv -> (+ class token) + learned positions -> (CLIP: pre-norm) -> N x [LN -> attention -> LN -> MLP]
+-> CLIP: pooled = post-norm(class token); SigLIP: every patch post-normed, pooled by the attention head.
+``forward`` returns what transformers' CLIPVisionModel / SiglipVisionModel return as
+``last_hidden_state`` and ``pooler_output``; checkpoint/vision_hf.py maps the weight names.
+
+Legend: N images, C channels, P patch size, S positions (patches + class token), Dv hidden size,
+H heads, Dh head dim, F intermediate size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moegpt.vision_config import TowerConfig, TowerKind
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """transformers' activations by their config names."""
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    if name == "gelu_pytorch_tanh":
+        return F.gelu(x, approximate="tanh")
+    return F.gelu(x)
+
+
+@dataclass
+class TowerOutput:
+    hidden: torch.Tensor  # (N, S, Dv) last layer's features (SigLIP: post-normed)
+    pooled: torch.Tensor | None  # (N, Dv); None for a SigLIP tower without its head
+
+
+class TowerMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.act = act
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(activation(self.act, self.fc1(x)))
+
+
+class TowerAttention(nn.Module):
+    """Bidirectional multi-head self-attention over one image's positions (biases on, as CLIP)."""
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        D = cfg.hidden_size
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(D, D) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, S, D = x.shape
+        H = self.n_heads
+        q, k, v = (w(x).view(N, S, H, D // H).transpose(1, 2) for w in (self.wq, self.wk, self.wv))  # (N, H, S, Dh)
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, H, S, Dh)
+        return self.wo(out.transpose(1, 2).reshape(N, S, D))
+
+
+class TowerBlock(nn.Module):
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = TowerAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = TowerMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class AttentionPoolHead(nn.Module):
+    """SigLIP's pooling head: one learned probe attends over the patches, then an MLP."""
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.attention = nn.MultiheadAttention(cfg.hidden_size, cfg.n_heads, batch_first=True)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = TowerMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probe = self.probe.expand(x.shape[0], -1, -1)  # (N, 1, Dv)
+        h = self.attention(probe, x, x, need_weights=False)[0]
+        h = h + self.mlp(self.norm(h))
+        return h[:, 0]  # (N, Dv)
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.cfg = cfg
+        clip = cfg.kind == TowerKind.CLIP
+        D = cfg.hidden_size
+        self.patch_embed = nn.Conv2d(cfg.num_channels, D, cfg.patch_size, stride=cfg.patch_size, bias=not clip)
+        self.class_embed = nn.Parameter(torch.zeros(D)) if clip else None
+        self.pos_embed = nn.Embedding(cfg.n_positions, D)
+        self.pre_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps) if clip else None
+        self.blocks = nn.ModuleList(TowerBlock(cfg) for _ in range(cfg.n_layers))
+        self.post_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.head = AttentionPoolHead(cfg) if cfg.use_head else None
+
+    def check_pixels(self, pixels: torch.Tensor) -> None:
+        """One-line error for pixels this tower cannot take."""
+        c, s = self.cfg.num_channels, self.cfg.image_size
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (c, s, s):
+            raise ValueError(f"pixel values of shape {tuple(pixels.shape)}: this vision tower takes (N, {c}, {s}, {s})")
+
+    def forward(self, pixels: torch.Tensor) -> TowerOutput:
+        """pixels (N, C, H, W), normalised as data/images.py prepares them."""
+        self.check_pixels(pixels)
+        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))  # (N, Dv, H/P, W/P)
+        x = x.flatten(2).transpose(1, 2)  # (N, S', Dv) patches in row-major order
+        if self.class_embed is not None:
+            cls = self.class_embed.expand(x.shape[0], 1, -1)  # (N, 1, Dv)
+            x = torch.cat([cls, x], dim=1)  # (N, S, Dv)
+        x = x + self.pos_embed.weight
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        for block in self.blocks:
+            x = block(x)
+        if self.class_embed is not None:  # CLIP: features as they leave the encoder, the class token normed
+            return TowerOutput(hidden=x, pooled=self.post_norm(x[:, 0]))
+        x = self.post_norm(x)
+        return TowerOutput(hidden=x, pooled=None if self.head is None else self.head(x))
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator) -> None:
+        """CLIP's scheme: N(0, 0.02) matrices and embeddings, zero biases, unit norms."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                std = 0.02 if p.dim() > 1 or name.endswith(("class_embed", "probe")) else 1.0 / math.sqrt(p.numel())
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
