@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 # index serves CUDA builds: make demo TORCH_PIP_ARGS="--index-url <your CPU-only wheel index>"
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo demo-context test test-quick bench install install-dev clean
+.PHONY: demo demo-context demo-vision test test-quick bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,14 @@ demo-context: $(VENV)/.installed-dev
 	rm -rf runs/passkey-128 runs/context
 	$(BIN)/moegpt finetune --model runs/demo-128 --out runs/passkey-128 --data passkey:1 --seq-len 128 --steps 500 --eval-max 100
 	$(BIN)/moegpt finetune --model runs/passkey-128 --out runs/context --context 4x
+
+# vision (docs/vision.md): the demo model (made first if runs/demo is not there) joined to a fresh
+# image tower, resampler and gated cross-attention, trained to transcribe rendered text and describe
+# shapes; prints held-out accuracy, with the images shuffled as the control; about 15 minutes
+demo-vision: $(VENV)/.installed
+	test -f runs/demo/config.json || $(BIN)/moegpt demo
+	rm -rf runs/vision
+	$(BIN)/moegpt train-vision --model runs/demo --out runs/vision
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -230,6 +231,50 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_train_vision(args) -> int:
+    """Join --model to an image side, train it on generated pictures, then report what it reads on
+    held-out ones (and with the images shuffled), printed and written to OUT/vision_eval.json."""
+    from moegpt.atomic import write_text_atomic
+    from moegpt.checkpoint.model_dir import load
+    from moegpt.train.cli import run_training
+    from moegpt.train.vision import vision_inputs
+    from moegpt.train.vision_eval import vision_report
+
+    if "WORLD_SIZE" in os.environ:
+        raise ValueError("train-vision runs in one process for now: start it without torchrun")
+    if args.eval_max < 1:
+        raise ValueError(f"--eval-max {args.eval_max} must be >= 1")
+    template = None
+    if args.chat_template is not None:
+        path = Path(args.chat_template)
+        if not path.is_file():
+            raise ValueError(f"--chat-template {path} does not exist")
+        template = path.read_text(encoding="utf-8")
+    vision = vision_inputs(args.model, tower=args.tower, cross_attention_every=args.cross_attention_every,
+                           n_latents=args.latents, freeze_tower=args.freeze_tower, train_text=args.train_text,
+                           chat_template=template)
+    out = Path(args.out)
+    trainer, result = run_training(args, out, args.resume, finetune=vision)
+    if args.no_eval or not result.finished:
+        return 0
+    model = load(out)[0]
+    report = vision_report(model, trainer.data, args.eval_max)
+    write_text_atomic(out / "vision_eval.json", json.dumps(report, indent=2) + "\n")
+    print_vision_report(report)
+    print(f"vision model directory: {out}")
+    return 0
+
+
+def print_vision_report(report: dict) -> None:
+    print("\nheld-out pictures, greedy answers (with the images shuffled across the batch in brackets):")
+    for name, row in report.items():
+        scores = ", ".join(f"{k.removesuffix('_accuracy').replace('_', ' ')} {v:.1%} "
+                           f"({row['shuffled_images'][k]:.1%})" for k, v in row["scores"].items())
+        print(f"  {name} (n={row['n']}): {scores}")
+        for sample in row["samples"][:3]:
+            print(f"      truth {sample['truth']!r}\n      model {sample['answer']!r}")
+
+
 class Parser(argparse.ArgumentParser):
     """Bad flags get one line naming the value (argparse's own message), not the whole usage."""
 
@@ -241,10 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="moegpt", description="GPT-4-style sparse MoE: train, generate, inspect")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    from moegpt.train.cli import add_finetune_parser, add_train_args, add_train_parser
+    from moegpt.train.cli import add_finetune_parser, add_train_args, add_train_parser, add_vision_parser
 
     add_train_parser(sub)
     add_finetune_parser(sub, cmd_finetune)
+    add_vision_parser(sub, cmd_train_vision)
 
     p = sub.add_parser("generate", help="generate text from a model directory")
     p.add_argument("--model", required=True, help="model directory (HF Mixtral format)")

@@ -122,7 +122,11 @@ class VisionConfig:
 
     @staticmethod
     def for_text(cfg: ModelConfig, tower: TowerConfig, **fields) -> "VisionConfig":
-        return VisionConfig(tower=tower, text_d_model=cfg.d_model, text_n_layers=cfg.n_layers, **fields)
+        """The vision part for ``cfg``: unless given, the resampler's heads are the tower's and the
+        gated blocks' heads the text model's (their counts and widths), as Flamingo sizes them."""
+        widths = {"resampler_heads": tower.n_heads, "resampler_head_dim": tower.head_dim,
+                  "cross_attention_heads": cfg.n_heads, "cross_attention_head_dim": cfg.head_dim}
+        return VisionConfig(tower=tower, text_d_model=cfg.d_model, text_n_layers=cfg.n_layers, **(widths | fields))
 
     @property
     def cross_attention_layers(self) -> tuple[int, ...]:
@@ -155,6 +159,10 @@ TOWER_PRESETS: dict[str, TowerConfig] = {
     # Trains on 2 CPU cores beside the tiny text model: 64x64 screenshots in 8x8 patches.
     "tiny": TowerConfig(kind=TowerKind.CLIP, image_size=64, patch_size=8, hidden_size=128, intermediate_size=256,
                         n_layers=2, n_heads=4),
+    # What `moegpt train-vision` trains from scratch beside the tiny demo model: 96x96 pictures (a
+    # 32-character line of text in three rows) in 8x8 patches.
+    "demo": TowerConfig(kind=TowerKind.CLIP, image_size=96, patch_size=8, hidden_size=128, intermediate_size=512,
+                        n_layers=3, n_heads=4),
     # The shapes of openai/clip-vit-base-patch16, openai/clip-vit-large-patch14 and SigLIP so400m/14 at 384.
     "clip-vit-b-16": TowerConfig(kind=TowerKind.CLIP, image_size=224, patch_size=16, hidden_size=768,
                                  intermediate_size=3072, n_layers=12, n_heads=12),

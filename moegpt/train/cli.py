@@ -180,11 +180,16 @@ def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=N
     from moegpt.counts import param_counts
     from moegpt.data.sft import conversations_digest, parse_conversation_mixture
     from moegpt.data.sources import parse_mixture
+    from moegpt.data.vision_data import parse_vision_mixture
     from moegpt.train.trainer import Trainer, default_cache_dir
+    from moegpt.train.vision import VisionTraining
 
     train_cfg = train_config_from_args(args)
+    vision = isinstance(finetune, VisionTraining)
     if finetune is None:
         model_cfg, sources = model_config_from_args(args), parse_mixture(args.data)
+    elif vision:
+        model_cfg, sources = finetune.model_cfg, parse_vision_mixture(args.data)
     else:
         model_cfg = finetune.model_cfg
         sources = parse_conversation_mixture(
@@ -197,6 +202,8 @@ def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=N
     dims = parallel_dims_from_args(args)
     if dims is not None:  # checked before any process group or data work
         dims.validate(int(os.environ.get("WORLD_SIZE", "1")), model_cfg)
+        if vision:
+            raise ValueError(f"layout {dims.describe()}: vision training runs in one process for now")
         if finetune is not None and dims.pp > 1:
             raise ValueError(f"--pp {dims.pp}: fine-tuning's packed rows do not run through a pipeline yet "
                              "(use --tp, --ep, --dp, --fsdp or --zero1)")
@@ -217,6 +224,15 @@ def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=N
         main = trainer.runtime.is_main
         if main:
             counts = param_counts(model_cfg)
+            if vision:
+                from moegpt.counts import vision_param_counts
+
+                added = vision_param_counts(finetune.vision_cfg)
+                print(f"moegpt: vision adds {added.added / 1e6:.2f}M params (tower {added.tower / 1e6:.2f}M, resampler "
+                      f"{added.resampler / 1e6:.2f}M, gated cross-attention {added.cross_attention / 1e6:.2f}M); "
+                      f"training {', '.join(k for k, on in _vision_parts(finetune).items() if on)}", flush=True)
+                io = trainer.data.bytes_per_token()
+                print("moegpt: I/O per training token: " + ", ".join(f"{k} {v:.1f}" for k, v in io.items()), flush=True)
             where = "" if dims is None else f" on {trainer.runtime.world_size} ranks, layout {dims.describe()},"
             what = args.preset if finetune is None else f"from {args.model}"
             dropped = getattr(trainer.data, "dropped", {})
@@ -243,6 +259,10 @@ def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=N
             print(f"model directory: {out}" if result.finished else
                   f"stopped at step {result.step}; continue with --resume --out {out}", flush=True)
     return trainer, result
+
+
+def _vision_parts(vision) -> dict[str, bool]:
+    return {"text model": vision.train_text, "tower": vision.train_tower, "resampler": True, "gated blocks": True}
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -293,6 +313,45 @@ def add_finetune_parser(subparsers, func) -> argparse.ArgumentParser:
     add_config_flags(p.add_argument_group("training (TrainConfig; fine-tuning defaults)"), TrainConfig)
     add_parallel_args(p)
     p.set_defaults(**{k: None for k in {**FINETUNE_DEFAULTS, **CONTEXT_DEFAULTS}})  # apply_finetune_defaults
+    p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this step")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=func)
+    return p
+
+
+# Measured on the tiny demo model (docs/vision.md): short rows (a prompt, an image token, a line of
+# text), large batches; the router losses off, since the routers are frozen.
+VISION_DEFAULTS = {"steps": 2000, "seq_len": 64, "batch_size": 32, "micro_batch": 32, "lr": 1e-3, "warmup_steps": 50,
+                   "eval_every": 250, "ckpt_every": 250, "eval_sequences": 200, "aux_loss_coef": 0.0,
+                   "z_loss_coef": 0.0}
+
+
+def add_vision_parser(subparsers, func) -> argparse.ArgumentParser:
+    """``moegpt train-vision``: join a text model directory to an image side and train it to see."""
+    from moegpt.train.config import TrainConfig
+
+    p = subparsers.add_parser("train-vision", help="add Flamingo-style vision to a model directory and train it")
+    p.add_argument("--model", required=True, help="the text model directory (its weights stay frozen by default)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, the vision model directory)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--data", default="screenshots:1,shapes:1",
+                   help="generated image sources as name:epochs,...: screenshots (rendered corpus lines to "
+                        "transcribe), shapes (scenes to describe); default screenshots:1,shapes:1")
+    p.add_argument("--tower", default="demo",
+                   help="the image tower: a preset (demo, tiny, clip-vit-b-16, clip-vit-l-14, siglip-so400m-14-384: "
+                        "fresh weights) or a CLIP / SigLIP vision model directory (default demo)")
+    p.add_argument("--freeze-tower", action="store_true", help="keep a loaded tower's weights fixed")
+    p.add_argument("--train-text", action="store_true", help="train the language model too (default: frozen)")
+    p.add_argument("--cross-attention-every", type=int, default=1,
+                   help="a gated cross-attention block before every Nth decoder layer (default 1)")
+    p.add_argument("--latents", type=int, default=64, help="resampler latents per image (default 64, as Flamingo)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template (default: the model's, else moegpt's ChatML)")
+    p.add_argument("--eval-max", type=int, default=200, help="held-out pictures per source for the accuracy report")
+    p.add_argument("--no-eval", action="store_true", help="skip the accuracy report")
+    add_config_flags(p.add_argument_group("training (TrainConfig; vision defaults)"), TrainConfig)
+    p.set_defaults(**VISION_DEFAULTS)
     p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this step")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -20,9 +20,11 @@ from moegpt.train.config import TrainConfig
 
 
 def make_optimizer(model: MoEGPT, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (fused kernel: ~15x faster than the foreach path on a CPU); matrices decay, norm scales do not."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    """AdamW (fused kernel: ~15x faster than the foreach path on a CPU); matrices decay, norm scales do
+    not; frozen parameters (``requires_grad`` False: a vision run's text model) are left out."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 

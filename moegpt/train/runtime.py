@@ -61,12 +61,17 @@ class LocalRuntime:
         return fn()
 
     # ---- model ----------------------------------------------------------------------------------
-    def build(self, model_cfg: ModelConfig, cfg: TrainConfig, weights: dict[str, torch.Tensor] | None = None) -> None:
-        """The model (initialised by the seed, or given ``weights``: a fine-tuning run's start) and its optimizer."""
+    def build(self, model_cfg: ModelConfig, cfg: TrainConfig, weights: dict[str, torch.Tensor] | None = None,
+              make_model: Callable[[int], torch.nn.Module] | None = None) -> None:
+        """The model (initialised by the seed, or given ``weights``: a fine-tuning run's start; or
+        ``make_model(seed)``'s: a vision run's) and its optimizer."""
         self.model_cfg, self.cfg = model_cfg, cfg
-        self.model = build_model(model_cfg, seed=cfg.seed)
-        if weights is not None:
-            self.model.load_state_dict(weights)
+        if make_model is not None:
+            self.model = make_model(cfg.seed)
+        else:
+            self.model = build_model(model_cfg, seed=cfg.seed)
+            if weights is not None:
+                self.model.load_state_dict(weights)
         self.model.train()
         if cfg.activation_checkpointing:
             checkpoint_layers(self.model)
@@ -155,9 +160,12 @@ class DistributedRuntime:
         return result
 
     # ---- model ----------------------------------------------------------------------------------
-    def build(self, model_cfg: ModelConfig, cfg: TrainConfig, weights: dict[str, torch.Tensor] | None = None) -> None:
+    def build(self, model_cfg: ModelConfig, cfg: TrainConfig, weights: dict[str, torch.Tensor] | None = None,
+              make_model: Callable[[int], torch.nn.Module] | None = None) -> None:
         from moegpt.parallel import parallelize
 
+        if make_model is not None:
+            raise ValueError("a layout parallelises the plain text model only (vision training runs in one process)")
         self.model_cfg, self.cfg = model_cfg, cfg
         self.mesh = self.dims.build_mesh(self.device.type)
         model = build_model(model_cfg, device=self.device, seed=cfg.seed)  # the same weights on every rank

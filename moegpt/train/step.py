@@ -1,7 +1,8 @@
 """One optimizer step: gradient accumulation over micro-batches, the MoE losses, clipping.
 
-A step's batch is pre-training blocks (B, T+1), every token a target, or packed fine-tuning rows
-(data/sft.py: PackedBatch), whose targets are the assistant's tokens only. Either way the
+A step's batch is pre-training blocks (B, T+1), every token a target, packed fine-tuning rows
+(data/sft.py: PackedBatch), whose targets are the assistant's tokens only, or image conversations
+(data/vision_data.py: VisionBatch) for a vision model, whose targets are the answers' tokens. Either way the
 cross-entropy is normalised over the targets of the whole step, not of each micro-batch, so
 accumulating micro-batches gives the gradient of one large batch.
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from moegpt.data.sft import IGNORE, PackedBatch
+from moegpt.data.vision_data import VisionBatch
 from moegpt.model import MoEGPT, ModelOutput
 from moegpt.model.attention import DocumentMask
 
@@ -55,15 +57,23 @@ def packed_forward(model: MoEGPT, rows: PackedBatch) -> ModelOutput:
     return model(rows.inputs, rows.positions, [view] * layers)
 
 
-def _forward(model: MoEGPT, chunk: torch.Tensor | PackedBatch) -> tuple[ModelOutput, torch.Tensor]:
+def image_forward(model, rows: VisionBatch) -> ModelOutput:
+    """A vision model (model/vision) over image conversations: each image encoded once, each token
+    cross-attending to the most recent image before it."""
+    return model(rows.inputs, images=model.images(rows.pixels, rows.locations))
+
+
+def _forward(model: MoEGPT, chunk: torch.Tensor | PackedBatch | VisionBatch) -> tuple[ModelOutput, torch.Tensor]:
     """A micro-batch -> the model's output and its targets (M, T) (IGNORE outside the loss)."""
     if isinstance(chunk, PackedBatch):
         return packed_forward(model, chunk), chunk.targets
+    if isinstance(chunk, VisionBatch):
+        return image_forward(model, chunk), chunk.targets
     return model(chunk[:, :-1]), chunk[:, 1:]
 
 
-def num_targets(batch: torch.Tensor | PackedBatch) -> int:
-    return batch.num_targets if isinstance(batch, PackedBatch) else batch[:, 1:].numel()
+def num_targets(batch: torch.Tensor | PackedBatch | VisionBatch) -> int:
+    return batch[:, 1:].numel() if isinstance(batch, torch.Tensor) else batch.num_targets
 
 
 def train_step(model: MoEGPT, optimizer: torch.optim.Optimizer, batch: torch.Tensor | PackedBatch, micro_batch: int,
@@ -92,13 +102,13 @@ def train_step(model: MoEGPT, optimizer: torch.optim.Optimizer, batch: torch.Ten
         z_sum += out.z_loss.item() * n
         c = out.expert_counts if out.router else torch.zeros(0, 0, dtype=torch.long)
         counts = c if counts is None else counts + c
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     optimizer.step()
     return StepMetrics(loss=ce_sum / total, aux_loss=aux_sum / B, z_loss=z_sum / B, grad_norm=float(grad_norm),
                        expert_counts=counts)
 
 
-def chunk_device(chunk: torch.Tensor | PackedBatch) -> torch.device:
+def chunk_device(chunk: torch.Tensor | PackedBatch | VisionBatch) -> torch.device:
     return chunk.device if isinstance(chunk, torch.Tensor) else chunk.inputs.device
 
 

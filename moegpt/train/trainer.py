@@ -39,11 +39,13 @@ from moegpt.data.dataset import MixtureData, build_mixture
 from moegpt.data.sft import SFTData, build_sft_data
 from moegpt.data.sources import Source
 from moegpt.data.tokenizer import Tokenizer
+from moegpt.data.vision_data import VisionData
 from moegpt.hardware import measure_matmul_flops
 from moegpt.train.config import TrainConfig
 from moegpt.train.log import RunLog
 from moegpt.train.runtime import DistributedRuntime, LocalRuntime
 from moegpt.train.schedule import BatchRamp, LRSchedule
+from moegpt.train.vision import VisionTraining
 
 if TYPE_CHECKING:
     from moegpt.parallel import ParallelDims
@@ -86,12 +88,14 @@ class Trainer:
     tokenizer and the final model directory.
 
     ``finetune`` (train/finetune.py): start from a model directory's weights and tokenizer and read
-    conversations (``sources`` are then data.sft.ConversationSets) instead of pre-training text."""
+    conversations (``sources`` are then data.sft.ConversationSets) instead of pre-training text; or
+    (train/vision.py) join that model to an image side and read generated image conversations
+    (``sources`` are then data.vision_data.ImageTextSources)."""
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path,
                  sources: Sequence[Source], cache_dir: str | Path, *, resume: bool = False,
                  dims: ParallelDims | None = None, device: torch.device = torch.device("cpu"),
-                 record_samples: bool = False, finetune: Finetune | None = None):
+                 record_samples: bool = False, finetune: Finetune | VisionTraining | None = None):
         self.model_cfg, self.cfg, self.out = model_cfg, train_cfg, Path(out)
         self.record_samples = record_samples
         self.finetune = finetune
@@ -136,8 +140,14 @@ class Trainer:
         if self.tokenizer.vocab_size != model_cfg.vocab_size and not (
                 finetune is not None and self.tokenizer.vocab_size < model_cfg.vocab_size):  # (a padded HF vocab)
             raise ValueError(f"tokenizer vocab ({self.tokenizer.vocab_size}) != model vocab_size ({model_cfg.vocab_size})")
-        if finetune is not None:
-            self.data: MixtureData | SFTData = rt.main_first(lambda: build_sft_data(
+        vision = finetune if isinstance(finetune, VisionTraining) else None
+        if vision is not None:
+            if dims is not None:
+                raise ValueError("vision training runs in one process for now (no torchrun layout)")
+            self.data: MixtureData | SFTData | VisionData = VisionData(
+                tuple(sources), vision.tokenizer, vision.chat, vision.processing, train_cfg.seq_len, train_cfg.seed)
+        elif finetune is not None:
+            self.data = rt.main_first(lambda: build_sft_data(
                 sources, self.tokenizer, finetune.chat, train_cfg.seq_len, finetune.packing, finetune.drop_long,
                 cache_dir, train_cfg.val_fraction))
         else:
@@ -147,7 +157,8 @@ class Trainer:
         self.source_draws = [0] * len(sources)  # training samples drawn from each source so far
 
         torch.manual_seed(train_cfg.seed)
-        rt.build(model_cfg, train_cfg, None if finetune is None else finetune.weights)
+        rt.build(model_cfg, train_cfg, None if finetune is None else finetune.weights,
+                 make_model=None if vision is None else vision.make_model)
         self.lr_at = LRSchedule(peak=train_cfg.lr, warmup_steps=train_cfg.warmup_steps, total_steps=train_cfg.steps,
                                 min_ratio=train_cfg.min_lr_ratio)
         start = train_cfg.batch_start or train_cfg.batch_size

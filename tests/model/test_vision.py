@@ -116,3 +116,26 @@ def test_mismatched_configs_and_inputs_are_one_line_errors():
         model.images(pixels[:, :1], locations)
     with pytest.raises(ValueError, match="3 image tokens in the batch but 2 images"):
         model.images(pixels[:2], locations)
+
+
+def test_image_attention_equals_a_per_token_reference():
+    """attend_to_images reads only each row's own images; the oracle attends token by token to its image."""
+    from moegpt.model.vision.cross_attention import attend_to_images
+
+    g = torch.Generator().manual_seed(7)
+    locations = torch.zeros(3, 12, dtype=torch.bool)
+    locations[0, 2] = locations[0, 7] = locations[0, 9] = locations[2, 0] = True  # row 1 has no image
+    images = ImageContext.from_locations(torch.zeros(4, 5, 8), locations)
+    q = torch.randn(3, 2, 12, 8, generator=g)
+    k, v = torch.randn(4, 5, 2, 8, generator=g), torch.randn(4, 5, 2, 8, generator=g)
+    out = attend_to_images(q, k, v, images)
+    for b in range(3):
+        for t in range(12):
+            if not images.sees_image[b, t]:
+                continue
+            i = int(images.image_of_token[b, t])
+            p = torch.softmax(torch.einsum("hd,lhd->hl", q[b, :, t], k[i]) / 8 ** 0.5, dim=-1)  # (H, L)
+            expected = torch.einsum("hl,lhd->hd", p, v[i])
+            torch.testing.assert_close(out[b, :, t], expected, rtol=0, atol=1e-5)
+    assert images.image_of_token[0].tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 2]
+    assert torch.isfinite(out).all()

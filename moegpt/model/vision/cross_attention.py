@@ -27,8 +27,10 @@ class ImageContext:
     """The batch's images and which one each token sees: an argument, like a KV-cache view."""
 
     latents: torch.Tensor  # (N, L, Dv) resampled images, in the order their image tokens appear (row-major)
-    image_of_token: torch.Tensor  # (B, T) long: the image a token sees (0 where it sees none)
+    image_of_token: torch.Tensor  # (B, T) long: the image a token sees (its row's first where it sees none)
     sees_image: torch.Tensor  # (B, T) bool: False before a row's first image
+    row_first: torch.Tensor  # (B,) long: the index of each row's first image
+    row_count: torch.Tensor  # (B,) long: images in each row
 
     @staticmethod
     def from_locations(latents: torch.Tensor, locations: torch.Tensor) -> "ImageContext":
@@ -37,21 +39,27 @@ class ImageContext:
         if n_images != latents.shape[0]:
             raise ValueError(f"{n_images} image tokens in the batch but {latents.shape[0]} images")
         seen = locations.long().cumsum(1)  # (B, T) images at or before each token, per row
-        before_row = (seen[:, -1].cumsum(0) - seen[:, -1])[:, None]  # (B, 1) images in earlier rows
-        return ImageContext(latents=latents, image_of_token=(before_row + seen - 1).clamp(min=0),
-                            sees_image=seen > 0)
+        count = seen[:, -1]  # (B,)
+        first = count.cumsum(0) - count  # (B,) images in earlier rows
+        image = torch.maximum(first[:, None] + seen - 1, first[:, None]).clamp(max=max(n_images - 1, 0))
+        return ImageContext(latents=latents, image_of_token=image, sees_image=seen > 0, row_first=first,
+                            row_count=count)
 
 
-def attend_to_images(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, image_of_token: torch.Tensor) -> torch.Tensor:
+def attend_to_images(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, images: ImageContext) -> torch.Tensor:
     """q (B, H, T, Dh); k/v (N, L, H, Dh) per image; each token attends to its image's L latents only.
-    -> (B, H, T, Dh). (One masked attention over all N x L keys: the batch's images are few.)"""
+    -> (B, H, T, Dh). Each row's keys are only its own images' (M at most per row, padded), so the
+    cost grows with the images of a row, not of the batch."""
     N, L, H, Dh = k.shape
-    keys = k.reshape(1, N * L, H, Dh).transpose(1, 2)  # (1, H, N*L, Dh)
-    values = v.reshape(1, N * L, H, Dh).transpose(1, 2)
-    key_image = torch.arange(N, device=q.device).repeat_interleave(L)  # (N*L,)
-    mask = (image_of_token[:, :, None] == key_image)[:, None]  # (B, 1, T, N*L)
-    return F.scaled_dot_product_attention(q, keys.expand(q.shape[0], -1, -1, -1),
-                                          values.expand(q.shape[0], -1, -1, -1), attn_mask=mask)
+    B = q.shape[0]
+    M = max(int(images.row_count.max()), 1) if B else 1
+    slot = torch.arange(M, device=q.device)  # (M,)
+    index = (images.row_first[:, None] + slot).clamp(max=N - 1)  # (B, M) the row's images (padding repeats one)
+    keys = k[index].reshape(B, M * L, H, Dh).transpose(1, 2)  # (B, H, M*L, Dh)
+    values = v[index].reshape(B, M * L, H, Dh).transpose(1, 2)
+    local = images.image_of_token - images.row_first[:, None]  # (B, T) in [0, M)
+    mask = (local[:, :, None] == slot.repeat_interleave(L))[:, None]  # (B, 1, T, M*L)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 class CrossAttention(nn.Module):
@@ -73,7 +81,7 @@ class CrossAttention(nn.Module):
         B, T, _ = x.shape
         q = self.wq(self.norm(x)).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k, v = self.keys_values(images.latents.to(x.dtype))
-        out = attend_to_images(q, k, v, images.image_of_token)  # (B, H, T, Dh)
+        out = attend_to_images(q, k, v, images)  # (B, H, T, Dh)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
