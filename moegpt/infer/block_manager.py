@@ -3,8 +3,10 @@ prefix caching. Pure Python: the runner turns block tables into tensor indices.
 
 Prefix caching, safe by construction: a full block is named by a SHA-256 hash chained over every
 token up to its end (as vLLM's ``sha256`` prefix-caching hash), so two sequences that share a prompt
-prefix share its blocks (reference-counted). A name alone is never trusted: each named block keeps
-its own token ids and which named block precedes it, and a hit is used only when both match, so
+prefix share its blocks (reference-counted); an image in the prompt is named by its content hash
+beside its token, so a prompt with another picture shares nothing from that image on. A name alone
+is never trusted: each named block keeps its own token ids and which named block precedes it, and a
+hit is used only when both match, so
 even colliding hashes can only cost a cache miss, never a wrong key or value. A freed block keeps
 its name while it waits in the free list (oldest freed first), so a later request with the same
 prefix can still reuse it until the block is handed out again.
@@ -82,7 +84,13 @@ class BlockManager:
         return block
 
     def _block_tokens(self, seq: Sequence, i: int) -> tuple[int, ...]:
-        return tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+        """The block's token ids, then, for each image it holds, its position and content hash (as
+        four int64s): the same tokens beside another picture are other content."""
+        start, end = i * self.block_size, (i + 1) * self.block_size
+        tokens = tuple(seq.token_ids[start:end])
+        images = tuple(n for pos, digest in seq.image_keys if start <= pos < end
+                       for n in (pos, *struct.unpack("<4q", digest)))
+        return tokens + images if images else tokens
 
     def _lookup(self, name: bytes, tokens: tuple[int, ...], parent: int | None) -> CachedBlock | None:
         """The cached block of this name, if it really holds ``tokens`` after the block ``parent``."""

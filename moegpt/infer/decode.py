@@ -29,6 +29,7 @@ K top-k, A = B*K assignments, F d_ff, V vocab, Lm MoE layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,9 @@ from moegpt.model import MoEGPT
 from moegpt.model.grouped import grouped_mm_supported
 from moegpt.model.layers import rms_norm
 from moegpt.model.rope import rope_cos_sin
+
+
+LayerHook = Callable[[int, torch.Tensor], torch.Tensor]  # (decoder layer, x (B, D)) -> x (B, D)
 
 
 class Matrix:
@@ -239,23 +243,26 @@ def kernel_layers_apply(w: DecodeWeights, x: torch.Tensor, k_cache: list[torch.T
 
 @torch.no_grad()
 def decode_step(w: DecodeWeights, tokens: torch.Tensor, positions: torch.Tensor, k_cache: list[torch.Tensor],
-                v_cache: list[torch.Tensor], meta: DecodeMeta,
-                logit_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                v_cache: list[torch.Tensor], meta: DecodeMeta, logit_rows: torch.Tensor | None = None,
+                before_layer: LayerHook | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """tokens (B,) at ``positions`` (B,), each a row with its sequence's block table in ``meta`` (a
     sequence may have several rows, at consecutive positions); the layers' paged caches (slots, G,
     Dh) -> logits (L, V) of ``logit_rows`` (L,) (None: every row) and the tokens routed to each
-    expert (Lm, E) (None without MoE layers)."""
+    expert (Lm, E) (None without MoE layers). ``before_layer(i, x)``: what runs on the rows before
+    decoder layer i (a vision model's gated cross-attention)."""
     cfg = w.cfg
     x = w.embed.index_select(0, tokens)  # (B, D)
     kernels = kernel_layers_apply(w, x, k_cache)
     if kernels:
         counts = torch.zeros(cfg.n_moe_layers, cfg.n_experts, dtype=torch.long) if cfg.n_moe_layers else None  # CPU
         row = 0
-        for lw, kc, vc in zip(w.layers, k_cache, v_cache):
+        for i, (lw, kc, vc) in enumerate(zip(w.layers, k_cache, v_cache)):
+            if before_layer is not None:
+                x = before_layer(i, x)
             x = layer_with_kernel(x, w, lw, kc, vc, positions, meta, counts, row)
             row += lw.router is not None
     else:
-        x, counts = layers_in_pytorch(w, x, positions, k_cache, v_cache, meta)
+        x, counts = layers_in_pytorch(w, x, positions, k_cache, v_cache, meta, before_layer)
     if logit_rows is not None:
         x = x.index_select(0, logit_rows)  # (L, D)
     h = torch.ops.moegpt.rms_norm(x, w.norm, cfg.norm_eps) if kernels else rms_norm(x, w.norm, cfg.norm_eps)
@@ -263,7 +270,8 @@ def decode_step(w: DecodeWeights, tokens: torch.Tensor, positions: torch.Tensor,
 
 
 def layers_in_pytorch(w: DecodeWeights, x: torch.Tensor, positions: torch.Tensor, k_cache: list[torch.Tensor],
-                      v_cache: list[torch.Tensor], meta: DecodeMeta) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      v_cache: list[torch.Tensor], meta: DecodeMeta,
+                      before_layer: LayerHook | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layers in PyTorch ops (the C++ op's oracle): x (B, D) -> (B, D), counts (Lm, E) or None."""
     cfg = w.cfg
     H, G, Dh, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps
@@ -272,7 +280,9 @@ def layers_in_pytorch(w: DecodeWeights, x: torch.Tensor, positions: torch.Tensor
     cos = w.rope_cos.index_select(0, positions)[:, None]  # (B, 1, Dh)
     sin = w.rope_sin.index_select(0, positions)[:, None]
     ends = []
-    for lw, kc, vc in zip(w.layers, k_cache, v_cache):
+    for i, (lw, kc, vc) in enumerate(zip(w.layers, k_cache, v_cache)):
+        if before_layer is not None:
+            x = before_layer(i, x)
         qkv = lw.wqkv(rms_norm(x, lw.attn_norm, eps)).view(B, H + 2 * G, Dh)  # (B, H+2G, Dh)
         qk = rope(qkv[:, :H + G], cos, sin)  # q and k rotated together
         v = qkv[:, H + G:]  # (B, G, Dh)

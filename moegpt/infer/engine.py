@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 import torch
 
 from moegpt.counts import kv_cache_bytes_per_token
-from moegpt.data.tokenizer import Tokenizer
+from moegpt.data.tokenizer import IMAGE, Tokenizer
 from moegpt.infer.block_manager import BlockManager
 from moegpt.infer.detokenizer import Detokenizer
 from moegpt.infer.draft import DraftModelProposer
+from moegpt.infer.image_cache import ImageCacheFull, ImageKVCache, image_digest
 from moegpt.infer.layout import lay_out_for_decoding
 from moegpt.infer.outputs import OutputCollector, RequestOutput, StepUpdate, TokenLogprob
 from moegpt.infer.paged_cache import PagedKVCache
@@ -40,6 +41,7 @@ from moegpt.infer.scheduler import Batch, Scheduler, SchedulerConfig
 from moegpt.infer.sequence import FinishReason, Sequence
 from moegpt.infer.speculative import Proposal, SpeculativeConfig, SpeculativeMethod, verify, verify_greedy
 from moegpt.model import MoEGPT
+from moegpt.model.vision.vision_model import VisionMoEGPT
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,10 +52,13 @@ class EngineConfig:
     prefix_caching: bool = True
     speculative: SpeculativeConfig | None = None
     num_kv_blocks: int | None = None  # the budget in blocks instead (overrides kv_cache_bytes)
+    image_cache_blocks: int = 64  # a vision model's images whose cross-attention keys and values are kept
 
     def __post_init__(self):
         if self.block_size < 1 or self.kv_cache_bytes < 1:
             raise ValueError(f"block_size ({self.block_size}) and kv_cache_bytes ({self.kv_cache_bytes}) must be >= 1")
+        if self.image_cache_blocks < 1:
+            raise ValueError(f"image_cache_blocks={self.image_cache_blocks} must be >= 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be >= 1")
 
@@ -74,6 +79,10 @@ class EngineStats:
     generation_tokens: int = 0
     spec_proposed: int = 0  # draft tokens verified
     spec_accepted: int = 0  # ... and accepted
+    images_encoded: int = 0  # images run through the vision encoder and resampler
+    image_cache_hits: int = 0  # images whose cross-attention keys and values were cached already
+    image_blocks_total: int = 0
+    image_blocks_used: int = 0  # image cache blocks read by requests, or keeping a finished one's image
     expert_tokens: torch.Tensor | None = None  # (Lm, E) tokens routed to each expert, all steps
     last_expert_counts: torch.Tensor | None = None  # (Lm, E) of the last step: per-expert batch sizes
 
@@ -93,6 +102,7 @@ class _Live:
     generator: torch.Generator
     stop_ids: frozenset[int]
     detok: Detokenizer | None
+    image_blocks: tuple[int, ...] = ()  # the image cache blocks it reads, one per image in its prompt
 
 
 def _generator(seed: int | None, index: int, device: torch.device) -> torch.Generator:
@@ -119,10 +129,16 @@ class LLMEngine:
     config: KV cache, scheduler, prefix caching and speculative decoding.
     tokenizer: needed for text (stop strings, detokenized updates) and to stop at its eos token.
     draft: a draft model for speculative decoding; changed in place like ``model``.
+
+    A vision model (model/vision) takes requests with images: each image is encoded (tower and
+    resampler) once when its request is added, its cross-attention keys and values kept in the
+    image cache (image_cache.py) by content hash and shared by every request showing it; a request
+    holds its images' blocks until it finishes or is aborted (a preempted request keeps them, so
+    recomputing its prompt encodes nothing again).
     """
 
-    def __init__(self, model: MoEGPT, config: EngineConfig = EngineConfig(), tokenizer: Tokenizer | None = None,
-                 draft: MoEGPT | None = None):
+    def __init__(self, model: MoEGPT | VisionMoEGPT, config: EngineConfig = EngineConfig(),
+                 tokenizer: Tokenizer | None = None, draft: MoEGPT | None = None):
         self.model, self.config, self.tokenizer = lay_out_for_decoding(model.eval()), config, tokenizer
         spec = config.speculative
         if draft is not None and spec is None:
@@ -147,7 +163,12 @@ class LLMEngine:
             sched = SchedulerConfig(max_num_seqs=sched.max_num_seqs, max_batched_tokens=sched.max_batched_tokens,
                                     num_lookahead=spec.num_tokens)
         self.scheduler = Scheduler(sched, self.blocks)
-        self.runner = ModelRunner(model, self.cache)
+        self.images = None
+        if isinstance(model, VisionMoEGPT):
+            v = model.vision_cfg
+            self.images = ImageKVCache(v.cross_attention_layers, config.image_cache_blocks, v.n_latents,
+                                       v.cross_attention_heads, v.cross_attention_head_dim, param.dtype, param.device)
+        self.runner = ModelRunner(model, self.cache, self.images)
         self.drafter = None
         if self.draft is not None:
             dparam = next(self.draft.parameters())
@@ -167,10 +188,12 @@ class LLMEngine:
         return self.scheduler.has_work or bool(self._unclaimed)
 
     # ---- requests ------------------------------------------------------------------------------
-    def add_request(self, prompt_ids: Seq[int], params: SamplingParams) -> int:
-        """Queue a request (its ``params.n`` completions); checks everything before anything is stored."""
+    def add_request(self, prompt_ids: Seq[int], params: SamplingParams, images: Seq[torch.Tensor] = ()) -> int:
+        """Queue a request (its ``params.n`` completions); checks everything before anything is stored.
+        ``images``: pixel values (C, S, S) of the prompt's images, one per image token, in order."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        image_positions = self._check_images(prompt_ids, images)
         bad = [t for t in prompt_ids if not 0 <= t < self.model.cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model.cfg.vocab_size})")
@@ -180,10 +203,13 @@ class LLMEngine:
                              f"context ({self.max_len})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
-        seqs = [Sequence(seq_id=next(self._seq_ids), prompt_ids=list(prompt_ids), max_tokens=max_tokens)
-                for _ in range(params.n)]
+        digests = [image_digest(p) for p in images]
+        image_keys = tuple(zip(image_positions, digests))
+        seqs = [Sequence(seq_id=next(self._seq_ids), prompt_ids=list(prompt_ids), max_tokens=max_tokens,
+                         image_keys=image_keys) for _ in range(params.n)]
         for seq in seqs:
             self.scheduler.check_fits(seq)  # raises if it can never fit in the KV cache
+        blocks = self._acquire_images(images, digests, params.n)
         rid = next(self._request_ids)
         stop_ids = frozenset(params.stop_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_id is not None and not params.ignore_eos:
@@ -192,18 +218,68 @@ class LLMEngine:
             detok = Detokenizer(self.tokenizer.decode, params.stop) if self.tokenizer is not None else None
             generator = _generator(params.seed, index, self.cache.k[0].device)
             self.live[seq.seq_id] = _Live(seq=seq, request_id=rid, index=index, params=params, generator=generator,
-                                          stop_ids=stop_ids, detok=detok)
+                                          stop_ids=stop_ids, detok=detok, image_blocks=blocks[index])
             self.scheduler.add(seq)
         self.request_seqs[rid] = [s.seq_id for s in seqs]
         self._refresh_stats()
         return rid
+
+    def _check_images(self, prompt_ids: Seq[int], images: Seq[torch.Tensor]) -> list[int]:
+        """The positions of the prompt's image tokens, one per image; one-line errors otherwise."""
+        if self.images is None:
+            if images:
+                raise ValueError(f"this model has no vision part: it takes no images ({len(images)} given)")
+            return []
+        image_id = self.tokenizer.token_to_id(IMAGE) if self.tokenizer is not None else None
+        if images and image_id is None:
+            raise ValueError(f"images need an engine with a tokenizer that has the {IMAGE} token")
+        positions = [i for i, t in enumerate(prompt_ids) if t == image_id]
+        if len(positions) != len(images):
+            raise ValueError(f"the prompt has {len(positions)} image tokens ({IMAGE}) but {len(images)} images")
+        if len(images) > self.model.vision_cfg.max_images:
+            raise ValueError(f"{len(images)} images in one request; the model takes at most "
+                             f"{self.model.vision_cfg.max_images}")
+        for p in images:
+            self.model.tower.check_pixels(p[None])
+        return positions
+
+    def _acquire_images(self, images: Seq[torch.Tensor], digests: list[bytes], n: int) -> list[tuple[int, ...]]:
+        """Each completion's image blocks: cached ones shared, the others encoded now (all or none)."""
+        if not images:
+            return [()] * n
+        held: list[int] = []
+
+        def encoder(pixels: torch.Tensor):
+            def fill(block: int) -> None:
+                with torch.no_grad():
+                    latents = self.model.encode_images(pixels[None].to(self.cache.k[0].device))  # (1, L, Dv)
+                    self.images.write(block, self.model.image_keys_values(latents))
+            return fill
+
+        try:
+            for _ in range(n):
+                for pixels, digest in zip(images, digests):
+                    held.append(self.images.blocks.acquire(digest, encoder(pixels)))
+        except ImageCacheFull:
+            for block in held:
+                self.images.blocks.release(block)
+            raise
+        per = len(images)
+        return [tuple(held[i * per:(i + 1) * per]) for i in range(n)]
+
+    def _forget(self, sid: int) -> None:
+        """A completion is done (finished or aborted): drop it and let go of its images."""
+        live = self.live.pop(sid, None)
+        if live is not None:
+            for block in live.image_blocks:
+                self.images.blocks.release(block)
 
     def abort(self, request_id: int) -> None:
         """Stop a request now and free its KV blocks (a no-op for an unknown or finished request)."""
         for sid in self.request_seqs.pop(request_id, []):
             if self.scheduler.abort(sid) is not None:
                 self.stats.aborted += 1
-            self.live.pop(sid, None)
+            self._forget(sid)
         self._refresh_stats()
 
     # ---- stepping ------------------------------------------------------------------------------
@@ -222,8 +298,10 @@ class LLMEngine:
         for e in batch.entries:
             drafts = proposals[e.seq.seq_id].tokens if e.seq.seq_id in proposals else ()
             tokens = tuple(e.seq.token_ids[e.start:e.start + e.num_tokens]) + drafts
+            images = tuple((pos, b) for (pos, _), b in zip(e.seq.image_keys, self.live[e.seq.seq_id].image_blocks))
             chunks.append(Chunk(tokens=tokens, start=e.start, block_table=tuple(e.seq.block_table),
-                                num_logits=(1 + len(drafts)) if e.samples_next_token else 0, seq_id=e.seq.seq_id))
+                                num_logits=(1 + len(drafts)) if e.samples_next_token else 0, seq_id=e.seq.seq_id,
+                                images=images))
             self.stats.prompt_tokens += max(0, min(e.start + e.num_tokens, len(e.seq.prompt_ids)) - e.start)
         out = self.runner.run(chunks)
         self.stats.steps += 1
@@ -296,7 +374,7 @@ class LLMEngine:
                             logprobs=tuple(logprobs[:len(new)]) if logprobs is not None else None,
                             finish_reason=seq.finish_reason)
         if seq.is_finished:
-            del self.live[sid]
+            self._forget(sid)
             siblings = self.request_seqs.get(live.request_id, [])
             if all(s not in self.live for s in siblings):
                 self.request_seqs.pop(live.request_id, None)
@@ -336,18 +414,22 @@ class LLMEngine:
                 self._drop({rid})
 
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams],
-                 on_output: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
+                 on_output: Callable[[RequestOutput], None] | None = None,
+                 images: Seq[Seq[torch.Tensor]] | None = None) -> list[RequestOutput]:
         """Run ``prompts`` (token ids; one ``params`` for all, or one per prompt) to completion together,
         beside whatever else the engine runs; their outputs, in order. ``on_output`` sees each request's
-        output as it finishes (a progress bar)."""
+        output as it finishes (a progress bar). ``images``: each prompt's images (a vision model)."""
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(per_prompt)} sampling params for {len(prompts)} prompts")
+        per_images = [()] * len(prompts) if images is None else list(images)
+        if len(per_images) != len(prompts):
+            raise ValueError(f"{len(per_images)} image lists for {len(prompts)} prompts")
         decode = self.tokenizer.decode if self.tokenizer is not None else None
         collectors = {}
         try:
-            for p, sp in zip(prompts, per_prompt):
-                rid = self.add_request(p, sp)
+            for p, sp, im in zip(prompts, per_prompt, per_images):
+                rid = self.add_request(p, sp, im)
                 collectors[rid] = OutputCollector(rid, p, sp.n, sp.logprobs is not None, decode=decode)
         except ValueError:
             for rid in collectors:  # all or none
@@ -378,3 +460,7 @@ class LLMEngine:
         s.running, s.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
         s.waiting_tokens = self.scheduler.num_waiting_tokens
         s.kv_blocks_free = self.blocks.num_free_blocks
+        if self.images is not None:
+            blocks = self.images.blocks
+            s.images_encoded, s.image_cache_hits = blocks.stats.encoded, blocks.stats.hits
+            s.image_blocks_total, s.image_blocks_used = blocks.num_blocks, blocks.num_blocks - blocks.num_free

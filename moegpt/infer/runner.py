@@ -23,7 +23,10 @@ from moegpt.infer.decode import KERNEL_ASSIGNMENTS, MAX_QUERY_TOKENS, decode_ste
 from moegpt.infer.decode_batch import DecodeBatchState, DecodeRow
 from moegpt.infer.paged_cache import (DecodeBatch, PagedAttentionMetadata, PagedKVCache, block_table_tensor,
                                       slots_by_position)
+from moegpt.infer.image_cache import ImageKVCache
 from moegpt.model import MoEGPT
+from moegpt.model.vision.cross_attention import ImageContext
+from moegpt.model.vision.vision_model import VisionMoEGPT
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +36,7 @@ class Chunk:
     block_table: tuple[int, ...]  # physical block of each logical block (covers the chunk's end)
     num_logits: int  # logits of the chunk's last num_logits positions
     seq_id: int | None = None  # the sequence's identity, which lets decode steps keep its metadata in place
+    images: tuple[tuple[int, int], ...] = ()  # (position, image cache block) of its sequence's images, in order
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,10 +78,33 @@ def attention_metadata(chunks: list[Chunk], block_size: int,
     return meta, positions
 
 
+def image_context(chunks: list[Chunk], images: ImageKVCache, device: torch.device) -> ImageContext | None:
+    """The step's images as one row of its flattened tokens: each token sees the last image of its
+    sequence at or before its position (None where no chunk's sequence has an image)."""
+    blocks = sorted({b for c in chunks for _, b in c.images})
+    if not blocks:
+        return None
+    local = {b: i for i, b in enumerate(blocks)}
+    seen, sees = [], []
+    for c in chunks:
+        for p in range(c.start, c.start + len(c.tokens)):
+            last = [b for pos, b in c.images if pos <= p]
+            seen.append(local[last[-1]] if last else 0)
+            sees.append(bool(last))
+    image_of_token = torch.tensor([seen], device=device)  # (1, N)
+    keys_values = images.gather(torch.tensor(blocks, device=device))
+    return ImageContext.cached(image_of_token, torch.tensor([sees], device=device), keys_values)
+
+
 class ModelRunner:
-    def __init__(self, model: MoEGPT, cache: PagedKVCache):
-        self.model, self.cache = model, cache
-        self.weights = decode_weights(model)  # views of the model's parameters (fused in place)
+    """Runs steps of ``model`` (a text model, or a vision model: model/vision) over the paged cache;
+    a vision model's image keys and values are read from ``images``."""
+
+    def __init__(self, model: MoEGPT | VisionMoEGPT, cache: PagedKVCache, images: ImageKVCache | None = None):
+        self.model, self.cache, self.images = model, cache, images
+        self.vision = isinstance(model, VisionMoEGPT)
+        text = model.text if self.vision else model
+        self.weights = decode_weights(text)  # views of the model's parameters (fused in place)
         self.decode_batch = DecodeBatchState(cache.block_size, cache.k[0].device)
 
     def runs_decode_program(self, chunks: list[Chunk]) -> bool:
@@ -101,7 +128,11 @@ class ModelRunner:
             end += len(c.tokens)
             rows.extend(range(end - c.num_logits, end))
         tokens = torch.tensor([[t for c in chunks for t in c.tokens]], device=device)  # (1, N)
-        hidden, router = self.model.trunk(tokens, positions, self.cache.views(meta))  # (1, N, D)
+        images = image_context(chunks, self.images, device) if self.vision else None
+        if images is not None:
+            hidden, router = self.model.trunk(tokens, positions, self.cache.views(meta), images)  # (1, N, D)
+        else:
+            hidden, router = self.model.trunk(tokens, positions, self.cache.views(meta))  # (1, N, D)
         logits = self.model.head(hidden[0, rows])  # (L, V): the head only on the rows asked for
         counts = torch.stack([s.expert_counts for s in router]) if router else None
         return StepOutput(logits=logits, expert_counts=counts)
@@ -119,5 +150,10 @@ class ModelRunner:
         positions, meta = self.decode_batch.update(rows)
         tokens = torch.tensor([t for c in chunks for t in c.tokens], device=positions.device)  # (N,)
         logit_rows = None if len(wanted) == end else torch.tensor(wanted, dtype=torch.long, device=positions.device)
-        logits, counts = decode_step(self.weights, tokens, positions, self.cache.k, self.cache.v, meta, logit_rows)
+        images = image_context(chunks, self.images, positions.device) if self.vision else None
+        before_layer = None
+        if images is not None:  # each decoder layer's gated block on the rows, as one row of tokens
+            before_layer = lambda i, x: self.model.cross_attend(i, x[None], images)[0]  # noqa: E731
+        logits, counts = decode_step(self.weights, tokens, positions, self.cache.k, self.cache.v, meta, logit_rows,
+                                     before_layer)
         return StepOutput(logits=logits, expert_counts=counts)

@@ -31,6 +31,8 @@ class Sequence:
     num_computed: int = 0  # leading tokens whose keys/values are in the cache
     num_draft_computed: int = 0  # ... in the draft model's cache (speculative decoding with a draft model)
     block_table: list[int] = field(default_factory=list)  # physical block of each logical block
+    # (position, content hash) of each image in the prompt: part of its blocks' prefix-cache names
+    image_keys: tuple[tuple[int, bytes], ...] = ()
 
     def __post_init__(self):
         if not self.prompt_ids:

@@ -26,11 +26,14 @@ from moegpt.vision_config import VisionConfig
 class ImageContext:
     """The batch's images and which one each token sees: an argument, like a KV-cache view."""
 
-    latents: torch.Tensor  # (N, L, Dv) resampled images, in the order their image tokens appear (row-major)
+    latents: torch.Tensor | None  # (N, L, Dv) resampled images, in the order their image tokens appear (row-major)
     image_of_token: torch.Tensor  # (B, T) long: the image a token sees (its row's first where it sees none)
     sees_image: torch.Tensor  # (B, T) bool: False before a row's first image
     row_first: torch.Tensor  # (B,) long: the index of each row's first image
     row_count: torch.Tensor  # (B,) long: images in each row
+    # each gated layer's image keys and values (N, L, H, Dh) computed already (a serving cache's),
+    # by decoder layer index; None: computed here from ``latents``
+    keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @staticmethod
     def from_locations(latents: torch.Tensor, locations: torch.Tensor) -> "ImageContext":
@@ -44,6 +47,19 @@ class ImageContext:
         image = torch.maximum(first[:, None] + seen - 1, first[:, None]).clamp(max=max(n_images - 1, 0))
         return ImageContext(latents=latents, image_of_token=image, sees_image=seen > 0, row_first=first,
                             row_count=count)
+
+    @staticmethod
+    def cached(image_of_token: torch.Tensor, sees_image: torch.Tensor,
+               keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> "ImageContext":
+        """One row of N tokens (a serving step's flattened chunks) over images whose keys and values
+        per gated layer are given: image_of_token (1, N) indexes them."""
+        n_images = next(iter(keys_values.values()))[0].shape[0]
+        zero = torch.zeros(1, dtype=torch.long, device=image_of_token.device)
+        return ImageContext(latents=None, image_of_token=image_of_token, sees_image=sees_image, row_first=zero,
+                            row_count=zero + n_images, keys_values=keys_values)
+
+    def layer_keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.keys_values is None else self.keys_values[layer]
 
 
 def attend_to_images(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, images: ImageContext) -> torch.Tensor:
@@ -77,10 +93,12 @@ class CrossAttention(nn.Module):
         k, v = self.wkv(latents).view(N, L, 2, self.heads, self.head_dim).unbind(2)
         return k, v
 
-    def forward(self, x: torch.Tensor, images: ImageContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, images: ImageContext,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D); ``kv``: this layer's image keys and values, computed already."""
         B, T, _ = x.shape
         q = self.wq(self.norm(x)).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k, v = self.keys_values(images.latents.to(x.dtype))
+        k, v = kv if kv is not None else self.keys_values(images.latents.to(x.dtype))
         out = attend_to_images(q, k, v, images)  # (B, H, T, Dh)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -94,8 +112,9 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = feed_forward(d_model, cfg.ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: torch.Tensor, images: ImageContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, images: ImageContext,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D); rows' tokens that see no image come back unchanged."""
-        y = x + torch.tanh(self.attn_gate) * self.attn(x, images)
+        y = x + torch.tanh(self.attn_gate) * self.attn(x, images, kv)
         y = y + torch.tanh(self.ff_gate) * self.ff(y)
         return torch.where(images.sees_image[..., None], y, x)

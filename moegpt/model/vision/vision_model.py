@@ -75,9 +75,7 @@ class VisionMoEGPT(nn.Module):
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         stats: list[RouterStats] = []
         for i, layer in enumerate(text.layers):
-            block = self.cross_attn[str(i)] if str(i) in self.cross_attn else None
-            if block is not None:
-                x = block(x, images)
+            x = self.cross_attend(i, x, images)
             x, s = layer(x, cos, sin, positions, None if cache is None else cache[i])
             if s is not None:
                 stats.append(s)
@@ -85,6 +83,17 @@ class VisionMoEGPT(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.text.head(x)
+
+    def image_keys_values(self, latents: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """latents (N, L, Dv) -> each gated layer's image keys and values (N, L, H, Dh), by decoder
+        layer: what a serving cache computes once per image and keeps."""
+        return {int(i): block.attn.keys_values(latents.to(self.text.embed.weight.dtype))
+                for i, block in self.cross_attn.items()}
+
+    def cross_attend(self, layer: int, x: torch.Tensor, images: ImageContext) -> torch.Tensor:
+        """The gated block before decoder ``layer`` (if any) on x (B, T, D): the decode program's hook."""
+        block = self.cross_attn[str(layer)] if str(layer) in self.cross_attn else None
+        return x if block is None else block(x, images, images.layer_keys_values(layer))
 
     def vision_modules(self) -> dict[str, nn.Module]:
         """The parts vision training adds, by name (the text model is everything else)."""
