@@ -26,12 +26,17 @@ def cmd_generate(args) -> int:
     spec = speculative_from_flags(bool(args.draft), args.ngram, args.speculative_tokens)
     llm = LLM(args.model, EngineConfig(speculative=spec), draft_model=args.draft)
     tok, engine = llm.tokenizer, llm.engine
-    ids = tok.encode(args.prompt, add_special_tokens=True)
+    shown, pixels = args.prompt, []
+    if args.image:
+        ids, pixels, params = image_request(llm, args.image, args.prompt, params)
+        shown = ""  # a chat answer: the reply alone
+    else:
+        ids = tok.encode(args.prompt, add_special_tokens=True)
     texts: dict[int, list[str]] = {i: [] for i in range(args.n)}
-    for update in engine.stream(ids, params):
+    for update in engine.stream(ids, params, pixels):
         if args.n == 1:  # one completion: stream it as it comes
             if not texts[0]:
-                sys.stdout.write(args.prompt)
+                sys.stdout.write(shown)
             sys.stdout.write(update.text)
             sys.stdout.flush()
         texts[update.index].append(update.text)
@@ -39,13 +44,40 @@ def cmd_generate(args) -> int:
         sys.stdout.write("\n")
     else:
         for i in range(args.n):
-            print(f"--- completion {i}\n{args.prompt}{''.join(texts[i])}")
+            print(f"--- completion {i}\n{shown}{''.join(texts[i])}")
     stats = engine.stats
     if spec is not None:
         rate = f"{stats.spec_acceptance_rate:.2f}" if stats.spec_proposed else "-"
         print(f"speculative: {stats.spec_accepted}/{stats.spec_proposed} draft tokens accepted ({rate}), "
               f"{stats.generation_tokens / max(stats.steps, 1):.2f} tokens per target pass", file=sys.stderr)
     return 0
+
+
+def image_request(llm, paths: list[str], prompt: str, params):
+    """``moegpt generate --image``: the prompt as a chat user turn with the pictures first, rendered
+    as the server renders image content parts -> (token ids, pixel values, params stopping at the
+    end of the assistant's turn)."""
+    import dataclasses
+
+    from moegpt.data.chat import chat_format
+    from moegpt.data.images import decode_image, preprocess
+    from moegpt.data.vision_data import image_marker
+
+    if llm.image_processing is None:
+        raise ValueError("--image: the model has no vision part: it takes no images")
+    fmt = chat_format(llm.tokenizer)
+    if fmt is None:
+        raise ValueError("--image: the model has no chat template to put the pictures in")
+    images = []
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"--image {path}: {e.strerror}") from None
+        images.append(decode_image(data, what=f"--image {path}"))
+    text = fmt.render([{"role": "user", "content": image_marker() * len(images) + prompt}], add_generation_prompt=True)
+    params = dataclasses.replace(params, stop_token_ids=tuple(sorted(set(params.stop_token_ids) | fmt.stop_token_ids)))
+    return llm.tokenizer.encode(text), list(preprocess(images, llm.image_processing)), params
 
 
 def cmd_info(args) -> int:
@@ -295,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a model directory")
     p.add_argument("--model", required=True, help="model directory (HF Mixtral format)")
     p.add_argument("--prompt", required=True)
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="a PNG or JPEG picture for a vision model (repeatable): the prompt becomes a chat user turn "
+                        "with the pictures first, and the reply is printed")
     p.add_argument("--max-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0: no top-p")

@@ -119,9 +119,15 @@ def parse_vision_mixture(spec: str) -> tuple[ImageTextSource, ...]:
     return tuple(out)
 
 
+def image_marker() -> str:
+    """How a picture stands in a message's text: its image token and a line break (training renders
+    it so, and the server and ``moegpt generate --image`` render image parts the same way)."""
+    return f"{IMAGE}\n"
+
+
 def conversation(prompt: str, answer: str | None = None) -> list[dict[str, str]]:
     """The user turn with its image token first, and the assistant's answer (None: none yet)."""
-    messages = [{"role": "user", "content": f"{IMAGE}\n{prompt}"}]
+    messages = [{"role": "user", "content": image_marker() + prompt}]
     return messages if answer is None else messages + [{"role": "assistant", "content": answer}]
 
 

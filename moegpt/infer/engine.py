@@ -398,10 +398,10 @@ class LLMEngine:
             (mine if update.request_id in request_ids else self._unclaimed).append(update)
         return mine
 
-    def stream(self, prompt_ids: Seq[int], params: SamplingParams) -> Iterator[StepUpdate]:
+    def stream(self, prompt_ids: Seq[int], params: SamplingParams, images: Seq[torch.Tensor] = ()) -> Iterator[StepUpdate]:
         """Add a request and step the engine until it finishes, yielding its updates as they come.
         Other requests progress too; their updates are kept for the next ``step()`` call."""
-        rid = self.add_request(prompt_ids, params)
+        rid = self.add_request(prompt_ids, params, images)
         pending = set(range(params.n))  # completions not finished yet
         try:
             while pending:

@@ -24,7 +24,9 @@ from moegpt.infer.outputs import StepUpdate
 from moegpt.serve.auth import RequireAPIKey
 from moegpt.serve.body import DEFAULT_MAX_REQUEST_BYTES, read_body
 from moegpt.data.chat import ChatFormat
+from moegpt.data.images import ImageLimits, ImageProcessing
 from moegpt.serve.engine_loop import EngineLoop, Failed, QueueFull, ShuttingDown, Stream
+from moegpt.serve.images import request_images
 from moegpt.serve.errors import APIError, bad_request, error_body, error_response
 from moegpt.serve.metrics import Metrics
 from moegpt.serve.output import DONE, Choice, Response as Reply, TokenText, collect, sse
@@ -49,6 +51,9 @@ class Served:
     created: int
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get 413
     api_key: str | None = None  # None: open; else /v1/* needs "Authorization: Bearer <api_key>"
+    image_processing: ImageProcessing | None = None  # a vision model's; None: the model takes no images
+    image_limits: ImageLimits = ImageLimits()
+    max_images: int = 8  # per request
 
 
 def build_app(served: Served) -> FastAPI:
@@ -123,6 +128,8 @@ def build_app(served: Served) -> FastAPI:
         check_model(req.model, served.model_name)
         if served.chat is None:
             raise bad_request(f"the model '{served.model_name}' has no chat template; use /v1/completions")
+        images = request_images([u for m in req.messages for u in m.image_urls()], served.image_processing,
+                                served.image_limits, served.max_images, served.model_name)
         try:
             prompt_text = served.chat.render([{"role": m.role, "content": m.text()} for m in req.messages])
         except ValueError as e:
@@ -133,7 +140,7 @@ def build_app(served: Served) -> FastAPI:
         engine_req = engine_request(req, max_tokens, logprobs, served.chat.stop_token_ids)
         reply = Reply(True, served.model_name, text, logprobs is not None, len(prompt))
         return await _generate(served, request, [prompt], [engine_req], reply, arrival, bool(req.stream),
-                               req.include_usage())
+                               req.include_usage(), [images])
 
     return app
 
@@ -163,9 +170,9 @@ def _completion_prompts(prompt, tokenizer: Tokenizer) -> list[list[int]]:
 
 
 async def _generate(served: Served, request: HTTPRequest, prompts: list[list[int]], engine_reqs, reply: Reply,
-                    arrival: float, streaming: bool, include_usage: bool):
+                    arrival: float, streaming: bool, include_usage: bool, images: list[list] | None = None):
     try:
-        stream = await served.engine.submit(prompts, engine_reqs, arrival)
+        stream = await served.engine.submit(prompts, engine_reqs, arrival, images)
     except ShuttingDown as e:
         raise APIError(503, str(e), "server_error") from None
     except QueueFull as e:

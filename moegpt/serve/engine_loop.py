@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from moegpt.infer.engine import EngineStats, LLMEngine
+from moegpt.infer.image_cache import ImageCacheFull
 from moegpt.infer.outputs import StepUpdate
 from moegpt.infer.sampling_params import SamplingParams
 
@@ -82,6 +83,10 @@ class Snapshot:
     spec_accepted: int
     expert_tokens: tuple[tuple[int, ...], ...] | None  # (Lm, E) since start
     last_expert_counts: tuple[tuple[int, ...], ...] | None  # (Lm, E) of the last step
+    images_encoded: int = 0
+    image_cache_hits: int = 0
+    image_blocks_total: int = 0
+    image_blocks_used: int = 0
 
     @classmethod
     def of(cls, s: EngineStats) -> Snapshot:
@@ -90,7 +95,8 @@ class Snapshot:
 
         return cls(s.running, s.waiting, s.waiting_tokens, s.kv_blocks_total, s.kv_blocks_free, s.steps,
                    s.preemptions, s.aborted, s.prompt_tokens, s.generation_tokens, s.spec_proposed,
-                   s.spec_accepted, rows(s.expert_tokens), rows(s.last_expert_counts))
+                   s.spec_accepted, rows(s.expert_tokens), rows(s.last_expert_counts), s.images_encoded,
+                   s.image_cache_hits, s.image_blocks_total, s.image_blocks_used)
 
 
 @dataclass
@@ -100,6 +106,7 @@ class Stream:
     prompts: list[list[int]]
     params: list[SamplingParams]  # one per prompt
     arrival: float  # time.monotonic() when the HTTP request came in
+    images: list[list] = field(default_factory=list)  # each prompt's images (pixel values), or none
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # StepUpdate | Failed
     request_ids: list[int] = field(default_factory=list)  # engine ids, in prompt order (set by the thread)
     # engine-thread bookkeeping
@@ -151,12 +158,14 @@ class EngineLoop:
             self.commands.put(_Stop())
             self._thread.join(timeout)
 
-    async def submit(self, prompts: list[list[int]], params: list[SamplingParams], arrival: float) -> Stream:
-        """Queue one engine request per prompt, all or none. Raises ShuttingDown, QueueFull, or
-        ValueError (bad input, one line). The caller must ``release`` the stream when done."""
+    async def submit(self, prompts: list[list[int]], params: list[SamplingParams], arrival: float,
+                     images: list[list] | None = None) -> Stream:
+        """Queue one engine request per prompt (with its ``images``' pixel values), all or none. Raises
+        ShuttingDown, QueueFull (also when the image cache is full), or ValueError (bad input, one
+        line). The caller must ``release`` the stream when done."""
         if self.draining:
             raise ShuttingDown("the server is shutting down")
-        stream = Stream(prompts, params, arrival)
+        stream = Stream(prompts, params, arrival, images or [])
         done = asyncio.get_running_loop().create_future()
         self.in_flight += 1
         self.commands.put(_Add(stream, done))
@@ -218,18 +227,18 @@ class EngineLoop:
         if refusal is not None:
             return self._reply(cmd.done, QueueFull(refusal))
         try:
-            for prompt, params in zip(stream.prompts, stream.params):
-                rid = self.engine.add_request(prompt, params)
+            for i, (prompt, params) in enumerate(zip(stream.prompts, stream.params)):
+                rid = self.engine.add_request(prompt, params, stream.images[i] if stream.images else ())
                 stream.request_ids.append(rid)
                 self._streams[rid] = stream
                 stream.unfinished.update((rid, i) for i in range(params.n))
-        except ValueError as e:
+        except (ValueError, ImageCacheFull) as e:
             for rid in stream.request_ids:  # all or none
                 self.engine.abort(rid)
                 self._streams.pop(rid, None)
             stream.request_ids.clear()
             stream.unfinished.clear()
-            return self._reply(cmd.done, ValueError(str(e)))
+            return self._reply(cmd.done, QueueFull(str(e)) if isinstance(e, ImageCacheFull) else ValueError(str(e)))
         self._reply(cmd.done, None)
 
     def _abort(self, stream: Stream) -> None:

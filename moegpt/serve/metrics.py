@@ -62,6 +62,14 @@ class _EngineCollector:
                       s.spec_accepted)
         yield gauge("moegpt:spec_decode_acceptance_rate", "Accepted over verified draft tokens (NaN before any).",
                     s.spec_accepted / s.spec_proposed if s.spec_proposed else float("nan"))
+        if s.image_blocks_total:  # a vision model
+            yield counter("moegpt:images_encoded", "Images run through the vision encoder and resampler.",
+                          s.images_encoded)
+            yield counter("moegpt:image_cache_hits", "Images whose cross-attention keys and values were cached.",
+                          s.image_cache_hits)
+            yield gauge("moegpt:image_cache_blocks_total", "Image cache blocks (one image's cross-attention keys "
+                        "and values each).", s.image_blocks_total)
+            yield gauge("moegpt:image_cache_blocks_used", "Image cache blocks read by requests.", s.image_blocks_used)
         if s.expert_tokens is not None:
             c = CounterMetricFamily("moegpt:expert_tokens", "Tokens routed to each expert, per MoE layer.",
                                     labels=["layer", "expert"])

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from moegpt.data.vision_data import image_marker
 from moegpt.infer.sampling_params import MAX_LOGPROBS, SamplingParams
 from moegpt.serve.body import load_json
 from moegpt.serve.errors import APIError, bad_request
@@ -79,15 +80,30 @@ class TextPart(_Schema):
     text: str
 
 
+class ImageURL(_Schema):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Schema):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(_Schema):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
 
     def text(self) -> str:
+        """The content as the chat template gets it: each image part its image token and a line
+        break (as vision training renders a picture), text parts as they are."""
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return "".join(p.text if isinstance(p, TextPart) else image_marker() for p in self.content)
         return self.content or ""
+
+    def image_urls(self) -> list[str]:
+        return [p.image_url.url for p in self.content if isinstance(p, ImagePart)] if isinstance(self.content, list) else []
 
 
 class ChatCompletionRequest(_Sampling):
@@ -117,9 +133,9 @@ def parse(schema: type[_Schema], body: bytes) -> _Schema:
                                   "messages")
             if isinstance(m, dict) and isinstance(m.get("content"), list):
                 for part in m["content"]:
-                    if isinstance(part, dict) and part.get("type") not in (None, "text"):
+                    if isinstance(part, dict) and part.get("type") not in (None, "text", "image_url"):
                         raise bad_request(f"messages[{i}]: content of type {part.get('type')!r} is not supported "
-                                          f"by this server (text only)", "messages")
+                                          f"by this server (text and image_url only)", "messages")
     try:
         return schema.model_validate_json(body)
     except ValidationError as e:

@@ -48,7 +48,9 @@ def serve(options: ServerOptions, config: EngineConfig = EngineConfig()) -> int:
     name = options.model_name or Path(options.model_dir).resolve().name
     served = Served(model_name=name, tokenizer=llm.tokenizer, chat=chat_format(llm.tokenizer, options.chat_template),
                     context=llm.engine.max_len, engine=loop, metrics=metrics, created=int(time.time()),
-                    max_request_bytes=options.max_request_bytes, api_key=options.api_key)
+                    max_request_bytes=options.max_request_bytes, api_key=options.api_key,
+                    image_processing=llm.image_processing,
+                    max_images=llm.model.vision_cfg.max_images if llm.image_processing is not None else 0)
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     uv = uvicorn.Config(build_app(served), host=options.host, port=options.port, log_level=options.log_level,
                         access_log=False, timeout_graceful_shutdown=5, lifespan="on")
