@@ -207,6 +207,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def read_chat_template(path: str | None) -> str | None:
+    """--chat-template FILE's text (None when not given)."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise ValueError(f"--chat-template {path} does not exist")
+    return Path(path).read_text(encoding="utf-8")
+
+
 def cmd_finetune(args) -> int:
     """Fine-tune --model on --data's conversations; exact match of greedy answers on the held-out
     conversations before (the base model) and after, printed and written to OUT/finetune_eval.json."""
@@ -218,12 +227,7 @@ def cmd_finetune(args) -> int:
 
     if args.eval_max < 0 or args.passkey_per_cell < 1:
         raise ValueError(f"--eval-max {args.eval_max} must be >= 0 and --passkey-per-cell {args.passkey_per_cell} >= 1")
-    template = None
-    if args.chat_template is not None:
-        path = Path(args.chat_template)
-        if not path.is_file():
-            raise ValueError(f"--chat-template {path} does not exist")
-        template = path.read_text(encoding="utf-8")
+    template = read_chat_template(args.chat_template)
     data = args.data or (CONTEXT_DEFAULTS["data"] if args.context else "instructions:1")
     ft = finetune_inputs(args.model, data, chat_template=template, packing=not args.no_packing,
                          drop_long=args.long == "drop", context=args.context, rope_type=args.rope_scaling)
@@ -276,12 +280,7 @@ def cmd_train_vision(args) -> int:
         raise ValueError("train-vision runs in one process for now: start it without torchrun")
     if args.eval_max < 1:
         raise ValueError(f"--eval-max {args.eval_max} must be >= 1")
-    template = None
-    if args.chat_template is not None:
-        path = Path(args.chat_template)
-        if not path.is_file():
-            raise ValueError(f"--chat-template {path} does not exist")
-        template = path.read_text(encoding="utf-8")
+    template = read_chat_template(args.chat_template)
     vision = vision_inputs(args.model, tower=args.tower, cross_attention_every=args.cross_attention_every,
                            n_latents=args.latents, freeze_tower=args.freeze_tower, train_text=args.train_text,
                            chat_template=template)

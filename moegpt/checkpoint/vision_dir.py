@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from moegpt.atomic import write_atomic, write_text_atomic
-from moegpt.checkpoint.vision_hf import load_tower, save_tower
+from moegpt.checkpoint.vision_hf import load_tower, read_json_object, save_tower
 from moegpt.data.images import ImageProcessing
 from moegpt.model import MoEGPT
 from moegpt.model.vision.vision_model import VisionMoEGPT
@@ -33,14 +33,7 @@ def has_vision(directory: Path) -> bool:
 
 def read_vision_config(directory: Path) -> VisionConfig:
     path = directory / CONFIG_FILE
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path} is missing") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} is not a JSON object")
+    d = read_json_object(path)
     try:
         return VisionConfig.from_dict(d)
     except (TypeError, ValueError) as e:

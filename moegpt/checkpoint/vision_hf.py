@@ -116,8 +116,8 @@ def tower_from_hf_state_dict(hf: dict[str, torch.Tensor], tower: VisionTower, wh
     return state
 
 
-def read_tower_config(directory: Path) -> TowerConfig:
-    path = directory / "config.json"
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object; one-line errors for a missing, unreadable or other file."""
     try:
         d = json.loads(path.read_text())
     except FileNotFoundError:
@@ -126,7 +126,12 @@ def read_tower_config(directory: Path) -> TowerConfig:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path} is not a JSON object")
-    return tower_config_from_hf(d, where=str(path))
+    return d
+
+
+def read_tower_config(directory: Path) -> TowerConfig:
+    path = directory / "config.json"
+    return tower_config_from_hf(read_json_object(path), where=str(path))
 
 
 def load_tower(directory: str | Path, dtype: torch.dtype | None = None) -> VisionTower:
