@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 import torch
 
 from moegpt.counts import kv_cache_bytes_per_token
-from moegpt.data.tokenizer import IMAGE, Tokenizer
+from moegpt.data.tokenizer import Tokenizer
 from moegpt.infer.block_manager import BlockManager
 from moegpt.infer.detokenizer import Detokenizer
 from moegpt.infer.draft import DraftModelProposer
-from moegpt.infer.image_cache import ImageCacheFull, ImageKVCache, image_digest
+from moegpt.infer.image_cache import image_digest
+from moegpt.infer.images import RequestImages
 from moegpt.infer.layout import lay_out_for_decoding
 from moegpt.infer.outputs import OutputCollector, RequestOutput, StepUpdate, TokenLogprob
 from moegpt.infer.paged_cache import PagedKVCache
@@ -163,12 +164,8 @@ class LLMEngine:
             sched = SchedulerConfig(max_num_seqs=sched.max_num_seqs, max_batched_tokens=sched.max_batched_tokens,
                                     num_lookahead=spec.num_tokens)
         self.scheduler = Scheduler(sched, self.blocks)
-        self.images = None
-        if isinstance(model, VisionMoEGPT):
-            v = model.vision_cfg
-            self.images = ImageKVCache(v.cross_attention_layers, config.image_cache_blocks, v.n_latents,
-                                       v.cross_attention_heads, v.cross_attention_head_dim, param.dtype, param.device)
-        self.runner = ModelRunner(model, self.cache, self.images)
+        self.images = RequestImages(model, config.image_cache_blocks) if isinstance(model, VisionMoEGPT) else None
+        self.runner = ModelRunner(model, self.cache, None if self.images is None else self.images.cache)
         self.drafter = None
         if self.draft is not None:
             dparam = next(self.draft.parameters())
@@ -193,7 +190,9 @@ class LLMEngine:
         ``images``: pixel values (C, S, S) of the prompt's images, one per image token, in order."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        image_positions = self._check_images(prompt_ids, images)
+        if self.images is None and images:
+            raise ValueError(f"this model has no vision part: it takes no images ({len(images)} given)")
+        image_positions = self.images.positions(prompt_ids, images, self.tokenizer) if self.images is not None else []
         bad = [t for t in prompt_ids if not 0 <= t < self.model.cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model.cfg.vocab_size})")
@@ -209,7 +208,7 @@ class LLMEngine:
                          image_keys=image_keys) for _ in range(params.n)]
         for seq in seqs:
             self.scheduler.check_fits(seq)  # raises if it can never fit in the KV cache
-        blocks = self._acquire_images(images, digests, params.n)
+        blocks = self.images.acquire(images, digests, params.n) if images else [()] * params.n
         rid = next(self._request_ids)
         stop_ids = frozenset(params.stop_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_id is not None and not params.ignore_eos:
@@ -224,55 +223,11 @@ class LLMEngine:
         self._refresh_stats()
         return rid
 
-    def _check_images(self, prompt_ids: Seq[int], images: Seq[torch.Tensor]) -> list[int]:
-        """The positions of the prompt's image tokens, one per image; one-line errors otherwise."""
-        if self.images is None:
-            if images:
-                raise ValueError(f"this model has no vision part: it takes no images ({len(images)} given)")
-            return []
-        image_id = self.tokenizer.token_to_id(IMAGE) if self.tokenizer is not None else None
-        if images and image_id is None:
-            raise ValueError(f"images need an engine with a tokenizer that has the {IMAGE} token")
-        positions = [i for i, t in enumerate(prompt_ids) if t == image_id]
-        if len(positions) != len(images):
-            raise ValueError(f"the prompt has {len(positions)} image tokens ({IMAGE}) but {len(images)} images")
-        if len(images) > self.model.vision_cfg.max_images:
-            raise ValueError(f"{len(images)} images in one request; the model takes at most "
-                             f"{self.model.vision_cfg.max_images}")
-        for p in images:
-            self.model.tower.check_pixels(p[None])
-        return positions
-
-    def _acquire_images(self, images: Seq[torch.Tensor], digests: list[bytes], n: int) -> list[tuple[int, ...]]:
-        """Each completion's image blocks: cached ones shared, the others encoded now (all or none)."""
-        if not images:
-            return [()] * n
-        held: list[int] = []
-
-        def encoder(pixels: torch.Tensor):
-            def fill(block: int) -> None:
-                with torch.no_grad():
-                    latents = self.model.encode_images(pixels[None].to(self.cache.k[0].device))  # (1, L, Dv)
-                    self.images.write(block, self.model.image_keys_values(latents))
-            return fill
-
-        try:
-            for _ in range(n):
-                for pixels, digest in zip(images, digests):
-                    held.append(self.images.blocks.acquire(digest, encoder(pixels)))
-        except ImageCacheFull:
-            for block in held:
-                self.images.blocks.release(block)
-            raise
-        per = len(images)
-        return [tuple(held[i * per:(i + 1) * per]) for i in range(n)]
-
     def _forget(self, sid: int) -> None:
         """A completion is done (finished or aborted): drop it and let go of its images."""
         live = self.live.pop(sid, None)
-        if live is not None:
-            for block in live.image_blocks:
-                self.images.blocks.release(block)
+        if live is not None and live.image_blocks:
+            self.images.release(live.image_blocks)
 
     def abort(self, request_id: int) -> None:
         """Stop a request now and free its KV blocks (a no-op for an unknown or finished request)."""
@@ -461,6 +416,6 @@ class LLMEngine:
         s.waiting_tokens = self.scheduler.num_waiting_tokens
         s.kv_blocks_free = self.blocks.num_free_blocks
         if self.images is not None:
-            blocks = self.images.blocks
+            blocks = self.images.cache.blocks
             s.images_encoded, s.image_cache_hits = blocks.stats.encoded, blocks.stats.hits
             s.image_blocks_total, s.image_blocks_used = blocks.num_blocks, blocks.num_blocks - blocks.num_free
