@@ -320,10 +320,11 @@ def add_finetune_parser(subparsers, func) -> argparse.ArgumentParser:
     return p
 
 
-# Measured on the tiny demo model (docs/vision.md): short rows (a prompt, an image token, a line of
-# text), large batches; the router losses off, since the routers are frozen.
-VISION_DEFAULTS = {"steps": 2000, "seq_len": 64, "batch_size": 32, "micro_batch": 32, "lr": 1e-3, "warmup_steps": 50,
-                   "eval_every": 250, "ckpt_every": 250, "eval_sequences": 200, "aux_loss_coef": 0.0,
+# Sized for the tiny demo model on 2 cores (docs/vision.md): ~0.6 s a step, so 1200 steps in ~12
+# minutes; short rows (a prompt, an image token, a line of text); the router losses off, since the
+# routers are frozen.
+VISION_DEFAULTS = {"steps": 1200, "seq_len": 64, "batch_size": 32, "micro_batch": 32, "lr": 1e-3, "warmup_steps": 50,
+                   "eval_every": 200, "ckpt_every": 200, "eval_sequences": 200, "aux_loss_coef": 0.0,
                    "z_loss_coef": 0.0}
 
 
