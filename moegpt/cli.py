@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -276,8 +275,6 @@ def cmd_train_vision(args) -> int:
     from moegpt.train.vision import vision_inputs
     from moegpt.train.vision_eval import vision_report
 
-    if "WORLD_SIZE" in os.environ:
-        raise ValueError("train-vision runs in one process for now: start it without torchrun")
     if args.eval_max < 1:
         raise ValueError(f"--eval-max {args.eval_max} must be >= 1")
     template = read_chat_template(args.chat_template)
@@ -286,7 +283,7 @@ def cmd_train_vision(args) -> int:
                            chat_template=template)
     out = Path(args.out)
     trainer, result = run_training(args, out, args.resume, finetune=vision)
-    if args.no_eval or not result.finished:
+    if args.no_eval or not result.finished or not trainer.runtime.is_main:
         return 0
     model = load(out)[0]
     report = vision_report(model, trainer.data, args.eval_max)

@@ -202,8 +202,9 @@ def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=N
     dims = parallel_dims_from_args(args)
     if dims is not None:  # checked before any process group or data work
         dims.validate(int(os.environ.get("WORLD_SIZE", "1")), model_cfg)
-        if vision:
-            raise ValueError(f"layout {dims.describe()}: vision training runs in one process for now")
+        if vision and ((dims.tp, dims.pp, dims.ep) != (1, 1, 1) or args.fsdp):
+            raise ValueError(f"layout {dims.describe()}: vision training runs data parallel only (--dp, --zero1), "
+                             f"not --tp {dims.tp} --pp {dims.pp} --ep {dims.ep}{' --fsdp' if args.fsdp else ''}")
         if finetune is not None and dims.pp > 1:
             raise ValueError(f"--pp {dims.pp}: fine-tuning's packed rows do not run through a pipeline yet "
                              "(use --tp, --ep, --dp, --fsdp or --zero1)")
@@ -352,6 +353,7 @@ def add_vision_parser(subparsers, func) -> argparse.ArgumentParser:
     p.add_argument("--eval-max", type=int, default=200, help="held-out pictures per source for the accuracy report")
     p.add_argument("--no-eval", action="store_true", help="skip the accuracy report")
     add_config_flags(p.add_argument_group("training (TrainConfig; vision defaults)"), TrainConfig)
+    add_parallel_args(p)  # data parallel only: --dp, --zero1
     p.set_defaults(**VISION_DEFAULTS)
     p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this step")

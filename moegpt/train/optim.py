@@ -35,6 +35,8 @@ def make_parallel_optimizer(pm: ParallelModel, cfg: TrainConfig) -> torch.optim.
     zero1 = pm.dims.data_parallel == DataParallel.ZERO1
     groups: dict[tuple[bool, bool], list] = {}
     for _, p in pm.named_parameters():
+        if not p.requires_grad:  # a vision run's frozen text model
+            continue
         groups.setdefault((p.ndim >= 2, isinstance(p, DTensor) and not zero1), []).append(p)
     param_groups = [{"params": [local_tensor(p) for p in ps] if zero1 else ps,
                      "weight_decay": cfg.weight_decay if decay else 0.0}

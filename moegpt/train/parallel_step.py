@@ -25,7 +25,8 @@ from moegpt.data.sft import IGNORE, PackedBatch  # IGNORE: also the targets of a
 from moegpt.parallel import ParallelModel
 from moegpt.parallel.dims import DataParallel
 from moegpt.parallel.fsdp import all_reduce_grads, local_tensor
-from moegpt.train.step import LossWeights, StepMetrics, autocast_context, num_targets, packed_forward
+from moegpt.data.vision_data import VisionBatch
+from moegpt.train.step import LossWeights, StepMetrics, autocast_context, image_forward, num_targets, packed_forward
 
 
 def microbatch_loss(logits: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, targets: torch.Tensor,
@@ -76,7 +77,7 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
     """batch (B, T+1) blocks or B packed rows, the same on every rank -> the step's metrics, the same
     on every rank."""
     dims = pm.dims
-    packed = isinstance(batch, PackedBatch)
+    packed = isinstance(batch, (PackedBatch, VisionBatch))  # rows whose targets are some of their tokens
     if packed and dims.pp > 1:
         raise ValueError("packed fine-tuning rows do not run through a pipeline yet (--pp 1)")
     B, M = len(batch), micro_batch
@@ -112,20 +113,21 @@ def distributed_train_step(pm: ParallelModel, optimizer: torch.optim.Optimizer, 
         for k, (inp, tgt) in enumerate(chunks):
             with _sync(pm, last=k == len(chunks) - 1):
                 with autocast_context(bf16, device.type):
-                    out = packed_forward(pm.module, inp) if packed else pm.module(inp)
+                    out = (image_forward(pm.module, inp) if isinstance(inp, VisionBatch) else
+                           packed_forward(pm.module, inp) if packed else pm.module(inp))
                 loss = microbatch_loss(out.logits, out.aux_loss, out.z_loss, tgt, weights, scale, parts, ce_weight,
                                        real=mine[k] is not None)
                 loss.backward()
             if mine[k] is not None and out.router:
                 counts += out.expert_counts
-    params = pm.parameters()
+    params = [p for p in pm.parameters() if p.requires_grad]  # (a vision run's frozen text model: none)
     for p in params:  # every rank must bring every gradient to the reductions below
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     if not pm.reduces_in_backward and dims.data_parallel != DataParallel.FSDP:
         from moegpt.parallel.expert import is_expert_param
 
-        named = pm.named_parameters()
+        named = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
         expert = [p for n, p in named if is_expert_param(n) and dims.ep > 1]
         dense = [p for n, p in named if not (is_expert_param(n) and dims.ep > 1)]
         all_reduce_grads(dense, pm.batch_group)

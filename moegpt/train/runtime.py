@@ -164,13 +164,14 @@ class DistributedRuntime:
               make_model: Callable[[int], torch.nn.Module] | None = None) -> None:
         from moegpt.parallel import parallelize
 
-        if make_model is not None:
-            raise ValueError("a layout parallelises the plain text model only (vision training runs in one process)")
-        self.model_cfg, self.cfg = model_cfg, cfg
+        self.model_cfg, self.cfg, self.make_model = model_cfg, cfg, make_model
         self.mesh = self.dims.build_mesh(self.device.type)
-        model = build_model(model_cfg, device=self.device, seed=cfg.seed)  # the same weights on every rank
-        if weights is not None:
-            model.load_state_dict(weights)
+        if make_model is not None:  # a vision run: data parallel only (train/cli.py checks the layout)
+            model = make_model(cfg.seed).to(self.device)
+        else:
+            model = build_model(model_cfg, device=self.device, seed=cfg.seed)  # the same weights on every rank
+            if weights is not None:
+                model.load_state_dict(weights)
         model.train()
         if cfg.activation_checkpointing:
             checkpoint_layers(model)
@@ -216,6 +217,10 @@ class DistributedRuntime:
         weights = full_state_dict(self.pm)
         if weights is None:
             return None
+        if self.make_model is not None:
+            model = self.make_model(self.cfg.seed)
+            model.load_state_dict(weights)
+            return model
         model = build_model(self.model_cfg, device="meta")
         model.load_state_dict(weights, assign=True)
         return model

@@ -60,7 +60,7 @@ def packed_forward(model: MoEGPT, rows: PackedBatch) -> ModelOutput:
 def image_forward(model, rows: VisionBatch) -> ModelOutput:
     """A vision model (model/vision) over image conversations: each image encoded once, each token
     cross-attending to the most recent image before it."""
-    return model(rows.inputs, images=model.images(rows.pixels, rows.locations))
+    return model(rows.inputs, pixels=rows.pixels, locations=rows.locations)
 
 
 def _forward(model: MoEGPT, chunk: torch.Tensor | PackedBatch | VisionBatch) -> tuple[ModelOutput, torch.Tensor]:

@@ -142,8 +142,6 @@ class Trainer:
             raise ValueError(f"tokenizer vocab ({self.tokenizer.vocab_size}) != model vocab_size ({model_cfg.vocab_size})")
         vision = finetune if isinstance(finetune, VisionTraining) else None
         if vision is not None:
-            if dims is not None:
-                raise ValueError("vision training runs in one process for now (no torchrun layout)")
             self.data: MixtureData | SFTData | VisionData = VisionData(
                 tuple(sources), vision.tokenizer, vision.chat, vision.processing, train_cfg.seq_len, train_cfg.seed)
         elif finetune is not None:

@@ -64,12 +64,16 @@ class VisionTraining:
 
 
 def freeze(model: VisionMoEGPT, *, train_text: bool, train_tower: bool) -> None:
-    """Which parts learn: the resampler and the gated blocks always; the tower and the text model by choice."""
+    """Which parts learn: the resampler and the gated blocks always; the tower (less its pooling
+    parts, which the features do not pass through) and the text model by choice."""
     parts: dict[str, nn.Module] = {"text": model.text, **model.vision_modules()}
     chosen = {"text": train_text, "tower": train_tower, "resampler": True, "cross_attn": True}
     for name, module in parts.items():
         for p in module.parameters():
             p.requires_grad_(chosen[name])
+    for module in model.tower.pooling_modules():  # unused by the features the resampler reads
+        for p in module.parameters():
+            p.requires_grad_(False)
 
 
 def vision_inputs(model_dir: str | Path, *, tower: str = "demo", cross_attention_every: int = 1,

@@ -109,6 +109,13 @@ class VisionTower(nn.Module):
         self.post_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.head = AttentionPoolHead(cfg) if cfg.use_head else None
 
+    def pooling_modules(self) -> list[nn.Module]:
+        """What only the pooled output uses (CLIP's post-norm of the class token, SigLIP's head): a
+        vision model reads the features, so these get no gradient there."""
+        if self.class_embed is not None:
+            return [self.post_norm]
+        return [self.head] if self.head is not None else []
+
     def check_pixels(self, pixels: torch.Tensor) -> None:
         """One-line error for pixels this tower cannot take."""
         c, s = self.cfg.num_channels, self.cfg.image_size

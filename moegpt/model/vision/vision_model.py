@@ -52,8 +52,13 @@ class VisionMoEGPT(nn.Module):
         return ImageContext.from_locations(self.encode_images(pixels), locations)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: Sequence[KVCacheView] | None = None, images: ImageContext | None = None) -> ModelOutput:
-        """As MoEGPT.forward, plus ``images`` (None: a text-only batch, computed as the text model)."""
+                cache: Sequence[KVCacheView] | None = None, images: ImageContext | None = None,
+                pixels: torch.Tensor | None = None, locations: torch.Tensor | None = None) -> ModelOutput:
+        """As MoEGPT.forward, plus ``images`` (None: a text-only batch, computed as the text model), or
+        the images' ``pixels`` (N, C, S, S) and ``locations`` (B, T) to encode them here (so that a
+        data-parallel wrapper sees the whole computation in its forward)."""
+        if pixels is not None:
+            images = self.images(pixels, locations)
         x, stats = self.trunk(tokens, positions, cache, images)
         return ModelOutput(logits=self.text.head(x), router=stats)  # logits (B, T, V)
 
