@@ -106,8 +106,14 @@ class VisionMoEGPT(nn.Module):
 
     @torch.no_grad()
     def init_vision_weights(self, seed: int = 0, tower: bool = True) -> None:
-        """N(0, 0.02) matrices and latents, unit norms, zero biases; the gates at 0 (Flamingo), so the
-        joined model starts as the text model. ``tower`` False keeps a loaded tower's weights."""
+        """The resampler's and gated blocks' matrices N(0, 1/fan_in), latents N(0, 0.02), unit norms,
+        zero biases; the gates at 0 (Flamingo), so the joined model starts as the text model.
+        ``tower`` False keeps a loaded tower's weights.
+
+        Fan-in scaling, not CLIP's N(0, 0.02): the image signal crosses several products in a row
+        (values, output, feed-forward), and at 0.02 each shrinks it. Measured with a probe on the
+        generated scenes (the demo tower and resampler, a linear head on the mean latent, 32
+        pictures a step): colour 17% (chance) after 300 steps at 0.02, 95% with fan-in."""
         g = torch.Generator(device="cpu").manual_seed(seed)
         if tower:
             self.tower.init_weights(g)
@@ -115,10 +121,12 @@ class VisionMoEGPT(nn.Module):
             for name, p in module.named_parameters():
                 if name.endswith("gate") or name.endswith("bias"):
                     p.zero_()
-                elif p.dim() == 1 and not name.endswith("latents"):
+                elif name.endswith("latents"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                elif p.dim() == 1:
                     p.fill_(1.0)  # LayerNorm weights
                 else:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                    p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
 
 
 def add_vision(model: MoEGPT, cfg: VisionConfig, tower: VisionTower | None = None, seed: int = 0) -> VisionMoEGPT:
