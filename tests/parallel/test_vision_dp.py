@@ -27,7 +27,7 @@ def base(tmp_path_factory):
                                  n_experts=4, max_seq_len=128)
     save(build_model(cfg, seed=0), tok, root / "base")
     args = ["--model", str(root / "base"), "--tower", "tiny", "--data", "shapes:1", "--steps", "3", "--seq-len", "64",
-            "--batch-size", "8", "--micro-batch", "2", "--warmup-steps", "1", "--lr", "1e-2", "--eval-every", "3",
+            "--batch-size", "8", "--micro-batch", "2", "--warmup-steps", "1", "--lr", "1e-3", "--eval-every", "3",
             "--eval-sequences", "4", "--ckpt-every", "3", "--no-progress", "--no-eval", "--peak-flops", "1e11"]
     return root, args
 
