@@ -56,15 +56,13 @@ def extended_config(cfg: ModelConfig, context: str, rope_type: str) -> ModelConf
     return cfg.replace(max_seq_len=length, rope_scaling=scaling)
 
 
-def finetune_inputs(model_dir: str | Path, data: str, *, chat_template: str | None = None, packing: bool = True,
-                    drop_long: bool = True, context: str | None = None, rope_type: str = "yarn") -> Finetune:
-    """Read the base model directory; ``chat_template``: a Jinja template's text, which overrides the
-    tokenizer's. A model with neither a template nor moegpt's chat tokens is a one-line error.
-    ``context``: extend the model's context (``extended_config``)."""
-    model_dir = Path(model_dir)
+def read_chat_model(model_dir: Path, chat_template: str | None, text_only: bool = False):
+    """A model directory to tune further -> (model, tokenizer, chat format); the tokenizer carries the
+    template training renders with (``chat_template``'s text, else its own, else moegpt's ChatML).
+    A missing directory, tokenizer or template is a one-line error."""
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"--model {model_dir} is not a model directory (no config.json)")
-    model, tokenizer = load(model_dir)
+    model, tokenizer = load(model_dir, text_only=text_only)
     if tokenizer is None:
         raise ValueError(f"--model {model_dir} has no tokenizer (tokenizer.json or tokenizer.model)")
     fmt = chat_format(tokenizer, chat_template)
@@ -72,6 +70,16 @@ def finetune_inputs(model_dir: str | Path, data: str, *, chat_template: str | No
         raise ValueError(f"--model {model_dir} has no chat template and its tokenizer lacks moegpt's chat tokens: "
                          "pass --chat-template FILE")
     tokenizer.chat_template = chat_template or tokenizer.chat_template or CHAT_TEMPLATE
+    return model, tokenizer, fmt
+
+
+def finetune_inputs(model_dir: str | Path, data: str, *, chat_template: str | None = None, packing: bool = True,
+                    drop_long: bool = True, context: str | None = None, rope_type: str = "yarn") -> Finetune:
+    """Read the base model directory; ``chat_template``: a Jinja template's text, which overrides the
+    tokenizer's. A model with neither a template nor moegpt's chat tokens is a one-line error.
+    ``context``: extend the model's context (``extended_config``)."""
+    model_dir = Path(model_dir)
+    model, tokenizer, fmt = read_chat_model(model_dir, chat_template)
     cfg = model.cfg if context is None else extended_config(model.cfg, context, rope_type)
     settings = {"base": str(model_dir.resolve()), "data": data, "chat_template": tokenizer.chat_template,
                 "packing": packing, "drop_long": drop_long}

@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from moegpt.atomic import write_text_atomic
-from moegpt.checkpoint.model_dir import load
 from moegpt.checkpoint.vision_hf import load_tower
 from moegpt.config import ModelConfig
-from moegpt.data.chat import ChatFormat, chat_format
+from moegpt.data.chat import ChatFormat
 from moegpt.data.images import ImageProcessing
-from moegpt.data.tokenizer import CHAT_TEMPLATE, IMAGE, Tokenizer
+from moegpt.data.tokenizer import IMAGE, Tokenizer
 from moegpt.model import build_model
 from moegpt.model.vision.vision_model import VisionMoEGPT, add_vision
+from moegpt.train.finetune import read_chat_model
 from moegpt.vision_config import VisionConfig, tower_preset
 
 
@@ -82,18 +82,9 @@ def vision_inputs(model_dir: str | Path, *, tower: str = "demo", cross_attention
     """Read the text model directory and the tower (a preset name, or a CLIP / SigLIP vision
     directory); every mismatch is a one-line error before any work."""
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ValueError(f"--model {model_dir} is not a model directory (no config.json)")
-    text, tokenizer = load(model_dir, text_only=True)
-    if tokenizer is None:
-        raise ValueError(f"--model {model_dir} has no tokenizer (tokenizer.json or tokenizer.model)")
+    text, tokenizer, fmt = read_chat_model(model_dir, chat_template, text_only=True)
     if tokenizer.token_to_id(IMAGE) is None:
         raise ValueError(f"--model {model_dir}: its tokenizer has no {IMAGE} token to mark where an image sits")
-    fmt = chat_format(tokenizer, chat_template)
-    if fmt is None:
-        raise ValueError(f"--model {model_dir} has no chat template and its tokenizer lacks moegpt's chat tokens: "
-                         "pass --chat-template FILE")
-    tokenizer.chat_template = chat_template or tokenizer.chat_template or CHAT_TEMPLATE
     tower_path = Path(tower)
     if tower_path.is_dir():
         loaded = load_tower(tower_path, dtype=torch.float32)
