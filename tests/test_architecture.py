@@ -1,6 +1,6 @@
 """The package's dependencies point one way, and configs are keyword-only.
 
-Layers, from the bottom: config / vision_config / counts / hardware / atomic / kernels -> model -> data, checkpoint -> parallel
+Layers, from the bottom: config / vision_config / counts / hardware / atomic / kernels -> model -> quant -> data, checkpoint -> parallel
 -> train, infer -> serve, planner -> cli. ``ALLOWED`` is the table of what each package may import
 from moegpt; an arrow not in it (upward or sideways) fails here, so a new one is a design change
 made on purpose, in this table. Every import counts, at module level or inside a function.
@@ -28,15 +28,16 @@ ALLOWED: dict[str, set[str]] = {
     "atomic": set(),
     "kernels": set(),  # C++ ops and their references: torch only
     "model": BOTTOM,
+    "quant": BOTTOM | {"model"},  # quantized weights in a plain model, applied from outside
     "data": BOTTOM,
     # the one sideways arrow: a model directory holds its tokenizer
-    "checkpoint": BOTTOM | {"model", "data"},
-    "parallel": BOTTOM | {"model", "checkpoint"},
-    "train": BOTTOM | {"model", "data", "checkpoint", "parallel"},
-    "infer": BOTTOM | {"model", "data", "checkpoint", "parallel"},
-    "serve": BOTTOM | {"model", "data", "checkpoint", "infer"},
-    "planner": BOTTOM | {"model", "checkpoint"},  # arithmetic: the CLI hands it the engine's measurers
-    "cli": BOTTOM | {"model", "data", "checkpoint", "parallel", "train", "infer", "serve", "planner"},
+    "checkpoint": BOTTOM | {"model", "quant", "data"},
+    "parallel": BOTTOM | {"model", "quant", "checkpoint"},
+    "train": BOTTOM | {"model", "quant", "data", "checkpoint", "parallel"},
+    "infer": BOTTOM | {"model", "quant", "data", "checkpoint", "parallel"},
+    "serve": BOTTOM | {"model", "quant", "data", "checkpoint", "infer"},
+    "planner": BOTTOM | {"model", "quant", "checkpoint"},  # arithmetic: the CLI hands it the engine's measurers
+    "cli": BOTTOM | {"model", "quant", "data", "checkpoint", "parallel", "train", "infer", "serve", "planner"},
     "__main__": {"cli"},
     "__init__": set(),  # public names resolve lazily (importlib), nothing imported up front
 }

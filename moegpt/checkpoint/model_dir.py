@@ -32,6 +32,11 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def read_config(directory: str | Path) -> ModelConfig:
+    return config_from_hf(read_hf_config(directory), where=str(Path(directory) / "config.json"))
+
+
+def read_hf_config(directory: str | Path) -> dict:
+    """config.json as a dict; one-line errors for a missing directory, file or bad JSON."""
     directory = Path(directory)
     path = directory / "config.json"
     if not directory.is_dir():
@@ -40,7 +45,7 @@ def read_config(directory: str | Path) -> ModelConfig:
         d = json.loads(path.read_text())
         if not isinstance(d, dict):
             raise ValueError(f"{path} is not a JSON object")
-        return config_from_hf(d, where=str(path))
+        return d
     except FileNotFoundError:
         raise ValueError(f"{path} is missing") from None
     except json.JSONDecodeError as e:
@@ -53,13 +58,19 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     a vision part loads as a VisionMoEGPT, unless ``text_only`` (text-only rows compute the same)."""
     from moegpt.checkpoint.vision_dir import attach_vision, has_vision
 
+    from moegpt.checkpoint.quantized import attach_quantized, scheme_from_config, split_quantized
+
     directory = Path(directory)
-    cfg = read_config(directory)
+    hf_config = read_hf_config(directory)
+    cfg = config_from_hf(hf_config, where=str(directory / "config.json"))
+    qc = hf_config.get("quantization_config")
+    scheme = None if qc is None else scheme_from_config(qc, str(directory / "config.json"))
     has_tokenizer = (directory / "tokenizer.json").exists() or (directory / SENTENCEPIECE_FILE).exists()
     tokenizer = Tokenizer.load(directory) if has_tokenizer else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"{directory}: tokenizer vocab ({tokenizer.vocab_size}) exceeds model vocab_size ({cfg.vocab_size})")
     tensors = read_safetensors(directory)
+    quantized = {} if scheme is None else split_quantized(tensors, cfg, scheme, str(directory))
     state = from_hf_state_dict(tensors, cfg)
     with torch.device("meta"):
         model = MoEGPT(cfg)
@@ -70,6 +81,8 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     model.load_state_dict(state, assign=True)
     if dtype is not None:
         model = model.to(dtype)
+    if scheme is not None:  # (after the dtype: a scale stays fp32 whatever the model's dtype)
+        attach_quantized(model, quantized, scheme, model.norm.weight.dtype)
     model = model.to(device)
     if has_vision(directory) and not text_only:
         return LoadedModel(attach_vision(model.eval(), directory), tokenizer)
@@ -81,6 +94,7 @@ def save(model: MoEGPT, tokenizer: Tokenizer | None, directory: str | Path) -> P
     VisionMoEGPT writes its text model so, and its image side beside it (vision_dir.py)."""
     from safetensors.torch import save_file
 
+    from moegpt.checkpoint.quantized import hf_quantized_tensors, quantized_config
     from moegpt.checkpoint.vision_dir import save_vision
     from moegpt.model.vision.vision_model import VisionMoEGPT
 
@@ -93,11 +107,17 @@ def save(model: MoEGPT, tokenizer: Tokenizer | None, directory: str | Path) -> P
         raise ValueError(f"tokenizer vocab ({tokenizer.vocab_size}) exceeds model vocab_size ({cfg.vocab_size})")
     ids = {k: getattr(tokenizer, k, None) for k in ("bos_id", "eos_id", "pad_id")}
     hf_config = config_to_hf(cfg, ids["bos_id"], ids["eos_id"], ids["pad_id"])  # raises for non-Mixtral shapes
-    dtype = next(model.parameters()).dtype
+    dtype = model.norm.weight.dtype
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    quantization = quantized_config(model)
+    if quantization is not None:
+        hf_config["quantization_config"] = quantization
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu() for k, v in to_hf_state_dict(model.state_dict()).items()}
+    plain = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}  # quantized: below
+    tensors = {k: v.detach().cpu() for k, v in to_hf_state_dict(plain).items()}
+    if quantization is not None:
+        tensors.update(hf_quantized_tensors(model))
     write_atomic(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _write_json(directory / "config.json", hf_config)
     generation = {"bos_token_id": ids["bos_id"], "eos_token_id": ids["eos_id"], "pad_token_id": ids["pad_id"]}

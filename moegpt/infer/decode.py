@@ -33,16 +33,19 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from moegpt.config import MLPKind, ModelConfig
 from moegpt.infer.decode_batch import DecodeMeta
 from moegpt.infer.layout import fused_view, lay_out_for_decoding
 from moegpt.infer.paged_cache import slots_by_position
-from moegpt.kernels import MAX_ROWS_IN_BY_OUT, MAX_ROWS_OUT_BY_IN, decode_layer_applies, gemv_applies
+from moegpt.kernels import MAX_ROWS_IN_BY_OUT, MAX_ROWS_OUT_BY_IN, decode_layer_applies, gemv_applies, qgemv_applies
 from moegpt.model import MoEGPT
 from moegpt.model.grouped import grouped_mm_supported
 from moegpt.model.layers import rms_norm
 from moegpt.model.rope import rope_cos_sin
+from moegpt.quant.model import is_quantized, model_scheme, stored_tensors
+from moegpt.quant.scheme import dequantize
 
 
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]  # (decoder layer, x (B, D)) -> x (B, D)
@@ -51,15 +54,22 @@ LayerHook = Callable[[int, torch.Tensor], torch.Tensor]  # (decoder layer, x (B,
 class Matrix:
     """A weight the program multiplies rows by: x (M, I) -> (M, O). A few rows on a CPU: the C++
     matrix-vector kernel (moegpt.kernels); otherwise one ``mm`` with the weight's transpose, a view
-    taken once (no ``t`` dispatched per call), whichever way the weight is stored."""
+    taken once (no ``t`` dispatched per call), whichever way the weight is stored. A quantized weight
+    (moegpt.quant: packed bytes and fp32 scales): the C++ quantized product on a CPU, otherwise its
+    oracle, the product with the weight dequantized in fp32."""
 
-    __slots__ = ("w", "w_t")
+    __slots__ = ("w", "w_t", "scale", "bits")
 
-    def __init__(self, w: torch.Tensor):
-        self.w = w  # (O, I), a view of the model's parameter
+    def __init__(self, w: torch.Tensor, scale: torch.Tensor | None = None, bits: int = 0):
+        self.w = w  # (O, I), a view of the model's parameter; quantized: (O, P) uint8
         self.w_t = w.t()  # (I, O)
+        self.scale, self.bits = scale, bits  # (O, G) fp32, 8 or 4; None, 0: not quantized
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            if qgemv_applies(x):
+                return torch.ops.moegpt.qgemv(x, self.w, self.scale, self.bits)
+            return torch.mm(x.float(), dequantize(self.w, self.scale, self.bits).t()).to(x.dtype)
         if gemv_applies(x, self.w):
             return torch.ops.moegpt.gemv(x, self.w)
         return torch.mm(x, self.w_t)
@@ -77,11 +87,14 @@ class LayerWeights:
     wo: Matrix  # (D, H * Dh)
     ffn_norm: torch.Tensor  # (D,)
     router: Matrix | None  # (E, D); None for a dense layer (one expert that every token goes to)
-    w_in: torch.Tensor  # (E, 2F, D) the fused gate|up (SwiGLU), or (E, F, D) up (GELU)
-    w_down: torch.Tensor  # (E, D, F)
+    w_in: torch.Tensor  # (E, 2F, D) the fused gate|up (SwiGLU), or (E, F, D) up (GELU); quantized: (E, 2F, P)
+    w_down: torch.Tensor  # (E, D, F); quantized: (E, D, P)
     w_in_t: torch.Tensor  # (E, D, 2F): w_in transposed, for grouped_mm
     w_down_t: torch.Tensor  # (E, F, D)
     expert_ids: torch.Tensor  # (E,) 1..E: where each expert's group ends among sorted assignments
+    w_in_scale: torch.Tensor | None = None  # (E, 2F, G) fp32 for quantized experts
+    w_down_scale: torch.Tensor | None = None  # (E, D, G)
+    bits: int = 0  # 8 or 4 for quantized weights
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,27 +113,36 @@ def decode_weights(model: MoEGPT) -> DecodeWeights:
     """The decode program's views of ``model``'s parameters (fusing them in place first, idempotent)."""
     lay_out_for_decoding(model)
     cfg = model.cfg
+    bits = scheme.bits if (scheme := model_scheme(model)) is not None else 0
+
+    def matrix(*linears: nn.Linear) -> Matrix:  # one matrix (fused rows where several)
+        parts = [fused_view(list(t), 0) for t in zip(*(stored_tensors(m, "weight") for m in linears))]
+        return Matrix(parts[0], None if len(parts) == 1 else parts[1], bits if len(parts) == 2 else 0)
+
     layers = []
     for block in model.layers:
         attn, ffn = block.attn, block.ffn
         experts = ffn.experts if hasattr(ffn, "experts") else ffn.mlp  # MoE, or a dense layer's one expert
-        w_in = experts.w_up if experts.w_gate is None else fused_view([experts.w_gate, experts.w_up], 1)
+        names = ["w_up"] if experts._parameters.get("w_gate") is None and not is_quantized(experts, "w_gate") \
+            else ["w_gate", "w_up"]
+        w_in, *in_scale = [fused_view(list(t), 1) for t in zip(*(stored_tensors(experts, n) for n in names))]
+        w_down, *down_scale = stored_tensors(experts, "w_down")
         layers.append(LayerWeights(
-            attn_norm=block.attn_norm.weight,
-            wqkv=Matrix(fused_view([attn.wq.weight, attn.wk.weight, attn.wv.weight], 0)),
-            wo=Matrix(attn.wo.weight), ffn_norm=block.ffn_norm.weight,
-            router=Matrix(ffn.router.weight) if hasattr(ffn, "router") else None,
-            w_in=w_in, w_down=experts.w_down, w_in_t=w_in.transpose(-2, -1), w_down_t=experts.w_down.transpose(-2, -1),
-            expert_ids=torch.arange(1, w_in.shape[0] + 1, device=w_in.device)))
+            attn_norm=block.attn_norm.weight, wqkv=matrix(attn.wq, attn.wk, attn.wv), wo=matrix(attn.wo),
+            ffn_norm=block.ffn_norm.weight, router=Matrix(ffn.router.weight) if hasattr(ffn, "router") else None,
+            w_in=w_in, w_down=w_down, w_in_t=w_in.transpose(-2, -1), w_down_t=w_down.transpose(-2, -1),
+            expert_ids=torch.arange(1, w_in.shape[0] + 1, device=w_in.device),
+            w_in_scale=in_scale[0] if in_scale else None, w_down_scale=down_scale[0] if down_scale else None,
+            bits=bits if in_scale else 0))
     dtype, device = model.embed.weight.dtype, model.embed.weight.device
     # every position a sequence can reach; a dynamic scaling is fixed at max_seq_len (model/rope.py)
     cos, sin = rope_cos_sin(torch.arange(cfg.max_seq_len, device=device), cfg.head_dim, cfg.rope_theta,
                             cfg.rope_scaling, seq_len=cfg.max_seq_len)
     half = cfg.head_dim // 2
     sin[:, :half].neg_()  # the rotation's sign folded into the table: rope is x*cos + roll(x)*sin
-    head = model.embed.weight if model.lm_head is None else model.lm_head.weight
+    head = Matrix(model.embed.weight) if model.lm_head is None else matrix(model.lm_head)
     return DecodeWeights(cfg=cfg, embed=model.embed.weight, layers=tuple(layers), norm=model.norm.weight,
-                         head=Matrix(head), rope_cos=cos.to(dtype), rope_sin=sin.to(dtype))
+                         head=head, rope_cos=cos.to(dtype), rope_sin=sin.to(dtype))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,10 +192,15 @@ def attend(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, meta: 
     return out.reshape(B, H * Dh)
 
 
-def expert_products(x: torch.Tensor, w_t: torch.Tensor, expert: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def expert_products(x: torch.Tensor, w_t: torch.Tensor, expert: torch.Tensor, offs: torch.Tensor,
+                    scale: torch.Tensor | None = None, bits: int = 0) -> torch.Tensor:
     """x (A, I) rows grouped by expert (``offs``: (E,) end of each group), w_t (E, I, O) the experts'
     transposed matrices -> (A, O): each row times its own expert's matrix; the experts no row chose
-    are never read."""
+    are never read. Quantized (w_t (E, P, O) bytes, scale (E, O, G)): the chosen matrices
+    dequantized in fp32 (the C++ layer's oracle)."""
+    if scale is not None:
+        w = dequantize(w_t.index_select(0, expert).transpose(-2, -1), scale.index_select(0, expert), bits)  # (A, O, I)
+        return torch.bmm(x.float()[:, None], w.transpose(-2, -1))[:, 0].to(x.dtype)
     if grouped_mm_supported(x, w_t):  # (its checks are the same for a matrix and its transpose)
         return F.grouped_mm(x, w_t, offs=offs)
     return torch.bmm(x[:, None], w_t.index_select(0, expert))[:, 0]  # gathers the chosen matrices
@@ -210,8 +237,8 @@ def moe(h: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> tuple[torch.Tens
         ends = torch.searchsorted(expert, lw.expert_ids, out_int32=True)  # (E,) end of each group
         token = order // K  # (A,) source token of each assignment
         routed, weight = h.index_select(0, token), top_w.view(-1, 1).index_select(0, order)  # (A, D), (A, 1)
-    up = expert_products(routed, lw.w_in_t, expert, ends)  # (A, 2F) or (A, F)
-    y = expert_products(activation(up, cfg), lw.w_down_t, expert, ends)  # (A, D)
+    up = expert_products(routed, lw.w_in_t, expert, ends, lw.w_in_scale, lw.bits)  # (A, 2F) or (A, F)
+    y = expert_products(activation(up, cfg), lw.w_down_t, expert, ends, lw.w_down_scale, lw.bits)  # (A, D)
     if weight is None:
         return y, None
     y = y * weight  # fp32 routing weights, as the model
@@ -230,7 +257,8 @@ def layer_with_kernel(x: torch.Tensor, w: DecodeWeights, lw: LayerWeights, kc: t
         x, lw.attn_norm, lw.wqkv.w, lw.wo.w, lw.ffn_norm, None if lw.router is None else lw.router.w, lw.w_in,
         lw.w_down, kc, vc, w.rope_cos, w.rope_sin, positions, meta.block_tables, meta.block_size, cfg.n_heads,
         cfg.top_k, cfg.mlp == MLPKind.SWIGLU, cfg.norm_eps, counts if lw.router is not None else None, row,
-        MAX_ROWS_IN_BY_OUT, MAX_ROWS_OUT_BY_IN[x.dtype])
+        MAX_ROWS_IN_BY_OUT, MAX_ROWS_OUT_BY_IN[x.dtype], lw.wqkv.scale, lw.wo.scale, lw.w_in_scale, lw.w_down_scale,
+        lw.bits or lw.wqkv.bits)
 
 
 def kernel_layers_apply(w: DecodeWeights, x: torch.Tensor, k_cache: list[torch.Tensor]) -> bool:

@@ -34,6 +34,7 @@ from torch import nn
 import moegpt.kernels as kernels
 from moegpt.model.attention import Attention
 from moegpt.model.experts import Experts
+from moegpt.quant.model import is_quantized, stored_tensors
 
 
 def streams_rows_faster(w: torch.Tensor) -> bool:
@@ -53,23 +54,28 @@ def matmul_weights(model: nn.Module) -> list[nn.Parameter]:
     an embedding table (a lookup reads rows), even where a linear layer shares it (a tied head)."""
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     weights = []
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
+    for module in model.modules():  # (a quantized weight is bytes the kernels read as stored)
+        if isinstance(module, nn.Linear) and not is_quantized(module, "weight"):
             weights.append(module.weight)
         elif isinstance(module, Experts):
-            weights.extend(w for w in (module.w_gate, module.w_up, module.w_down) if w is not None)
+            weights.extend(module._parameters[n] for n in ("w_gate", "w_up", "w_down")
+                           if module._parameters.get(n) is not None)
     return [w for w in weights if id(w) not in tables]
 
 
 def fused_groups(model: nn.Module) -> list[tuple[list[nn.Parameter], int]]:
     """(parameters, the dim they are stacked along) of every fused buffer: q|k|v of each attention
-    (dim 0 of (out, in)), gate|up of each SwiGLU expert stack (dim 1 of (E, out, in))."""
+    (dim 0 of (out, in)), gate|up of each SwiGLU expert stack (dim 1 of (E, out, in)); for quantized
+    weights, their packed bytes and their scales, each fused along the same dim."""
     groups = []
     for module in model.modules():
         if isinstance(module, Attention):
-            groups.append(([module.wq.weight, module.wk.weight, module.wv.weight], 0))
-        elif isinstance(module, Experts) and module.w_gate is not None:
-            groups.append(([module.w_gate, module.w_up], 1))
+            parts = [stored_tensors(m, "weight") for m in (module.wq, module.wk, module.wv)]
+            groups += [(list(tensors), 0) for tensors in zip(*parts)]
+        elif isinstance(module, Experts) and (module._parameters.get("w_gate") is not None
+                                              or is_quantized(module, "w_gate")):
+            parts = [stored_tensors(module, n) for n in ("w_gate", "w_up")]
+            groups += [(list(tensors), 1) for tensors in zip(*parts)]
     return groups
 
 

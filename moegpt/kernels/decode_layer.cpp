@@ -10,6 +10,9 @@
 // ~60 dispatched ops and is this op's oracle (tests/kernels/test_decode_layer.py); this op is one
 // dispatch, so a decode step costs the weights' read and little else.
 //
+// Quantized weights (moegpt/quant): wqkv, wo and the experts' matrices may be stored as bytes with
+// fp32 scales (w uint8, its scale given), multiplied by qgemv.h's products at any row count.
+//
 // Numerics follow the PyTorch program: values are rounded to the model's dtype where its ops round
 // (after each norm, product, rope and residual add), accumulations are fp32, the router's softmax
 // and routing weights are fp32.
@@ -29,6 +32,7 @@
 #include <limits>
 
 #include "gemv.h"
+#include "qgemv.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -68,11 +72,29 @@ struct Limits {
   int64_t in_by_out, out_by_in;  // rows up to which the gemv kernel runs (past them: the library's mm)
 };
 
-// out (M, O) fp32 = x (M, I) fp32 (values of w's dtype) times one matrix on the gemv kernel: w (O, I)
-// as nn.Linear stores it, or matrix e of a stack w (E, O, I).
-void kernel_product(const float* x, int64_t M, const at::Tensor& w, int64_t e, float* out) {
-  const int64_t d = w.dim(), O = w.size(d - 2), I = w.size(d - 1), so = w.stride(d - 2), si = w.stride(d - 1);
+// A matrix of the layer: w as nn.Linear stores it (O, I), or a stack (E, O, I); quantized: w (O, P)
+// or (E, O, P) bytes and its scale (O, G) or (E, O, G) fp32.
+struct Weight {
+  const at::Tensor& w;
+  const c10::optional<at::Tensor>& scale;
+  int64_t bits;
+  bool quantized() const { return scale.has_value(); }
+  int64_t in_features() const { return quantized() ? w.size(-1) * 8 / bits : w.size(-1); }
+};
+
+// out (M, O) fp32 = x (M, I) fp32 (values of the model's dtype) times one matrix on the gemv or the
+// quantized kernel: w itself, or matrix e of a stack.
+void kernel_product(const float* x, int64_t M, const Weight& wt, int64_t e, float* out) {
+  const at::Tensor& w = wt.w;
+  const int64_t d = w.dim(), O = w.size(d - 2), I = wt.in_features(), so = w.stride(d - 2), si = w.stride(d - 1);
   const int64_t offset = d == 3 ? e * w.stride(0) : 0;
+  if (wt.quantized()) {
+    const at::Tensor& s = *wt.scale;
+    const moegpt::Quantized q{w.data_ptr<uint8_t>() + offset, s.data_ptr<float>() + (d == 3 ? e * s.stride(0) : 0),
+                              wt.bits, s.size(-1), so, s.stride(d - 2)};
+    moegpt::quantized_product(x, q, M, I, O, out);
+    return;
+  }
   AT_DISPATCH_SWITCH(w.scalar_type(), "moegpt_decode_layer_product",
     AT_DISPATCH_CASE(at::kFloat, [&] { moegpt::product(x, w.data_ptr<float>() + offset, M, I, O, so, si, out); })
     AT_DISPATCH_CASE(at::kBFloat16, [&] {
@@ -82,11 +104,12 @@ void kernel_product(const float* x, int64_t M, const at::Tensor& w, int64_t e, f
 
 // out (M, O) fp32 = x (M, I) fp32 times w (O, I) as nn.Linear stores it: the gemv kernel for a few
 // rows, the library's matmul in w's dtype for more (as the PyTorch program does).
-void matmul(const float* x, int64_t M, const at::Tensor& w, float* out, Limits lim) {
+void matmul(const float* x, int64_t M, const Weight& wt, float* out, Limits lim) {
+  const at::Tensor& w = wt.w;
   const int64_t O = w.size(0), I = w.size(1), so = w.stride(0), si = w.stride(1);
   const int64_t limit = (so == 1 && O > 1) ? lim.in_by_out : (si == 1 ? lim.out_by_in : 0);
-  if (M <= limit) {
-    kernel_product(x, M, w, 0, out);
+  if (M <= limit || wt.quantized()) {
+    kernel_product(x, M, wt, 0, out);
     return;
   }
   const at::Tensor xt = at::from_blob(const_cast<float*>(x), {M, I}, at::kFloat).to(w.scalar_type());
@@ -267,16 +290,17 @@ inline float gelu_tanh(float v) {
 // The MoE (or a dense layer's one expert, router undefined) of h (B, D) -> y (B, D) fp32, rounded
 // to T as the PyTorch program's sum of routed rows is.
 template <typename T>
-void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& router, const at::Tensor& w_in,
-         const at::Tensor& w_down, int64_t top_k, bool swiglu, int64_t* counts, Limits lim, float* y) {
-  const int64_t E = w_in.size(0), Fin = w_in.size(1), Fd = swiglu ? Fin / 2 : Fin;
+void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& router, const Weight& w_in,
+         const Weight& w_down, int64_t top_k, bool swiglu, int64_t* counts, Limits lim, float* y) {
+  const int64_t E = w_in.w.size(0), Fin = w_in.w.size(1), Fd = swiglu ? Fin / 2 : Fin;
   const bool routed = router.has_value();
   const int64_t K = routed ? top_k : 1;
   std::vector<int64_t> expert(B * K, 0);
   std::vector<float> weight(B * K, 1.0f);
   if (routed) {
     std::vector<float> logits(B * E);
-    matmul(h, B, *router, logits.data(), lim);
+    const c10::optional<at::Tensor> none;
+    matmul(h, B, Weight{*router, none, 0}, logits.data(), lim);
     for (int64_t b = 0; b < B; ++b) {
       float* lb = logits.data() + b * E;
       float mx = -std::numeric_limits<float>::infinity();
@@ -340,9 +364,9 @@ void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& 
 }
 
 template <typename T>
-at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& wqkv, const at::Tensor& wo,
-                 const at::Tensor& ffn_norm, const c10::optional<at::Tensor>& router, const at::Tensor& w_in,
-                 const at::Tensor& w_down, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rope_cos,
+at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const Weight& wqkv, const Weight& wo,
+                 const at::Tensor& ffn_norm, const c10::optional<at::Tensor>& router, const Weight& w_in,
+                 const Weight& w_down, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rope_cos,
                  const at::Tensor& rope_sin, const at::Tensor& positions, const at::Tensor& block_tables,
                  int64_t block_size, int64_t n_heads, int64_t top_k, bool swiglu, double eps, int64_t* counts,
                  Limits lim) {
@@ -391,18 +415,27 @@ at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Ten
   return out;
 }
 
-at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& wqkv, const at::Tensor& wo,
-                        const at::Tensor& ffn_norm, const c10::optional<at::Tensor>& router, const at::Tensor& w_in,
-                        const at::Tensor& w_down, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rope_cos,
+at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& wqkv_, const at::Tensor& wo_,
+                        const at::Tensor& ffn_norm, const c10::optional<at::Tensor>& router, const at::Tensor& w_in_,
+                        const at::Tensor& w_down_, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rope_cos,
                         const at::Tensor& rope_sin, const at::Tensor& positions, const at::Tensor& block_tables,
                         int64_t block_size, int64_t n_heads, int64_t top_k, bool swiglu, double eps,
                         const c10::optional<at::Tensor>& counts, int64_t counts_row, int64_t max_rows_in_by_out,
-                        int64_t max_rows_out_by_in) {
+                        int64_t max_rows_out_by_in, const c10::optional<at::Tensor>& wqkv_scale,
+                        const c10::optional<at::Tensor>& wo_scale, const c10::optional<at::Tensor>& w_in_scale,
+                        const c10::optional<at::Tensor>& w_down_scale, int64_t bits) {
+  const Weight wqkv{wqkv_, wqkv_scale, bits}, wo{wo_, wo_scale, bits}, w_in{w_in_, w_in_scale, bits},
+      w_down{w_down_, w_down_scale, bits};
+  for (const Weight* m : {&wqkv, &wo, &w_in, &w_down})
+    if (m->quantized()) moegpt::quantized_in_features(m->w, *m->scale, bits, "moegpt::decode_layer");
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "moegpt::decode_layer: fp32 or bf16, got ", dt);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "moegpt::decode_layer: x (B, D) contiguous on the CPU");
-  for (const at::Tensor* t : {&attn_norm, &wqkv, &wo, &ffn_norm, &w_in, &w_down, &k_cache, &v_cache, &rope_cos, &rope_sin})
+  for (const at::Tensor* t : {&attn_norm, &ffn_norm, &k_cache, &v_cache, &rope_cos, &rope_sin})
     TORCH_CHECK(t->scalar_type() == dt && t->device().is_cpu(), "moegpt::decode_layer: every tensor in x's dtype on the CPU");
+  for (const Weight* m : {&wqkv, &wo, &w_in, &w_down})
+    TORCH_CHECK((m->quantized() || m->w.scalar_type() == dt) && m->w.device().is_cpu(),
+                "moegpt::decode_layer: every weight in x's dtype (or quantized) on the CPU");
   TORCH_CHECK(attn_norm.is_contiguous() && ffn_norm.is_contiguous() && rope_cos.is_contiguous() && rope_sin.is_contiguous(),
               "moegpt::decode_layer: norms and rope tables contiguous");
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(),
@@ -412,35 +445,37 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
               G, " kv heads of dim ", Dh, " (kv heads must divide query heads, the head dim be even)");
   TORCH_CHECK(block_size > 0, "moegpt::decode_layer: block_size ", block_size, " must be >= 1");
   TORCH_CHECK(x.size(0) > 0, "moegpt::decode_layer: an empty batch");
-  TORCH_CHECK(wqkv.dim() == 2 && wo.dim() == 2 && rope_cos.dim() == 2 && rope_cos.sizes() == rope_sin.sizes() &&
-              attn_norm.numel() == D && ffn_norm.numel() == D && wqkv.size(0) == (H + 2 * G) * Dh &&
-              wqkv.size(1) == D && wo.size(0) == D && wo.size(1) == H * Dh && rope_cos.size(1) == Dh,
+  TORCH_CHECK(wqkv.w.dim() == 2 && wo.w.dim() == 2 && rope_cos.dim() == 2 && rope_cos.sizes() == rope_sin.sizes() &&
+              attn_norm.numel() == D && ffn_norm.numel() == D && wqkv.w.size(0) == (H + 2 * G) * Dh &&
+              wqkv.in_features() == D && wo.w.size(0) == D && wo.in_features() == H * Dh && rope_cos.size(1) == Dh,
               "moegpt::decode_layer: weight shapes do not match");
-  TORCH_CHECK(w_in.dim() == 3 && w_down.dim() == 3 && w_in.size(0) == w_down.size(0) && w_in.size(2) == D &&
-              w_down.size(1) == D &&
-              w_down.size(2) == (swiglu ? w_in.size(1) / 2 : w_in.size(1)), "moegpt::decode_layer: expert shapes do not match");
-  for (const at::Tensor* t : {&wqkv, &wo})
-    TORCH_CHECK(moegpt::stored_either_way(t->stride(0), t->stride(1), t->size(0)), "moegpt::decode_layer: a matrix stored neither way");
-  TORCH_CHECK(moegpt::stored_either_way(w_in.stride(1), w_in.stride(2), w_in.size(1)) &&
-              moegpt::stored_either_way(w_down.stride(1), w_down.stride(2), w_down.size(1)),
-              "moegpt::decode_layer: an expert stored neither way");
+  TORCH_CHECK(w_in.w.dim() == 3 && w_down.w.dim() == 3 && w_in.w.size(0) == w_down.w.size(0) && w_in.in_features() == D &&
+              w_down.w.size(1) == D &&
+              w_down.in_features() == (swiglu ? w_in.w.size(1) / 2 : w_in.w.size(1)),
+              "moegpt::decode_layer: expert shapes do not match");
+  for (const Weight* m : {&wqkv, &wo, &w_in, &w_down}) {
+    const at::Tensor& t = m->w;
+    const int64_t d = t.dim();
+    TORCH_CHECK(m->quantized() ? t.stride(d - 1) == 1 : moegpt::stored_either_way(t.stride(d - 2), t.stride(d - 1), t.size(d - 2)),
+                "moegpt::decode_layer: a matrix stored neither way");
+  }
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == x.size(0) &&
               positions.is_contiguous(), "moegpt::decode_layer: positions (B,) int64");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.size(0) == x.size(0) &&
               block_tables.is_contiguous(), "moegpt::decode_layer: block_tables (B, nb) int64");
   int64_t* cp = nullptr;
   if (router.has_value()) {
-    TORCH_CHECK(router->scalar_type() == dt && router->dim() == 2 && router->size(0) == w_in.size(0) &&
+    TORCH_CHECK(router->scalar_type() == dt && router->dim() == 2 && router->size(0) == w_in.w.size(0) &&
                 router->size(1) == D &&
-                top_k >= 1 && top_k <= w_in.size(0), "moegpt::decode_layer: router (E, D) and 1 <= top_k <= E");
+                top_k >= 1 && top_k <= w_in.w.size(0), "moegpt::decode_layer: router (E, D) and 1 <= top_k <= E");
     if (counts.has_value()) {
       TORCH_CHECK(counts->scalar_type() == at::kLong && counts->dim() == 2 && counts->is_contiguous() &&
-                  counts->size(1) == w_in.size(0) && 0 <= counts_row && counts_row < counts->size(0),
+                  counts->size(1) == w_in.w.size(0) && 0 <= counts_row && counts_row < counts->size(0),
                   "moegpt::decode_layer: counts (layers, E) int64");
       cp = counts->data_ptr<int64_t>() + counts_row * counts->size(1);
     }
   } else {
-    TORCH_CHECK(w_in.size(0) == 1, "moegpt::decode_layer: a dense layer has one expert");
+    TORCH_CHECK(w_in.w.size(0) == 1, "moegpt::decode_layer: a dense layer has one expert");
   }
   const Limits lim{max_rows_in_by_out, max_rows_out_by_in};
   if (dt == at::kFloat)

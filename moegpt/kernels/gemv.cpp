@@ -4,10 +4,14 @@
 // gemv(x, w): x (M, I) times a weight w given as nn.Linear stores it, (O, I), -> (M, O), for the few
 // rows of a decode step (up to 16); fp32 or bf16, accumulated in fp32; see gemv.h. The pure-PyTorch
 // reference is x @ w.T (moegpt/kernels/__init__.py).
+//
+// qgemv(x, w, scale, bits): the same product with quantized weights, w (O, P) bytes and scale (O, G)
+// fp32 (see qgemv.h); the reference is x @ dequantize(w, scale).T in fp32.
 
 #include <torch/library.h>
 
 #include "gemv.h"
+#include "qgemv.h"
 
 namespace {
 
@@ -35,17 +39,32 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
+at::Tensor qgemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t bits) {
+  const int64_t I = moegpt::quantized_in_features(w, scale, bits, "moegpt::qgemv");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == I && x.device().is_cpu(),
+              "moegpt::qgemv: x (M, I) on the CPU for w of ", I, " inputs, got ", x.sizes());
+  const int64_t M = x.size(0), O = w.size(0);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({M, O}, x.options().dtype(at::kFloat));
+  const moegpt::Quantized q{w.data_ptr<uint8_t>(), scale.data_ptr<float>(), bits, scale.size(1), w.stride(0), scale.stride(0)};
+  moegpt::quantized_product(xf.data_ptr<float>(), q, M, I, O, out.data_ptr<float>());
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moegpt, m) {
   m.def("gemv(Tensor x, Tensor w) -> Tensor");
+  m.def("qgemv(Tensor x, Tensor w, Tensor scale, int bits) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("decode_layer(Tensor x, Tensor attn_norm, Tensor wqkv, Tensor wo, Tensor ffn_norm, Tensor? router, "
         "Tensor w_in, Tensor w_down, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rope_cos, Tensor rope_sin, "
         "Tensor positions, Tensor block_tables, int block_size, int n_heads, int top_k, bool swiglu, float eps, "
-        "Tensor(c!)? counts, int counts_row, int max_rows_in_by_out, int max_rows_out_by_in) -> Tensor");
+        "Tensor(c!)? counts, int counts_row, int max_rows_in_by_out, int max_rows_out_by_in, Tensor? wqkv_scale=None, "
+        "Tensor? wo_scale=None, Tensor? w_in_scale=None, Tensor? w_down_scale=None, int bits=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moegpt, CPU, m) {
   m.impl("gemv", &gemv);
+  m.impl("qgemv", &qgemv);
 }

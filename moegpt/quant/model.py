@@ -1,0 +1,115 @@
+"""Quantized weights in a plain model, applied from outside: each quantized weight is stored packed
+(scheme.py) and read through a parametrization that dequantizes it, so the model's forward (prefill,
+training-style evaluation) runs unchanged on the dequantized weight, one layer's worth at a time,
+while the decode program (infer/decode.py) and its C++ kernels read the packed bytes and scales
+themselves.
+
+What is quantized (as gpt-fast's MoE quantizer and llm-compressor's Mixtral recipes do): the
+attention projections, every expert's matrices (each expert with its own scales) and an untied LM
+head. The router, the norms and the embedding table stay in full precision.
+
+Legend: E experts, O out features, G groups per row, P packed bytes per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from moegpt.model.attention import Attention
+from moegpt.model.experts import Experts
+from moegpt.quant.scheme import QuantScheme, dequantize, quantize
+
+
+class Dequantized(nn.Module):
+    """A parametrization: packed (..., O, P) uint8 -> the weight (..., O, I) in ``dtype``."""
+
+    def __init__(self, scale: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("scale", scale)  # (..., O, G) fp32
+        self.scheme = scheme
+        self.dtype = dtype
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        return dequantize(packed, self.scale, self.scheme.bits, self.dtype)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A weight that quantization applies to: ``module.attr``, named ``name`` in the state dict."""
+
+    name: str  # e.g. layers.0.attn.wq.weight, layers.0.ffn.experts.w_gate
+    module: nn.Module
+    attr: str
+
+
+def targets(model: nn.Module) -> list[Target]:
+    """The weights ``quantize_model`` quantizes, in state-dict order."""
+    found = []
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(module, Attention):
+            found += [Target(f"{dot}{n}.weight", getattr(module, n), "weight") for n in ("wq", "wk", "wv", "wo")]
+        elif isinstance(module, Experts):
+            found += [Target(f"{dot}{n}", module, n) for n in ("w_gate", "w_up", "w_down")
+                      if module._parameters.get(n) is not None or is_quantized(module, n)]
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear):
+        found.append(Target("lm_head.weight", head, "weight"))
+    return found
+
+
+def is_quantized(module: nn.Module, attr: str) -> bool:
+    return parametrize.is_parametrized(module, attr) and isinstance(module.parametrizations[attr][0], Dequantized)
+
+
+def stored(module: nn.Module, attr: str) -> tuple[torch.Tensor, Dequantized]:
+    """(packed (..., O, P) uint8, its parametrization holding the scale) of a quantized weight."""
+    p = module.parametrizations[attr]
+    return p.original, p[0]
+
+
+def stored_tensors(module: nn.Module, attr: str) -> list[torch.Tensor]:
+    """What holds ``module.attr``'s values: [the parameter], or [packed bytes, scale] when quantized
+    (infer/layout.py fuses each of them with its neighbours')."""
+    if is_quantized(module, attr):
+        packed, dq = stored(module, attr)
+        return [packed, dq.scale]
+    return [getattr(module, attr)]
+
+
+def attach(module: nn.Module, attr: str, packed: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme,
+           dtype: torch.dtype) -> None:
+    """Make ``module.attr`` the weight that ``packed`` and ``scale`` hold, read in ``dtype``."""
+    if parametrize.is_parametrized(module, attr):
+        raise ValueError(f"{type(module).__name__}.{attr} is quantized already")
+    module._parameters[attr] = nn.Parameter(packed, requires_grad=False)
+    parametrize.register_parametrization(module, attr, Dequantized(scale, scheme, dtype), unsafe=True)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, scheme: QuantScheme) -> nn.Module:
+    """Quantize every target weight of ``model`` in place (scales in the weight's own dtype, as a
+    directory stores them); returns the model."""
+    for t in targets(model):
+        w = getattr(t.module, t.attr)
+        packed, scale = quantize(w, scheme)
+        attach(t.module, t.attr, packed, scale, scheme, w.dtype)
+    return model
+
+
+def model_scheme(model: nn.Module) -> QuantScheme | None:
+    """The scheme of a quantized model (None: full precision); raises on a mix of schemes."""
+    schemes = {stored(t.module, t.attr)[1].scheme for t in targets(model) if is_quantized(t.module, t.attr)}
+    if len(schemes) > 1:
+        raise ValueError(f"the model mixes quantization schemes {sorted(s.name for s in schemes)}")
+    return next(iter(schemes), None)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights take as stored (packed bytes and scales for quantized ones)."""
+    scales = [m.scale for m in model.modules() if isinstance(m, Dequantized)]
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + scales)

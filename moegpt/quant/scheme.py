@@ -1,0 +1,114 @@
+"""Weight-only integer quantization: the schemes, and the one pair of pure functions that quantize a
+weight and give its values back.
+
+Symmetric, with one scale per output channel (int8) or per group of ``group_size`` input features
+(int4): w[o, i] ~= q[o, i] * scale[o, i // group_size], q in [-2^(b-1), 2^(b-1) - 1]. A scale is
+the group's largest |w| over 2^(b-1) - 1, so the largest weight is exact and nothing is clipped.
+
+Stored packed in bytes, unsigned with an offset of 2^(b-1) (int8: q + 128 per byte; int4: two
+values per byte, the even-indexed one in the low nibble). This is compressed-tensors'
+``pack-quantized`` layout (its int32 words, read as bytes on a little-endian machine), so a
+directory's tensors load with a view and no copy, and the C++ kernels read the same bytes.
+
+Legend: O out features, I in features, G groups per row (1 per channel), P = I * bits / 8 bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BITS = (8, 4)
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantScheme:
+    """bits 8 (per output channel unless group_size is set) or 4 (per group of group_size inputs)."""
+
+    bits: int
+    group_size: int | None = None  # None: one scale per output channel
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise ValueError(f"bits={self.bits} is not supported (8 or 4)")
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size={self.group_size} is not supported ({', '.join(map(str, GROUP_SIZES))})")
+        if self.bits == 4 and self.group_size is None:
+            raise ValueError("int4 needs a group size (32, 64 or 128)")
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}" + ("" if self.group_size is None else f"-g{self.group_size}")
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def groups(self, in_features: int) -> int:
+        """Scales per output row for ``in_features`` inputs; raises when the inputs do not divide."""
+        if self.group_size is None:
+            return 1
+        if in_features % self.group_size:
+            raise ValueError(f"{self.name}: {in_features} input features are not a multiple of group size "
+                             f"{self.group_size}")
+        return in_features // self.group_size
+
+
+def parse_scheme(name: str, group_size: int | None = None) -> QuantScheme:
+    """``int8`` / ``int4`` (with ``group_size``, default 32 for int4) -> QuantScheme; one-line errors."""
+    if name == "int8":
+        return QuantScheme(bits=8, group_size=group_size)
+    if name == "int4":
+        return QuantScheme(bits=4, group_size=32 if group_size is None else group_size)
+    raise ValueError(f"scheme {name!r} is not supported (int8, int4)")
+
+
+def quantize(w: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (..., O, I) -> (packed (..., O, P) uint8, scale (..., O, G) fp32). Each scale is rounded to
+    ``scale_dtype`` (default w's: the dtype a directory stores it in) before q is computed from it,
+    so what is saved dequantizes to exactly what was measured."""
+    *lead, O, I = w.shape
+    G = scheme.groups(I)
+    if scheme.bits == 4 and I % 2:
+        raise ValueError(f"int4 packs two values per byte: {I} input features is odd")
+    wf = w.detach().float().reshape(*lead, O, G, I // G)  # (..., O, G, I/G)
+    scale = wf.abs().amax(dim=-1) / scheme.qmax  # (..., O, G)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale, q = 0
+    scale = scale.to(scale_dtype or w.dtype).float()
+    q = torch.round(wf / scale[..., None]).clamp_(-scheme.qmax - 1, scheme.qmax).reshape(*lead, O, I)
+    return pack(q.to(torch.int8), scheme.bits), scale
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """q (..., O, I) int8 in [-2^(b-1), 2^(b-1)) -> (..., O, I * bits / 8) uint8, offset by 2^(b-1)."""
+    u = (q.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)
+    if bits == 8:
+        return u
+    return u[..., 0::2] | (u[..., 1::2] << 4)  # even index low nibble
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """packed (..., O, P) uint8 -> q (..., O, I) int8: ``pack``'s inverse."""
+    if bits == 8:
+        return (packed.to(torch.int16) - 128).to(torch.int8)
+    low, high = packed & 0xF, packed >> 4
+    return (torch.stack((low, high), dim=-1).flatten(-2).to(torch.int8) - 8)
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+    """packed (..., O, P), scale (..., O, G) -> w (..., O, I) in ``dtype``: q * scale computed in fp32
+    (the kernels' oracle)."""
+    q = unpack(packed, bits).float()  # (..., O, I)
+    *lead, O, I = q.shape
+    G = scale.shape[-1]
+    w = q.view(*lead, O, G, I // G) * scale.float()[..., None]  # (..., O, G, I/G)
+    return w.view(*lead, O, I).to(dtype)
+
+
+def in_features(packed: torch.Tensor, bits: int) -> int:
+    """I of a packed (..., O, P) weight."""
+    return packed.shape[-1] * 8 // bits

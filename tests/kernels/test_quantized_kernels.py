@@ -1,0 +1,89 @@
+"""The quantized C++ products (torch.ops.moegpt.qgemv, and decode_layer with quantized weights)
+against their oracle: the same product with the weights dequantized in fp32 (moegpt/quant)."""
+
+import pytest
+import torch
+
+import moegpt.infer.decode as decode
+import moegpt.kernels as kernels
+from moegpt.config import preset
+from moegpt.infer.decode import decode_step, decode_weights, kernel_layers_apply
+from moegpt.model import build_model
+from moegpt.quant.model import quantize_model
+from moegpt.quant.scheme import QuantScheme, dequantize, quantize
+
+SCHEMES = [QuantScheme(bits=8), QuantScheme(bits=8, group_size=32), QuantScheme(bits=4, group_size=32),
+           QuantScheme(bits=4, group_size=128)]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qgemv_is_the_dequantized_product(scheme, rows, dtype):
+    assert kernels.available()
+    g = torch.Generator().manual_seed(rows)
+    I = 200 if scheme.group_size is None else 256  # per channel: not a multiple of 64 (the tail path)
+    w = torch.randn(301, I, generator=g)
+    packed, scale = quantize(w, scheme)
+    x = torch.randn(rows, I, generator=g).to(dtype)
+    got = torch.ops.moegpt.qgemv(x, packed, scale, scheme.bits)
+    want = (x.float() @ dequantize(packed, scale, scheme.bits).t()).to(dtype)
+    assert got.dtype == dtype and got.shape == (rows, 301)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    for m in range(rows):  # batch invariant: a row alone gets bitwise what it got beside the others
+        assert torch.equal(torch.ops.moegpt.qgemv(x[m:m + 1], packed, scale, scheme.bits)[0], got[m])
+
+
+def test_bad_quantized_inputs_are_errors_naming_the_shapes():
+    packed, scale = quantize(torch.randn(8, 64), QuantScheme(bits=4, group_size=32))
+    with pytest.raises(RuntimeError, match=r"scale \[8, 3\] does not match weight \[8, 32\]"):
+        torch.ops.moegpt.qgemv(torch.randn(1, 64), packed, torch.ones(8, 3), 4)
+    with pytest.raises(RuntimeError, match="x \\(M, I\\) on the CPU for w of 64 inputs"):
+        torch.ops.moegpt.qgemv(torch.randn(1, 65), packed, scale, 4)
+    with pytest.raises(RuntimeError, match="bits 5"):
+        torch.ops.moegpt.qgemv(torch.randn(1, 64), packed, scale, 5)
+
+
+def _quantized_model(dtype, scheme):
+    cfg = preset("tiny").replace(vocab_size=100, n_layers=2, d_model=128, n_heads=4, d_ff=128, n_experts=16,
+                                 max_seq_len=256)
+    return quantize_model(build_model(cfg, seed=1, dtype=dtype).eval(), scheme)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 5, 40])
+def test_the_fused_layer_with_quantized_weights_is_the_pytorch_program(scheme, dtype, batch, monkeypatch):
+    from tests.kernels.test_decode_layer import _step
+
+    model = _quantized_model(dtype, scheme)
+    g = torch.Generator().manual_seed(batch)
+    lens = torch.randint(1, 200, (batch,), generator=g).tolist()
+    w, tokens, positions, k, v, meta = _step(model, lens, 8)
+    assert w.layers[0].bits == scheme.bits and w.head.scale is not None
+    assert kernel_layers_apply(w, w.embed[tokens], k)
+    k2, v2 = [t.clone() for t in k], [t.clone() for t in v]
+    logits, counts = decode_step(w, tokens, positions, k, v, meta)
+    with monkeypatch.context() as m:
+        m.setattr(decode, "kernel_layers_apply", lambda *a: False)
+        m.setattr(decode, "qgemv_applies", lambda *a: False)
+        want, want_counts = decode_step(w, tokens, positions, k2, v2, meta)
+    if dtype == torch.float32:
+        torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(counts, want_counts)
+    else:  # bf16 roundings in another order (a near tie in routing may flip): nearly all logits
+        # within bf16's step, none far off
+        off = (logits.float() - want.float()).abs() > 0.05 * (1 + want.float().abs())
+        assert off.float().mean() < 0.02 and (logits.float() - want.float()).abs().max() < 0.5
+
+
+def test_the_decode_program_reads_the_packed_bytes_not_a_dequantized_copy():
+    model = _quantized_model(torch.float32, QuantScheme(bits=4, group_size=32))
+    w = decode_weights(model)
+    experts = model.layers[0].ffn.experts
+    packed = experts.parametrizations.w_gate.original
+    assert w.layers[0].w_in.dtype == torch.uint8
+    assert w.layers[0].w_in.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()  # fused in place
+    assert w.layers[0].w_in_scale.untyped_storage().data_ptr() == \
+        experts.parametrizations.w_gate[0].scale.untyped_storage().data_ptr()
