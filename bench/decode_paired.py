@@ -10,15 +10,18 @@ repetition's fraction is those bytes per second over the mean of its two sums; a
 sums differ by more than 15% is dropped; best and median of the rest are reported.
 
 Rows: the decode program with the C++ kernels, and the same program in PyTorch ops (the fallback
-without a compiler).
+without a compiler); with ``--schemes``, also the model's weights quantized (moegpt/quant: int8 per
+channel, int4 in groups of 32), whose bytes are the packed bytes and scales as stored.
 
     python -m bench.decode_paired [--dtypes fp32 bf16] [--batches 1 16] [--repeats 7] [--steps 16]
+                                  [--schemes none int8 int4]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import statistics
 import time
 
@@ -27,8 +30,9 @@ import torch
 import moegpt.infer.decode as decode
 from bench.common import prefilled_engine, write_result
 from moegpt.config import preset
-from moegpt.counts import param_counts
 from moegpt.model import build_model
+from moegpt.quant.model import quantize_model, stored_tensors, targets
+from moegpt.quant.scheme import parse_scheme
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROMPT = 128
@@ -41,23 +45,36 @@ def sum_bandwidth(a: torch.Tensor) -> float:
     return a.numel() * a.element_size() / (time.perf_counter() - t0)
 
 
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def weight_bytes(model) -> tuple[int, int]:
+    """(bytes every step reads whatever the batch: attention, norms, routers, the LM head; bytes of one
+    expert of one layer), as the weights are stored (packed bytes and scales when quantized)."""
+    expert_stacks = [t for t in targets(model) if ".experts." in t.name]
+    expert = nbytes(x for t in expert_stacks for x in stored_tensors(t.module, t.attr))
+    expert //= len(expert_stacks) // 3 * model.cfg.n_experts if expert_stacks else 1
+    others = [x for t in targets(model) if ".experts." not in t.name for x in stored_tensors(t.module, t.attr)]
+    plain = [p for n, p in model.named_parameters() if ".parametrizations." not in n and "experts" not in n
+             and n != "embed.weight"]
+    head = [model.embed.weight] if model.lm_head is None else []  # the table is read as the head if tied
+    return nbytes(others + plain + head), expert
+
+
 def step_bytes(cfg, model, engine, itemsize: int) -> int:
     """Bytes the engine's last step read (see the module docstring)."""
-    c = param_counts(cfg)
-    expert = c.per_expert // max(1, cfg.n_moe_layers)  # one expert of one layer
-    embed = cfg.vocab_size * cfg.d_model
-    tied = model.lm_head is None
+    shared, expert = weight_bytes(model)
     seqs = [s for s in engine.scheduler.running]
     B = len(seqs)
-    shared = c.shared - (0 if tied else embed) + B * cfg.d_model  # the table is read as the head if tied
     hit = int((engine.stats.last_expert_counts > 0).sum()) if engine.stats.last_expert_counts is not None else 0
-    kv = sum(len(s.token_ids) for s in seqs) * 2 * cfg.n_layers * cfg.kv_dim
-    return (shared + hit * expert + kv) * itemsize
+    kv = sum(len(s.token_ids) for s in seqs) * 2 * cfg.n_layers * cfg.kv_dim * itemsize
+    return shared + B * cfg.d_model * itemsize + hit * expert + kv
 
 
 @contextlib.contextmanager
 def pytorch_only():
-    saved = {n: getattr(decode, n) for n in ("kernel_layers_apply", "gemv_applies")}
+    saved = {n: getattr(decode, n) for n in ("kernel_layers_apply", "gemv_applies", "qgemv_applies")}
     for n in saved:
         setattr(decode, n, lambda *a: False)
     try:
@@ -67,10 +84,13 @@ def pytorch_only():
             setattr(decode, n, f)
 
 
-def bench(dtype_name: str, batch: int, kernels: bool, repeats: int, steps: int, big: torch.Tensor) -> dict:
+def bench(dtype_name: str, batch: int, kernels: bool, repeats: int, steps: int, big: torch.Tensor,
+          scheme: str = "none") -> dict:
     dtype = DTYPES[dtype_name]
     cfg = preset("small")
     model = build_model(cfg, seed=0, dtype=dtype).eval()
+    if scheme != "none":
+        quantize_model(model, parse_scheme(scheme))
     new = (repeats + 2) * steps + 2
     engine, _ = prefilled_engine(model, batch, PROMPT, new, seed=0, kv_cache_bytes=batch * (PROMPT + new + 64) * 2
                                  * cfg.n_layers * cfg.kv_dim * dtype.itemsize + 2**20)
@@ -95,7 +115,7 @@ def bench(dtype_name: str, batch: int, kernels: bool, repeats: int, steps: int, 
     kept = [r for r in reps if r["kept"]] or reps
     fr = [r["fraction"] for r in kept]
     tps = [r["tokens_per_s"] for r in kept]
-    return {"dtype": dtype_name, "batch": batch, "program": "kernels" if kernels else "pytorch",
+    return {"dtype": dtype_name, "weights": scheme, "batch": batch, "program": "kernels" if kernels else "pytorch",
             "bytes_per_step_mean": nbytes / steps, "fraction_best": max(fr), "fraction_median": statistics.median(fr),
             "tokens_per_s_median": statistics.median(tps), "sum_gb_s_median": statistics.median(
                 [(r["sum_before"] + r["sum_after"]) / 2e9 for r in kept]), "kept": len(kept), "repetitions": reps}
@@ -108,19 +128,21 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--no-pytorch", action="store_true", help="skip the PyTorch-ops rows")
+    p.add_argument("--schemes", nargs="+", default=["none"], choices=["none", "int8", "int4"],
+                   help="weights as they are (none) or quantized (activations in --dtypes)")
     a = p.parse_args()
     torch.manual_seed(0)
     big = torch.ones(SUM_BYTES // 4)
     rows = []
-    for name in a.dtypes:
-        for batch in a.batches:
-            for kernels in (True, False) if not a.no_pytorch else (True,):
-                r = bench(name, batch, kernels, a.repeats, a.steps, big)
-                rows.append(r)
-                print(f"{name} batch {batch:>2} {r['program']:>7}: {r['tokens_per_s_median']:7.1f} tok/s, "
-                      f"{r['fraction_median']:.2f} of the paired 1 GiB sum (best {r['fraction_best']:.2f}; "
-                      f"sum {r['sum_gb_s_median']:.1f} GB/s, {r['bytes_per_step_mean'] / 1e6:.0f} MB/step, "
-                      f"{r['kept']}/{len(r['repetitions'])} kept)", flush=True)
+    programs = (True, False) if not a.no_pytorch else (True,)
+    for scheme, name, batch, kernels in itertools.product(a.schemes, a.dtypes, a.batches, programs):
+        r = bench(name, batch, kernels, a.repeats, a.steps, big, scheme)
+        rows.append(r)
+        weights = "" if scheme == "none" else f"{scheme} weights, "
+        print(f"{weights}{name} batch {batch:>2} {r['program']:>7}: {r['tokens_per_s_median']:7.1f} tok/s, "
+              f"{r['fraction_median']:.2f} of the paired 1 GiB sum (best {r['fraction_best']:.2f}; "
+              f"sum {r['sum_gb_s_median']:.1f} GB/s, {r['bytes_per_step_mean'] / 1e6:.0f} MB/step, "
+              f"{r['kept']}/{len(r['repetitions'])} kept)", flush=True)
     path = write_result("decode_paired", {"rows": rows})
     print(f"wrote {path}")
 

@@ -1,4 +1,4 @@
-"""The ``moegpt`` command: train | generate | serve | info | plan | demo.
+"""The ``moegpt`` command: train | finetune | train-vision | generate | quantize | serve | info | plan | demo.
 
 Every subcommand validates its inputs before doing any work and reports bad input as one line,
 ``moegpt: error: ...``, with exit status 2.
@@ -266,6 +266,26 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    """Quantize --model into --out, refused (exit 2, nothing written) past the quality gates."""
+    from moegpt.infer.quantize import (DEFAULT_MAX_PERPLEXITY_INCREASE, DEFAULT_MIN_TOP1_AGREEMENT, Gates, describe,
+                                       quantize_directory)
+    from moegpt.quant.scheme import parse_scheme
+    from moegpt.train.trainer import default_cache_dir
+
+    scheme = parse_scheme(args.scheme, args.group_size)
+    gates = Gates(max_perplexity_increase=(DEFAULT_MAX_PERPLEXITY_INCREASE[scheme.bits]
+                                           if args.max_perplexity_increase is None else args.max_perplexity_increase / 100),
+                  min_top1_agreement=(DEFAULT_MIN_TOP1_AGREEMENT[scheme.bits]
+                                      if args.min_top1_agreement is None else args.min_top1_agreement),
+                  eval_sequences=args.eval_sequences, seq_len=args.seq_len)
+    report = quantize_directory(args.model, args.out, scheme, gates,
+                                Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+    print(describe(report))
+    print(f"quantized model directory: {args.out}  (try: moegpt generate --model {args.out} --prompt ...)")
+    return 0
+
+
 def cmd_train_vision(args) -> int:
     """Join --model to an image side, train it on generated pictures, then report what it reads on
     held-out ones (and with the images shuffled), printed and written to OUT/vision_eval.json."""
@@ -352,6 +372,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cross-attention-every", type=int, default=4,
                    help="with --vision: a gated cross-attention block before every Nth layer (default 4)")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("quantize", help="weight-only int8 / int4 quantization of a model directory, with quality gates")
+    p.add_argument("--model", required=True, help="full-precision model directory (HF Mixtral format)")
+    p.add_argument("--out", required=True, help="the quantized directory (compressed-tensors pack-quantized)")
+    p.add_argument("--scheme", required=True, choices=["int8", "int4"],
+                   help="int8: one scale per output channel; int4: one per group of --group-size inputs")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None, help="int4 default 32")
+    p.add_argument("--max-perplexity-increase", type=float, default=None, metavar="PCT",
+                   help="refuse past this perplexity increase on the validation split, in percent "
+                        "(default 1 for int8, 5 for int4)")
+    p.add_argument("--min-top1-agreement", type=float, default=None, metavar="F",
+                   help="refuse below this fraction of positions whose most likely next token agrees with "
+                        "the full-precision model's (default 0.95 int8, 0.85 int4)")
+    p.add_argument("--eval-sequences", type=int, default=64, help="validation blocks evaluated (default 64)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per validation block (default 128)")
+    p.add_argument("--cache-dir", default=None, help="tokenized-corpus cache (default as training's)")
+    p.set_defaults(func=cmd_quantize)
 
     from moegpt.planner.cli import add_plan_parser
 

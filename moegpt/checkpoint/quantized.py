@@ -39,6 +39,7 @@ SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
 # the router is never quantized, whichever name a writer gives it (transformers 5 calls it mlp.gate)
 ROUTER_IGNORE = ("re:.*block_sparse_moe\\.gate$", "re:.*mlp\\.gate$")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
+_EXPERT = re.compile(r"experts\.\d+\.")
 
 
 def quantization_config(scheme: QuantScheme, head_quantized: bool) -> dict:
@@ -162,6 +163,10 @@ def split_quantized(tensors: dict[str, torch.Tensor], cfg: ModelConfig, scheme: 
             raise ValueError(f"{where}: {base}.weight_scale has a scale that is not finite and positive")
         found[base] = Stored(packed=packed.view(torch.uint8)[:, :I * scheme.bits // 8], scale=scale.float())
         tensors[f"{base}.weight"] = torch.empty(O, I, device="meta")
+    stacks = {_EXPERT.sub("experts.*.", b) for b in found}  # an expert stack is quantized whole or not at all
+    for base in expected:
+        if _EXPERT.sub("experts.*.", base) in stacks and base not in found:
+            raise ValueError(f"{where}: experts are quantized but {base}.weight_packed is missing")
     return found
 
 
