@@ -128,7 +128,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--no-pytorch", action="store_true", help="skip the PyTorch-ops rows")
-    p.add_argument("--schemes", nargs="+", default=["none"], choices=["none", "int8", "int4"],
+    p.add_argument("--schemes", nargs="+", default=["none", "int8", "int4"], choices=["none", "int8", "int4"],
                    help="weights as they are (none) or quantized (activations in --dtypes)")
     a = p.parse_args()
     torch.manual_seed(0)

@@ -28,11 +28,16 @@ def load_imbalance(counts: tuple[tuple[int, ...], ...]) -> float:
 
 
 class _EngineCollector:
-    def __init__(self, snapshot: Callable[[], Snapshot]):
-        self.snapshot = snapshot
+    def __init__(self, snapshot: Callable[[], Snapshot], dtypes: dict[str, str]):
+        self.snapshot, self.dtypes = snapshot, dtypes
 
     def collect(self):
         s = self.snapshot()
+        info = GaugeMetricFamily("moegpt:model_dtypes", "How the served model stores its weights (a dtype, or a "
+                                 "quantization scheme such as int8 or int4-g32), computes, and caches keys and values.",
+                                 labels=list(self.dtypes))
+        info.add_metric(list(self.dtypes.values()), 1)
+        yield info
 
         def gauge(name, doc, value):
             g = GaugeMetricFamily(name, doc)
@@ -89,7 +94,8 @@ class _EngineCollector:
 
 
 class Metrics:
-    def __init__(self, snapshot: Callable[[], Snapshot]):
+    def __init__(self, snapshot: Callable[[], Snapshot], dtypes: dict[str, str] | None = None):
+        """dtypes: e.g. {"weights": "int8", "activations": "float32", "kv_cache": "float32"}."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram("moegpt:time_to_first_token_seconds", "Arrival to first generated token.",
@@ -103,7 +109,7 @@ class Metrics:
                                 ["finish_reason"], registry=r)
         self.rejected = Counter("moegpt:requests_rejected", "HTTP requests refused, by reason.", ["reason"],
                                 registry=r)
-        r.register(_EngineCollector(snapshot))
+        r.register(_EngineCollector(snapshot, dtypes or {}))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -40,10 +40,22 @@ class ServerOptions:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
+def model_dtypes(llm: LLM) -> dict[str, str]:
+    """/metrics' moegpt:model_dtypes labels: the weights' dtype or quantization scheme, the activations',
+    the KV cache's."""
+    from moegpt.quant.model import model_scheme
+
+    text = getattr(llm.model, "text", llm.model)  # a vision model's language model
+    scheme = model_scheme(text)
+    activations = str(text.norm.weight.dtype).removeprefix("torch.")
+    return {"weights": activations if scheme is None else scheme.name, "activations": activations,
+            "kv_cache": str(llm.engine.cache.k[0].dtype).removeprefix("torch.")}
+
+
 def serve(options: ServerOptions, config: EngineConfig = EngineConfig()) -> int:
     llm = LLM(options.model_dir, config, draft_model=options.draft_dir)  # checks the directories, tokenizer and draft
     loop = EngineLoop(llm.engine, options.limits)
-    metrics = Metrics(lambda: loop.snapshot)
+    metrics = Metrics(lambda: loop.snapshot, model_dtypes(llm))
     loop.metrics = metrics
     name = options.model_name or Path(options.model_dir).resolve().name
     served = Served(model_name=name, tokenizer=llm.tokenizer, chat=chat_format(llm.tokenizer, options.chat_template),
