@@ -92,7 +92,8 @@ def one_row_kernels(monkeypatch) -> None:
         expert_of_row = [e for e, n in enumerate(counts) for _ in range(n)]
         return torch.cat([linear(x[i:i + 1], w[e]) for i, e in enumerate(expert_of_row)])  # (A, O)
 
-    def row_expert_products(x, w_t, expert, offs):  # the decode program's
+    def row_expert_products(x, w_t, expert, offs, scale=None, bits=0):  # the decode program's (full precision)
+        assert scale is None
         return torch.cat([x[i:i + 1] @ w_t[int(e)] for i, e in enumerate(expert)])  # (A, O)
 
     def row_matrix(self, x):  # the decode program's other products
