@@ -36,6 +36,14 @@ class Dequantized(nn.Module):
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         return dequantize(packed, self.scale, self.scheme.bits, self.dtype)
 
+    def _apply(self, fn, recurse=True):
+        """``model.to(device / dtype)``: the scales move but stay fp32 (a cast would round them); the
+        dequantized weight takes the new dtype."""
+        probe = fn(torch.zeros((), dtype=self.dtype, device=self.scale.device))
+        self.scale = self.scale.to(probe.device)
+        self.dtype = probe.dtype
+        return self
+
 
 @dataclass(frozen=True)
 class Target:

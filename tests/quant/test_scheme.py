@@ -81,3 +81,13 @@ def test_a_quantized_model_computes_with_its_dequantized_weights(scheme):
         x = torch.randint(0, 256, (2, 12))
         assert torch.equal(model(x).logits, reference(x).logits)
     assert weight_bytes(model) < 0.4 * weight_bytes(reference)
+
+
+def test_casting_a_quantized_model_keeps_its_scales_and_dequantizes_to_the_new_dtype():
+    model = quantize_model(build_model(preset("tiny").replace(vocab_size=256, n_layers=1), seed=3), QuantScheme(bits=8))
+    dq = model.layers[0].attn.wq.parametrizations.weight[0]
+    scale = dq.scale.clone()
+    model.to(torch.bfloat16)
+    assert dq.scale.dtype == torch.float32 and torch.equal(dq.scale, scale)
+    assert model.layers[0].attn.wq.weight.dtype == torch.bfloat16 and model.norm.weight.dtype == torch.bfloat16
+    assert model(torch.randint(0, 256, (1, 5))).logits.dtype == torch.bfloat16
