@@ -44,7 +44,7 @@ from moegpt.model import MoEGPT
 from moegpt.model.grouped import grouped_mm_supported
 from moegpt.model.layers import rms_norm
 from moegpt.model.rope import rope_cos_sin
-from moegpt.quant.model import is_quantized, model_scheme, stored_tensors
+from moegpt.quant.model import has_weight, model_scheme, stored_tensors
 from moegpt.quant.scheme import dequantize
 
 
@@ -123,8 +123,7 @@ def decode_weights(model: MoEGPT) -> DecodeWeights:
     for block in model.layers:
         attn, ffn = block.attn, block.ffn
         experts = ffn.experts if hasattr(ffn, "experts") else ffn.mlp  # MoE, or a dense layer's one expert
-        names = ["w_up"] if experts._parameters.get("w_gate") is None and not is_quantized(experts, "w_gate") \
-            else ["w_gate", "w_up"]
+        names = ["w_gate", "w_up"] if has_weight(experts, "w_gate") else ["w_up"]
         w_in, *in_scale = [fused_view(list(t), 1) for t in zip(*(stored_tensors(experts, n) for n in names))]
         w_down, *down_scale = stored_tensors(experts, "w_down")
         layers.append(LayerWeights(

@@ -34,7 +34,7 @@ from torch import nn
 import moegpt.kernels as kernels
 from moegpt.model.attention import Attention
 from moegpt.model.experts import Experts
-from moegpt.quant.model import is_quantized, stored_tensors
+from moegpt.quant.model import has_weight, is_quantized, stored_tensors
 
 
 def streams_rows_faster(w: torch.Tensor) -> bool:
@@ -72,8 +72,7 @@ def fused_groups(model: nn.Module) -> list[tuple[list[nn.Parameter], int]]:
         if isinstance(module, Attention):
             parts = [stored_tensors(m, "weight") for m in (module.wq, module.wk, module.wv)]
             groups += [(list(tensors), 0) for tensors in zip(*parts)]
-        elif isinstance(module, Experts) and (module._parameters.get("w_gate") is not None
-                                              or is_quantized(module, "w_gate")):
+        elif isinstance(module, Experts) and has_weight(module, "w_gate"):
             parts = [stored_tensors(module, n) for n in ("w_gate", "w_up")]
             groups += [(list(tensors), 1) for tensors in zip(*parts)]
     return groups

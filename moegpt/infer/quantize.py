@@ -11,6 +11,7 @@ and nothing is written.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ def quantize_directory(model_dir: str | Path, out: str | Path, scheme: QuantSche
     reference, tokenizer = load(model_dir)
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer: the quality gates read the validation split with it")
-    quantized, _ = load(model_dir)
+    quantized = copy.deepcopy(reference)
     full_bytes = weight_bytes(reference)
     quantize_model(quantized, scheme)  # raises naming a weight whose inputs a group size does not divide
     seq_len = min(gates.seq_len, reference.cfg.max_seq_len)

@@ -62,12 +62,17 @@ def targets(model: nn.Module) -> list[Target]:
         if isinstance(module, Attention):
             found += [Target(f"{dot}{n}.weight", getattr(module, n), "weight") for n in ("wq", "wk", "wv", "wo")]
         elif isinstance(module, Experts):
-            found += [Target(f"{dot}{n}", module, n) for n in ("w_gate", "w_up", "w_down")
-                      if module._parameters.get(n) is not None or is_quantized(module, n)]
+            found += [Target(f"{dot}{n}", module, n) for n in ("w_gate", "w_up", "w_down") if has_weight(module, n)]
     head = getattr(model, "lm_head", None)
     if isinstance(head, nn.Linear):
         found.append(Target("lm_head.weight", head, "weight"))
     return found
+
+
+def has_weight(module: nn.Module, attr: str) -> bool:
+    """Whether ``module.attr`` holds a weight, stored plain or quantized (an Experts stack without a
+    gate has none)."""
+    return module._parameters.get(attr) is not None or is_quantized(module, attr)
 
 
 def is_quantized(module: nn.Module, attr: str) -> bool:
