@@ -45,7 +45,7 @@ from moegpt.model.grouped import grouped_mm_supported
 from moegpt.model.layers import rms_norm
 from moegpt.model.rope import rope_cos_sin
 from moegpt.quant.model import has_weight, model_scheme, stored_tensors
-from moegpt.quant.scheme import dequantize
+from moegpt.quant.scheme import dequantize, product_activations, quantized_matmul
 
 
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]  # (decoder layer, x (B, D)) -> x (B, D)
@@ -56,7 +56,7 @@ class Matrix:
     matrix-vector kernel (moegpt.kernels); otherwise one ``mm`` with the weight's transpose, a view
     taken once (no ``t`` dispatched per call), whichever way the weight is stored. A quantized weight
     (moegpt.quant: packed bytes and fp32 scales): the C++ quantized product on a CPU, otherwise its
-    oracle, the product with the weight dequantized in fp32."""
+    oracle, quant.scheme.quantized_matmul (int8 activations times the weight dequantized in fp32)."""
 
     __slots__ = ("w", "w_t", "scale", "bits")
 
@@ -69,7 +69,7 @@ class Matrix:
         if self.scale is not None:
             if qgemv_applies(x):
                 return torch.ops.moegpt.qgemv(x, self.w, self.scale, self.bits)
-            return torch.mm(x.float(), dequantize(self.w, self.scale, self.bits).t()).to(x.dtype)
+            return quantized_matmul(x, self.w, self.scale, self.bits).to(x.dtype)
         if gemv_applies(x, self.w):
             return torch.ops.moegpt.gemv(x, self.w)
         return torch.mm(x, self.w_t)
@@ -196,10 +196,10 @@ def expert_products(x: torch.Tensor, w_t: torch.Tensor, expert: torch.Tensor, of
     """x (A, I) rows grouped by expert (``offs``: (E,) end of each group), w_t (E, I, O) the experts'
     transposed matrices -> (A, O): each row times its own expert's matrix; the experts no row chose
     are never read. Quantized (w_t (E, P, O) bytes, scale (E, O, G)): the chosen matrices
-    dequantized in fp32 (the C++ layer's oracle)."""
+    dequantized in fp32 times the rows' int8 activations (the C++ layer's oracle)."""
     if scale is not None:
         w = dequantize(w_t.index_select(0, expert).transpose(-2, -1), scale.index_select(0, expert), bits)  # (A, O, I)
-        return torch.bmm(x.float()[:, None], w.transpose(-2, -1))[:, 0].to(x.dtype)
+        return torch.bmm(product_activations(x)[:, None], w.transpose(-2, -1))[:, 0].to(x.dtype)
     if grouped_mm_supported(x, w_t):  # (its checks are the same for a matrix and its transpose)
         return F.grouped_mm(x, w_t, offs=offs)
     return torch.bmm(x[:, None], w_t.index_select(0, expert))[:, 0]  # gathers the chosen matrices

@@ -10,7 +10,15 @@ values per byte, the even-indexed one in the low nibble). This is compressed-ten
 ``pack-quantized`` layout (its int32 words, read as bytes on a little-endian machine), so a
 directory's tensors load with a view and no copy, and the C++ kernels read the same bytes.
 
-Legend: O out features, I in features, G groups per row (1 per channel), P = I * bits / 8 bytes.
+Decoding multiplies by a quantized weight with its activations quantized too, as llama.cpp's
+quantized products do (its q8 activation blocks are 32 or 256 inputs): each row of x in blocks of
+128 inputs, x ~= xq * sx with xq int8 in [-127, 127] and sx the block's largest |x| over 127, so
+the dot products run on the CPU's int8 units and a block costs one float multiply-add (moegpt/
+kernels/qgemv.h). ``quantized_matmul`` is that product's definition (and the kernels' oracle); it
+applies where the inputs come in whole blocks (``int8_activations``), every shape of a real model.
+
+Legend: M rows, O out features, I in features, G groups per row (1 per channel), P = I * bits / 8
+bytes.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import torch
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)
+ACTIVATION_BLOCK = 128  # inputs sharing one activation scale; int8 activations where I is a multiple
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,3 +121,33 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torc
 def in_features(packed: torch.Tensor, bits: int) -> int:
     """I of a packed (..., O, P) weight."""
     return packed.shape[-1] * 8 // bits
+
+
+def int8_activations(in_features: int) -> bool:
+    """Whether a quantized product quantizes its activations (the inputs come in whole chunks)."""
+    return in_features % ACTIVATION_BLOCK == 0
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, I) -> (xq (M, I) int8 in [-127, 127], sx (M, I / 128) fp32): per block of 128 inputs,
+    sx = max |x| / 127 and xq = round(x / sx) (an all-zero block: sx = 0, xq = 0)."""
+    M, I = x.shape
+    xb = x.float().view(M, I // ACTIVATION_BLOCK, ACTIVATION_BLOCK)
+    sx = xb.abs().amax(dim=-1) / 127  # (M, I/128)
+    safe = torch.where(sx > 0, sx, torch.ones_like(sx))
+    xq = torch.round(xb / safe[..., None]).clamp_(-127, 127)
+    return xq.view(M, I).to(torch.int8), sx
+
+
+def product_activations(x: torch.Tensor) -> torch.Tensor:
+    """x (M, I) -> the fp32 values a quantized product multiplies: the int8 activations' values where
+    ``int8_activations(I)``, else x itself."""
+    if not int8_activations(x.shape[-1]):
+        return x.float()
+    xq, sx = quantize_activations(x)
+    return (xq.float().view(*sx.shape, ACTIVATION_BLOCK) * sx[..., None]).view(x.shape)  # (M, I)
+
+
+def quantized_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """x (M, I) times the quantized weight (O, P) -> (M, O) fp32, as the decode kernels compute it."""
+    return product_activations(x) @ dequantize(packed, scale, bits).t()
