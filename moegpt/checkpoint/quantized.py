@@ -31,7 +31,7 @@ import torch
 from moegpt.checkpoint.hf import EXPERT_NAMES, NAME_MAP
 from moegpt.config import ModelConfig
 from moegpt.model import MoEGPT
-from moegpt.quant.model import attach, is_quantized, model_scheme, stored, targets
+from moegpt.quant.model import attach, is_quantized, model_scheme, row_packed, stored, targets
 from moegpt.quant.scheme import QuantScheme
 
 FORMAT = "pack-quantized"
@@ -116,11 +116,12 @@ def hf_quantized_tensors(model: MoEGPT) -> dict[str, torch.Tensor]:
     for t in targets(model):
         if not is_quantized(t.module, t.attr):
             continue
-        packed, dq = stored(t.module, t.attr)
+        dq = stored(t.module, t.attr)[1]
+        packed, scale = row_packed(t.module, t.attr)
         I = packed.shape[-1] * 8 // dq.scheme.bits
         words = -(-I * dq.scheme.bits // 32)
         packed = packed.reshape(-1, *packed.shape[-2:]).cpu()
-        scale = dq.scale.reshape(-1, *dq.scale.shape[-2:]).cpu()
+        scale = scale.reshape(-1, *scale.shape[-2:]).cpu()
         for e, base in enumerate(hf_bases(t.name, model.cfg.n_experts)):
             p = torch.nn.functional.pad(packed[e], (0, words * 4 - packed.shape[-1]))  # whole int32 words
             out[f"{base}.weight_packed"] = p.contiguous().view(torch.int32)

@@ -45,7 +45,7 @@ from moegpt.model.grouped import grouped_mm_supported
 from moegpt.model.layers import rms_norm
 from moegpt.model.rope import rope_cos_sin
 from moegpt.quant.model import has_weight, model_scheme, stored_tensors
-from moegpt.quant.scheme import dequantize, product_activations, quantized_matmul
+from moegpt.quant.scheme import dequantize, product_activations, quantized_matmul, rows
 
 
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]  # (decoder layer, x (B, D)) -> x (B, D)
@@ -198,7 +198,8 @@ def expert_products(x: torch.Tensor, w_t: torch.Tensor, expert: torch.Tensor, of
     are never read. Quantized (w_t (E, P, O) bytes, scale (E, O, G)): the chosen matrices
     dequantized in fp32 times the rows' int8 activations (the C++ layer's oracle)."""
     if scale is not None:
-        w = dequantize(w_t.index_select(0, expert).transpose(-2, -1), scale.index_select(0, expert), bits)  # (A, O, I)
+        w = dequantize(*rows(w_t.transpose(-2, -1).index_select(0, expert), scale.index_select(0, expert), bits),
+                       bits)  # (A, O, I)
         return torch.bmm(product_activations(x)[:, None], w.transpose(-2, -1))[:, 0].to(x.dtype)
     if grouped_mm_supported(x, w_t):  # (its checks are the same for a matrix and its transpose)
         return F.grouped_mm(x, w_t, offs=offs)

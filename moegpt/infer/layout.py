@@ -34,7 +34,8 @@ from torch import nn
 import moegpt.kernels as kernels
 from moegpt.model.attention import Attention
 from moegpt.model.experts import Experts
-from moegpt.quant.model import has_weight, is_quantized, stored_tensors
+from moegpt.quant.model import has_weight, is_quantized, stored, stored_tensors, targets
+from moegpt.quant.scheme import TILE, in_features, int8_activations, tile, tile_scales
 
 
 def streams_rows_faster(w: torch.Tensor) -> bool:
@@ -115,10 +116,34 @@ def fuse(params: list[nn.Parameter], dim: int) -> torch.Tensor:
     return whole
 
 
+def tiles_apply(model: nn.Module) -> bool:
+    """Whether the model's quantized weights go in the C++ kernels' tiles (quant/scheme.py: tile): on
+    a CPU with the kernels, when every quantized weight has whole tiles of rows and int8 activations."""
+    quantized = [stored(t.module, t.attr) for t in targets(model) if is_quantized(t.module, t.attr)]
+    if not quantized or quantized[0][0].device.type != "cpu" or not kernels.available():
+        return False
+    return all(dq.scale.dim() == p.dim() + 1 or  # tiled already
+               (p.shape[-2] % TILE == 0 and int8_activations(in_features(p, dq.scheme.bits))) for p, dq in quantized)
+
+
+@torch.no_grad()
+def tile_quantized(model: nn.Module) -> None:
+    """Each quantized weight's packed bytes and scales into tiles, in place (before fusing: the tiles of
+    q|k|v or gate|up then fuse along the same dims as their rows)."""
+    for t in targets(model):
+        if is_quantized(t.module, t.attr):
+            packed, dq = stored(t.module, t.attr)
+            if dq.scale.dim() == packed.dim():
+                packed.data = tile(packed.data, dq.scheme.bits)
+                dq.scale.data = tile_scales(dq.scale.data)
+
+
 @torch.no_grad()
 def lay_out_for_decoding(model: nn.Module) -> nn.Module:
-    """Fuses q|k|v and gate|up and stores the model's matmul weights (in, out) where that decodes
-    faster; in place, idempotent, returns the model."""
+    """Fuses q|k|v and gate|up, stores the model's matmul weights (in, out) where that decodes
+    faster and quantized ones in the kernels' tiles; in place, idempotent, returns the model."""
+    if tiles_apply(model):
+        tile_quantized(model)
     for params, dim in fused_groups(model):
         fuse(params, dim)
     for w in matmul_weights(model):

@@ -33,6 +33,7 @@
 
 #include "gemv.h"
 #include "qgemv.h"
+#include "qtiles.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -79,7 +80,11 @@ struct Weight {
   const c10::optional<at::Tensor>& scale;
   int64_t bits;
   bool quantized() const { return scale.has_value(); }
-  int64_t in_features() const { return quantized() ? w.size(-1) * 8 / bits : w.size(-1); }
+  bool tiled() const { return quantized() && scale->dim() == w.dim() + 1; }  // moegpt/quant/scheme.py: tile
+  int64_t in_features() const {
+    return tiled() ? w.size(-1) / 16 * 8 / bits : quantized() ? w.size(-1) * 8 / bits : w.size(-1);
+  }
+  int64_t out_features() const { return tiled() ? w.size(-2) * 16 : w.size(-2); }
 };
 
 // out (M, O) fp32 = x (M, I) fp32 (values of the model's dtype) times one matrix on the gemv or the
@@ -88,6 +93,13 @@ void kernel_product(const float* x, int64_t M, const Weight& wt, int64_t e, floa
   const at::Tensor& w = wt.w;
   const int64_t d = w.dim(), O = w.size(d - 2), I = wt.in_features(), so = w.stride(d - 2), si = w.stride(d - 1);
   const int64_t offset = d == 3 ? e * w.stride(0) : 0;
+  if (wt.tiled()) {
+    const at::Tensor& s = *wt.scale;
+    const moegpt::TiledWeight q{w.data_ptr<uint8_t>() + offset, s.data_ptr<float>() + (d == 3 ? e * s.stride(0) : 0),
+                                wt.bits, s.size(-2), w.stride(d - 2), s.stride(d - 2)};
+    moegpt::tiled_product(x, q, M, I, wt.out_features(), out);
+    return;
+  }
   if (wt.quantized()) {
     const at::Tensor& s = *wt.scale;
     const moegpt::Quantized q{w.data_ptr<uint8_t>() + offset, s.data_ptr<float>() + (d == 3 ? e * s.stride(0) : 0),
@@ -292,7 +304,7 @@ inline float gelu_tanh(float v) {
 template <typename T>
 void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& router, const Weight& w_in,
          const Weight& w_down, int64_t top_k, bool swiglu, int64_t* counts, Limits lim, float* y) {
-  const int64_t E = w_in.w.size(0), Fin = w_in.w.size(1), Fd = swiglu ? Fin / 2 : Fin;
+  const int64_t E = w_in.w.size(0), Fin = w_in.out_features(), Fd = swiglu ? Fin / 2 : Fin;
   const bool routed = router.has_value();
   const int64_t K = routed ? top_k : 1;
   std::vector<int64_t> expert(B * K, 0);
@@ -426,8 +438,13 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
                         const c10::optional<at::Tensor>& w_down_scale, int64_t bits) {
   const Weight wqkv{wqkv_, wqkv_scale, bits}, wo{wo_, wo_scale, bits}, w_in{w_in_, w_in_scale, bits},
       w_down{w_down_, w_down_scale, bits};
-  for (const Weight* m : {&wqkv, &wo, &w_in, &w_down})
-    if (m->quantized()) moegpt::quantized_in_features(m->w, *m->scale, bits, "moegpt::decode_layer");
+  for (const Weight* m : {&wqkv, &wo, &w_in, &w_down}) {
+    if (m->tiled()) {
+      moegpt::tiled_in_features(m->w, *m->scale, bits, "moegpt::decode_layer");
+    } else if (m->quantized()) {
+      moegpt::quantized_in_features(m->w, *m->scale, bits, "moegpt::decode_layer");
+    }
+  }
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "moegpt::decode_layer: fp32 or bf16, got ", dt);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "moegpt::decode_layer: x (B, D) contiguous on the CPU");
@@ -446,12 +463,12 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
   TORCH_CHECK(block_size > 0, "moegpt::decode_layer: block_size ", block_size, " must be >= 1");
   TORCH_CHECK(x.size(0) > 0, "moegpt::decode_layer: an empty batch");
   TORCH_CHECK(wqkv.w.dim() == 2 && wo.w.dim() == 2 && rope_cos.dim() == 2 && rope_cos.sizes() == rope_sin.sizes() &&
-              attn_norm.numel() == D && ffn_norm.numel() == D && wqkv.w.size(0) == (H + 2 * G) * Dh &&
-              wqkv.in_features() == D && wo.w.size(0) == D && wo.in_features() == H * Dh && rope_cos.size(1) == Dh,
+              attn_norm.numel() == D && ffn_norm.numel() == D && wqkv.out_features() == (H + 2 * G) * Dh &&
+              wqkv.in_features() == D && wo.out_features() == D && wo.in_features() == H * Dh && rope_cos.size(1) == Dh,
               "moegpt::decode_layer: weight shapes do not match");
   TORCH_CHECK(w_in.w.dim() == 3 && w_down.w.dim() == 3 && w_in.w.size(0) == w_down.w.size(0) && w_in.in_features() == D &&
-              w_down.w.size(1) == D &&
-              w_down.in_features() == (swiglu ? w_in.w.size(1) / 2 : w_in.w.size(1)),
+              w_down.out_features() == D &&
+              w_down.in_features() == (swiglu ? w_in.out_features() / 2 : w_in.out_features()),
               "moegpt::decode_layer: expert shapes do not match");
   for (const Weight* m : {&wqkv, &wo, &w_in, &w_down}) {
     const at::Tensor& t = m->w;

@@ -6,12 +6,14 @@
 // reference is x @ w.T (moegpt/kernels/__init__.py).
 //
 // qgemv(x, w, scale, bits): the same product with quantized weights, w (O, P) bytes and scale (O, G)
-// fp32 (see qgemv.h); the reference is x @ dequantize(w, scale).T in fp32.
+// fp32 (qgemv.h), or w in tiles (T, 16 P) and scale (T, G, 16) (qtiles.h); the reference is
+// moegpt/quant/scheme.py: quantized_matmul.
 
 #include <torch/library.h>
 
 #include "gemv.h"
 #include "qgemv.h"
+#include "qtiles.h"
 
 namespace {
 
@@ -40,6 +42,18 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
 }
 
 at::Tensor qgemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t bits) {
+  if (scale.dim() == w.dim() + 1) {  // tiles (moegpt/quant/scheme.py: tile)
+    const int64_t I = moegpt::tiled_in_features(w, scale, bits, "moegpt::qgemv");
+    TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == I && x.device().is_cpu(),
+                "moegpt::qgemv: x (M, I) on the CPU for w of ", I, " inputs, got ", x.sizes());
+    const int64_t M = x.size(0), O = w.size(0) * 16;
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    at::Tensor out = at::empty({M, O}, x.options().dtype(at::kFloat));
+    const moegpt::TiledWeight q{w.data_ptr<uint8_t>(), scale.data_ptr<float>(), bits, scale.size(1), w.stride(0),
+                                scale.stride(0)};
+    moegpt::tiled_product(xf.data_ptr<float>(), q, M, I, O, out.data_ptr<float>());
+    return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  }
   const int64_t I = moegpt::quantized_in_features(w, scale, bits, "moegpt::qgemv");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == I && x.device().is_cpu(),
               "moegpt::qgemv: x (M, I) on the CPU for w of ", I, " inputs, got ", x.sizes());

@@ -146,7 +146,7 @@ inline int quantized_value(const uint8_t* w, int64_t i, int64_t bits) {
 // offset (128 or 8) adds offset * sum(xq) to every product, a term that depends on the activations
 // only: it is summed once per row of x and group (offsets below) and taken off at the end.
 constexpr int64_t BLOCK = 128;
-constexpr int64_t PREFETCH_AHEAD = 48;  // weight rows ahead of the tile being multiplied
+constexpr int64_t PREFETCH_AHEAD = 16;  // weight rows ahead of the tile being multiplied
 
 struct Int8Rows {
   std::vector<int8_t> q;  // (M, I): each 64-input chunk in the weight's byte order

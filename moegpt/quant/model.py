@@ -21,11 +21,13 @@ from torch.nn.utils import parametrize
 
 from moegpt.model.attention import Attention
 from moegpt.model.experts import Experts
-from moegpt.quant.scheme import QuantScheme, dequantize, quantize
+from moegpt.quant.scheme import QuantScheme, dequantize, quantize, rows
 
 
 class Dequantized(nn.Module):
-    """A parametrization: packed (..., O, P) uint8 -> the weight (..., O, I) in ``dtype``."""
+    """A parametrization: packed (..., O, P) uint8 -> the weight (..., O, I) in ``dtype``. The packed
+    bytes and scale may be in the decode kernels' tiles instead (scheme.tile: the scale has a dim
+    more), once the decode program has laid them out so (infer/layout.py)."""
 
     def __init__(self, scale: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype):
         super().__init__()
@@ -34,7 +36,7 @@ class Dequantized(nn.Module):
         self.dtype = dtype
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        return dequantize(packed, self.scale, self.scheme.bits, self.dtype)
+        return dequantize(*rows(packed, self.scale, self.scheme.bits), self.scheme.bits, self.dtype)
 
     def _apply(self, fn, recurse=True):
         """``model.to(device / dtype)``: the scales move but stay fp32 (a cast would round them); the
@@ -83,6 +85,12 @@ def stored(module: nn.Module, attr: str) -> tuple[torch.Tensor, Dequantized]:
     """(packed (..., O, P) uint8, its parametrization holding the scale) of a quantized weight."""
     p = module.parametrizations[attr]
     return p.original, p[0]
+
+
+def row_packed(module: nn.Module, attr: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed (..., O, P), scale (..., O, G)) of a quantized weight in row layout, however it is stored."""
+    packed, dq = stored(module, attr)
+    return rows(packed, dq.scale, dq.scheme.bits)
 
 
 def stored_tensors(module: nn.Module, attr: str) -> list[torch.Tensor]:

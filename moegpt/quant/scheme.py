@@ -149,5 +149,55 @@ def product_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantized_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """x (M, I) times the quantized weight (O, P) -> (M, O) fp32, as the decode kernels compute it."""
-    return product_activations(x) @ dequantize(packed, scale, bits).t()
+    """x (M, I) times the quantized weight (O, P), or its tiles (T, 16 P) with scale (T, G, 16) ->
+    (M, O) fp32, as the decode kernels compute it."""
+    return product_activations(x) @ dequantize(*rows(packed, scale, bits), bits).t()
+
+
+def rows(packed: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantized weight in row layout whichever layout it is stored in (tiles: scale has a dim more)."""
+    if scale.dim() == packed.dim() + 1:
+        return untile(packed, bits), untile_scales(scale)
+    return packed, scale
+
+
+TILE = 16  # output rows per tile: one int32 lane each
+
+
+def tile(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Row-packed (..., O, P) -> tiles (..., O / 16, 16 * P): the layout the decode kernels read
+    (moegpt/kernels/qtiles.h). Each 64 bytes hold 16 output rows' values for the same inputs, one row
+    per int32 lane: int8, 4 consecutive inputs per lane; int4, 8 per lane, inputs 8k..8k+3 in the low
+    nibbles and 8k+4..8k+7 in the high ones. O must be a multiple of 16."""
+    q = unpack(packed, bits)  # (..., O, I) int8
+    *lead, O, I = q.shape
+    step = 4 * 8 // bits  # inputs per lane
+    u = (q.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8).reshape(*lead, O // TILE, TILE, I // step, step)
+    u = u.transpose(-3, -2)  # (..., O/16, I/step, 16, step)
+    if bits == 4:
+        u = u[..., :4] | (u[..., 4:] << 4)
+    return u.reshape(*lead, O // TILE, TILE * packed.shape[-1]).contiguous()
+
+
+def untile(tiles: torch.Tensor, bits: int) -> torch.Tensor:
+    """``tile``'s inverse: tiles (..., O / 16, 16 * P) -> row-packed (..., O, P)."""
+    *lead, T, B = tiles.shape
+    P = B // TILE
+    I = P * 8 // bits
+    step = 4 * 8 // bits
+    u = tiles.reshape(*lead, T, I // step, TILE, 4)
+    if bits == 4:
+        u = torch.cat((u & 0xF, u >> 4), dim=-1)  # (..., T, I/8, 16, 8)
+    q = (u.transpose(-3, -2).reshape(*lead, T * TILE, I).to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
+    return pack(q, bits)
+
+
+def tile_scales(scale: torch.Tensor) -> torch.Tensor:
+    """(..., O, G) -> (..., O / 16, G, 16): a group's scales for the 16 rows of a tile side by side."""
+    *lead, O, G = scale.shape
+    return scale.reshape(*lead, O // TILE, TILE, G).transpose(-2, -1).contiguous()
+
+
+def untile_scales(scale: torch.Tensor) -> torch.Tensor:
+    *lead, T, G, _ = scale.shape
+    return scale.transpose(-2, -1).reshape(*lead, T * TILE, G)
