@@ -148,6 +148,34 @@ inline int quantized_value(const uint8_t* w, int64_t i, int64_t bits) {
 constexpr int64_t BLOCK = 128;
 constexpr int64_t PREFETCH_AHEAD = 16;  // weight rows ahead of the tile being multiplied
 
+// One block of BLOCK activations -> its scale and xq (xq = round(x / s), s = max |x| / 127; 0 where
+// the block is all zero), as scheme.py's quantize_activations computes them (division, ties to even).
+inline float quantize_block(const float* x, int8_t* q) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t i = 0; i < BLOCK; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+  const float s = _mm512_reduce_max_ps(amax) / 127.0f;
+  if (s == 0.0f) {
+    std::fill(q, q + BLOCK, int8_t{0});
+    return s;
+  }
+  const __m512 sv = _mm512_set1_ps(s), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+  for (int64_t i = 0; i < BLOCK; i += 16) {
+    const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + i), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i),
+                     _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, r)))));
+  }
+  return s;
+#else
+  float amax = 0.0f;
+  for (int64_t i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = amax / 127.0f;
+  for (int64_t i = 0; i < BLOCK; ++i)
+    q[i] = s > 0.0f ? static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(x[i] / s)))) : 0;
+  return s;
+#endif
+}
+
 struct Int8Rows {
   std::vector<int8_t> q;  // (M, I): each 64-input chunk in the weight's byte order
   std::vector<float> sx;  // (M, I / BLOCK): each block's scale
@@ -163,16 +191,10 @@ inline Int8Rows int8_rows(const float* x, int64_t M, int64_t I, int64_t bits, in
   const float offset = bits == 8 ? 128.0f : 8.0f;
   const int64_t gs = I / G;
   for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * I;
     for (int64_t b = 0; b < I / BLOCK; ++b) {
-      float amax = 0.0f;
-      for (int64_t i = BLOCK * b; i < BLOCK * (b + 1); ++i) amax = std::max(amax, std::fabs(xm[i]));
-      const float s = amax / 127.0f;
+      const float s = quantize_block(x + m * I + BLOCK * b, natural.data() + BLOCK * b);
       r.sx[m * (I / BLOCK) + b] = s;
-      for (int64_t i = BLOCK * b; i < BLOCK * (b + 1); ++i) {
-        natural[i] = s > 0.0f ? static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(xm[i] / s)))) : 0;
-        r.offsets[m * G + i / gs] += offset * s * static_cast<float>(natural[i]);
-      }
+      for (int64_t i = BLOCK * b; i < BLOCK * (b + 1); ++i) r.offsets[m * G + i / gs] += offset * s * static_cast<float>(natural[i]);
     }
     int8_t* q = r.q.data() + m * I;
     for (int64_t c = 0; c < I; c += 64)

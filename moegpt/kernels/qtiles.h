@@ -40,17 +40,12 @@ inline TileRows tile_rows(const float* x, int64_t M, int64_t I, int64_t bits, in
   TileRows r{std::vector<int8_t>(M * I), std::vector<float>(M * I / BLOCK), std::vector<int32_t>(M * I / span, 0)};
   const int32_t offset = bits == 8 ? 128 : 8;
   for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * I;
     int8_t* q = r.q.data() + m * I;
-    for (int64_t b = 0; b < I / BLOCK; ++b) {
-      float amax = 0.0f;
-      for (int64_t i = BLOCK * b; i < BLOCK * (b + 1); ++i) amax = std::max(amax, std::fabs(xm[i]));
-      const float s = amax / 127.0f;
-      r.sx[m * (I / BLOCK) + b] = s;
-      for (int64_t i = BLOCK * b; i < BLOCK * (b + 1); ++i) {
-        q[i] = s > 0.0f ? static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(xm[i] / s)))) : 0;
-        r.init[m * (I / span) + i / span] -= offset * q[i];
-      }
+    for (int64_t b = 0; b < I / BLOCK; ++b) r.sx[m * (I / BLOCK) + b] = quantize_block(x + m * I + BLOCK * b, q + BLOCK * b);
+    for (int64_t p = 0; p < I / span; ++p) {
+      int32_t sum = 0;
+      for (int64_t i = p * span; i < (p + 1) * span; ++i) sum += q[i];
+      r.init[m * (I / span) + p] = -offset * sum;
     }
   }
   return r;

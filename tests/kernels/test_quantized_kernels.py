@@ -10,25 +10,32 @@ from moegpt.config import preset
 from moegpt.infer.decode import decode_step, decode_weights, kernel_layers_apply
 from moegpt.model import build_model
 from moegpt.quant.model import quantize_model
-from moegpt.quant.scheme import QuantScheme, dequantize, quantize, quantized_matmul
+from moegpt.quant.scheme import QuantScheme, quantize, quantized_matmul, tile, tile_scales
 
 SCHEMES = [QuantScheme(bits=8), QuantScheme(bits=8, group_size=32), QuantScheme(bits=4, group_size=32),
            QuantScheme(bits=4, group_size=128)]
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+# rows with I a multiple of 128 (int8 activations) or not (per channel only: fp32 activations, a
+# tail past the last 64 inputs), and tiles of 16 rows
+CASES = [(s, layout, O, I) for s in SCHEMES for layout, O, I in [("rows", 301, 256), ("rows", 301, 200), ("tiles", 320, 256)]
+         if I % (s.group_size or 1) == 0]
+
+
+@pytest.mark.parametrize("scheme,layout,O,I", CASES, ids=lambda v: getattr(v, "name", str(v)))
 @pytest.mark.parametrize("rows", [1, 3, 4, 9])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qgemv_is_the_dequantized_product(scheme, rows, dtype):
+def test_qgemv_is_the_quantized_matmul(scheme, rows, dtype, layout, O, I):
     assert kernels.available()
     g = torch.Generator().manual_seed(rows)
-    I = 200 if scheme.group_size is None else 256  # per channel: not a multiple of 64 (the tail path)
-    w = torch.randn(301, I, generator=g)
+    w = torch.randn(O, I, generator=g)
     packed, scale = quantize(w, scheme)
+    if layout == "tiles":
+        packed, scale = tile(packed, scheme.bits), tile_scales(scale)
     x = torch.randn(rows, I, generator=g).to(dtype)
     got = torch.ops.moegpt.qgemv(x, packed, scale, scheme.bits)
     want = quantized_matmul(x, packed, scale, scheme.bits).to(dtype)
-    assert got.dtype == dtype and got.shape == (rows, 301)
+    assert got.dtype == dtype and got.shape == (rows, O)
     if dtype == torch.float32:  # within 1e-5 of the largest output (the stored offsets' sums cancel in fp32)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
     else:
