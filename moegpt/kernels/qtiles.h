@@ -60,6 +60,7 @@ inline void tile_block(const TileRows& xr, int64_t m0, int64_t I, int64_t G, con
   const int64_t span = GROUPED ? I / G : BLOCK, spans = I / span, blocks = I / BLOCK;
   const int8_t* q = xr.q.data() + m0 * I;
   const __m512i low = _mm512_set1_epi8(0x0F);
+  constexpr bool SPLIT = MR * NT < 8;  // int8: too few chains to cover a VPDPBUSD's latency: two per tile and row
   __m512 acc[NT][MR];
   for (int t = 0; t < NT; ++t)
     for (int m = 0; m < MR; ++m) acc[t][m] = _mm512_setzero_ps();
@@ -83,10 +84,10 @@ inline void tile_block(const TileRows& xr, int64_t m0, int64_t I, int64_t G, con
         for (int m = 0; m < MR; ++m) {
           const __m512i xb = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(q + m * I + i));
           for (int t = 0; t < NT; ++t) {
-            if (i % 8 == 0) {
-              d0[t][m] = _mm512_dpbusd_epi32(d0[t][m], wv[t], xb);
-            } else {
+            if (SPLIT && i % 8 != 0) {  // alternate inputs into a second chain
               d1[t][m] = _mm512_dpbusd_epi32(d1[t][m], wv[t], xb);
+            } else {
+              d0[t][m] = _mm512_dpbusd_epi32(d0[t][m], wv[t], xb);
             }
           }
         }
