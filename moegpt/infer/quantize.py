@@ -5,7 +5,9 @@ when it passes its quality gates.
 The gates compare the quantized model with the original on the bundled validation split (the last
 5% of each source of the training mixture, tokenized with the model's own tokenizer): perplexity
 may rise by at most ``max_perplexity_increase`` and the most likely next token must agree on at
-least ``min_top1_agreement`` of the positions. A failure exits with status 2 naming the numbers,
+least ``min_top1_agreement`` of the positions. The quantized model's logits are computed as
+generation computes them, teacher-forced through the decode program (decode_eval.py, int8
+activations included); the forward's (weights quantized, activations not) are reported beside. A failure exits with status 2 naming the numbers,
 and nothing is written.
 """
 
@@ -16,10 +18,13 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from moegpt.atomic import write_text_atomic
 from moegpt.checkpoint.model_dir import load, read_hf_config, save
 from moegpt.data.dataset import build_mixture
 from moegpt.data.sources import default_mixture
+from moegpt.infer.decode_eval import decoded_logits
 from moegpt.quant.model import quantize_model, weight_bytes
 from moegpt.quant.quality import Quality, compare, gate_failures
 from moegpt.quant.scheme import QuantScheme
@@ -62,9 +67,14 @@ def quantize_directory(model_dir: str | Path, out: str | Path, scheme: QuantSche
     quantize_model(quantized, scheme)  # raises naming a weight whose inputs a group size does not divide
     seq_len = min(gates.seq_len, reference.cfg.max_seq_len)
     data = build_mixture(default_mixture(), tokenizer, seq_len, cache_dir)
-    quality = compare(reference, quantized, data.val_batches(8, max_sequences=gates.eval_sequences))
+    blocks = list(data.val_batches(8, max_sequences=gates.eval_sequences))
+    forward = compare(lambda x: reference(x).logits, lambda x: quantized(x).logits, blocks)
+    # what generation gets: the decode program, with its int8 activations (quant/scheme.py)
+    quality = compare(lambda x: reference(x).logits, lambda x: torch.stack(list(decoded_logits(quantized, x)), 1),
+                      blocks)
     report = {"scheme": scheme.name, "format": "compressed-tensors pack-quantized", **asdict(quality),
-              "perplexity_increase": quality.perplexity_increase, "weight_bytes": weight_bytes(quantized),
+              "perplexity_increase": quality.perplexity_increase, "forward_perplexity": forward.perplexity,
+              "forward_top1_agreement": forward.top1_agreement, "weight_bytes": weight_bytes(quantized),
               "full_precision_weight_bytes": full_bytes, "gates": asdict(gates)}
     failures = gate_failures(quality, gates.max_perplexity_increase, gates.min_top1_agreement)
     if failures:
@@ -79,6 +89,7 @@ def describe(report: dict) -> str:
                 top1_agreement=report["top1_agreement"], tokens=report["tokens"])
     return (f"{report['scheme']}: perplexity {q.reference_perplexity:.3f} -> {q.perplexity:.3f} "
             f"({q.perplexity_increase:+.2%}), top-1 agreement {q.top1_agreement:.2%} over {q.tokens} validation "
-            f"tokens; weights {report['full_precision_weight_bytes'] / 1e6:.1f} MB -> "
+            f"tokens, decoding as generation does (the forward, activations unquantized: "
+            f"{report['forward_perplexity']:.3f}, {report['forward_top1_agreement']:.2%}); weights {report['full_precision_weight_bytes'] / 1e6:.1f} MB -> "
             f"{report['weight_bytes'] / 1e6:.1f} MB ({report['weight_bytes'] / report['full_precision_weight_bytes']:.3f}x)")
 

@@ -1,6 +1,7 @@
 """Quality gates for a quantized model: perplexity on held-out text beside the full-precision
 model's, and how often the two models' most likely next token agree (top-1 agreement), measured on
-the same blocks in one pass.
+the same blocks in one pass. A model is given as a function from input blocks to logits, so the
+quantized side can be its forward or the decode program that generation runs.
 
 Legend: B blocks, T tokens per block, V vocab.
 """
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+Logits = Callable[[torch.Tensor], torch.Tensor]  # inputs (B, T) -> logits (B, T, V)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,14 +32,14 @@ class Quality:
 
 
 @torch.no_grad()
-def compare(reference: nn.Module, quantized: nn.Module, blocks: Iterable[torch.Tensor]) -> Quality:
+def compare(reference: Logits, quantized: Logits, blocks: Iterable[torch.Tensor]) -> Quality:
     """Both models on ``blocks`` (B, T + 1): next-token cross-entropy of each, and argmax agreement."""
     ce_ref = ce_q = 0.0
     agree = n = 0
     for block in blocks:
         inputs, targets = block[:, :-1], block[:, 1:]  # (B, T)
-        a = reference(inputs).logits.float()  # (B, T, V)
-        b = quantized(inputs).logits.float()
+        a = reference(inputs).float()  # (B, T, V)
+        b = quantized(inputs).float()
         ce_ref += F.cross_entropy(a.flatten(0, 1), targets.flatten(), reduction="sum").item()
         ce_q += F.cross_entropy(b.flatten(0, 1), targets.flatten(), reduction="sum").item()
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
