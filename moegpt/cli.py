@@ -23,7 +23,7 @@ def cmd_generate(args) -> int:
                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                             repetition_penalty=args.repetition_penalty)
     spec = speculative_from_flags(bool(args.draft), args.ngram, args.speculative_tokens)
-    llm = LLM(args.model, EngineConfig(speculative=spec), draft_model=args.draft)
+    llm = LLM(args.model, EngineConfig(speculative=spec, kv_cache_dtype=args.kv_cache_dtype), draft_model=args.draft)
     tok, engine = llm.tokenizer, llm.engine
     shown, pixels = args.prompt, []
     if args.image:
@@ -360,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", default=None, help="draft model directory for speculative decoding (same tokenizer)")
     p.add_argument("--ngram", action="store_true", help="speculative decoding by prompt lookup (no draft model)")
     p.add_argument("--speculative-tokens", type=int, default=4, help="draft tokens per step (default 4)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8", "fp8"], default="auto",
+                   help="auto: the model's dtype; int8 / fp8 (e4m3): 8 bits per value and a scale per token and kv head")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="parameter and FLOP counts of a preset")

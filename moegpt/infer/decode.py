@@ -37,6 +37,7 @@ from torch import nn
 
 from moegpt.config import MLPKind, ModelConfig
 from moegpt.infer.decode_batch import DecodeMeta
+from moegpt.infer.kv_quant import QuantizedSlots
 from moegpt.infer.layout import fused_view, lay_out_for_decoding
 from moegpt.infer.paged_cache import slots_by_position
 from moegpt.kernels import MAX_ROWS_IN_BY_OUT, MAX_ROWS_OUT_BY_IN, decode_layer_applies, gemv_applies, qgemv_applies
@@ -248,17 +249,21 @@ def moe(h: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> tuple[torch.Tens
     return h.new_zeros(B, D).index_add_(0, token, y), ends
 
 
-def layer_with_kernel(x: torch.Tensor, w: DecodeWeights, lw: LayerWeights, kc: torch.Tensor, vc: torch.Tensor,
-                      positions: torch.Tensor, meta: DecodeMeta, counts: torch.Tensor | None, row: int) -> torch.Tensor:
+def layer_with_kernel(x: torch.Tensor, w: DecodeWeights, lw: LayerWeights, kc: torch.Tensor | QuantizedSlots,
+                      vc: torch.Tensor | QuantizedSlots, positions: torch.Tensor, meta: DecodeMeta,
+                      counts: torch.Tensor | None, row: int) -> torch.Tensor:
     """The whole layer as one C++ op (moegpt.kernels: ``decode_layer``), x (B, D) -> (B, D); the
-    chosen experts' assignments added to counts[row] (E,)."""
+    chosen experts' assignments added to counts[row] (E,). An 8-bit cache: its values and scales."""
     cfg = w.cfg
+    scales = (kc.scales, vc.scales) if isinstance(kc, QuantizedSlots) else (None, None)
+    if isinstance(kc, QuantizedSlots):
+        kc, vc = kc.values, vc.values
     return torch.ops.moegpt.decode_layer(
         x, lw.attn_norm, lw.wqkv.w, lw.wo.w, lw.ffn_norm, None if lw.router is None else lw.router.w, lw.w_in,
         lw.w_down, kc, vc, w.rope_cos, w.rope_sin, positions, meta.block_tables, meta.block_size, cfg.n_heads,
         cfg.top_k, cfg.mlp == MLPKind.SWIGLU, cfg.norm_eps, counts if lw.router is not None else None, row,
         MAX_ROWS_IN_BY_OUT, MAX_ROWS_OUT_BY_IN[x.dtype], lw.wqkv.scale, lw.wo.scale, lw.w_in_scale, lw.w_down_scale,
-        lw.bits or lw.wqkv.bits)
+        lw.bits or lw.wqkv.bits, *scales)
 
 
 def kernel_layers_apply(w: DecodeWeights, x: torch.Tensor, k_cache: list[torch.Tensor]) -> bool:

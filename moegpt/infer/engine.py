@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moegpt.counts import kv_cache_bytes_per_token
 from moegpt.data.tokenizer import Tokenizer
 from moegpt.infer.block_manager import BlockManager
 from moegpt.infer.detokenizer import Detokenizer
 from moegpt.infer.draft import DraftModelProposer
 from moegpt.infer.image_cache import image_digest
 from moegpt.infer.images import RequestImages
+from moegpt.infer.kv_quant import kv_bytes_per_slot, kv_storage
 from moegpt.infer.layout import lay_out_for_decoding
 from moegpt.infer.outputs import OutputCollector, RequestOutput, StepUpdate, TokenLogprob
 from moegpt.infer.paged_cache import PagedKVCache
@@ -54,8 +54,11 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = None
     num_kv_blocks: int | None = None  # the budget in blocks instead (overrides kv_cache_bytes)
     image_cache_blocks: int = 64  # a vision model's images whose cross-attention keys and values are kept
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "int8" / "fp8": 8 bits and a scale per slot and head
 
     def __post_init__(self):
+        if self.kv_cache_dtype != "auto":
+            kv_storage(self.kv_cache_dtype)  # a one-line error naming the value
         if self.block_size < 1 or self.kv_cache_bytes < 1:
             raise ValueError(f"block_size ({self.block_size}) and kv_cache_bytes ({self.kv_cache_bytes}) must be >= 1")
         if self.image_cache_blocks < 1:
@@ -116,9 +119,10 @@ def _generator(seed: int | None, index: int, device: torch.device) -> torch.Gene
     return g
 
 
-def _kv_bytes_per_block(model: MoEGPT, block_size: int) -> int:
-    dtype = next(model.parameters()).dtype
-    return kv_cache_bytes_per_token(model.cfg, dtype.itemsize) * block_size
+def _kv_bytes_per_block(model: MoEGPT, block_size: int, kv_dtype: str) -> int:
+    cfg = model.cfg
+    storage = next(model.parameters()).dtype if kv_dtype == "auto" else kv_storage(kv_dtype)
+    return 2 * cfg.n_layers * kv_bytes_per_slot(cfg.n_kv_heads, cfg.head_dim, storage) * block_size
 
 
 class LLMEngine:
@@ -150,15 +154,16 @@ class LLMEngine:
             raise ValueError(f"draft vocab_size ({draft.cfg.vocab_size}) differs from the model's ({model.cfg.vocab_size})")
         self.spec = spec
         self.draft = lay_out_for_decoding(draft.eval()) if draft is not None and spec.method == SpeculativeMethod.DRAFT else None
-        per_block = _kv_bytes_per_block(model, config.block_size)
+        per_block = _kv_bytes_per_block(model, config.block_size, config.kv_cache_dtype)
         if self.draft is not None:
-            per_block += _kv_bytes_per_block(self.draft, config.block_size)
+            per_block += _kv_bytes_per_block(self.draft, config.block_size, config.kv_cache_dtype)
         num_blocks = config.num_kv_blocks or config.kv_cache_bytes // per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of {per_block} bytes")
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching, self.draft is not None)
         param = next(model.parameters())
-        self.cache = PagedKVCache(model.cfg, num_blocks, config.block_size, param.dtype, param.device)
+        self.cache = PagedKVCache(model.cfg, num_blocks, config.block_size, param.dtype, param.device,
+                                  config.kv_cache_dtype)
         sched = config.scheduler
         if spec is not None:
             sched = SchedulerConfig(max_num_seqs=sched.max_num_seqs, max_batched_tokens=sched.max_batched_tokens,
@@ -170,7 +175,7 @@ class LLMEngine:
         if self.draft is not None:
             dparam = next(self.draft.parameters())
             self.drafter = DraftModelProposer(ModelRunner(self.draft, PagedKVCache(
-                self.draft.cfg, num_blocks, config.block_size, dparam.dtype, dparam.device)))
+                self.draft.cfg, num_blocks, config.block_size, dparam.dtype, dparam.device, config.kv_cache_dtype)))
         self.max_len = min(model.cfg.max_seq_len, self.draft.cfg.max_seq_len if self.draft else model.cfg.max_seq_len)
         self.live: dict[int, _Live] = {}  # seq_id -> its completion
         self.request_seqs: dict[int, list[int]] = {}  # request_id -> seq_ids of its n completions

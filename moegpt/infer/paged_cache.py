@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from moegpt.config import ModelConfig
+from moegpt.infer.kv_quant import QuantizedSlots, kv_storage
 from moegpt.model.attention import attention_over_keys
 
 
@@ -114,12 +115,25 @@ class PagedLayerView:
 
 
 class PagedKVCache:
+    """Every layer's keys and values by slot, in the model's dtype, or 8-bit with a scale per slot and
+    head (``kv_dtype`` "int8" / "fp8": kv_quant.py)."""
+
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
-        self.num_blocks, self.block_size = num_blocks, block_size
+                 device: str | torch.device = "cpu", kv_dtype: str = "auto"):
+        self.num_blocks, self.block_size, self.kv_dtype = num_blocks, block_size, kv_dtype
         shape = (num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)  # (slots, G, Dh)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        if kv_dtype == "auto":
+            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+            self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        else:
+            storage = kv_storage(kv_dtype)
+            self.k = [QuantizedSlots(*shape, storage, dtype, device) for _ in range(cfg.n_layers)]
+            self.v = [QuantizedSlots(*shape, storage, dtype, device) for _ in range(cfg.n_layers)]
+
+    @property
+    def dtype_name(self) -> str:
+        """What the cache stores: the model's dtype, or int8 / fp8."""
+        return str(self.k[0].dtype).removeprefix("torch.") if self.kv_dtype == "auto" else self.kv_dtype
 
     def views(self, meta: PagedAttentionMetadata) -> list[PagedLayerView]:
         return [PagedLayerView(k, v, meta) for k, v in zip(self.k, self.v)]

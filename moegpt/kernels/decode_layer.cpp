@@ -39,6 +39,11 @@
 #include <immintrin.h>
 #endif
 
+namespace moegpt {  // the 8-bit KV cache's values (moegpt/infer/kv_quant.py), times their scale when read
+inline float to_float(int8_t v) { return static_cast<float>(v); }
+inline float to_float(c10::Float8_e4m3fn v) { return static_cast<float>(v); }
+}  // namespace moegpt
+
 namespace {
 
 using moegpt::to_float;
@@ -204,7 +209,8 @@ inline void scores(const float* qt, const float* kf, int64_t n, int64_t Dh, int6
 
 // out (B, H * Dh) fp32: each sequence's query heads over its keys at positions [0, positions[b]].
 template <typename KV>
-void attention(const float* q, const KV* kc, const KV* vc, int64_t B, int64_t H, int64_t G, int64_t Dh,
+void attention(const float* q, const KV* kc, const KV* vc, const float* ks, const float* vs, int64_t B, int64_t H,
+               int64_t G, int64_t Dh,
                const int64_t* tables, int64_t nb, const int64_t* positions, int64_t block_size, float* out) {
   const int64_t R = H / G, RP = (R + HEADS - 1) / HEADS * HEADS;  // R padded to blocks of HEADS
   const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
@@ -230,10 +236,19 @@ void attention(const float* q, const KV* kc, const KV* vc, int64_t B, int64_t H,
         const KV* vr = vc + (slot * G + w.g) * Dh;
         float* kd = kf.data() + j * Dh;
         float* vd = vf.data() + j * Dh;
+        if (ks != nullptr) {  // an 8-bit cache: each slot and head's values times its scale
+          const float a = ks[slot * G + w.g], c = vs[slot * G + w.g];
 #pragma omp simd
-        for (int64_t d = 0; d < Dh; ++d) {
-          kd[d] = to_float(kr[d]);
-          vd[d] = to_float(vr[d]);
+          for (int64_t d = 0; d < Dh; ++d) {
+            kd[d] = to_float(kr[d]) * a;
+            vd[d] = to_float(vr[d]) * c;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t d = 0; d < Dh; ++d) {
+            kd[d] = to_float(kr[d]);
+            vd[d] = to_float(vr[d]);
+          }
         }
       }
       const float* qb = q + (w.b * H + w.g * R) * Dh;  // (R, Dh): this kv head's query heads
@@ -375,13 +390,63 @@ void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& 
   }
 }
 
+// One slot's keys (or values) of every kv head into an 8-bit cache, as moegpt/infer/kv_quant.py's
+// quantize_kv: per head, scale = max |x| / largest (1 for an all-zero head), values = x / scale
+// (int8: rounded to nearest even, clamped to +-127; fp8 e4m3: converted).
+template <typename KV>
+void write_8bit(const float* x, KV* values, float* scales, int64_t slot, int64_t G, int64_t Dh) {
+  constexpr float largest = std::is_same_v<KV, int8_t> ? 127.0f : 448.0f;
+  for (int64_t g = 0; g < G; ++g) {
+    const float* xg = x + g * Dh;
+    float amax = 0.0f;
+    for (int64_t d = 0; d < Dh; ++d) amax = std::max(amax, std::fabs(xg[d]));
+    float s = amax / largest;
+    if (!(s > 0.0f)) s = 1.0f;
+    scales[slot * G + g] = s;
+    KV* out = values + (slot * G + g) * Dh;
+    for (int64_t d = 0; d < Dh; ++d) {
+      if constexpr (std::is_same_v<KV, int8_t>) {
+        out[d] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(xg[d] / s))));
+      } else {
+        out[d] = static_cast<KV>(xg[d] / s);
+      }
+    }
+  }
+}
+
+// The new keys and values into their slots, then attention over each sequence's keys.
+template <typename T, typename KV>
+void write_and_attend(const float* qkv, int64_t Q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale, int64_t B,
+                      int64_t H, int64_t G, int64_t Dh, const int64_t* tables, int64_t nb, const int64_t* pos,
+                      int64_t block_size, const float* q, float* o) {
+  KV* kc = k_cache.data_ptr<KV>();
+  KV* vc = v_cache.data_ptr<KV>();
+  float* ks = k_scale.has_value() ? k_scale->data_ptr<float>() : nullptr;
+  float* vs = v_scale.has_value() ? v_scale->data_ptr<float>() : nullptr;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = qkv + b * Q;
+    const int64_t slot = tables[b * nb + pos[b] / block_size] * block_size + pos[b] % block_size;
+    if (ks != nullptr) {
+      write_8bit<KV>(row + H * Dh, kc, ks, slot, G, Dh);
+      write_8bit<KV>(row + (H + G) * Dh, vc, vs, slot, G, Dh);
+    } else {
+      for (int64_t i = 0; i < G * Dh; ++i) {
+        kc[slot * G * Dh + i] = static_cast<KV>(row[H * Dh + i]);
+        vc[slot * G * Dh + i] = static_cast<KV>(row[(H + G) * Dh + i]);
+      }
+    }
+  }
+  attention<KV>(q, kc, vc, ks, vs, B, H, G, Dh, tables, nb, pos, block_size, o);
+}
+
 template <typename T>
 at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const Weight& wqkv, const Weight& wo,
                  const at::Tensor& ffn_norm, const c10::optional<at::Tensor>& router, const Weight& w_in,
                  const Weight& w_down, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rope_cos,
                  const at::Tensor& rope_sin, const at::Tensor& positions, const at::Tensor& block_tables,
                  int64_t block_size, int64_t n_heads, int64_t top_k, bool swiglu, double eps, int64_t* counts,
-                 Limits lim) {
+                 Limits lim, const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale) {
   const int64_t B = x.size(0), D = x.size(1), G = k_cache.size(1), Dh = k_cache.size(2), H = n_heads;
   const int64_t Q = (H + 2 * G) * Dh, nb = block_tables.size(1);
   const T* xp = x.data_ptr<T>();
@@ -402,20 +467,23 @@ at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const Weight&
   for (auto& v : qkv) v = round_to<T>(v);
   const T* cos = rope_cos.data_ptr<T>();
   const T* sin = rope_sin.data_ptr<T>();
-  T* kc = k_cache.data_ptr<T>();
-  T* vc = v_cache.data_ptr<T>();
-  for (int64_t b = 0; b < B; ++b) {
-    float* row = qkv.data() + b * Q;
-    rope<T>(row, H + G, Dh, cos + pos[b] * Dh, sin + pos[b] * Dh);  // q and k
-    const int64_t slot = tables[b * nb + pos[b] / block_size] * block_size + pos[b] % block_size;
-    for (int64_t i = 0; i < G * Dh; ++i) {
-      kc[slot * G * Dh + i] = static_cast<T>(row[H * Dh + i]);
-      vc[slot * G * Dh + i] = static_cast<T>(row[(H + G) * Dh + i]);
-    }
-  }
+  for (int64_t b = 0; b < B; ++b)
+    rope<T>(qkv.data() + b * Q, H + G, Dh, cos + pos[b] * Dh, sin + pos[b] * Dh);  // q and k
   std::vector<float> q(B * H * Dh);
   for (int64_t b = 0; b < B; ++b) std::memcpy(&q[b * H * Dh], &qkv[b * Q], H * Dh * sizeof(float));
-  attention<T>(q.data(), kc, vc, B, H, G, Dh, tables, nb, pos, block_size, o.data());
+  switch (k_cache.scalar_type()) {
+    case at::kChar:
+      write_and_attend<T, int8_t>(qkv.data(), Q, k_cache, v_cache, k_scale, v_scale, B, H, G, Dh, tables, nb, pos,
+                                  block_size, q.data(), o.data());
+      break;
+    case at::kFloat8_e4m3fn:
+      write_and_attend<T, c10::Float8_e4m3fn>(qkv.data(), Q, k_cache, v_cache, k_scale, v_scale, B, H, G, Dh, tables,
+                                              nb, pos, block_size, q.data(), o.data());
+      break;
+    default:
+      write_and_attend<T, T>(qkv.data(), Q, k_cache, v_cache, k_scale, v_scale, B, H, G, Dh, tables, nb, pos,
+                             block_size, q.data(), o.data());
+  }
   for (auto& v : o) v = round_to<T>(v);
   matmul(o.data(), B, wo, y.data(), lim);
   at::Tensor out = at::empty_like(x);  // the residual stream after the layer
@@ -435,7 +503,8 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
                         const c10::optional<at::Tensor>& counts, int64_t counts_row, int64_t max_rows_in_by_out,
                         int64_t max_rows_out_by_in, const c10::optional<at::Tensor>& wqkv_scale,
                         const c10::optional<at::Tensor>& wo_scale, const c10::optional<at::Tensor>& w_in_scale,
-                        const c10::optional<at::Tensor>& w_down_scale, int64_t bits) {
+                        const c10::optional<at::Tensor>& w_down_scale, int64_t bits,
+                        const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale) {
   const Weight wqkv{wqkv_, wqkv_scale, bits}, wo{wo_, wo_scale, bits}, w_in{w_in_, w_in_scale, bits},
       w_down{w_down_, w_down_scale, bits};
   for (const Weight* m : {&wqkv, &wo, &w_in, &w_down}) {
@@ -448,8 +517,20 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "moegpt::decode_layer: fp32 or bf16, got ", dt);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "moegpt::decode_layer: x (B, D) contiguous on the CPU");
-  for (const at::Tensor* t : {&attn_norm, &ffn_norm, &k_cache, &v_cache, &rope_cos, &rope_sin})
+  for (const at::Tensor* t : {&attn_norm, &ffn_norm, &rope_cos, &rope_sin})
     TORCH_CHECK(t->scalar_type() == dt && t->device().is_cpu(), "moegpt::decode_layer: every tensor in x's dtype on the CPU");
+  if (k_scale.has_value() || v_scale.has_value()) {  // an 8-bit cache
+    const auto kt = k_cache.scalar_type();
+    TORCH_CHECK(k_scale.has_value() && v_scale.has_value() && (kt == at::kChar || kt == at::kFloat8_e4m3fn) &&
+                v_cache.scalar_type() == kt && k_scale->scalar_type() == at::kFloat && v_scale->scalar_type() == at::kFloat &&
+                k_scale->is_contiguous() && v_scale->is_contiguous() && k_scale->dim() == 2 &&
+                k_scale->sizes() == v_scale->sizes() && k_scale->size(0) == k_cache.size(0) &&
+                k_scale->size(1) == k_cache.size(1), "moegpt::decode_layer: an 8-bit cache is int8 or fp8 e4m3 "
+                "(slots, G, Dh) with fp32 scales (slots, G) for keys and values");
+  } else {
+    TORCH_CHECK(k_cache.scalar_type() == dt && v_cache.scalar_type() == dt && k_cache.device().is_cpu(),
+                "moegpt::decode_layer: every tensor in x's dtype on the CPU");
+  }
   for (const Weight* m : {&wqkv, &wo, &w_in, &w_down})
     TORCH_CHECK((m->quantized() || m->w.scalar_type() == dt) && m->w.device().is_cpu(),
                 "moegpt::decode_layer: every weight in x's dtype (or quantized) on the CPU");
@@ -497,9 +578,10 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
   const Limits lim{max_rows_in_by_out, max_rows_out_by_in};
   if (dt == at::kFloat)
     return layer<float>(x, attn_norm, wqkv, wo, ffn_norm, router, w_in, w_down, k_cache, v_cache, rope_cos, rope_sin,
-                        positions, block_tables, block_size, n_heads, top_k, swiglu, eps, cp, lim);
+                        positions, block_tables, block_size, n_heads, top_k, swiglu, eps, cp, lim, k_scale, v_scale);
   return layer<c10::BFloat16>(x, attn_norm, wqkv, wo, ffn_norm, router, w_in, w_down, k_cache, v_cache, rope_cos,
-                              rope_sin, positions, block_tables, block_size, n_heads, top_k, swiglu, eps, cp, lim);
+                              rope_sin, positions, block_tables, block_size, n_heads, top_k, swiglu, eps, cp, lim,
+                              k_scale, v_scale);
 }
 
 // The final norm of a decode step (the model's rms_norm: fp32 statistics, scaled in x's dtype), one op.

@@ -24,6 +24,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="prompt tokens waiting in the engine before new requests get 429")
     p.add_argument("--kv-cache-bytes", type=int, default=256 * 2**20, help="KV cache budget (default 256 MiB)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="or the KV cache budget in blocks")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8", "fp8"], default="auto",
+                   help="auto: the model's dtype; int8 / fp8 (e4m3): 8 bits per value and a scale per token and kv head")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
     p.add_argument("--max-batched-tokens", type=int, default=512, help="tokens per engine step")
@@ -67,7 +69,8 @@ def cmd_serve(args) -> int:
                           num_kv_blocks=args.num_kv_blocks,
                           scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                                     max_batched_tokens=args.max_batched_tokens),
-                          prefix_caching=not args.no_prefix_caching, speculative=speculative)
+                          prefix_caching=not args.no_prefix_caching, speculative=speculative,
+                          kv_cache_dtype=args.kv_cache_dtype)
     options = ServerOptions(model_dir=args.model, draft_dir=args.draft, model_name=args.served_model_name,
                             host=args.host, port=args.port,
                             limits=Limits(max_queued_requests=args.max_queued_requests,

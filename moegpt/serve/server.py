@@ -49,7 +49,7 @@ def model_dtypes(llm: LLM) -> dict[str, str]:
     scheme = model_scheme(text)
     activations = str(text.norm.weight.dtype).removeprefix("torch.")
     return {"weights": activations if scheme is None else scheme.name, "activations": activations,
-            "kv_cache": str(llm.engine.cache.k[0].dtype).removeprefix("torch.")}
+            "kv_cache": llm.engine.cache.dtype_name}
 
 
 def serve(options: ServerOptions, config: EngineConfig = EngineConfig()) -> int:
