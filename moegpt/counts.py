@@ -85,9 +85,13 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     return 3 * forward_flops_per_token(cfg, context=seq_len // 2)
 
 
-def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:
-    """K and V for every layer: with MQA (G=1) this is H times smaller than multi-head."""
-    return 2 * cfg.n_layers * cfg.kv_dim * bytes_per_value
+KV_SCALE_BYTES = 4  # an 8-bit KV cache's fp32 scale per token, kv head and K or V (moegpt/infer/kv_quant.py)
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2, scale_bytes: int = 0) -> int:
+    """K and V for every layer: with MQA (G=1) this is H times smaller than multi-head. scale_bytes:
+    per kv head of K (and of V), as an 8-bit cache stores (moegpt/infer/kv_quant.py: 4)."""
+    return 2 * cfg.n_layers * (cfg.kv_dim * bytes_per_value + cfg.n_kv_heads * scale_bytes)
 
 
 # ---- vision (Flamingo-style: tower -> resampler -> gated cross-attention) ---------------------------

@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 import torch
 
 from moegpt.data.tokenizer import Tokenizer
+from moegpt.counts import KV_SCALE_BYTES, kv_cache_bytes_per_token
 from moegpt.infer.block_manager import BlockManager
 from moegpt.infer.detokenizer import Detokenizer
 from moegpt.infer.draft import DraftModelProposer
 from moegpt.infer.image_cache import image_digest
 from moegpt.infer.images import RequestImages
-from moegpt.infer.kv_quant import kv_bytes_per_slot, kv_storage
+from moegpt.infer.kv_quant import kv_storage
 from moegpt.infer.layout import lay_out_for_decoding
 from moegpt.infer.outputs import OutputCollector, RequestOutput, StepUpdate, TokenLogprob
 from moegpt.infer.paged_cache import PagedKVCache
@@ -120,9 +121,9 @@ def _generator(seed: int | None, index: int, device: torch.device) -> torch.Gene
 
 
 def _kv_bytes_per_block(model: MoEGPT, block_size: int, kv_dtype: str) -> int:
-    cfg = model.cfg
-    storage = next(model.parameters()).dtype if kv_dtype == "auto" else kv_storage(kv_dtype)
-    return 2 * cfg.n_layers * kv_bytes_per_slot(cfg.n_kv_heads, cfg.head_dim, storage) * block_size
+    if kv_dtype == "auto":
+        return kv_cache_bytes_per_token(model.cfg, next(model.parameters()).dtype.itemsize) * block_size
+    return kv_cache_bytes_per_token(model.cfg, kv_storage(kv_dtype).itemsize, KV_SCALE_BYTES) * block_size
 
 
 class LLMEngine:

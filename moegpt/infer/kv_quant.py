@@ -78,8 +78,3 @@ def kv_storage(kv_dtype: str) -> torch.dtype:
     return KV_DTYPES[kv_dtype]
 
 
-def kv_bytes_per_slot(G: int, Dh: int, storage: torch.dtype) -> int:
-    """Bytes one slot of one layer's keys (or values) takes."""
-    if storage in _LARGEST:
-        return G * (Dh * storage.itemsize + 4)
-    return G * Dh * storage.itemsize

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING, Callable
 
+from moegpt.counts import KV_SCALE_BYTES
 from moegpt.planner.hardware import HARDWARE_NAMES
 
 if TYPE_CHECKING:
@@ -67,6 +68,9 @@ def add_plan_parser(subparsers, decode_measurers: Callable[[], DecodeMeasurers] 
     g.add_argument("--weight-bytes", type=number, default=None,
                    help="1, 2 or 4 (fp32: --hardware local only); default 2, or --model DIR's dtype")
     g.add_argument("--kv-bytes", type=number, default=None, help="1, 2 or 4; default 2, or --model DIR's dtype")
+    g.add_argument("--kv-cache-dtype", choices=["int8", "fp8"], default=None,
+                   help="the engine's 8-bit KV cache: 1 byte per value and a 4-byte scale per token and kv head "
+                        "(instead of --kv-bytes)")
     g = p.add_argument_group("efficiency and prices")
     g.add_argument("--mfu", **n)
     g.add_argument("--hbm-efficiency", type=number, default=None, help="fraction of the HBM bandwidth reached "
@@ -134,6 +138,10 @@ def inputs_from_args(args):
         overrides["tie_embeddings"] = args.tied_embeddings
     byte_widths = {flag: default_bytes if getattr(args, flag) is None else getattr(args, flag)
                    for flag in ("weight_bytes", "kv_bytes")}
+    if args.kv_cache_dtype is not None:
+        if args.kv_bytes is not None:
+            raise ValueError(f"--kv-bytes {args.kv_bytes} and --kv-cache-dtype {args.kv_cache_dtype}: give one")
+        byte_widths.update(kv_bytes=1, kv_scale_bytes=KV_SCALE_BYTES)
     names = ("tp", "pp", "dp", "gpus", "ep", "mode", "batch", "context", "seq_len", "batch_tokens", "tokens",
              "kv_sharding", "zero_stage", "micro_batch", "mfu", "hbm_efficiency",
              "flops_efficiency", "overhead_factor", "days", "gpu_hour_usd", "target_tps", "words_per_min",

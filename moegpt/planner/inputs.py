@@ -67,6 +67,7 @@ class Workload:
 class Precision:
     weight_bytes: int
     kv_bytes: int
+    kv_scale_bytes: int = 0  # per kv head of each token's K and V: counts.KV_SCALE_BYTES for an 8-bit cache
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,7 +182,7 @@ def make_inputs(*, preset: str = "gpt4", model: ModelConfig | None = None, overr
                 tp: int = 1, pp: int = 1, dp: int | None = None, gpus: int | None = None, ep: int = 1,
                 batch: int = 1, context: int | None = None, seq_len: int | None = None,
                 batch_tokens: int | None = None, tokens: float | None = None, weight_bytes: int = 2,
-                kv_bytes: int = 2, kv_sharding: str = "replicated", zero_stage: int = 0, micro_batch: int = 1,
+                kv_bytes: int = 2, kv_scale_bytes: int = 0, kv_sharding: str = "replicated", zero_stage: int = 0, micro_batch: int = 1,
                 mfu: float | None = None, hbm_efficiency: float = 1.0, flops_efficiency: float = 1.0,
                 overhead_factor: float = 1.0, days: float | None = None, gpu_hour_usd: float | None = None,
                 target_tps: float | None = None, words_per_min: float | None = None,
@@ -260,7 +261,7 @@ def make_inputs(*, preset: str = "gpt4", model: ModelConfig | None = None, overr
         layout=Layout(tp=tp, pp=pp, dp=dp_value, ep=ep, kv_sharding=kv_sharding, zero_stage=zero_stage,
                       micro_batch=micro_batch),
         workload=Workload(batch=batch, context=context, seq_len=seq_len, batch_tokens=batch_tokens, tokens=tokens),
-        precision=Precision(weight_bytes=weight_bytes, kv_bytes=kv_bytes),
+        precision=Precision(weight_bytes=weight_bytes, kv_bytes=kv_bytes, kv_scale_bytes=kv_scale_bytes),
         efficiency=Efficiency(mfu=mfu, hbm_efficiency=hbm_efficiency, flops_efficiency=flops_efficiency,
                               overhead_factor=overhead_factor),
         gpu_hour_usd=gpu_hour_usd, days=days,

@@ -55,7 +55,8 @@ def kv_bytes_per_token_per_gpu(inp: PlanInputs) -> float:
     if lay.kv_sharding == "batch" and tp > G:
         heads_per_rank = G / tp
     # the whole model's K and V per token (counts.py, the one formula), for this GPU's heads and layers
-    return kv_cache_bytes_per_token(cfg, inp.precision.kv_bytes) * heads_per_rank / G / lay.pp
+    kv = kv_cache_bytes_per_token(cfg, inp.precision.kv_bytes, inp.precision.kv_scale_bytes)
+    return kv * heads_per_rank / G / lay.pp
 
 
 def microbatches_per_replica(inp: PlanInputs) -> int:
@@ -81,7 +82,7 @@ def memory(inp: PlanInputs, c: ParamCounts) -> Memory:
     mem = inp.hardware.mem_bytes
     params_gpu = model_params_per_gpu(c, lay.tp, lay.pp, lay.ep)
     per_node = params_gpu * min(inp.hardware.gpus_per_nvlink_domain, inp.gpus)
-    kv_token = kv_cache_bytes_per_token(cfg, inp.precision.kv_bytes)
+    kv_token = kv_cache_bytes_per_token(cfg, inp.precision.kv_bytes, inp.precision.kv_scale_bytes)
     if inp.mode == "train":
         sharded = {stage: (lay.dp if lay.zero_stage >= stage else 1) for stage in (1, 2, 3)}
         weights = params_gpu * wb / sharded[3]

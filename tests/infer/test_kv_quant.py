@@ -2,13 +2,18 @@
 the pure-PyTorch program on it, and the engine's bookkeeping (preemption, prefix caching, the
 budget in bytes) unchanged by it."""
 
+import json
+
 import pytest
 import torch
 
 import moegpt.infer.decode as decode
 from moegpt.infer.decode import decode_step, kernel_layers_apply
 from moegpt.infer.engine import EngineConfig, LLMEngine
-from moegpt.infer.kv_quant import KV_DTYPES, QuantizedSlots, dequantize_kv, kv_bytes_per_slot, quantize_kv
+from moegpt.cli import main as cli_main
+from moegpt.config import preset
+from moegpt.counts import KV_SCALE_BYTES, kv_cache_bytes_per_token
+from moegpt.infer.kv_quant import KV_DTYPES, QuantizedSlots, dequantize_kv, quantize_kv
 from moegpt.infer.sampling_params import SamplingParams
 from moegpt.infer.scheduler import SchedulerConfig
 from tests.infer.test_engine import _first_tokens, _model, _prompts
@@ -37,7 +42,7 @@ def test_slots_are_written_quantized_and_read_back_dequantized():
     slots.index_copy_(0, torch.tensor([7, 2, 5]), rows)
     got = slots.index_select(0, torch.tensor([2, 5, 7]))
     torch.testing.assert_close(got, rows[[1, 2, 0]], atol=rows.abs().max().item() / 127, rtol=0)
-    assert slots.nbytes() == 10 * (32 + 4) == 10 * kv_bytes_per_slot(1, 32, torch.int8)
+    assert slots.nbytes() == 10 * (32 + KV_SCALE_BYTES)
 
 
 def _quantized_caches(caches, storage):
@@ -73,8 +78,8 @@ def test_an_8bit_cache_gives_the_same_tokens_under_preemption_and_prefix_caching
     model = _model()
     prompts = _prompts(8)
     roomy = _first_tokens(LLMEngine(model, EngineConfig(kv_cache_dtype=kind, prefix_caching=False)).generate(prompts, GREEDY))
-    per_slot = 2 * model.cfg.n_layers * kv_bytes_per_slot(model.cfg.n_kv_heads, model.cfg.head_dim, KV_DTYPES[kind])
-    tight = LLMEngine(model, EngineConfig(kv_cache_dtype=kind, block_size=4, kv_cache_bytes=per_slot * 4 * 12,
+    per_token = kv_cache_bytes_per_token(model.cfg, 1, KV_SCALE_BYTES)
+    tight = LLMEngine(model, EngineConfig(kv_cache_dtype=kind, block_size=4, kv_cache_bytes=per_token * 4 * 12,
                                           scheduler=SchedulerConfig(max_num_seqs=4, max_batched_tokens=16)))
     assert tight.stats.kv_blocks_total == 12  # the budget counts the 8-bit values and their scales
     preempted, schedule = [], tight.scheduler.schedule
@@ -100,3 +105,11 @@ def test_an_8bit_cache_holds_four_times_the_tokens_of_an_fp32_one_in_the_same_by
 def test_an_unknown_kv_cache_dtype_is_one_line():
     with pytest.raises(ValueError, match="kv cache dtype 'int4' is not one of auto, int8, fp8"):
         EngineConfig(kv_cache_dtype="int4")
+
+
+def test_the_planner_counts_the_8bit_cache_as_the_engine_budgets_it(capsys):
+    assert cli_main(["plan", "--preset", "small", "--hardware", "h100-sxm", "--batch", "1", "--context", "1024",
+                     "--kv-cache-dtype", "int8", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["memory"]["kv_cache_bytes_per_token"] == kv_cache_bytes_per_token(preset("small"), 1, KV_SCALE_BYTES)
+    assert plan["memory"]["kv_cache_bytes_per_token"] == 2 * 12 * (64 + 4)  # small: 12 layers, one kv head of 64

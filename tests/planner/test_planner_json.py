@@ -57,7 +57,7 @@ def test_json_has_exactly_the_planner_fields(mode, capsys):
     assert set(d["inputs"]) == INPUTS
     assert set(d["inputs"]["parallelism"]) == {"tp", "pp", "dp", "ep", "kv_sharding", "zero_stage", "micro_batch"}
     assert set(d["inputs"]["workload"]) == {"batch", "context", "seq_len", "batch_tokens", "tokens"}
-    assert set(d["inputs"]["precision"]) == {"weight_bytes", "kv_bytes"}
+    assert set(d["inputs"]["precision"]) == {"weight_bytes", "kv_bytes", "kv_scale_bytes"}
     assert set(d["inputs"]["efficiency"]) == {"mfu", "hbm_efficiency", "flops_efficiency", "overhead_factor"}
     assert set(d["hardware"]["peak_flops"]) == {"bf16", "fp8", "int8"}
     for w in d["warnings"]:
