@@ -27,15 +27,17 @@ def interleaved_medians(fns, repeats: int, warmup: int = 1) -> list[float]:
     return [statistics.median(ts) for ts in times]
 
 
-def prefilled_engine(model, batch: int, prompt: int, new: int, seed: int, kv_cache_bytes: int):
+def prefilled_engine(model, batch: int, prompt: int, new: int, seed: int, kv_cache_bytes: int,
+                     kv_cache_dtype: str = "auto"):
     """An LLMEngine holding ``batch`` random prompts of ``prompt`` tokens (``new`` greedy tokens each),
     all prefilled by its first step -> (engine, that step's updates). Every later step decodes."""
     from moegpt.infer.engine import EngineConfig, LLMEngine
     from moegpt.infer.sampling_params import SamplingParams
     from moegpt.infer.scheduler import SchedulerConfig
 
-    engine = LLMEngine(model, EngineConfig(kv_cache_bytes=kv_cache_bytes, scheduler=SchedulerConfig(
-        max_num_seqs=batch, max_batched_tokens=batch * prompt)))
+    engine = LLMEngine(model, EngineConfig(kv_cache_bytes=kv_cache_bytes, kv_cache_dtype=kv_cache_dtype,
+                                           scheduler=SchedulerConfig(max_num_seqs=batch,
+                                                                     max_batched_tokens=batch * prompt)))
     g = torch.Generator().manual_seed(seed)
     for _ in range(batch):
         engine.add_request(torch.randint(0, model.cfg.vocab_size, (prompt,), generator=g).tolist(),

@@ -30,6 +30,7 @@ import torch
 import moegpt.infer.decode as decode
 from bench.common import prefilled_engine, write_result
 from moegpt.config import preset
+from moegpt.counts import KV_SCALE_BYTES, kv_cache_bytes_per_token
 from moegpt.model import build_model
 from moegpt.quant.model import quantize_model, stored_tensors, targets
 from moegpt.quant.scheme import parse_scheme
@@ -62,13 +63,13 @@ def weight_bytes(model) -> tuple[int, int]:
     return nbytes(others + plain + head), expert
 
 
-def step_bytes(cfg, weights: tuple[int, int], engine, itemsize: int) -> int:
+def step_bytes(cfg, weights: tuple[int, int], engine, itemsize: int, kv_per_token: int) -> int:
     """Bytes the engine's last step read (see the module docstring); weights: ``weight_bytes(model)``."""
     shared, expert = weights
     seqs = [s for s in engine.scheduler.running]
     B = len(seqs)
     hit = int((engine.stats.last_expert_counts > 0).sum()) if engine.stats.last_expert_counts is not None else 0
-    kv = sum(len(s.token_ids) for s in seqs) * 2 * cfg.n_layers * cfg.kv_dim * itemsize
+    kv = sum(len(s.token_ids) for s in seqs) * kv_per_token
     return shared + B * cfg.d_model * itemsize + hit * expert + kv
 
 
@@ -85,15 +86,17 @@ def pytorch_only():
 
 
 def bench(dtype_name: str, batch: int, kernels: bool, repeats: int, steps: int, big: torch.Tensor,
-          scheme: str = "none") -> dict:
+          scheme: str = "none", kv_cache_dtype: str = "auto", prompt: int = PROMPT) -> dict:
     dtype = DTYPES[dtype_name]
     cfg = preset("small")
     model = build_model(cfg, seed=0, dtype=dtype).eval()
     if scheme != "none":
         quantize_model(model, parse_scheme(scheme))
     new = (repeats + 2) * steps + 2
-    engine, _ = prefilled_engine(model, batch, PROMPT, new, seed=0, kv_cache_bytes=batch * (PROMPT + new + 64) * 2
-                                 * cfg.n_layers * cfg.kv_dim * dtype.itemsize + 2**20)
+    kv_per_token = (kv_cache_bytes_per_token(cfg, dtype.itemsize) if kv_cache_dtype == "auto"
+                    else kv_cache_bytes_per_token(cfg, 1, KV_SCALE_BYTES))
+    engine, _ = prefilled_engine(model, batch, prompt, new, seed=0, kv_cache_dtype=kv_cache_dtype,
+                                 kv_cache_bytes=batch * (prompt + new + 64) * kv_per_token + 2**20)
     reps = []
     weights = weight_bytes(model)  # (outside the timed steps)
     with contextlib.ExitStack() as stack:
@@ -106,7 +109,7 @@ def bench(dtype_name: str, batch: int, kernels: bool, repeats: int, steps: int, 
             nbytes, t0 = 0, time.perf_counter()
             for _ in range(steps):
                 engine.step()
-                nbytes += step_bytes(cfg, weights, engine, dtype.itemsize)
+                nbytes += step_bytes(cfg, weights, engine, dtype.itemsize, kv_per_token)
             t = time.perf_counter() - t0
             after = sum_bandwidth(big)
             bound = (before + after) / 2
@@ -116,7 +119,7 @@ def bench(dtype_name: str, batch: int, kernels: bool, repeats: int, steps: int, 
     kept = [r for r in reps if r["kept"]] or reps
     fr = [r["fraction"] for r in kept]
     tps = [r["tokens_per_s"] for r in kept]
-    return {"dtype": dtype_name, "weights": scheme, "batch": batch, "program": "kernels" if kernels else "pytorch",
+    return {"dtype": dtype_name, "weights": scheme, "kv_cache": kv_cache_dtype, "prompt": prompt, "batch": batch, "program": "kernels" if kernels else "pytorch",
             "bytes_per_step_mean": nbytes / steps, "fraction_best": max(fr), "fraction_median": statistics.median(fr),
             "tokens_per_s_median": statistics.median(tps), "sum_gb_s_median": statistics.median(
                 [(r["sum_before"] + r["sum_after"]) / 2e9 for r in kept]), "kept": len(kept), "repetitions": reps}
@@ -129,6 +132,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--no-pytorch", action="store_true", help="skip the PyTorch-ops rows")
+    p.add_argument("--kv-cache-dtypes", nargs="+", default=["auto"], choices=["auto", "int8", "fp8"])
+    p.add_argument("--prompt", type=int, default=PROMPT, help=f"prompt tokens of each sequence (default {PROMPT})")
     p.add_argument("--schemes", nargs="+", default=["none", "int8", "int4"], choices=["none", "int8", "int4"],
                    help="weights as they are (none) or quantized (activations in --dtypes)")
     a = p.parse_args()
@@ -136,10 +141,11 @@ def main() -> None:
     big = torch.ones(SUM_BYTES // 4)
     rows = []
     programs = (True, False) if not a.no_pytorch else (True,)
-    for scheme, name, batch, kernels in itertools.product(a.schemes, a.dtypes, a.batches, programs):
-        r = bench(name, batch, kernels, a.repeats, a.steps, big, scheme)
+    for scheme, kv, name, batch, kernels in itertools.product(a.schemes, a.kv_cache_dtypes, a.dtypes, a.batches,
+                                                              programs):
+        r = bench(name, batch, kernels, a.repeats, a.steps, big, scheme, kv, a.prompt)
         rows.append(r)
-        weights = "" if scheme == "none" else f"{scheme} weights, "
+        weights = ("" if scheme == "none" else f"{scheme} weights, ") + ("" if kv == "auto" else f"{kv} KV, ")
         print(f"{weights}{name} batch {batch:>2} {r['program']:>7}: {r['tokens_per_s_median']:7.1f} tok/s, "
               f"{r['fraction_median']:.2f} of the paired 1 GiB sum (best {r['fraction_best']:.2f}; "
               f"sum {r['sum_gb_s_median']:.1f} GB/s, {r['bytes_per_step_mean'] / 1e6:.0f} MB/step, "
