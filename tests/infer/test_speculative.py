@@ -163,3 +163,21 @@ def test_greedy_verification_is_verify_with_one_hot_targets():
         for probs in (None, torch.softmax(torch.randn(k, V, generator=g), -1)):  # certain or sampled drafts
             proposal = Proposal(tokens=drafts, probs=probs)
             assert verify_greedy(target, proposal) == verify(one_hot, proposal, torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_a_quantized_target_and_draft_speculate_the_targets_own_greedy_tokens(kv_cache_dtype):
+    """int4 target, int8 draft (and an 8-bit KV cache): greedy speculation gives the tokens the
+    quantized target gives alone, token for token."""
+    from moegpt.quant.model import quantize_model
+    from moegpt.quant.scheme import QuantScheme
+
+    target = quantize_model(_model(), QuantScheme(bits=4, group_size=32))
+    draft = quantize_model(_model(seed=9, n_layers=1), QuantScheme(bits=8))
+    prompts = _prompts(5)
+    params = SamplingParams(max_tokens=12, temperature=0)
+    plain = LLMEngine(target, EngineConfig(kv_cache_dtype=kv_cache_dtype)).generate(prompts, params)
+    engine = LLMEngine(target, EngineConfig(kv_cache_dtype=kv_cache_dtype), draft=draft)
+    spec = engine.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+    assert engine.stats.spec_proposed > 0
