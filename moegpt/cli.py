@@ -378,8 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="weight-only int8 / int4 quantization of a model directory, with quality gates")
     p.add_argument("--model", required=True, help="full-precision model directory (HF Mixtral format)")
     p.add_argument("--out", required=True, help="the quantized directory (compressed-tensors pack-quantized)")
-    p.add_argument("--scheme", required=True, choices=["int8", "int4"],
-                   help="int8: one scale per output channel; int4: one per group of --group-size inputs")
+    p.add_argument("--scheme", required=True, choices=["int8", "int4", "fp8"],
+                   help="int8: one scale per output channel; int4: one per group of --group-size inputs; fp8: e4m3 "
+                        "weights per channel, activations quantized per token at run time (for GPUs' fp8 matmuls)")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None, help="int4 default 32")
     p.add_argument("--max-perplexity-increase", type=float, default=None, metavar="PCT",
                    help="refuse past this perplexity increase on the validation split, in percent "

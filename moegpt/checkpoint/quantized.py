@@ -31,10 +31,12 @@ import torch
 from moegpt.checkpoint.hf import EXPERT_NAMES, NAME_MAP
 from moegpt.config import ModelConfig
 from moegpt.model import MoEGPT
+from moegpt.quant.fp8 import E4M3
 from moegpt.quant.model import attach, is_quantized, model_scheme, row_packed, stored, targets
 from moegpt.quant.scheme import QuantScheme
 
 FORMAT = "pack-quantized"
+FLOAT_FORMAT = "float-quantized"  # fp8 weights stored as e4m3 X.weight beside X.weight_scale
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
 # the router is never quantized, whichever name a writer gives it (transformers 5 calls it mlp.gate)
 ROUTER_IGNORE = ("re:.*block_sparse_moe\\.gate$", "re:.*mlp\\.gate$")
@@ -44,13 +46,17 @@ _EXPERT = re.compile(r"experts\.\d+\.")
 
 def quantization_config(scheme: QuantScheme, head_quantized: bool) -> dict:
     """config.json's quantization_config for ``scheme``."""
-    weights = {"num_bits": scheme.bits, "type": "int", "symmetric": True,
+    weights = {"num_bits": scheme.bits, "type": "float" if scheme.float8 else "int", "symmetric": True,
                "strategy": "channel" if scheme.group_size is None else "group", "group_size": scheme.group_size,
                "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None}
+    # fp8: activations quantized per token at run time (vLLM's "FP8 dynamic")
+    activations = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True,
+                   "group_size": None, "observer": None} if scheme.float8 else None
+    fmt = FLOAT_FORMAT if scheme.float8 else FORMAT
     return {
-        "quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                      "output_activations": None, "format": FORMAT}},
+        "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
+                                      "output_activations": None, "format": fmt}},
         "ignore": list(ROUTER_IGNORE) + ([] if head_quantized else ["lm_head"]),
         "kv_cache_scheme": None, "sparsity_config": {},
     }
@@ -69,12 +75,19 @@ def scheme_from_config(qc: object, where: str) -> QuantScheme:
                          f"{len(groups) if isinstance(groups, dict) else groups!r}")
     (name, group), = groups.items()
     fmt = group.get("format") or qc.get("format")
-    if fmt != FORMAT:
-        raise ValueError(f"{where}: quantization format {fmt!r} is not supported ({FORMAT!r})")
-    if group.get("input_activations") or group.get("output_activations"):
-        raise ValueError(f"{where}: config_groups.{name}: activation quantization is not supported (weight-only)")
+    if fmt not in (FORMAT, FLOAT_FORMAT):
+        raise ValueError(f"{where}: quantization format {fmt!r} is not supported ({FORMAT!r}, {FLOAT_FORMAT!r})")
     w = group.get("weights") or {}
     field = f"{where}: config_groups.{name}.weights"
+    if fmt == FLOAT_FORMAT:
+        a = group.get("input_activations") or {}
+        if (w.get("type"), w.get("num_bits"), w.get("strategy")) != ("float", 8, "channel") or \
+                (a.get("type"), a.get("num_bits"), a.get("strategy"), a.get("dynamic")) != ("float", 8, "token", True):
+            raise ValueError(f"{where}: config_groups.{name}: {FLOAT_FORMAT!r} is supported as fp8 weights per channel "
+                             "with fp8 activations per token, quantized at run time")
+        return QuantScheme(bits=8, float8=True)
+    if group.get("input_activations") or group.get("output_activations"):
+        raise ValueError(f"{where}: config_groups.{name}: activation quantization is not supported (weight-only)")
     if w.get("type") != "int" or not w.get("symmetric", False) or w.get("dynamic", False):
         raise ValueError(f"{field}: type={w.get('type')!r} symmetric={w.get('symmetric')!r} is not supported "
                          "(symmetric int)")
@@ -93,7 +106,7 @@ def scheme_from_config(qc: object, where: str) -> QuantScheme:
 class Stored:
     """One HF linear's quantized tensors, in moegpt's layout."""
 
-    packed: torch.Tensor  # (O, P) uint8, a view of weight_packed
+    packed: torch.Tensor  # (O, P) uint8, a view of weight_packed; fp8: (O, I) e4m3
     scale: torch.Tensor  # (O, G) fp32
 
 
@@ -118,6 +131,12 @@ def hf_quantized_tensors(model: MoEGPT) -> dict[str, torch.Tensor]:
             continue
         dq = stored(t.module, t.attr)[1]
         packed, scale = row_packed(t.module, t.attr)
+        if dq.scheme.float8:  # float-quantized: the e4m3 values as the weight itself
+            packed, scale = packed.reshape(-1, *packed.shape[-2:]).cpu(), scale.reshape(-1, *scale.shape[-2:]).cpu()
+            for e, base in enumerate(hf_bases(t.name, model.cfg.n_experts)):
+                out[f"{base}.weight"] = packed[e].contiguous()
+                out[f"{base}.weight_scale"] = scale[e].to(dq.dtype).contiguous()
+            continue
         I = packed.shape[-1] * 8 // dq.scheme.bits
         words = -(-I * dq.scheme.bits // 32)
         packed = packed.reshape(-1, *packed.shape[-2:]).cpu()
@@ -140,6 +159,8 @@ def split_quantized(tensors: dict[str, torch.Tensor], cfg: ModelConfig, scheme: 
         for name, p in MoEGPT(cfg).state_dict().items():
             for e, base in enumerate(hf_bases(name, cfg.n_experts)):
                 expected[base] = tuple(p.shape[1:] if p.dim() == 3 else p.shape)
+    if scheme.float8:
+        return _split_float8(tensors, expected, where)
     bases = sorted({k.rsplit(".", 1)[0] for k in tensors if k.rsplit(".", 1)[-1] in SUFFIXES})
     found: dict[str, Stored] = {}
     for base in bases:
@@ -164,10 +185,42 @@ def split_quantized(tensors: dict[str, torch.Tensor], cfg: ModelConfig, scheme: 
             raise ValueError(f"{where}: {base}.weight_scale has a scale that is not finite and positive")
         found[base] = Stored(packed=packed.view(torch.uint8)[:, :I * scheme.bits // 8], scale=scale.float())
         tensors[f"{base}.weight"] = torch.empty(O, I, device="meta")
-    stacks = {_EXPERT.sub("experts.*.", b) for b in found}  # an expert stack is quantized whole or not at all
+    _check_whole_stacks(found, expected, "weight_packed", where)
+    return found
+
+
+def _check_whole_stacks(found: dict[str, Stored], expected: dict, suffix: str, where: str) -> None:
+    """An expert stack is quantized whole or not at all."""
+    stacks = {_EXPERT.sub("experts.*.", b) for b in found}
     for base in expected:
         if _EXPERT.sub("experts.*.", base) in stacks and base not in found:
-            raise ValueError(f"{where}: experts are quantized but {base}.weight_packed is missing")
+            raise ValueError(f"{where}: experts are quantized but {base}.{suffix} is missing")
+
+
+def _split_float8(tensors: dict[str, torch.Tensor], expected: dict, where: str) -> dict[str, Stored]:
+    """float-quantized: every e4m3 ``X.weight`` and its ``X.weight_scale`` (O, 1), checked; the weight
+    replaced by a meta tensor of its shape."""
+    found: dict[str, Stored] = {}
+    for key in sorted(k for k in tensors if k.endswith(".weight_scale")):
+        base = key.removesuffix(".weight_scale")
+        if base not in expected:
+            raise ValueError(f"{where}: unexpected quantized tensor {key}")
+        O, I = expected[base]
+        weight, scale = tensors.get(f"{base}.weight"), tensors.pop(key)
+        if weight is None or weight.dtype != E4M3 or tuple(weight.shape) != (O, I):
+            got = "missing" if weight is None else f"{weight.dtype} {tuple(weight.shape)}"
+            raise ValueError(f"{where}: {base}.weight is {got}, fp8 of {[O, I]} is torch.float8_e4m3fn {(O, I)}")
+        if not scale.is_floating_point() or tuple(scale.shape) != (O, 1):
+            raise ValueError(f"{where}: {key} is {scale.dtype} {tuple(scale.shape)}, fp8 of {[O, I]} has a floating "
+                             f"scale of shape {(O, 1)}")
+        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            raise ValueError(f"{where}: {key} has a scale that is not finite and positive")
+        found[base] = Stored(packed=weight, scale=scale.float())
+        tensors[f"{base}.weight"] = torch.empty(O, I, device="meta")
+    stray = sorted(k for k, t in tensors.items() if t.dtype == E4M3)
+    if stray:
+        raise ValueError(f"{where}: fp8 tensor {stray[0]} has no weight_scale")
+    _check_whole_stacks(found, expected, "weight_scale", where)
     return found
 
 

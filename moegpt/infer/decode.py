@@ -45,6 +45,7 @@ from moegpt.model import MoEGPT
 from moegpt.model.grouped import grouped_mm_supported
 from moegpt.model.layers import rms_norm
 from moegpt.model.rope import rope_cos_sin
+from moegpt.quant.fp8 import E4M3, fp8_matmul
 from moegpt.quant.model import has_weight, model_scheme, stored_tensors
 from moegpt.quant.scheme import dequantize, product_activations, quantized_matmul, rows
 
@@ -68,6 +69,8 @@ class Matrix:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is not None:
+            if self.w.dtype == E4M3:  # fp8: one scaled matmul (fp8 tensor cores on a GPU)
+                return fp8_matmul(x, self.w, self.scale).to(x.dtype)
             if qgemv_applies(x):
                 return torch.ops.moegpt.qgemv(x, self.w, self.scale, self.bits)
             return quantized_matmul(x, self.w, self.scale, self.bits).to(x.dtype)
@@ -201,7 +204,7 @@ def expert_products(x: torch.Tensor, w_t: torch.Tensor, expert: torch.Tensor, of
     if scale is not None:
         w = dequantize(*rows(w_t.transpose(-2, -1).index_select(0, expert), scale.index_select(0, expert), bits),
                        bits)  # (A, O, I)
-        return torch.bmm(product_activations(x)[:, None], w.transpose(-2, -1))[:, 0].to(x.dtype)
+        return torch.bmm(product_activations(x, w_t)[:, None], w.transpose(-2, -1))[:, 0].to(x.dtype)
     if grouped_mm_supported(x, w_t):  # (its checks are the same for a matrix and its transpose)
         return F.grouped_mm(x, w_t, offs=offs)
     return torch.bmm(x[:, None], w_t.index_select(0, expert))[:, 0]  # gathers the chosen matrices
@@ -267,11 +270,12 @@ def layer_with_kernel(x: torch.Tensor, w: DecodeWeights, lw: LayerWeights, kc: t
 
 
 def kernel_layers_apply(w: DecodeWeights, x: torch.Tensor, k_cache: list[torch.Tensor]) -> bool:
-    """Whether the step runs layer by layer on the C++ op: a CPU model in fp32 or bf16, its cache in
-    the same dtype, and few enough assignments per expert (as for the MoE kernel)."""
+    """Whether the step runs layer by layer on the C++ op: a CPU model in fp32 or bf16 (not fp8
+    weights), its cache in the same dtype, and few enough assignments per expert (as for the MoE
+    kernel)."""
     cfg = w.cfg
     return (x.shape[0] * cfg.top_k <= KERNEL_ASSIGNMENTS * cfg.n_experts and k_cache[0].dtype == x.dtype
-            and decode_layer_applies(x))
+            and w.layers[0].w_in.dtype != E4M3 and decode_layer_applies(x))
 
 
 @torch.no_grad()

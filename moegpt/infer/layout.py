@@ -122,6 +122,8 @@ def tiles_apply(model: nn.Module) -> bool:
     quantized = [stored(t.module, t.attr) for t in targets(model) if is_quantized(t.module, t.attr)]
     if not quantized or quantized[0][0].device.type != "cpu" or not kernels.available():
         return False
+    if any(p.dtype != torch.uint8 for p, _ in quantized):  # fp8 weights: scaled matmuls, not the integer kernels
+        return False
     return all(dq.scale.dim() == p.dim() + 1 or  # tiled already
                (p.shape[-2] % TILE == 0 and int8_activations(in_features(p, dq.scheme.bits))) for p, dq in quantized)
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moegpt.quant.fp8 import fp8_activation_values, quantize_fp8
+
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)
 ACTIVATION_BLOCK = 128  # inputs sharing one activation scale; int8 activations where I is a multiple
@@ -34,12 +36,17 @@ ACTIVATION_BLOCK = 128  # inputs sharing one activation scale; int8 activations 
 
 @dataclass(frozen=True, kw_only=True)
 class QuantScheme:
-    """bits 8 (per output channel unless group_size is set) or 4 (per group of group_size inputs)."""
+    """bits 8 (per output channel unless group_size is set) or 4 (per group of group_size inputs);
+    float8: fp8 e4m3 values per output channel instead of integers (fp8.py)."""
 
     bits: int
     group_size: int | None = None  # None: one scale per output channel
+    float8: bool = False
 
     def __post_init__(self):
+        if self.float8 and (self.bits != 8 or self.group_size is not None):
+            raise ValueError(f"fp8 weights are 8-bit with one scale per output channel, got bits={self.bits} "
+                             f"group_size={self.group_size}")
         if self.bits not in BITS:
             raise ValueError(f"bits={self.bits} is not supported (8 or 4)")
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
@@ -49,6 +56,8 @@ class QuantScheme:
 
     @property
     def name(self) -> str:
+        if self.float8:
+            return "fp8"
         return f"int{self.bits}" + ("" if self.group_size is None else f"-g{self.group_size}")
 
     @property
@@ -66,12 +75,17 @@ class QuantScheme:
 
 
 def parse_scheme(name: str, group_size: int | None = None) -> QuantScheme:
-    """``int8`` / ``int4`` (with ``group_size``, default 32 for int4) -> QuantScheme; one-line errors."""
+    """``int8`` / ``int4`` (with ``group_size``, default 32 for int4) / ``fp8`` -> QuantScheme; one-line
+    errors."""
+    if name == "fp8":
+        if group_size is not None:
+            raise ValueError(f"fp8 takes no group size (one scale per output channel), got {group_size}")
+        return QuantScheme(bits=8, float8=True)
     if name == "int8":
         return QuantScheme(bits=8, group_size=group_size)
     if name == "int4":
         return QuantScheme(bits=4, group_size=32 if group_size is None else group_size)
-    raise ValueError(f"scheme {name!r} is not supported (int8, int4)")
+    raise ValueError(f"scheme {name!r} is not supported (int8, int4, fp8)")
 
 
 def quantize(w: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype | None = None
@@ -79,6 +93,8 @@ def quantize(w: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype | No
     """w (..., O, I) -> (packed (..., O, P) uint8, scale (..., O, G) fp32). Each scale is rounded to
     ``scale_dtype`` (default w's: the dtype a directory stores it in) before q is computed from it,
     so what is saved dequantizes to exactly what was measured."""
+    if scheme.float8:
+        return quantize_fp8(w, scale_dtype or w.dtype)
     *lead, O, I = w.shape
     G = scheme.groups(I)
     if scheme.bits == 4 and I % 2:
@@ -110,8 +126,8 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
                ) -> torch.Tensor:
     """packed (..., O, P), scale (..., O, G) -> w (..., O, I) in ``dtype``: q * scale computed in fp32
-    (the kernels' oracle)."""
-    q = unpack(packed, bits).float()  # (..., O, I)
+    (the kernels' oracle). fp8 weights (an e4m3 ``packed``, scale (..., O, 1)): the values times the scale."""
+    q = packed.float() if packed.dtype == torch.float8_e4m3fn else unpack(packed, bits).float()  # (..., O, I)
     *lead, O, I = q.shape
     G = scale.shape[-1]
     w = q.view(*lead, O, G, I // G) * scale.float()[..., None]  # (..., O, G, I/G)
@@ -139,9 +155,12 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq.view(M, I).to(torch.int8), sx
 
 
-def product_activations(x: torch.Tensor) -> torch.Tensor:
-    """x (M, I) -> the fp32 values a quantized product multiplies: the int8 activations' values where
+def product_activations(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x (M, I) -> the fp32 values a product with the quantized weight ``packed`` multiplies: fp8
+    weights, x's per-row fp8 values (fp8.py); integer ones, the int8 activations' values where
     ``int8_activations(I)``, else x itself."""
+    if packed.dtype == torch.float8_e4m3fn:
+        return fp8_activation_values(x)
     if not int8_activations(x.shape[-1]):
         return x.float()
     xq, sx = quantize_activations(x)
@@ -151,7 +170,7 @@ def product_activations(x: torch.Tensor) -> torch.Tensor:
 def quantized_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """x (M, I) times the quantized weight (O, P), or its tiles (T, 16 P) with scale (T, G, 16) ->
     (M, O) fp32, as the decode kernels compute it."""
-    return product_activations(x) @ dequantize(*rows(packed, scale, bits), bits).t()
+    return product_activations(x, packed) @ dequantize(*rows(packed, scale, bits), bits).t()
 
 
 def rows(packed: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

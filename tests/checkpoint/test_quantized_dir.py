@@ -103,7 +103,8 @@ def test_a_broken_quantized_directory_fails_at_load_naming_the_tensor(tmp_path, 
 
 @pytest.mark.parametrize("field,value,message", [
     ("quant_method", "gptq", "quant_method='gptq' is not supported"),
-    ("format", "float-quantized", "quantization format 'float-quantized' is not supported"),
+    ("format", "marlin-24", "quantization format 'marlin-24' is not supported"),
+    ("format", "float-quantized", "'float-quantized' is supported as fp8 weights per channel"),  # int weights in it
 ])
 def test_an_unsupported_quantization_config_is_one_line(tmp_path, field, value, message):
     _quantized_dir(tmp_path, QuantScheme(bits=8))

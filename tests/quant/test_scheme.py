@@ -27,7 +27,7 @@ def test_packed_bytes_are_compressed_tensors_int32_words_read_as_bytes(bits):
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
 def test_the_error_is_within_half_a_step_and_the_largest_weight_is_exact(scheme):
-    w = torch.randn(3, 48, 256)
+    w = torch.randn(3, 48, 256, generator=torch.Generator().manual_seed(0))
     w[0, 0, 5] = 0.0
     w[1, 2] = 0.0  # an all-zero row
     packed, scale = quantize(w, scheme)
@@ -36,7 +36,7 @@ def test_the_error_is_within_half_a_step_and_the_largest_weight_is_exact(scheme)
     assert scale.dtype == torch.float32 and scale.shape == (3, 48, G)
     back = dequantize(packed, scale, scheme.bits)
     step = scale.repeat_interleave(256 // G, dim=-1)
-    assert ((back - w).abs() <= step / 2 + 1e-7).all()
+    assert ((back - w).abs() <= step / 2 + 1e-6).all()  # (plus fp32 rounding of w / scale and q * scale)
     assert torch.equal(back[1, 2], torch.zeros(256))
     big = w.abs().argmax(-1, keepdim=True)  # per row: the largest |w| comes back to the last bit (in its group)
     if G == 1:
@@ -44,7 +44,7 @@ def test_the_error_is_within_half_a_step_and_the_largest_weight_is_exact(scheme)
 
 
 def test_scales_are_rounded_to_the_stored_dtype_before_q_is_chosen():
-    w = torch.randn(16, 64, dtype=torch.bfloat16)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     packed, scale = quantize(w, QuantScheme(bits=8))
     assert torch.equal(scale, scale.to(torch.bfloat16).float())  # exactly what a bf16 directory stores
     assert ((dequantize(packed, scale, 8) - w.float()).abs() <= scale / 2 + 1e-6).all()
