@@ -17,10 +17,8 @@
 // (after each norm, product, rope and residual add), accumulations are fp32, the router's softmax
 // and routing weights are fp32.
 //
-// Attention reads the keys and values where they are in the paged cache (slot = block * block_size
-// + offset, via each sequence's block table): the R = H / G query heads of a kv head are rows against
-// that head's keys, each key read once. A sequence's keys are split in chunks of a fixed size
-// (flash-decoding), combined in order, so a sequence's result does not depend on the batch.
+// Attention (paged_attention.h) reads the keys and values where they are in the paged cache, in the
+// model's dtype or 8-bit with scales.
 //
 // Legend: B sequences, D d_model, H query heads, G kv heads, R = H / G, Dh head dim, E experts,
 // K top-k, F d_ff, nb blocks per table row.
@@ -33,22 +31,20 @@
 
 #include "gemv.h"
 #include "qgemv.h"
+#include "paged_attention.h"
 #include "qtiles.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-namespace moegpt {  // the 8-bit KV cache's values (moegpt/infer/kv_quant.py), times their scale when read
-inline float to_float(int8_t v) { return static_cast<float>(v); }
-inline float to_float(c10::Float8_e4m3fn v) { return static_cast<float>(v); }
-}  // namespace moegpt
 
 namespace {
 
 using moegpt::to_float;
+using moegpt::attention_detail::exp_approx;
+using moegpt::attention_detail::write_and_attend;
 
-constexpr int64_t CHUNK = 64;  // keys per attention work item
 
 template <typename T>
 inline float round_to(float v) {
@@ -59,20 +55,6 @@ inline float round_to(float v) {
   }
 }
 
-// exp for x <= 88.37 (Cephes' expf: range reduction by ln 2 and a degree-6 polynomial, ~2 ulp),
-// written so that loops over arrays vectorise.
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.3f), 88.37f);  // past ~88.38 the scale would be 2^128
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  const float r2 = r * r;
-  const float p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
-                    1.6666665459e-1f) * r + 5.0000001201e-1f) * r2 + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 struct Limits {
   int64_t in_by_out, out_by_in;  // rows up to which the gemv kernel runs (past them: the library's mm)
@@ -165,147 +147,6 @@ void rope(float* x, int64_t n, int64_t Dh, const T* cos, const T* sin) {
   }
 }
 
-struct Item {
-  int64_t b, g, start, n;  // sequence, kv head, first key position, keys
-};
-
-constexpr int64_t HEADS = 16;  // query heads scored together: one vector of 16 fp32 lanes
-
-// st[j * RP + r] = dot(q_r, k_j) for n keys kf (n, Dh) and the query heads transposed in blocks of
-// HEADS, qt (RP / HEADS, Dh, HEADS): each key element is broadcast against HEADS heads at once, four
-// keys at a time, so there is no horizontal sum per dot product.
-inline void scores(const float* qt, const float* kf, int64_t n, int64_t Dh, int64_t RP, float* st) {
-  for (int64_t rb = 0; rb < RP; rb += HEADS) {
-    const float* q = qt + rb * Dh;  // (Dh, HEADS)
-    int64_t j = 0;
-#if defined(__AVX512F__)
-    for (; j + 4 <= n; j += 4) {
-      const float* k = kf + j * Dh;
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t d = 0; d < Dh; ++d) {
-        const __m512 qd = _mm512_loadu_ps(q + d * HEADS);
-        a0 = _mm512_fmadd_ps(_mm512_set1_ps(k[d]), qd, a0);
-        a1 = _mm512_fmadd_ps(_mm512_set1_ps(k[Dh + d]), qd, a1);
-        a2 = _mm512_fmadd_ps(_mm512_set1_ps(k[2 * Dh + d]), qd, a2);
-        a3 = _mm512_fmadd_ps(_mm512_set1_ps(k[3 * Dh + d]), qd, a3);
-      }
-      _mm512_storeu_ps(st + j * RP + rb, a0);
-      _mm512_storeu_ps(st + (j + 1) * RP + rb, a1);
-      _mm512_storeu_ps(st + (j + 2) * RP + rb, a2);
-      _mm512_storeu_ps(st + (j + 3) * RP + rb, a3);
-    }
-#endif
-    for (; j < n; ++j) {
-      float a[HEADS] = {};
-      for (int64_t d = 0; d < Dh; ++d) {
-        const float kd = kf[j * Dh + d];
-#pragma omp simd
-        for (int64_t r = 0; r < HEADS; ++r) a[r] += kd * q[d * HEADS + r];
-      }
-      std::memcpy(st + j * RP + rb, a, sizeof(a));
-    }
-  }
-}
-
-// out (B, H * Dh) fp32: each sequence's query heads over its keys at positions [0, positions[b]].
-template <typename KV>
-void attention(const float* q, const KV* kc, const KV* vc, const float* ks, const float* vs, int64_t B, int64_t H,
-               int64_t G, int64_t Dh,
-               const int64_t* tables, int64_t nb, const int64_t* positions, int64_t block_size, float* out) {
-  const int64_t R = H / G, RP = (R + HEADS - 1) / HEADS * HEADS;  // R padded to blocks of HEADS
-  const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
-  std::vector<Item> items;
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t L = positions[b] + 1;
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t s = 0; s < L; s += CHUNK) items.push_back({b, g, s, std::min(CHUNK, L - s)});
-  }
-  const int64_t n_items = static_cast<int64_t>(items.size());
-  std::vector<float> m(n_items * R), l(n_items * R), acc(n_items * R * Dh);
-#pragma omp parallel num_threads(std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(n_items))))
-  {
-    std::vector<float> kf(CHUNK * Dh), vf(CHUNK * Dh), st(CHUNK * RP), qt(RP * Dh, 0.0f);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < n_items; ++it) {
-      const Item w = items[it];
-      const int64_t* table = tables + w.b * nb;
-      for (int64_t j = 0; j < w.n; ++j) {  // this chunk's keys and values from their slots, as fp32
-        const int64_t p = w.start + j;
-        const int64_t slot = table[p / block_size] * block_size + p % block_size;
-        const KV* kr = kc + (slot * G + w.g) * Dh;
-        const KV* vr = vc + (slot * G + w.g) * Dh;
-        float* kd = kf.data() + j * Dh;
-        float* vd = vf.data() + j * Dh;
-        if (ks != nullptr) {  // an 8-bit cache: each slot and head's values times its scale
-          const float a = ks[slot * G + w.g], c = vs[slot * G + w.g];
-#pragma omp simd
-          for (int64_t d = 0; d < Dh; ++d) {
-            kd[d] = to_float(kr[d]) * a;
-            vd[d] = to_float(vr[d]) * c;
-          }
-        } else {
-#pragma omp simd
-          for (int64_t d = 0; d < Dh; ++d) {
-            kd[d] = to_float(kr[d]);
-            vd[d] = to_float(vr[d]);
-          }
-        }
-      }
-      const float* qb = q + (w.b * H + w.g * R) * Dh;  // (R, Dh): this kv head's query heads
-      for (int64_t r = 0; r < R; ++r)  // transposed, in blocks of HEADS heads: qt[(r / HEADS, d, r % HEADS)]
-        for (int64_t d = 0; d < Dh; ++d) qt[((r / HEADS) * Dh + d) * HEADS + r % HEADS] = qb[r * Dh + d] * scale;
-      scores(qt.data(), kf.data(), w.n, Dh, RP, st.data());  // st (n, RP): key j's scores for every head
-      float* mx = m.data() + it * R;
-      float* sum = l.data() + it * R;
-      for (int64_t r = 0; r < R; ++r) {
-        mx[r] = -std::numeric_limits<float>::infinity();
-        sum[r] = 0.0f;
-      }
-      for (int64_t j = 0; j < w.n; ++j)
-        for (int64_t r = 0; r < R; ++r) mx[r] = std::max(mx[r], st[j * RP + r]);
-      for (int64_t j = 0; j < w.n; ++j) {
-        float* sj = st.data() + j * RP;
-#pragma omp simd
-        for (int64_t r = 0; r < R; ++r) {
-          sj[r] = exp_approx(sj[r] - mx[r]);
-          sum[r] += sj[r];
-        }
-      }
-      float* a = acc.data() + it * R * Dh;  // (R, Dh)
-      std::fill(a, a + R * Dh, 0.0f);
-      for (int64_t j = 0; j < w.n; ++j) {
-        const float* vd = vf.data() + j * Dh;
-        for (int64_t r = 0; r < R; ++r) {
-          const float pj = st[j * RP + r];
-          float* ar = a + r * Dh;
-#pragma omp simd
-          for (int64_t d = 0; d < Dh; ++d) ar[d] += pj * vd[d];
-        }
-      }
-    }
-  }
-  // each (sequence, kv head)'s chunks combined in order
-  for (int64_t first = 0; first < n_items;) {
-    int64_t last = first;
-    while (last < n_items && items[last].b == items[first].b && items[last].g == items[first].g) ++last;
-    const Item w = items[first];
-    for (int64_t r = 0; r < R; ++r) {
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t it = first; it < last; ++it) mx = std::max(mx, m[it * R + r]);
-      float* o = out + (w.b * H + w.g * R + r) * Dh;
-      std::fill(o, o + Dh, 0.0f);
-      float total = 0.0f;
-      for (int64_t it = first; it < last; ++it) {
-        const float c = std::exp(m[it * R + r] - mx);
-        total += l[it * R + r] * c;
-        const float* a = acc.data() + (it * R + r) * Dh;
-        for (int64_t d = 0; d < Dh; ++d) o[d] += a[d] * c;
-      }
-      for (int64_t d = 0; d < Dh; ++d) o[d] /= total;
-    }
-    first = last;
-  }
-}
 
 inline float silu(float v) { return v / (1.0f + exp_approx(-v)); }
 
@@ -390,55 +231,6 @@ void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& 
   }
 }
 
-// One slot's keys (or values) of every kv head into an 8-bit cache, as moegpt/infer/kv_quant.py's
-// quantize_kv: per head, scale = max |x| / largest (1 for an all-zero head), values = x / scale
-// (int8: rounded to nearest even, clamped to +-127; fp8 e4m3: converted).
-template <typename KV>
-void write_8bit(const float* x, KV* values, float* scales, int64_t slot, int64_t G, int64_t Dh) {
-  constexpr float largest = std::is_same_v<KV, int8_t> ? 127.0f : 448.0f;
-  for (int64_t g = 0; g < G; ++g) {
-    const float* xg = x + g * Dh;
-    float amax = 0.0f;
-    for (int64_t d = 0; d < Dh; ++d) amax = std::max(amax, std::fabs(xg[d]));
-    float s = amax / largest;
-    if (!(s > 0.0f)) s = 1.0f;
-    scales[slot * G + g] = s;
-    KV* out = values + (slot * G + g) * Dh;
-    for (int64_t d = 0; d < Dh; ++d) {
-      if constexpr (std::is_same_v<KV, int8_t>) {
-        out[d] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(xg[d] / s))));
-      } else {
-        out[d] = static_cast<KV>(xg[d] / s);
-      }
-    }
-  }
-}
-
-// The new keys and values into their slots, then attention over each sequence's keys.
-template <typename T, typename KV>
-void write_and_attend(const float* qkv, int64_t Q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                      const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale, int64_t B,
-                      int64_t H, int64_t G, int64_t Dh, const int64_t* tables, int64_t nb, const int64_t* pos,
-                      int64_t block_size, const float* q, float* o) {
-  KV* kc = k_cache.data_ptr<KV>();
-  KV* vc = v_cache.data_ptr<KV>();
-  float* ks = k_scale.has_value() ? k_scale->data_ptr<float>() : nullptr;
-  float* vs = v_scale.has_value() ? v_scale->data_ptr<float>() : nullptr;
-  for (int64_t b = 0; b < B; ++b) {
-    const float* row = qkv + b * Q;
-    const int64_t slot = tables[b * nb + pos[b] / block_size] * block_size + pos[b] % block_size;
-    if (ks != nullptr) {
-      write_8bit<KV>(row + H * Dh, kc, ks, slot, G, Dh);
-      write_8bit<KV>(row + (H + G) * Dh, vc, vs, slot, G, Dh);
-    } else {
-      for (int64_t i = 0; i < G * Dh; ++i) {
-        kc[slot * G * Dh + i] = static_cast<KV>(row[H * Dh + i]);
-        vc[slot * G * Dh + i] = static_cast<KV>(row[(H + G) * Dh + i]);
-      }
-    }
-  }
-  attention<KV>(q, kc, vc, ks, vs, B, H, G, Dh, tables, nb, pos, block_size, o);
-}
 
 template <typename T>
 at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const Weight& wqkv, const Weight& wo,

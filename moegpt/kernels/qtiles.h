@@ -18,7 +18,7 @@
 
 #include <type_traits>
 
-#include "qgemv.h"
+#include "qcommon.h"
 
 namespace moegpt {
 
