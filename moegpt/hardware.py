@@ -42,6 +42,16 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, device: str = "cpu"
     return 2 * n**3 / best_time(lambda: a @ b, device, repeats, budget_s)
 
 
+def measure_int8_matmul_ops(device: str = "cpu", n: int = 1024, repeats: int = 10, budget_s: float = 3.0) -> float:
+    """Best int8 OP/s (multiply-adds count 2) of an (n x n) @ (n x n) int8 matmul into int32
+    (torch._int_mm: VNNI on a CPU that has it, int8 tensor cores on a GPU): the peak that 8-bit
+    quantized weights compute at."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (n, n), generator=g, dtype=torch.int8).to(device)
+    b = torch.randint(-127, 128, (n, n), generator=g, dtype=torch.int8).to(device)
+    return 2 * n**3 / best_time(lambda: torch._int_mm(a, b), device, repeats, budget_s)
+
+
 def measure_copy_bandwidth(device: str = "cpu", n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """Best memory copy bandwidth in bytes/s (read + write counted)."""
     src = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)

@@ -66,7 +66,8 @@ def add_plan_parser(subparsers, decode_measurers: Callable[[], DecodeMeasurers] 
     for flag in ("context", "seq_len", "batch_tokens", "tokens", "train_flops", "compare_tokens"):
         g.add_argument("--" + flag.replace("_", "-"), dest=flag, **n)
     g.add_argument("--weight-bytes", type=number, default=None,
-                   help="1, 2 or 4 (fp32: --hardware local only); default 2, or --model DIR's dtype")
+                   help="0.5 (int4), 1, 2 or 4 (fp32: --hardware local only); default 2, or --model DIR's dtype "
+                        "(its quantized bits / 8 for a quantized directory)")
     g.add_argument("--kv-bytes", type=number, default=None, help="1, 2 or 4; default 2, or --model DIR's dtype")
     g.add_argument("--kv-cache-dtype", choices=["int8", "fp8"], default=None,
                    help="the engine's 8-bit KV cache: 1 byte per value and a 4-byte scale per token and kv head "
@@ -124,20 +125,21 @@ def inputs_from_args(args):
         cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
         hardware = local_hardware(cache_dir, remeasure=args.remeasure)
     model, preset = None, args.preset
-    default_bytes = 2
+    default_bytes = default_weight_bytes = 2
     if args.model is not None:
         from moegpt.checkpoint.model_dir import read_config
-        from moegpt.planner.inputs import model_dir_bytes
+        from moegpt.planner.inputs import model_dir_bytes, model_dir_weight_bytes
 
         model, preset = read_config(args.model), str(args.model)
         default_bytes = model_dir_bytes(args.model)  # fp32 directories: 4-byte weights and KV
+        default_weight_bytes = model_dir_weight_bytes(args.model)  # quantized directories: bits / 8
     overrides = {field: getattr(args, flag) for flag, field in OVERRIDES.items() if getattr(args, flag) is not None}
     if args.gated_mlp is not None:
         overrides["mlp"] = "swiglu" if args.gated_mlp else "gelu"
     if args.tied_embeddings is not None:
         overrides["tie_embeddings"] = args.tied_embeddings
-    byte_widths = {flag: default_bytes if getattr(args, flag) is None else getattr(args, flag)
-                   for flag in ("weight_bytes", "kv_bytes")}
+    byte_widths = {flag: default if getattr(args, flag) is None else getattr(args, flag)
+                   for flag, default in (("weight_bytes", default_weight_bytes), ("kv_bytes", default_bytes))}
     if args.kv_cache_dtype is not None:
         if args.kv_bytes is not None:
             raise ValueError(f"--kv-bytes {args.kv_bytes} and --kv-cache-dtype {args.kv_cache_dtype}: give one")

@@ -46,7 +46,7 @@ class Hardware:
         """BF16 FLOPs per byte of HBM traffic at which compute and memory take equal time."""
         return self.peak_flops.bf16 / self.hbm_bytes_per_s
 
-    def peak_for(self, weight_bytes: int) -> float:
+    def peak_for(self, weight_bytes: float) -> float:
         """Precision selects the peak: fp32 for 4-byte weights (measured entries only), BF16 for 2-byte
         weights, else FP8 (H100) or INT8 (A100)."""
         if weight_bytes >= 4:

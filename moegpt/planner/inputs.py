@@ -19,7 +19,23 @@ MODES = ("inference", "train")
 KV_SHARDINGS = ("replicated", "batch")  # batch: TP ranks that would hold a copy of a KV head hold other sequences
 DEFAULT_TOKENS_PER_WORD = 4 / 3  # English rule of thumb: ~0.75 words per token
 BYTE_WIDTHS = (1, 2, 4)  # 8-bit, 16-bit (bf16/fp16), fp32
+WEIGHT_WIDTHS = (0.5,) + BYTE_WIDTHS  # and 4-bit weights
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float8_e4m3fn": 1, "int8": 1}
+
+
+def model_dir_weight_bytes(directory: str | Path) -> float:
+    """Bytes per weight as a directory stores its matmul weights: a quantized directory's bits / 8
+    (compressed-tensors' quantization_config: int8 and fp8 1, int4 0.5; the scales, ~1/32 of a byte
+    per weight at most, are not counted), else ``model_dir_bytes``."""
+    try:
+        q = json.loads((Path(directory) / "config.json").read_text()).get("quantization_config")
+        groups = list((q or {}).get("config_groups", {}).values())
+        bits = groups[0]["weights"]["num_bits"] if groups else None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        bits = None  # (read_config reports a broken config.json; load checks a quantization_config)
+    if bits == 8:
+        return 1
+    return 0.5 if bits == 4 else model_dir_bytes(directory)
 
 
 def model_dir_bytes(directory: str | Path) -> int:
@@ -65,7 +81,7 @@ class Workload:
 
 @dataclass(frozen=True, kw_only=True)
 class Precision:
-    weight_bytes: int
+    weight_bytes: float  # 0.5 for 4-bit weights
     kv_bytes: int
     kv_scale_bytes: int = 0  # per kv head of each token's K and V: counts.KV_SCALE_BYTES for an 8-bit cache
 
@@ -209,7 +225,7 @@ def make_inputs(*, preset: str = "gpt4", model: ModelConfig | None = None, overr
         _int(flag, v)
     _choice("--kv-sharding", kv_sharding, KV_SHARDINGS)
     _choice("--zero-stage", zero_stage, (0, 1, 2, 3))
-    _choice("--weight-bytes", weight_bytes, BYTE_WIDTHS)
+    _choice("--weight-bytes", weight_bytes, WEIGHT_WIDTHS)
     _choice("--kv-bytes", kv_bytes, BYTE_WIDTHS)
     hw.peak_for(weight_bytes)  # 8-bit weights need an 8-bit peak, fp32 weights an fp32 one (local)
     if cfg.n_heads % tp:

@@ -17,7 +17,7 @@ from typing import Callable
 from moegpt.atomic import write_text_atomic
 from moegpt.planner.hardware import Hardware, PeakFlops
 
-CACHE_FILE = "planner-local-hardware-v2.json"  # v2: read bandwidth from a 1 GiB sum
+CACHE_FILE = "planner-local-hardware-v3.json"  # v2: read bandwidth from a 1 GiB sum; v3: an int8 peak
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class Measurement:
     read_bytes_per_s: float  # a read-only stream (1 GiB sum): the bound of decoding; the HBM figure used
     matmul_flops_fp32: float
     matmul_flops_bf16: float
+    matmul_ops_int8: float  # the peak for 8-bit (and 4-bit) quantized weights
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,22 +40,28 @@ class Measurers:
     """The measuring functions (moegpt.hardware's by default; fakes in tests)."""
 
     copy_bandwidth: Callable[[str], float]  # device -> bytes/s
-    matmul_flops: Callable[[str, str], float]  # (dtype name, device) -> FLOP/s
+    matmul_flops: Callable[[str, str], float]  # (dtype name: fp32, bf16, int8, device) -> FLOP/s (int8: OP/s)
     read_bandwidth: Callable[[str], float]  # device -> bytes/s (a read-only stream)
 
 
 def default_measurers() -> Measurers:
     import torch
 
-    from moegpt.hardware import measure_copy_bandwidth, measure_matmul_flops, measure_read_bandwidth
+    from moegpt.hardware import (measure_copy_bandwidth, measure_int8_matmul_ops, measure_matmul_flops,
+                                 measure_read_bandwidth)
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     # Matmul sizes: a GPU needs a large one to reach its peak; a CPU without bf16 units runs bf16
     # ~100x slower than fp32, so a small one keeps the measurement to seconds.
     sizes = {("cuda", "fp32"): 8192, ("cuda", "bf16"): 8192, ("cpu", "fp32"): 1024, ("cpu", "bf16"): 512}
+    def matmul_flops(dtype: str, device: str) -> float:
+        if dtype == "int8":
+            return measure_int8_matmul_ops(device=device, n=8192 if device == "cuda" else 1024)
+        return measure_matmul_flops(dtypes[dtype], device=device, n=sizes[device, dtype])
+
     return Measurers(
         copy_bandwidth=lambda device: measure_copy_bandwidth(device=device),
-        matmul_flops=lambda dtype, device: measure_matmul_flops(dtypes[dtype], device=device, n=sizes[device, dtype]),
+        matmul_flops=matmul_flops,
         read_bandwidth=lambda device: measure_read_bandwidth(device=device),  # 1 GiB: past any cache
     )
 
@@ -78,6 +85,7 @@ def measure(measurers: Measurers, today: datetime.date) -> Measurement:
         read_bytes_per_s=measurers.read_bandwidth(device),
         matmul_flops_fp32=measurers.matmul_flops("fp32", device),
         matmul_flops_bf16=measurers.matmul_flops("bf16", device),
+        matmul_ops_int8=measurers.matmul_flops("int8", device),
     )
 
 
@@ -103,7 +111,7 @@ def hardware_from(m: Measurement) -> Hardware:
     Its HBM bandwidth is the read-stream figure: decoding streams weights, it does not copy."""
     return Hardware(
         name="local", mem_bytes=m.mem_bytes, hbm_bytes_per_s=m.read_bytes_per_s,
-        peak_flops=PeakFlops(bf16=m.matmul_flops_bf16), nvlink_bytes_per_s=None, nic_bits_per_s_per_gpu=None,
+        peak_flops=PeakFlops(bf16=m.matmul_flops_bf16, int8=m.matmul_ops_int8), nvlink_bytes_per_s=None, nic_bits_per_s_per_gpu=None,
         gpus_per_nvlink_domain=1, measured_on=f"{m.date} ({m.device_name})", peak_flops_fp32=m.matmul_flops_fp32,
     )
 

@@ -159,7 +159,8 @@ def measure_decode_efficiency(inp: PlanInputs, measurers: DecodeMeasurers) -> Me
     check_measurable(inp.hardware.name, inp.mode, inp.layout.pp, inp.layout.ep)
     cfg, B, C, wb = inp.model, inp.workload.batch, inp.workload.context, inp.precision.weight_bytes
     if wb not in DTYPE_NAMES:
-        raise ValueError(f"--measure-efficiency: --weight-bytes {wb} is not one of {sorted(DTYPE_NAMES)}")
+        raise ValueError(f"--measure-efficiency: --weight-bytes {wb} is not one of {sorted(DTYPE_NAMES)} (the engine "
+                         "is timed in fp32 or bf16; for quantized weights plan with --no-measure-efficiency)")
     products = decode_matmuls(cfg, B)
     biggest = max(products, key=lambda p: p.out_features * p.in_features)
     need = 4 * biggest.out_features * biggest.in_features * wb  # 2 copies, each laid out a second time

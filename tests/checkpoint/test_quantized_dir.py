@@ -115,3 +115,13 @@ def test_an_unsupported_quantization_config_is_one_line(tmp_path, field, value, 
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         load(tmp_path)
+
+
+@pytest.mark.parametrize("scheme,per_weight", [(QuantScheme(bits=8), 1), (QuantScheme(bits=4, group_size=32), 0.5)])
+def test_the_planner_counts_a_quantized_directory_s_bytes_per_weight(tmp_path, capsys, scheme, per_weight):
+    from moegpt.cli import main
+
+    _quantized_dir(tmp_path, scheme)
+    assert main(["plan", "--model", str(tmp_path), "--hardware", "h100-sxm", "--json"]) == 0
+    precision = json.loads(capsys.readouterr().out)["inputs"]["precision"]
+    assert precision["weight_bytes"] == per_weight and precision["kv_bytes"] == 4  # the KV stays the stored dtype
