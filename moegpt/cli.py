@@ -23,7 +23,46 @@ def cmd_generate(args) -> int:
                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                             repetition_penalty=args.repetition_penalty)
     spec = speculative_from_flags(bool(args.draft), args.ngram, args.speculative_tokens)
-    llm = LLM(args.model, EngineConfig(speculative=spec, kv_cache_dtype=args.kv_cache_dtype), draft_model=args.draft)
+    config = EngineConfig(speculative=spec, kv_cache_dtype=args.kv_cache_dtype)
+    world = sharded_start(args)
+    if world is None:
+        return _generate(args, LLM(args.model, config, draft_model=args.draft), params, spec)
+    from moegpt.parallel.process_group import close_distributed
+
+    if not world.is_driver:  # a shard: rank 0's steps until it is done
+        world.follow(config)
+    else:
+        try:
+            _generate(args, LLM(args.model, config, draft_model=args.draft, shards=world), params, spec)
+        finally:
+            world.stop()
+    close_distributed()
+    return 0
+
+
+def sharded_start(args):
+    """``--tp/--pp/--ep`` (under torchrun): join the group and load this rank's shard (None: one process)."""
+    from moegpt.infer.sharded import start, world_size_from_env
+    from moegpt.parallel.serving import serve_layout
+
+    dims = serve_layout(args.tp, args.pp, args.ep, args.first_stage_layers)
+    if dims.world_size == 1 and world_size_from_env() == 1:
+        return None
+    return start(args.model, dims, args.dist_timeout)
+
+
+def add_layout_args(p) -> None:
+    """The serving layout flags of ``generate`` and ``serve`` (run under torchrun with as many processes)."""
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (attention heads, expert FFN split)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (layers split)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (experts divided, all-to-all)")
+    p.add_argument("--first-stage-layers", type=int, default=None,
+                   help="layers of the first pipeline stage, which also holds the embedding (default: an even split)")
+    p.add_argument("--dist-timeout", type=float, default=120.0,
+                   help="seconds a collective may wait before the run fails (default 120)")
+
+
+def _generate(args, llm, params, spec) -> int:
     tok, engine = llm.tokenizer, llm.engine
     shown, pixels = args.prompt, []
     if args.image:
@@ -362,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative-tokens", type=int, default=4, help="draft tokens per step (default 4)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "int8", "fp8"], default="auto",
                    help="auto: the model's dtype; int8 / fp8 (e4m3): 8 bits per value and a scale per token and kv head")
+    add_layout_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="parameter and FLOP counts of a preset")

@@ -29,7 +29,7 @@ K top-k, A = B*K assignments, F d_ff, V vocab, Lm MoE layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,21 @@ from moegpt.quant.scheme import dequantize, product_activations, quantized_matmu
 
 
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]  # (decoder layer, x (B, D)) -> x (B, D)
+ExpertFFN = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (rows, expert, ends) -> rows
+
+
+class Collectives(Protocol):
+    """What a rank of a sharded model does at a layer's seams (infer/sharded.py); None: one process."""
+
+    def sum_partials(self, x: torch.Tensor) -> torch.Tensor:
+        """Tensor parallel: this rank's partial output (B, D) of attention or the FFN -> their sum."""
+        ...
+
+    def experts(self, rows: torch.Tensor, expert: torch.Tensor, ends: torch.Tensor, ffn: ExpertFFN) -> torch.Tensor:
+        """Expert parallel: rows (A, D) grouped by expert (``expert`` (A,) each row's, ``ends`` (E,)
+        where each group ends) -> (A, D), each row through its expert wherever that expert lives;
+        ``ffn`` runs this rank's experts on rows grouped by local expert."""
+        ...
 
 
 class Matrix:
@@ -95,7 +110,7 @@ class LayerWeights:
     w_down: torch.Tensor  # (E, D, F); quantized: (E, D, P)
     w_in_t: torch.Tensor  # (E, D, 2F): w_in transposed, for grouped_mm
     w_down_t: torch.Tensor  # (E, F, D)
-    expert_ids: torch.Tensor  # (E,) 1..E: where each expert's group ends among sorted assignments
+    expert_ids: torch.Tensor  # (E,) 1..E (every expert the router picks from, wherever it lives)
     w_in_scale: torch.Tensor | None = None  # (E, 2F, G) fp32 for quantized experts
     w_down_scale: torch.Tensor | None = None  # (E, D, G)
     bits: int = 0  # 8 or 4 for quantized weights
@@ -104,10 +119,10 @@ class LayerWeights:
 @dataclass(frozen=True, kw_only=True)
 class DecodeWeights:
     cfg: ModelConfig
-    embed: torch.Tensor  # (V, D)
+    embed: torch.Tensor | None  # (V, D); None on a pipeline stage after the first
     layers: tuple[LayerWeights, ...]
     norm: torch.Tensor  # (D,)
-    head: Matrix  # (V, D)
+    head: Matrix | None  # (V, D); None on a pipeline stage before the last
     rope_cos: torch.Tensor  # (max_seq_len, Dh), in the model's dtype
     rope_sin: torch.Tensor  # (max_seq_len, Dh): -sin on the first half, sin on the second (see ``rope``)
 
@@ -134,17 +149,21 @@ def decode_weights(model: MoEGPT) -> DecodeWeights:
             attn_norm=block.attn_norm.weight, wqkv=matrix(attn.wq, attn.wk, attn.wv), wo=matrix(attn.wo),
             ffn_norm=block.ffn_norm.weight, router=Matrix(ffn.router.weight) if hasattr(ffn, "router") else None,
             w_in=w_in, w_down=w_down, w_in_t=w_in.transpose(-2, -1), w_down_t=w_down.transpose(-2, -1),
-            expert_ids=torch.arange(1, w_in.shape[0] + 1, device=w_in.device),
+            expert_ids=torch.arange(1, (ffn.router.weight.shape[0] if hasattr(ffn, "router") else 1) + 1,
+                                    device=w_in.device),
             w_in_scale=in_scale[0] if in_scale else None, w_down_scale=down_scale[0] if down_scale else None,
             bits=bits if in_scale else 0))
-    dtype, device = model.embed.weight.dtype, model.embed.weight.device
+    dtype, device = model.norm.weight.dtype, model.norm.weight.device
     # every position a sequence can reach; a dynamic scaling is fixed at max_seq_len (model/rope.py)
     cos, sin = rope_cos_sin(torch.arange(cfg.max_seq_len, device=device), cfg.head_dim, cfg.rope_theta,
                             cfg.rope_scaling, seq_len=cfg.max_seq_len)
     half = cfg.head_dim // 2
     sin[:, :half].neg_()  # the rotation's sign folded into the table: rope is x*cos + roll(x)*sin
-    head = Matrix(model.embed.weight) if model.lm_head is None else matrix(model.lm_head)
-    return DecodeWeights(cfg=cfg, embed=model.embed.weight, layers=tuple(layers), norm=model.norm.weight,
+    # a pipeline stage may hold neither the embedding (not the first) nor the head (not the last)
+    embed = model.embed.weight if model.embed is not None else None
+    head = (matrix(model.lm_head) if model.lm_head is not None
+            else Matrix(embed) if embed is not None else None)
+    return DecodeWeights(cfg=cfg, embed=embed, layers=tuple(layers), norm=model.norm.weight,
                          head=head, rope_cos=cos.to(dtype), rope_sin=sin.to(dtype))
 
 
@@ -226,9 +245,11 @@ def route(h: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> tuple[torch.Te
     return torch.softmax(top_l, dim=-1, dtype=torch.float32), top_e
 
 
-def moe(h: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+def moe(h: torch.Tensor, lw: LayerWeights, cfg: ModelConfig,
+        comm: Collectives | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """h (B, D) -> (B, D), and where each expert's assignments end (E,) int32 among the assignments
-    sorted by expert (None for a dense layer): the step's expert counts come from it."""
+    sorted by expert (None for a dense layer): the step's expert counts come from it. With ``comm``
+    the chosen experts may live on other ranks (expert parallel)."""
     B, D = h.shape
     K = cfg.top_k
     if lw.router is None:  # dense: one expert, every token
@@ -241,8 +262,12 @@ def moe(h: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> tuple[torch.Tens
         ends = torch.searchsorted(expert, lw.expert_ids, out_int32=True)  # (E,) end of each group
         token = order // K  # (A,) source token of each assignment
         routed, weight = h.index_select(0, token), top_w.view(-1, 1).index_select(0, order)  # (A, D), (A, 1)
-    up = expert_products(routed, lw.w_in_t, expert, ends, lw.w_in_scale, lw.bits)  # (A, 2F) or (A, F)
-    y = expert_products(activation(up, cfg), lw.w_down_t, expert, ends, lw.w_down_scale, lw.bits)  # (A, D)
+
+    def ffn(rows: torch.Tensor, expert: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:  # (A, D) -> (A, D)
+        up = expert_products(rows, lw.w_in_t, expert, ends, lw.w_in_scale, lw.bits)  # (A, 2F) or (A, F)
+        return expert_products(activation(up, cfg), lw.w_down_t, expert, ends, lw.w_down_scale, lw.bits)
+
+    y = ffn(routed, expert, ends) if comm is None or weight is None else comm.experts(routed, expert, ends, ffn)  # (A, D)
     if weight is None:
         return y, None
     y = y * weight  # fp32 routing weights, as the model
@@ -269,13 +294,14 @@ def layer_with_kernel(x: torch.Tensor, w: DecodeWeights, lw: LayerWeights, kc: t
         lw.bits or lw.wqkv.bits, *scales)
 
 
-def kernel_layers_apply(w: DecodeWeights, x: torch.Tensor, k_cache: list[torch.Tensor]) -> bool:
+def kernel_layers_apply(w: DecodeWeights, x: torch.Tensor, k_cache: list[torch.Tensor],
+                        comm: Collectives | None = None) -> bool:
     """Whether the step runs layer by layer on the C++ op: a CPU model in fp32 or bf16 (not fp8
-    weights), its cache in the same dtype, and few enough assignments per expert (as for the MoE
-    kernel)."""
+    weights), its cache in the same dtype, few enough assignments per expert (as for the MoE
+    kernel), and one process (a sharded layer sums partial outputs between its halves)."""
     cfg = w.cfg
-    return (x.shape[0] * cfg.top_k <= KERNEL_ASSIGNMENTS * cfg.n_experts and k_cache[0].dtype == x.dtype
-            and w.layers[0].w_in.dtype != E4M3 and decode_layer_applies(x))
+    return (comm is None and x.shape[0] * cfg.top_k <= KERNEL_ASSIGNMENTS * cfg.n_experts
+            and k_cache[0].dtype == x.dtype and w.layers[0].w_in.dtype != E4M3 and decode_layer_applies(x))
 
 
 @torch.no_grad()
@@ -287,29 +313,44 @@ def decode_step(w: DecodeWeights, tokens: torch.Tensor, positions: torch.Tensor,
     Dh) -> logits (L, V) of ``logit_rows`` (L,) (None: every row) and the tokens routed to each
     expert (Lm, E) (None without MoE layers). ``before_layer(i, x)``: what runs on the rows before
     decoder layer i (a vision model's gated cross-attention)."""
-    cfg = w.cfg
     x = w.embed.index_select(0, tokens)  # (B, D)
-    kernels = kernel_layers_apply(w, x, k_cache)
-    if kernels:
-        counts = torch.zeros(cfg.n_moe_layers, cfg.n_experts, dtype=torch.long) if cfg.n_moe_layers else None  # CPU
-        row = 0
-        for i, (lw, kc, vc) in enumerate(zip(w.layers, k_cache, v_cache)):
-            if before_layer is not None:
-                x = before_layer(i, x)
-            x = layer_with_kernel(x, w, lw, kc, vc, positions, meta, counts, row)
-            row += lw.router is not None
-    else:
-        x, counts = layers_in_pytorch(w, x, positions, k_cache, v_cache, meta, before_layer)
+    x, counts = decode_layers(w, x, positions, k_cache, v_cache, meta, before_layer)
+    return decode_logits(w, x, logit_rows, fused=kernel_layers_apply(w, x, k_cache)), counts
+
+
+def decode_layers(w: DecodeWeights, x: torch.Tensor, positions: torch.Tensor, k_cache: list[torch.Tensor],
+                  v_cache: list[torch.Tensor], meta: DecodeMeta, before_layer: LayerHook | None = None,
+                  comm: Collectives | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The decoder layers of ``w`` (all of a model's, or a pipeline stage's): x (B, D) -> (B, D) and
+    the tokens routed to each expert of its MoE layers (Lm, E) (None without MoE layers)."""
+    if not kernel_layers_apply(w, x, k_cache, comm):
+        return layers_in_pytorch(w, x, positions, k_cache, v_cache, meta, before_layer, comm)
+    n_moe = sum(lw.router is not None for lw in w.layers)
+    counts = torch.zeros(n_moe, w.cfg.n_experts, dtype=torch.long) if n_moe else None  # CPU
+    row = 0
+    for i, (lw, kc, vc) in enumerate(zip(w.layers, k_cache, v_cache)):
+        if before_layer is not None:
+            x = before_layer(i, x)
+        x = layer_with_kernel(x, w, lw, kc, vc, positions, meta, counts, row)
+        row += lw.router is not None
+    return x, counts
+
+
+def decode_logits(w: DecodeWeights, x: torch.Tensor, logit_rows: torch.Tensor | None = None,
+                  fused: bool = False) -> torch.Tensor:
+    """The final norm and the head on the rows asked for: x (B, D) -> logits (L, V). ``fused``: the
+    norm as the C++ op (the layers ran on it)."""
     if logit_rows is not None:
         x = x.index_select(0, logit_rows)  # (L, D)
-    h = torch.ops.moegpt.rms_norm(x, w.norm, cfg.norm_eps) if kernels else rms_norm(x, w.norm, cfg.norm_eps)
-    return w.head(h), counts  # (L, V)
+    h = torch.ops.moegpt.rms_norm(x, w.norm, w.cfg.norm_eps) if fused else rms_norm(x, w.norm, w.cfg.norm_eps)
+    return w.head(h)  # (L, V)
 
 
 def layers_in_pytorch(w: DecodeWeights, x: torch.Tensor, positions: torch.Tensor, k_cache: list[torch.Tensor],
-                      v_cache: list[torch.Tensor], meta: DecodeMeta,
-                      before_layer: LayerHook | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layers in PyTorch ops (the C++ op's oracle): x (B, D) -> (B, D), counts (Lm, E) or None."""
+                      v_cache: list[torch.Tensor], meta: DecodeMeta, before_layer: LayerHook | None = None,
+                      comm: Collectives | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layers in PyTorch ops (the C++ op's oracle): x (B, D) -> (B, D), counts (Lm, E) or None.
+    ``comm``: a sharded model's collectives (partial outputs summed, experts on other ranks)."""
     cfg = w.cfg
     H, G, Dh, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps
     B = x.shape[0]
@@ -325,9 +366,10 @@ def layers_in_pytorch(w: DecodeWeights, x: torch.Tensor, positions: torch.Tensor
         v = qkv[:, H + G:]  # (B, G, Dh)
         kc.index_copy_(0, keys.slot_mapping, qk[:, H:].to(kc.dtype))  # (B, G, Dh) into their slots
         vc.index_copy_(0, keys.slot_mapping, v.to(vc.dtype))
-        x = x + lw.wo(attend(qk[:, :H], kc, vc, keys))
-        y, offs = moe(rms_norm(x, lw.ffn_norm, eps), lw, cfg)
-        x = x + y
+        out = lw.wo(attend(qk[:, :H], kc, vc, keys))  # (B, D)
+        x = x + (out if comm is None else comm.sum_partials(out))
+        y, offs = moe(rms_norm(x, lw.ffn_norm, eps), lw, cfg, comm)
+        x = x + (y if comm is None else comm.sum_partials(y))
         if offs is not None:
             ends.append(offs)
     if not ends:

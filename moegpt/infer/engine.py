@@ -120,7 +120,7 @@ def _generator(seed: int | None, index: int, device: torch.device) -> torch.Gene
     return g
 
 
-def _kv_bytes_per_block(model: MoEGPT, block_size: int, kv_dtype: str) -> int:
+def kv_bytes_per_block(model: MoEGPT, block_size: int, kv_dtype: str) -> int:
     if kv_dtype == "auto":
         return kv_cache_bytes_per_token(model.cfg, next(model.parameters()).dtype.itemsize) * block_size
     return kv_cache_bytes_per_token(model.cfg, kv_storage(kv_dtype).itemsize, KV_SCALE_BYTES) * block_size
@@ -135,6 +135,8 @@ class LLMEngine:
     config: KV cache, scheduler, prefix caching and speculative decoding.
     tokenizer: needed for text (stop strings, detokenized updates) and to stop at its eos token.
     draft: a draft model for speculative decoding; changed in place like ``model``.
+    shards: on rank 0 of a sharded model (infer/sharded.py: ``ShardedWorld``), ``model`` is this
+        rank's shard; every step runs on all ranks (the draft on rank 0 alone).
 
     A vision model (model/vision) takes requests with images: each image is encoded (tower and
     resampler) once when its request is added, its cross-attention keys and values kept in the
@@ -144,7 +146,7 @@ class LLMEngine:
     """
 
     def __init__(self, model: MoEGPT | VisionMoEGPT, config: EngineConfig = EngineConfig(),
-                 tokenizer: Tokenizer | None = None, draft: MoEGPT | None = None):
+                 tokenizer: Tokenizer | None = None, draft: MoEGPT | None = None, *, shards=None):
         self.model, self.config, self.tokenizer = lay_out_for_decoding(model.eval()), config, tokenizer
         spec = config.speculative
         if draft is not None and spec is None:
@@ -155,10 +157,12 @@ class LLMEngine:
             raise ValueError(f"draft vocab_size ({draft.cfg.vocab_size}) differs from the model's ({model.cfg.vocab_size})")
         self.spec = spec
         self.draft = lay_out_for_decoding(draft.eval()) if draft is not None and spec.method == SpeculativeMethod.DRAFT else None
-        per_block = _kv_bytes_per_block(model, config.block_size, config.kv_cache_dtype)
+        per_block = kv_bytes_per_block(model, config.block_size, config.kv_cache_dtype)
         if self.draft is not None:
-            per_block += _kv_bytes_per_block(self.draft, config.block_size, config.kv_cache_dtype)
+            per_block += kv_bytes_per_block(self.draft, config.block_size, config.kv_cache_dtype)
         num_blocks = config.num_kv_blocks or config.kv_cache_bytes // per_block
+        if shards is not None:  # the model is sharded over ranks (infer/sharded.py): every rank's cache alike
+            num_blocks = shards.agree_num_blocks(num_blocks)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of {per_block} bytes")
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching, self.draft is not None)
@@ -171,7 +175,9 @@ class LLMEngine:
                                     num_lookahead=spec.num_tokens)
         self.scheduler = Scheduler(sched, self.blocks)
         self.images = RequestImages(model, config.image_cache_blocks) if isinstance(model, VisionMoEGPT) else None
-        self.runner = ModelRunner(model, self.cache, None if self.images is None else self.images.cache)
+        images = None if self.images is None else self.images.cache
+        self.runner = (ModelRunner(model, self.cache, images) if shards is None
+                       else shards.runner(model, self.cache, images))
         self.drafter = None
         if self.draft is not None:
             dparam = next(self.draft.parameters())

@@ -35,11 +35,12 @@ class LLM:
     """A model directory (moegpt's or any HF Mixtral one, with its tokenizer) and its engine."""
 
     def __init__(self, model: str | Path, config: EngineConfig = EngineConfig(), draft_model: str | Path | None = None,
-                 *, seed: int | None = None):
+                 *, seed: int | None = None, shards=None):
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"seed={seed!r} must be an integer or None")
         self.seed, self._requests = seed, 0
-        self.model, self.tokenizer = load(model)
+        # shards: rank 0 of a sharded model (infer/sharded.py ``start``), which loaded its shard of ``model``
+        self.model, self.tokenizer = load(model) if shards is None else (shards.model, shards.tokenizer)
         if self.tokenizer is None:
             raise ValueError(f"{model} has no tokenizer (tokenizer.json or a sentencepiece tokenizer.model)")
         self.draft = None
@@ -49,7 +50,7 @@ class LLM:
                 raise ValueError(f"draft {draft_model} does not share the tokenizer of {model}")
         self.config = config
         self.image_processing = read_image_processing(model) if isinstance(self.model, VisionMoEGPT) else None
-        self.engine = LLMEngine(self.model, config, self.tokenizer, self.draft)
+        self.engine = LLMEngine(self.model, config, self.tokenizer, self.draft, shards=shards)
 
     def _prompt(self, prompt: Prompt) -> tuple[str | None, list[int], list]:
         """-> (the text, or None for token ids; the token ids; the images' pixel values)."""

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moegpt.infer.decode import KERNEL_ASSIGNMENTS, MAX_QUERY_TOKENS, decode_step, decode_weights
+from moegpt.infer.decode import (KERNEL_ASSIGNMENTS, MAX_QUERY_TOKENS, Collectives, decode_layers, decode_logits,
+                                 decode_weights, kernel_layers_apply)
 from moegpt.infer.decode_batch import DecodeBatchState, DecodeRow
 from moegpt.infer.paged_cache import (DecodeBatch, PagedAttentionMetadata, PagedKVCache, block_table_tensor,
                                       slots_by_position)
@@ -41,8 +42,9 @@ class Chunk:
 
 @dataclass(frozen=True, kw_only=True)
 class StepOutput:
-    logits: torch.Tensor  # (L, V) the asked-for rows, chunk by chunk in order
-    expert_counts: torch.Tensor | None  # (n_layers, E) tokens routed to each expert this step
+    logits: torch.Tensor | None  # (L, V) the asked-for rows, chunk by chunk in order; None before the last stage
+    expert_counts: torch.Tensor | None  # (Lm, E) tokens routed to each expert of its MoE layers this step
+    hidden: torch.Tensor | None = None  # (N, D) every token's hidden state, for the next pipeline stage
 
 
 def attention_metadata(chunks: list[Chunk], block_size: int,
@@ -98,10 +100,18 @@ def image_context(chunks: list[Chunk], images: ImageKVCache, device: torch.devic
 
 class ModelRunner:
     """Runs steps of ``model`` (a text model, or a vision model: model/vision) over the paged cache;
-    a vision model's image keys and values are read from ``images``."""
+    a vision model's image keys and values are read from ``images``.
 
-    def __init__(self, model: MoEGPT | VisionMoEGPT, cache: PagedKVCache, images: ImageKVCache | None = None):
+    A rank of a sharded model (infer/sharded.py) runs its shard: ``comm`` sums the partial outputs
+    of tensor-parallel layers and sends rows to the experts of other ranks in the decode program
+    (the model's forward does the same through the hooks the sharding put on it); a pipeline stage
+    that is not the ``first`` takes the previous stage's hidden states instead of tokens, and one
+    that is not the ``last`` hands its hidden states on instead of logits."""
+
+    def __init__(self, model: MoEGPT | VisionMoEGPT, cache: PagedKVCache, images: ImageKVCache | None = None, *,
+                 comm: Collectives | None = None, first: bool = True, last: bool = True):
         self.model, self.cache, self.images = model, cache, images
+        self.comm, self.first, self.last = comm, first, last
         self.vision = isinstance(model, VisionMoEGPT)
         text = model.text if self.vision else model
         self.weights = decode_weights(text)  # views of the model's parameters (fused in place)
@@ -118,9 +128,11 @@ class ModelRunner:
                 and n * cfg.top_k <= KERNEL_ASSIGNMENTS * cfg.n_experts)
 
     @torch.no_grad()
-    def run(self, chunks: list[Chunk]) -> StepOutput:
+    def run(self, chunks: list[Chunk], hidden: torch.Tensor | None = None) -> StepOutput:
+        """The step's chunks -> logits of the rows they ask for; ``hidden`` (N, D): the previous
+        pipeline stage's output for every token (stages after the first)."""
         if self.runs_decode_program(chunks):
-            return self.decode(chunks)
+            return self.decode(chunks, hidden)
         device = self.cache.k[0].device
         meta, positions = attention_metadata(chunks, self.cache.block_size, device)
         rows, end = [], 0
@@ -129,15 +141,20 @@ class ModelRunner:
             rows.extend(range(end - c.num_logits, end))
         tokens = torch.tensor([[t for c in chunks for t in c.tokens]], device=device)  # (1, N)
         images = image_context(chunks, self.images, device) if self.vision else None
-        if images is not None:
-            hidden, router = self.model.trunk(tokens, positions, self.cache.views(meta), images)  # (1, N, D)
+        if self.vision:
+            x, router = self.model.trunk(tokens, positions, self.cache.views(meta), images)  # (1, N, D)
         else:
-            hidden, router = self.model.trunk(tokens, positions, self.cache.views(meta))  # (1, N, D)
-        logits = self.model.head(hidden[0, rows])  # (L, V): the head only on the rows asked for
+            x = self.model.embed(tokens) if self.first else hidden[None]  # (1, N, D)
+            x, router = self.model.blocks(x, positions, self.cache.views(meta))  # (1, N, D)
+            if self.last:
+                x = self.model.norm(x)
         counts = torch.stack([s.expert_counts for s in router]) if router else None
+        if not self.last:
+            return StepOutput(logits=None, expert_counts=counts, hidden=x[0])
+        logits = self.model.head(x[0, rows])  # (L, V): the head only on the rows asked for
         return StepOutput(logits=logits, expert_counts=counts)
 
-    def decode(self, chunks: list[Chunk]) -> StepOutput:
+    def decode(self, chunks: list[Chunk], hidden: torch.Tensor | None = None) -> StepOutput:
         """The chunks' tokens through the decode program, each token a row at its position (a chunk's
         later tokens see its earlier ones: every row's key is written before any row attends)."""
         rows, wanted, end = [], [], 0
@@ -154,6 +171,10 @@ class ModelRunner:
         before_layer = None
         if images is not None:  # each decoder layer's gated block on the rows, as one row of tokens
             before_layer = lambda i, x: self.model.cross_attend(i, x[None], images)[0]  # noqa: E731
-        logits, counts = decode_step(self.weights, tokens, positions, self.cache.k, self.cache.v, meta, logit_rows,
-                                     before_layer)
+        w, k, v = self.weights, self.cache.k, self.cache.v
+        x = w.embed.index_select(0, tokens) if self.first else hidden  # (N, D)
+        x, counts = decode_layers(w, x, positions, k, v, meta, before_layer, self.comm)
+        if not self.last:
+            return StepOutput(logits=None, expert_counts=counts, hidden=x)
+        logits = decode_logits(w, x, logit_rows, fused=kernel_layers_apply(w, x, k, self.comm))  # (L, V)
         return StepOutput(logits=logits, expert_counts=counts)

@@ -82,14 +82,19 @@ class MoEGPT(nn.Module):
         """Everything but the output head: tokens (B, T) -> final-normed hidden states (B, T, D) and the
         router stats. An inference runner applies ``head`` to only the rows it samples from (a
         prefill chunk needs one row of its T, and the head is a (V, D) matmul per row)."""
-        B, T = tokens.shape
         if positions is None:
-            positions = torch.arange(T, device=tokens.device)
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x, stats = self.blocks(self.embed(tokens), positions, cache)  # (B, T, D)
+        return self.norm(x), stats
+
+    def blocks(self, x: torch.Tensor, positions: torch.Tensor,
+               cache: Sequence[KVCacheView] | None = None) -> tuple[torch.Tensor, list[RouterStats]]:
+        """The decoder layers alone: x (B, T, D) at ``positions`` -> (B, T, D) and the router stats
+        (a pipeline stage of a served model runs its own layers on the previous stage's output)."""
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling,
                                 self._rope_len(positions, cache))  # (T, Dh) each, or (B, T, Dh)
         if positions.dim() == 2:  # positions per row (packed documents): broadcast over heads
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
-        x = self.embed(tokens)  # (B, T, D)
         if cos.dtype != x.dtype:  # cast once here rather than twice per layer in apply_rope (same values)
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         stats: list[RouterStats] = []
@@ -97,7 +102,7 @@ class MoEGPT(nn.Module):
             x, s = layer(x, cos, sin, positions, None if cache is None else cache[i])
             if s is not None:
                 stats.append(s)
-        return self.norm(x), stats
+        return x, stats
 
     def _rope_len(self, positions: torch.Tensor, cache: Sequence[KVCacheView] | None) -> int | None:
         """The length a dynamic rope scaling is evaluated at: this forward's own (as transformers)

@@ -1,0 +1,256 @@
+"""A plain model cut for serving over tensor x pipeline x expert parallel ranks, from outside.
+
+What each rank holds (gpt-fast's and Megatron's cut, the article's TP8 x PP16 serving layout):
+
+- tp: each layer's query heads and each expert's FFN dimension split; with MQA the one KV head is
+  computed and cached on every TP rank. A rank's attention output and its FFN output are partial
+  sums, summed across the TP group (two all-reduces per layer).
+- pp: the decoder layers split in stages (the first may hold fewer, ``first_stage_layers``); the
+  embedding on the first stage, the final norm and the head on the last.
+- ep: each MoE layer's experts divided across EP ranks. Every EP rank computes attention and routing
+  for all the step's tokens; each dispatches its own share of the rows to the experts' owners with
+  all-to-all (parallel/expert.py, as training does), and the results are gathered back.
+
+World layout, outermost first: pp x ep x tp (TP ranks are neighbours: one node's fast links).
+
+A shard of a model is itself a model: ``local_config`` is the configuration of the layers a rank
+holds (H/tp heads, F/tp FFN, its stage's layers), and ``shard_model`` slices a loaded model down to
+it in place and puts the collectives on it as forward hooks, so the model's own forward (prefill)
+computes what one process does. The decode program takes the same collectives as an argument
+(``ShardCollectives``).
+
+Legend: A rows grouped by expert, D d_model, E experts, El = E/ep local experts, R ep ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moegpt.config import ModelConfig
+from moegpt.parallel.dims import ParallelDims, stage_layers
+from moegpt.parallel.expert import combine, dispatch
+
+SERVE_MESH_DIMS = ("pp", "ep", "tp")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeRank:
+    """Where one rank sits in a serving layout."""
+
+    dims: ParallelDims
+    rank: int
+    pp: int  # its pipeline stage
+    ep: int  # its expert-parallel rank
+    tp: int  # its tensor-parallel rank
+    first_layer: int  # its stage's decoder layers: [first_layer, last_layer)
+    last_layer: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp == self.dims.pp - 1
+
+    def rank_at(self, pp: int, ep: int | None = None, tp: int | None = None) -> int:
+        """The global rank at pipeline stage ``pp`` (and this rank's ep / tp unless given)."""
+        ep = self.ep if ep is None else ep
+        tp = self.tp if tp is None else tp
+        return (pp * self.dims.ep + ep) * self.dims.tp + tp
+
+
+def serve_layout(tp: int = 1, pp: int = 1, ep: int = 1, first_stage_layers: int | None = None) -> ParallelDims:
+    return ParallelDims(tp=tp, pp=pp, ep=ep, first_stage_layers=first_stage_layers)
+
+
+def serve_rank(dims: ParallelDims, rank: int, n_layers: int) -> ServeRank:
+    if dims.dp != 1 or dims.virtual_stages != 1:
+        raise ValueError(f"serving layouts are tp x pp x ep (got dp={dims.dp}, virtual_stages={dims.virtual_stages})")
+    if not 0 <= rank < dims.world_size:
+        raise ValueError(f"rank {rank} is outside the layout's {dims.world_size} ranks")
+    tp, rest = rank % dims.tp, rank // dims.tp
+    ep, pp = rest % dims.ep, rest // dims.ep
+    sizes = stage_layers(n_layers, dims.pp, dims.first_stage_layers)
+    first = sum(sizes[:pp])
+    return ServeRank(dims=dims, rank=rank, pp=pp, ep=ep, tp=tp, first_layer=first, last_layer=first + sizes[pp])
+
+
+def local_config(cfg: ModelConfig, r: ServeRank) -> ModelConfig:
+    """The configuration of what rank ``r`` holds: H/tp query heads (the KV heads split too, or the
+    one MQA head kept), F/tp FFN, its stage's layers. The router still picks among all E experts."""
+    tp = r.dims.tp
+    return cfg.replace(n_heads=cfg.n_heads // tp, head_dim=cfg.head_dim, d_ff=cfg.d_ff // tp,
+                       n_kv_heads=cfg.n_kv_heads if cfg.n_kv_heads == 1 else cfg.n_kv_heads // tp,
+                       n_layers=r.last_layer - r.first_layer)
+
+
+def kv_heads_split(cfg: ModelConfig, tp: int) -> bool:
+    """Whether the KV heads are split over TP (else replicated: MQA's one head on every rank)."""
+    return cfg.n_kv_heads > 1 and cfg.n_kv_heads % tp == 0
+
+
+def shard_slices(name: str, cfg: ModelConfig, r: ServeRank) -> tuple[slice, ...] | None:
+    """The part of the full model's parameter ``name`` rank ``r`` holds, as slices of its dims (a
+    model directory can read just that); None where it holds none of it. Names are the model's,
+    with the full model's layer indices."""
+    dims = r.dims
+    if name.startswith("layers."):
+        layer = int(name.split(".")[1])
+        if not r.first_layer <= layer < r.last_layer:
+            return None
+    elif name == "embed.weight":
+        if not (r.is_first_stage or (r.is_last_stage and cfg.tie_embeddings)):
+            return None
+    elif name == "lm_head.weight" and not r.is_last_stage:
+        return None  # (the final norm is a vector every stage keeps)
+    whole = slice(None)
+
+    def part(size: int, n: int, i: int) -> slice:
+        return slice(size // n * i, size // n * (i + 1))
+
+    tp, t = dims.tp, r.tp
+    if name.endswith(("attn.wq.weight",)):
+        return part(cfg.n_heads * cfg.head_dim, tp, t), whole
+    if name.endswith(("attn.wk.weight", "attn.wv.weight")):
+        return (part(cfg.n_kv_heads * cfg.head_dim, tp, t) if kv_heads_split(cfg, tp) else whole), whole
+    if name.endswith("attn.wo.weight"):
+        return whole, part(cfg.n_heads * cfg.head_dim, tp, t)
+    if ".ffn." in name and name.endswith(("w_up", "w_gate", "w_down")):
+        experts = part(cfg.n_experts, dims.ep, r.ep) if ".experts." in name else whole
+        ff = part(cfg.d_ff, tp, t)
+        return (experts, ff, whole) if not name.endswith("w_down") else (experts, whole, ff)
+    return (whole,)
+
+
+class ShardCollectives:
+    """A rank's collectives at a layer's seams (the decode program's ``Collectives``; the model's
+    forward gets the same through hooks): TP partial outputs summed, EP rows sent to their experts."""
+
+    def __init__(self, tp_group=None, ep_group=None, pipe_group=None):
+        self.tp_group, self.ep_group = tp_group, ep_group
+        self.pipe_group = pipe_group  # every rank, for the pipeline's sends alone (its tags its own)
+
+    def sum_partials(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is None:
+            return x
+        x = x.contiguous()
+        dist.all_reduce(x, group=self.tp_group)
+        return x
+
+    def experts(self, rows: torch.Tensor, expert: torch.Tensor, ends: torch.Tensor, ffn) -> torch.Tensor:
+        """rows (A, D) grouped by expert, ``expert`` (A,) each row's, ``ends`` (E,) where each group
+        ends -> (A, D): ``ffn(rows, local expert, local ends)`` on the rows' owners."""
+        if self.ep_group is None:
+            return ffn(rows, expert, ends)
+        mine, counts = my_rows(rows, ends, self.ep_group)
+        local, local_counts, plan = dispatch(mine, counts, self.ep_group)  # (A_recv, D) grouped by local expert
+        El = local_counts.numel()
+        local_ends = torch.cumsum(local_counts, 0).to(torch.int32)
+        local_expert = torch.repeat_interleave(torch.arange(El, device=rows.device), local_counts)
+        y = combine(ffn(local, local_expert, local_ends), plan, self.ep_group)  # (A_mine, D)
+        return gather_rows(y, rows.shape[0], self.ep_group)
+
+
+def my_rows(rows: torch.Tensor, ends: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """This EP rank's contiguous share of rows (A, D) grouped by expert, and how many of them each
+    expert has (E,) int64: every rank holds all the rows, each dispatches its own share."""
+    R, r, A = dist.get_world_size(group), dist.get_rank(group), rows.shape[0]
+    lo, hi = A * r // R, A * (r + 1) // R
+    ends = ends.long()
+    starts = ends - torch.diff(ends, prepend=ends.new_zeros(1))
+    return rows[lo:hi], ends.clamp(lo, hi) - starts.clamp(lo, hi)
+
+
+def gather_rows(y: torch.Tensor, A: int, group) -> torch.Tensor:
+    """Every EP rank's share (A_r, D) -> all A rows (A, D) on every rank, in order."""
+    R = dist.get_world_size(group)
+    sizes = [A * (r + 1) // R - A * r // R for r in range(R)]
+    padded = y.new_zeros(max(sizes), *y.shape[1:])
+    padded[:y.shape[0]] = y
+    parts = [torch.empty_like(padded) for _ in range(R)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+class _ExpertParallelHooks:
+    """Around an MoE layer's ``Experts`` (El local experts): the rows of every expert come in; this
+    rank's share goes to its experts' owners before the module runs, and comes back after it."""
+
+    def __init__(self, group):
+        self.group, self.plan, self.n_rows = group, None, 0
+
+    def before(self, module, args):
+        rows, counts = args  # (A, D) grouped by global expert, (E,)
+        self.n_rows = rows.shape[0]
+        mine, share = my_rows(rows, torch.cumsum(counts, 0), self.group)
+        local, local_counts, self.plan = dispatch(mine, share, self.group)
+        return local, local_counts
+
+    def after(self, module, args, y):
+        y = combine(y, self.plan, self.group)
+        self.plan = None
+        return gather_rows(y, self.n_rows, self.group)
+
+
+def _sum_output(group):
+    def hook(module, args, out):
+        y = out[0] if isinstance(out, tuple) else out
+        y = y.contiguous()
+        dist.all_reduce(y, group=group)
+        return (y, *out[1:]) if isinstance(out, tuple) else y
+    return hook
+
+
+@torch.no_grad()
+def shard_model(model: nn.Module, r: ServeRank, collectives: ShardCollectives) -> nn.Module:
+    """Cut a loaded full model (every rank loads the same) down to rank ``r``'s share, in place:
+    parameters sliced (``shard_slices``), other stages' layers dropped, ``model.cfg`` the local
+    configuration, and the collectives hooked on (TP sums after attention and the FFN, EP dispatch
+    around the experts). Returns the model."""
+    from moegpt.model.attention import Attention
+    from moegpt.model.experts import Experts
+    from moegpt.model.moe import MoE
+
+    cfg = model.cfg
+    for name, p in list(model.named_parameters()):
+        where = shard_slices(name, cfg, r)
+        if where is not None and any(s != slice(None) for s in where):
+            p.data = p.data[where].clone()  # a copy: the full tensor's memory goes
+    model.layers = nn.ModuleList(list(model.layers)[r.first_layer:r.last_layer])
+    if shard_slices("embed.weight", cfg, r) is None:
+        model.embed = None
+    if not r.is_last_stage:
+        model.lm_head = None
+    tp, ep = r.dims.tp, r.dims.ep
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.n_heads //= tp
+            if kv_heads_split(cfg, tp):
+                module.n_kv_heads //= tp
+            if tp > 1:
+                module.register_forward_hook(_sum_output(collectives.tp_group))
+        elif isinstance(module, MoE) or module.__class__.__name__ == "DenseMLP":
+            if tp > 1:
+                module.register_forward_hook(_sum_output(collectives.tp_group))
+            if isinstance(module, MoE) and ep > 1:
+                assert isinstance(module.experts, Experts)
+                hooks = _ExpertParallelHooks(collectives.ep_group)
+                module.experts.register_forward_pre_hook(hooks.before)
+                module.experts.register_forward_hook(hooks.after)
+    model.cfg = local_config(cfg, r)
+    return model
+
+
+def serve_groups(dims: ParallelDims, device_type: str) -> ShardCollectives:
+    """The process groups of a serving layout (call on every rank, after init_process_group)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device_type, (dims.pp, dims.ep, dims.tp), mesh_dim_names=SERVE_MESH_DIMS)
+    return ShardCollectives(tp_group=mesh["tp"].get_group() if dims.tp > 1 else None,
+                            ep_group=mesh["ep"].get_group() if dims.ep > 1 else None,
+                            pipe_group=dist.new_group(list(range(dims.world_size))) if dims.pp > 1 else None)
