@@ -24,42 +24,24 @@ def cmd_generate(args) -> int:
                             repetition_penalty=args.repetition_penalty)
     spec = speculative_from_flags(bool(args.draft), args.ngram, args.speculative_tokens)
     config = EngineConfig(speculative=spec, kv_cache_dtype=args.kv_cache_dtype)
-    world = sharded_start(args)
+    from moegpt.infer.sharded import ShardFailure, start_from_args
+
+    world = start_from_args(args)
     if world is None:
         return _generate(args, LLM(args.model, config, draft_model=args.draft), params, spec)
     from moegpt.parallel.process_group import close_distributed
 
-    if not world.is_driver:  # a shard: rank 0's steps until it is done
-        world.follow(config)
-    else:
-        try:
+    try:
+        if not world.is_driver:  # a shard: rank 0's steps until it is done
+            world.follow(config)
+        else:
             _generate(args, LLM(args.model, config, draft_model=args.draft, shards=world), params, spec)
-        finally:
             world.stop()
+    except ShardFailure as e:
+        print(f"moegpt: error: {e}", file=sys.stderr)
+        return 1
     close_distributed()
     return 0
-
-
-def sharded_start(args):
-    """``--tp/--pp/--ep`` (under torchrun): join the group and load this rank's shard (None: one process)."""
-    from moegpt.infer.sharded import start, world_size_from_env
-    from moegpt.parallel.serving import serve_layout
-
-    dims = serve_layout(args.tp, args.pp, args.ep, args.first_stage_layers)
-    if dims.world_size == 1 and world_size_from_env() == 1:
-        return None
-    return start(args.model, dims, args.dist_timeout)
-
-
-def add_layout_args(p) -> None:
-    """The serving layout flags of ``generate`` and ``serve`` (run under torchrun with as many processes)."""
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (attention heads, expert FFN split)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages (layers split)")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (experts divided, all-to-all)")
-    p.add_argument("--first-stage-layers", type=int, default=None,
-                   help="layers of the first pipeline stage, which also holds the embedding (default: an even split)")
-    p.add_argument("--dist-timeout", type=float, default=120.0,
-                   help="seconds a collective may wait before the run fails (default 120)")
 
 
 def _generate(args, llm, params, spec) -> int:
@@ -370,6 +352,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moegpt.serve.cli import add_layout_args
+
     parser = Parser(prog="moegpt", description="GPT-4-style sparse MoE: train, generate, inspect")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 

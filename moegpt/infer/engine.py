@@ -249,6 +249,13 @@ class LLMEngine:
             self._forget(sid)
         self._refresh_stats()
 
+    def heartbeat(self) -> None:
+        """While idle: a sharded model's other ranks hear that rank 0 is alive (and a rank that died
+        is found: infer/sharded.py's ShardFailure). Nothing to do on one process."""
+        ping = getattr(self.runner, "ping", None)
+        if ping is not None:
+            ping()
+
     # ---- stepping ------------------------------------------------------------------------------
     def step(self) -> list[StepUpdate]:
         updates, self._unclaimed = self._unclaimed, []

@@ -95,6 +95,7 @@ class ShardedRunner:
         self.dtype = runner.model.norm.weight.dtype
         self.device = runner.model.norm.weight.device
         self.closed = False
+        self.broken = False  # a collective failed: nothing more can run on this world
 
     # ---- rank 0 --------------------------------------------------------------------------------
     def run(self, chunks: list[Chunk]) -> StepOutput:
@@ -107,7 +108,7 @@ class ShardedRunner:
 
     def stop(self) -> list[PipelineTimes]:
         """Tell every rank to stop; every rank's times, by rank."""
-        if self.closed:
+        if self.closed or self.broken:
             return []
         self._broadcast((STOP, None))
         self.closed = True
@@ -136,6 +137,7 @@ class ShardedRunner:
         except (RuntimeError, dist.DistBackendError) as e:
             if isinstance(e, ShardFailure):
                 raise
+            self.broken = True
             text = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ShardFailure(f"rank {self.rank.rank}: a collective failed ({text})") from e
 
@@ -250,6 +252,18 @@ class ShardedWorld:
     def stop(self) -> list[PipelineTimes]:
         """Rank 0: release the other ranks; every rank's pipeline times."""
         return self.runner_.stop() if self.runner_ is not None else []
+
+
+def start_from_args(args) -> ShardedWorld | None:
+    """``--tp/--pp/--ep`` (under torchrun): join the group and load this rank's shard (None: one process)."""
+    from moegpt.parallel.serving import serve_layout
+
+    if args.dist_timeout <= 0:
+        raise ValueError(f"--dist-timeout={args.dist_timeout} must be > 0")
+    dims = serve_layout(args.tp, args.pp, args.ep, args.first_stage_layers)
+    if dims.world_size == 1 and world_size_from_env() == 1:
+        return None
+    return start(args.model, dims, args.dist_timeout)
 
 
 def world_size_from_env() -> int:

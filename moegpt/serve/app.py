@@ -94,7 +94,8 @@ def build_app(served: Served) -> FastAPI:
     @app.get("/health")
     async def health():
         if served.engine.draining:
-            return JSONResponse(error_body(503, "the server is shutting down", "server_error"), 503)
+            return JSONResponse(error_body(503, served.engine.fatal or "the server is shutting down", "server_error"),
+                                503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -151,7 +152,7 @@ async def _body(served: Served, request: HTTPRequest) -> bytes:
 
 def _admitting(served: Served) -> None:
     if served.engine.draining:
-        raise APIError(503, "the server is shutting down", "server_error")
+        raise APIError(503, served.engine.fatal or "the server is shutting down", "server_error")
 
 
 def _completion_prompts(prompt, tokenizer: Tokenizer) -> list[list[int]]:

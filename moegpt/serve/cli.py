@@ -9,6 +9,17 @@ import os
 from pathlib import Path
 
 
+def add_layout_args(p) -> None:
+    """The serving layout flags of ``generate`` and ``serve`` (run under torchrun with as many processes)."""
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (attention heads, expert FFN split)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (layers split)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (experts divided, all-to-all)")
+    p.add_argument("--first-stage-layers", type=int, default=None,
+                   help="layers of the first pipeline stage, which also holds the embedding (default: an even split)")
+    p.add_argument("--dist-timeout", type=float, default=120.0,
+                   help="seconds a collective may wait before the run fails (default 120)")
+
+
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server for a model directory")
     p.add_argument("--model", required=True, metavar="DIR", help="model directory (HF Mixtral format + tokenizer)")
@@ -39,6 +50,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
                    help="larger request bodies get 413 (default 4 MiB)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    add_layout_args(p)
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -78,7 +90,32 @@ def cmd_serve(args) -> int:
                             shutdown_timeout=args.shutdown_timeout, log_level=args.log_level, api_key=api_key,
                             chat_template=_read_template(args.chat_template),
                             max_request_bytes=args.max_request_bytes)
-    return serve(options, config)
+    from moegpt.infer.sharded import ShardFailure, start_from_args
+
+    world = start_from_args(args)
+    if world is None:
+        return serve(options, config)
+    import signal
+    import sys
+
+    from moegpt.parallel.process_group import close_distributed
+
+    try:
+        if not world.is_driver:
+            # torchrun signals every rank; rank 0 drains its requests, then releases the others
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            world.follow(config)
+        else:
+            code = serve(options, config, shards=world)
+            world.stop()  # releases the other ranks (nothing to do when one failed)
+            if code != 0:
+                return code
+    except ShardFailure as e:
+        print(f"moegpt: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    close_distributed()
+    return 0
 
 
 def _read_template(path: str | None) -> str | None:

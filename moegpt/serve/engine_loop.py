@@ -23,8 +23,11 @@ from moegpt.infer.engine import EngineStats, LLMEngine
 from moegpt.infer.image_cache import ImageCacheFull
 from moegpt.infer.outputs import StepUpdate
 from moegpt.infer.sampling_params import SamplingParams
+from moegpt.infer.sharded import ShardFailure
 
 log = logging.getLogger("moegpt.serve")
+
+HEARTBEAT_S = 1.0  # idle: how often a sharded model's other ranks hear from rank 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,7 +143,9 @@ class EngineLoop:
         self.engine, self.limits, self.metrics = engine, limits, metrics
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.snapshot = Snapshot.of(engine.stats)
-        self.draining = False  # no new requests (503): set on SIGTERM
+        self.draining = False  # no new requests (503): set on SIGTERM, or when a rank failed
+        self.fatal: str | None = None  # why the engine cannot go on (a rank of a sharded model failed)
+        self.on_fatal = None  # called (from the engine thread) when it happens: the server stops
         self.in_flight = 0  # HTTP requests submitted and not yet released (asyncio side only)
         self._streams: dict[int, Stream] = {}  # engine request_id -> its stream (engine thread only)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -164,7 +169,7 @@ class EngineLoop:
         ShuttingDown, QueueFull (also when the image cache is full), or ValueError (bad input, one
         line). The caller must ``release`` the stream when done."""
         if self.draining:
-            raise ShuttingDown("the server is shutting down")
+            raise ShuttingDown(self.fatal or "the server is shutting down")
         stream = Stream(prompts, params, arrival, images or [])
         done = asyncio.get_running_loop().create_future()
         self.in_flight += 1
@@ -186,8 +191,12 @@ class EngineLoop:
     # ---- engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            # Idle: sleep until a command comes. Busy: take what is there and step.
-            commands = [] if self.engine.has_work else [self.commands.get()]
+            # Idle: sleep until a command comes (a heartbeat to the other ranks each second). Busy:
+            # take what is there and step.
+            try:
+                commands = [] if self.engine.has_work else [self._next_command()]
+            except ShardFailure as e:
+                return self._die(e)
             while True:
                 try:
                     commands.append(self.commands.get_nowait())
@@ -207,10 +216,36 @@ class EngineLoop:
             if self.engine.has_work:
                 try:
                     self._dispatch(self.engine.step(), time.monotonic())
+                except ShardFailure as e:  # a rank died or timed out: nothing can run any more
+                    return self._die(e)
                 except Exception:  # an engine bug: fail the running requests, keep serving
                     log.exception("engine step failed")
                     self._fail_all("internal error in the engine step")
             self.snapshot = Snapshot.of(self.engine.stats)
+
+    def _next_command(self):
+        while True:
+            try:
+                return self.commands.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                self.engine.heartbeat()
+
+    def _die(self, error: ShardFailure) -> None:
+        """The sharded model lost a rank: every stream fails (503), new requests get 503, the server stops."""
+        log.error("%s", error)
+        self.fatal = f"the model is unavailable: {error}"
+        self.draining = True
+        self._fail_all(self.fatal)
+        while True:  # refuse what was queued meanwhile
+            try:
+                cmd = self.commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, _Add):
+                self._reply(cmd.done, ShuttingDown(self.fatal))
+        self.snapshot = Snapshot.of(self.engine.stats)
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     def _reply(self, done: asyncio.Future, error: BaseException | None) -> None:
         def settle():
@@ -221,7 +256,7 @@ class EngineLoop:
     def _add(self, cmd: _Add) -> None:
         stream, s = cmd.stream, self.engine.stats
         if self.draining:
-            return self._reply(cmd.done, ShuttingDown("the server is shutting down"))
+            return self._reply(cmd.done, ShuttingDown(self.fatal or "the server is shutting down"))
         refusal = admission_refusal(self.limits, s.waiting, s.waiting_tokens, stream.num_choices,
                                     sum(len(prompt) * p.n for prompt, p in zip(stream.prompts, stream.params)))
         if refusal is not None:

@@ -52,8 +52,11 @@ def model_dtypes(llm: LLM) -> dict[str, str]:
             "kv_cache": llm.engine.cache.dtype_name}
 
 
-def serve(options: ServerOptions, config: EngineConfig = EngineConfig()) -> int:
-    llm = LLM(options.model_dir, config, draft_model=options.draft_dir)  # checks the directories, tokenizer and draft
+def serve(options: ServerOptions, config: EngineConfig = EngineConfig(), shards=None) -> int:
+    """Serve until SIGTERM (0), or until a rank of a sharded model fails (``shards``: rank 0's
+    ShardedWorld, infer/sharded.py): streams and new requests get 503, and it returns 1."""
+    # checks the directories, tokenizer and draft
+    llm = LLM(options.model_dir, config, draft_model=options.draft_dir, shards=shards)
     loop = EngineLoop(llm.engine, options.limits)
     metrics = Metrics(lambda: loop.snapshot, model_dtypes(llm))
     loop.metrics = metrics
@@ -67,9 +70,13 @@ def serve(options: ServerOptions, config: EngineConfig = EngineConfig()) -> int:
     uv = uvicorn.Config(build_app(served), host=options.host, port=options.port, log_level=options.log_level,
                         access_log=False, timeout_graceful_shutdown=5, lifespan="on")
     server = GracefulServer(uv, loop, options.shutdown_timeout)
+    loop.on_fatal = server.stop_now
     print(f"moegpt: serving {name!r} on http://{options.host}:{options.port} (context {llm.engine.max_len}, "
           f"{llm.engine.stats.kv_blocks_total} KV blocks of {config.block_size} tokens)", flush=True)
     server.run()
+    if loop.fatal is not None:
+        print(f"moegpt: error: {loop.fatal}", file=sys.stderr, flush=True)
+        return 1
     if not server.started:
         return 1
     print("moegpt: server stopped", flush=True)
@@ -83,6 +90,10 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self.engine_loop, self.drain_timeout = engine_loop, drain_timeout
         self._draining = False
+
+    def stop_now(self) -> None:
+        """From any thread: close the sockets and return from ``run`` (the engine cannot go on)."""
+        self.force_exit = self.should_exit = True
 
     def handle_exit(self, sig, frame):
         # Not uvicorn's: it would stop at once, and re-raise the signal after stopping (no exit 0).
