@@ -31,6 +31,8 @@ class Memory:
     kv_cache_bytes_per_sequence: float | None
     kv_cache_bytes_total: float | None
     kv_cache_bytes_per_gpu: float | None
+    kv_cache_tp_copies: float | None  # TP ranks holding the same KV head's cache (MQA at TP8: 8)
+    kv_cache_bytes_all_gpus: float | None  # what the GPUs hold together, TP copies counted
     kv_cache_to_weights_ratio: float | None
     free_bytes_per_gpu: float
     max_batch_sequences: int | None
@@ -57,6 +59,13 @@ def kv_bytes_per_token_per_gpu(inp: PlanInputs) -> float:
     # the whole model's K and V per token (counts.py, the one formula), for this GPU's heads and layers
     kv = kv_cache_bytes_per_token(cfg, inp.precision.kv_bytes, inp.precision.kv_scale_bytes)
     return kv * heads_per_rank / G / lay.pp
+
+
+def kv_tp_copies(inp: PlanInputs) -> float:
+    """How many TP ranks hold each KV head's cache: tp / G when TP is wider than the KV heads and
+    they are replicated (the serving engine computes and caches MQA's head on every TP rank), else 1."""
+    G, tp = inp.model.n_kv_heads, inp.layout.tp
+    return tp / G if tp > G and inp.layout.kv_sharding == "replicated" else 1.0
 
 
 def microbatches_per_replica(inp: PlanInputs) -> int:
@@ -96,7 +105,8 @@ def memory(inp: PlanInputs, c: ParamCounts) -> Memory:
             optimizer_bytes_per_gpu=optimizer, activations_bytes_per_gpu=activations,
             training_state_bytes_per_gpu=state, kv_cache_bytes_per_token=kv_token,
             kv_cache_bytes_per_token_per_gpu=None, kv_cache_bytes_per_sequence=None, kv_cache_bytes_total=None,
-            kv_cache_bytes_per_gpu=None, kv_cache_to_weights_ratio=None, free_bytes_per_gpu=mem - state,
+            kv_cache_bytes_per_gpu=None, kv_cache_tp_copies=None, kv_cache_bytes_all_gpus=None,
+            kv_cache_to_weights_ratio=None, free_bytes_per_gpu=mem - state,
             max_batch_sequences=None, fits=state <= mem,
         )
     weights = params_gpu * wb
@@ -111,7 +121,8 @@ def memory(inp: PlanInputs, c: ParamCounts) -> Memory:
         grads_bytes_per_gpu=None, optimizer_bytes_per_gpu=None, activations_bytes_per_gpu=None,
         training_state_bytes_per_gpu=None, kv_cache_bytes_per_token=kv_token,
         kv_cache_bytes_per_token_per_gpu=kv_gpu_token, kv_cache_bytes_per_sequence=w.context * kv_token,
-        kv_cache_bytes_total=kv_total, kv_cache_bytes_per_gpu=kv_gpu,
+        kv_cache_bytes_total=kv_total, kv_cache_bytes_per_gpu=kv_gpu, kv_cache_tp_copies=kv_tp_copies(inp),
+        kv_cache_bytes_all_gpus=kv_gpu * inp.gpus,
         kv_cache_to_weights_ratio=kv_total / (c.total * wb), free_bytes_per_gpu=free_for_kv - kv_gpu,
         max_batch_sequences=max(0, math.floor(free_for_kv / (w.context * kv_gpu_token))),
         fits=weights + kv_gpu <= mem,
