@@ -29,8 +29,6 @@ def cmd_generate(args) -> int:
     world = start_from_args(args)
     if world is None:
         return _generate(args, LLM(args.model, config, draft_model=args.draft), params, spec)
-    from moegpt.parallel.process_group import close_distributed
-
     try:
         if not world.is_driver:  # a shard: rank 0's steps until it is done
             world.follow(config)
@@ -40,7 +38,7 @@ def cmd_generate(args) -> int:
     except ShardFailure as e:
         print(f"moegpt: error: {e}", file=sys.stderr)
         return 1
-    close_distributed()
+    world.close()
     return 0
 
 

@@ -253,6 +253,12 @@ class ShardedWorld:
         """Rank 0: release the other ranks; every rank's pipeline times."""
         return self.runner_.stop() if self.runner_ is not None else []
 
+    def close(self) -> None:
+        """Every rank, after ``stop`` / ``follow``: leave the process group together."""
+        from moegpt.parallel.process_group import close_distributed
+
+        close_distributed()
+
 
 def start_from_args(args) -> ShardedWorld | None:
     """``--tp/--pp/--ep`` (under torchrun): join the group and load this rank's shard (None: one process)."""

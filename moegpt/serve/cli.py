@@ -98,8 +98,6 @@ def cmd_serve(args) -> int:
     import signal
     import sys
 
-    from moegpt.parallel.process_group import close_distributed
-
     try:
         if not world.is_driver:
             # torchrun signals every rank; rank 0 drains its requests, then releases the others
@@ -114,7 +112,7 @@ def cmd_serve(args) -> int:
     except ShardFailure as e:
         print(f"moegpt: error: {e}", file=sys.stderr, flush=True)
         return 1
-    close_distributed()
+    world.close()
     return 0
 
 
