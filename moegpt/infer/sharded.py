@@ -44,7 +44,7 @@ from moegpt.model import MoEGPT
 from moegpt.parallel.dims import ParallelDims
 from moegpt.parallel.serving import ServeRank, ShardCollectives, serve_groups, serve_rank, shard_model
 
-RUN, PING, STOP, REPORT = "run", "ping", "stop", "report"
+RUN, PING, STOP = "run", "ping", "stop"
 
 
 class ShardFailure(RuntimeError):
@@ -134,9 +134,9 @@ class ShardedRunner:
     def _guarded(self, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (RuntimeError, dist.DistBackendError) as e:
-            if isinstance(e, ShardFailure):
-                raise
+        except ShardFailure:
+            raise
+        except RuntimeError as e:  # (gloo's and NCCL's errors, DistBackendError included)
             self.broken = True
             text = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ShardFailure(f"rank {self.rank.rank}: a collective failed ({text})") from e

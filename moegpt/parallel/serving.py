@@ -147,27 +147,27 @@ class ShardCollectives:
         ends -> (A, D): ``ffn(rows, local expert, local ends)`` on the rows' owners."""
         if self.ep_group is None:
             return ffn(rows, expert, ends)
-        mine, counts = my_rows(rows, ends, self.ep_group)
-        local, local_counts, plan = dispatch(mine, counts, self.ep_group)  # (A_recv, D) grouped by local expert
-        El = local_counts.numel()
+        local, local_counts, plan = to_owners(rows, ends, self.ep_group)  # (A_recv, D) grouped by local expert
         local_ends = torch.cumsum(local_counts, 0).to(torch.int32)
-        local_expert = torch.repeat_interleave(torch.arange(El, device=rows.device), local_counts)
-        y = combine(ffn(local, local_expert, local_ends), plan, self.ep_group)  # (A_mine, D)
-        return gather_rows(y, rows.shape[0], self.ep_group)
+        local_expert = torch.repeat_interleave(torch.arange(local_counts.numel(), device=rows.device), local_counts)
+        return from_owners(ffn(local, local_expert, local_ends), plan, rows.shape[0], self.ep_group)
 
 
-def my_rows(rows: torch.Tensor, ends: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """This EP rank's contiguous share of rows (A, D) grouped by expert, and how many of them each
-    expert has (E,) int64: every rank holds all the rows, each dispatches its own share."""
+def to_owners(rows: torch.Tensor, ends: torch.Tensor, group):
+    """Every EP rank holds all the step's rows (A, D) grouped by expert (``ends`` (E,)); each sends
+    its contiguous share to the ranks of their experts -> the rows this rank's experts got, grouped
+    by local expert (A_recv, D), their counts (El,), and the plan to send the results back."""
     R, r, A = dist.get_world_size(group), dist.get_rank(group), rows.shape[0]
     lo, hi = A * r // R, A * (r + 1) // R
     ends = ends.long()
     starts = ends - torch.diff(ends, prepend=ends.new_zeros(1))
-    return rows[lo:hi], ends.clamp(lo, hi) - starts.clamp(lo, hi)
+    return dispatch(rows[lo:hi], ends.clamp(lo, hi) - starts.clamp(lo, hi), group)
 
 
-def gather_rows(y: torch.Tensor, A: int, group) -> torch.Tensor:
-    """Every EP rank's share (A_r, D) -> all A rows (A, D) on every rank, in order."""
+def from_owners(y: torch.Tensor, plan, A: int, group) -> torch.Tensor:
+    """The experts' results (A_recv, D) back to the ranks that sent the rows, then every rank's
+    share gathered -> all A rows (A, D) on every rank, in order."""
+    y = combine(y, plan, group)  # (A_r, D): this rank's share
     R = dist.get_world_size(group)
     sizes = [A * (r + 1) // R - A * r // R for r in range(R)]
     padded = y.new_zeros(max(sizes), *y.shape[1:])
@@ -178,8 +178,8 @@ def gather_rows(y: torch.Tensor, A: int, group) -> torch.Tensor:
 
 
 class _ExpertParallelHooks:
-    """Around an MoE layer's ``Experts`` (El local experts): the rows of every expert come in; this
-    rank's share goes to its experts' owners before the module runs, and comes back after it."""
+    """Around an MoE layer's ``Experts`` (El local experts) in the model's forward: the rows of
+    every expert come in and go to their owners before the module runs, and come back after it."""
 
     def __init__(self, group):
         self.group, self.plan, self.n_rows = group, None, 0
@@ -187,22 +187,19 @@ class _ExpertParallelHooks:
     def before(self, module, args):
         rows, counts = args  # (A, D) grouped by global expert, (E,)
         self.n_rows = rows.shape[0]
-        mine, share = my_rows(rows, torch.cumsum(counts, 0), self.group)
-        local, local_counts, self.plan = dispatch(mine, share, self.group)
+        local, local_counts, self.plan = to_owners(rows, torch.cumsum(counts, 0), self.group)
         return local, local_counts
 
     def after(self, module, args, y):
-        y = combine(y, self.plan, self.group)
-        self.plan = None
-        return gather_rows(y, self.n_rows, self.group)
+        y, self.plan = from_owners(y, self.plan, self.n_rows, self.group), None
+        return y
 
 
-def _sum_output(group):
-    def hook(module, args, out):
-        y = out[0] if isinstance(out, tuple) else out
-        y = y.contiguous()
-        dist.all_reduce(y, group=group)
-        return (y, *out[1:]) if isinstance(out, tuple) else y
+def _sum_output(collectives: ShardCollectives):
+    def hook(module, args, out):  # attention: y; an FFN: (y, router stats)
+        if isinstance(out, tuple):
+            return collectives.sum_partials(out[0]), *out[1:]
+        return collectives.sum_partials(out)
     return hook
 
 
@@ -213,7 +210,7 @@ def shard_model(model: nn.Module, r: ServeRank, collectives: ShardCollectives) -
     configuration, and the collectives hooked on (TP sums after attention and the FFN, EP dispatch
     around the experts). Returns the model."""
     from moegpt.model.attention import Attention
-    from moegpt.model.experts import Experts
+    from moegpt.model.experts import DenseMLP, Experts
     from moegpt.model.moe import MoE
 
     cfg = model.cfg
@@ -233,10 +230,10 @@ def shard_model(model: nn.Module, r: ServeRank, collectives: ShardCollectives) -
             if kv_heads_split(cfg, tp):
                 module.n_kv_heads //= tp
             if tp > 1:
-                module.register_forward_hook(_sum_output(collectives.tp_group))
-        elif isinstance(module, MoE) or module.__class__.__name__ == "DenseMLP":
+                module.register_forward_hook(_sum_output(collectives))
+        elif isinstance(module, (MoE, DenseMLP)):
             if tp > 1:
-                module.register_forward_hook(_sum_output(collectives.tp_group))
+                module.register_forward_hook(_sum_output(collectives))
             if isinstance(module, MoE) and ep > 1:
                 assert isinstance(module.experts, Experts)
                 hooks = _ExpertParallelHooks(collectives.ep_group)
