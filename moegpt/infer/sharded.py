@@ -42,7 +42,7 @@ from moegpt.infer.paged_cache import PagedKVCache
 from moegpt.infer.runner import Chunk, ModelRunner, StepOutput
 from moegpt.model import MoEGPT
 from moegpt.parallel.dims import ParallelDims
-from moegpt.parallel.serving import ServeRank, ShardCollectives, serve_groups, serve_rank, shard_model
+from moegpt.parallel.serving import ServeRank, ShardCollectives, serve_groups, serve_rank, shard_model, shard_slices
 
 RUN, PING, STOP = "run", "ping", "stop"
 
@@ -279,7 +279,8 @@ def world_size_from_env() -> int:
 def start(model_dir: str | Path, dims: ParallelDims, timeout_s: float = 120.0) -> ShardedWorld:
     """Join the torchrun group and load this rank's shard of ``model_dir``. The layout is checked
     against the world and the model first: a bad one fails at once on every rank, naming every value."""
-    from moegpt.checkpoint.model_dir import config_from_hf, load, read_hf_config
+    from moegpt.checkpoint.model_dir import config_from_hf, read_hf_config
+    from moegpt.checkpoint.partial import load_part
     from moegpt.checkpoint.vision_dir import has_vision
     from moegpt.parallel.process_group import init_distributed
 
@@ -295,8 +296,8 @@ def start(model_dir: str | Path, dims: ParallelDims, timeout_s: float = 120.0) -
     if "quantization_config" in hf:
         raise ValueError(f"{model_dir} is quantized: quantized directories serve on one process")
     device = init_distributed(timeout_s)
-    loaded = load(model_dir, device=device)
     rank = serve_rank(dims, dist.get_rank(), cfg.n_layers)
+    loaded = load_part(model_dir, lambda name: shard_slices(name, cfg, rank), device)  # this rank's parts only
     collectives = serve_groups(dims, device.type)
     model = shard_model(loaded.model, rank, collectives)
     return ShardedWorld(rank=rank, collectives=collectives, cfg=cfg, model=model, tokenizer=loaded.tokenizer)

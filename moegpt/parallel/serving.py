@@ -205,8 +205,9 @@ def _sum_output(collectives: ShardCollectives):
 
 @torch.no_grad()
 def shard_model(model: nn.Module, r: ServeRank, collectives: ShardCollectives) -> nn.Module:
-    """Cut a loaded full model (every rank loads the same) down to rank ``r``'s share, in place:
-    parameters sliced (``shard_slices``), other stages' layers dropped, ``model.cfg`` the local
+    """A model whose parameters are rank ``r``'s parts (``shard_slices``; checkpoint/partial.py
+    reads just those from a directory), made rank ``r``'s shard in place: other stages' layers
+    dropped (and the embedding and head where the stage holds none), ``model.cfg`` the local
     configuration, and the collectives hooked on (TP sums after attention and the FFN, EP dispatch
     around the experts). Returns the model."""
     from moegpt.model.attention import Attention
@@ -214,10 +215,6 @@ def shard_model(model: nn.Module, r: ServeRank, collectives: ShardCollectives) -
     from moegpt.model.moe import MoE
 
     cfg = model.cfg
-    for name, p in list(model.named_parameters()):
-        where = shard_slices(name, cfg, r)
-        if where is not None and any(s != slice(None) for s in where):
-            p.data = p.data[where].clone()  # a copy: the full tensor's memory goes
     model.layers = nn.ModuleList(list(model.layers)[r.first_layer:r.last_layer])
     if shard_slices("embed.weight", cfg, r) is None:
         model.embed = None
@@ -239,6 +236,9 @@ def shard_model(model: nn.Module, r: ServeRank, collectives: ShardCollectives) -
                 hooks = _ExpertParallelHooks(collectives.ep_group)
                 module.experts.register_forward_pre_hook(hooks.before)
                 module.experts.register_forward_hook(hooks.after)
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"rank {r.rank}: {len(missing)} parameter(s) of its shard were not loaded, e.g. {missing[0]}")
     model.cfg = local_config(cfg, r)
     return model
 

@@ -1,0 +1,116 @@
+"""Reading part of a model directory: each tensor only in the slices the caller keeps, straight from
+the safetensors files (``safe_open(...).get_slice``), never the whole tensor. A rank of a sharded
+model reads its shard this way, so its peak memory is its share of the weights.
+
+    loaded = load_part(directory, keep)   # keep(name) -> a slice per dim, or None: not held
+
+The model is built on the meta device with the whole model's config; every parameter ``keep``
+takes is materialised at its slice's shape (in the stored dtype); the ones it does not take stay on
+meta for the caller to drop. Names are the model's (``layers.3.ffn.experts.w_up``); the files may
+hold Mixtral's per-expert tensors or transformers' fused ``experts.gate_up_proj`` / ``down_proj``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moegpt.checkpoint.hf import EXPERT_NAMES, NAME_MAP, config_from_hf
+from moegpt.checkpoint.model_dir import LoadedModel, read_hf_config
+from moegpt.data.tokenizer import SENTENCEPIECE_FILE, Tokenizer
+from moegpt.model import MoEGPT
+
+Keep = Callable[[str], tuple[slice, ...] | None]
+
+
+class _Files:
+    """The directory's safetensors files, opened lazily: tensor name -> its file's handle."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+        if single.exists():
+            files = [single]
+        elif index.exists():
+            files = [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        else:
+            raise ValueError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+        self.where: dict[str, object] = {}
+        try:
+            for f in files:
+                handle = safe_open(str(f), framework="pt")
+                self.where.update({name: handle for name in handle.keys()})
+        except Exception as e:  # safetensors raises several types for truncated/corrupt files
+            raise ValueError(f"{directory}: cannot read weights ({type(e).__name__}: {e})") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def read(self, name: str, shape: tuple[int, ...], part: tuple[slice, ...]) -> torch.Tensor:
+        """``part`` of tensor ``name``, whose whole shape must be ``shape``."""
+        if name not in self.where:
+            raise ValueError(f"checkpoint is missing tensor {name!r}")
+        s = self.where[name].get_slice(name)
+        if tuple(s.get_shape()) != shape:
+            raise ValueError(f"tensor {name} has shape {tuple(s.get_shape())}, config implies {shape}")
+        return s[part]
+
+
+def _expert_part(files: _Files, ours: str, layer: int, shape: tuple[int, ...], part: tuple[slice, ...],
+                 F: int) -> torch.Tensor:
+    """Our stacked (E, out, in) expert tensor's ``part``, from per-expert or fused HF tensors."""
+    E = shape[0]
+    kind = ours.rsplit(".", 1)[1]  # w_gate | w_up | w_down
+    fused = f"model.layers.{layer}.mlp.experts." + ("down_proj" if kind == "w_down" else "gate_up_proj")
+    if fused in files:
+        if kind == "w_down":
+            return files.read(fused, shape, part)
+        rows = part[1].indices(F)
+        offset = F if kind == "w_up" else 0  # gate rows first, then up
+        return files.read(fused, (E, 2 * F, shape[2]), (part[0], slice(rows[0] + offset, rows[1] + offset), part[2]))
+    theirs = EXPERT_NAMES[f"layers.{{i}}.ffn.experts.{kind}"]
+    return torch.stack([files.read(theirs.format(i=layer, e=e), shape[1:], part[1:])
+                        for e in range(E)[part[0]]])
+
+
+def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+@torch.no_grad()
+def load_part(directory: str | Path, keep: Keep, device: str | torch.device = "cpu") -> LoadedModel:
+    """The parts of ``directory``'s parameters that ``keep`` names (see the module docstring); a
+    text model directory in full precision (a quantized one: ValueError)."""
+    directory = Path(directory)
+    hf_config = read_hf_config(directory)
+    cfg = config_from_hf(hf_config, where=str(directory / "config.json"))
+    if "quantization_config" in hf_config:
+        raise ValueError(f"{directory} is quantized: read it with checkpoint.model_dir.load")
+    has_tokenizer = (directory / "tokenizer.json").exists() or (directory / SENTENCEPIECE_FILE).exists()
+    tokenizer = Tokenizer.load(directory) if has_tokenizer else None
+    files = _Files(directory)
+    with torch.device("meta"):
+        model = MoEGPT(cfg)
+    for name, p in list(model.named_parameters()):
+        part = keep(name)
+        if part is None:
+            continue
+        shape = tuple(p.shape)
+        part = part + (slice(None),) * (len(shape) - len(part))
+        if ".ffn.experts." in name:
+            value = _expert_part(files, name, int(name.split(".")[1]), shape, part, cfg.d_ff)
+        else:
+            key = name if not name.startswith("layers.") else "layers.{i}." + name.split(".", 2)[2]
+            theirs = NAME_MAP[key].format(i=name.split(".")[1] if "{i}" in key else None)
+            if key == "layers.{i}.ffn.router.weight" and theirs not in files:  # transformers' fused naming
+                theirs = f"model.layers.{name.split('.')[1]}.mlp.gate.weight"
+            value = files.read(theirs, shape, part)
+        _set(model, name, value.to(device))
+    return LoadedModel(model.eval(), tokenizer)

@@ -1,0 +1,63 @@
+"""checkpoint/partial.py reads exactly the asked-for slices of a directory's tensors, from Mixtral's
+per-expert tensors or transformers' fused experts, and names what is missing or misshapen."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moegpt.checkpoint.model_dir import load, save
+from moegpt.checkpoint.partial import load_part
+from moegpt.config import ModelConfig
+from moegpt.model import build_model
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, n_experts=4, top_k=2,
+                  max_seq_len=32)
+PARTS = {
+    "layers.1.attn.wq.weight": (slice(8, 24),),
+    "layers.1.attn.wo.weight": (slice(None), slice(0, 16)),
+    "layers.1.ffn.experts.w_gate": (slice(2, 4), slice(24, 48)),
+    "layers.1.ffn.experts.w_up": (slice(0, 2), slice(0, 24), slice(None)),
+    "layers.1.ffn.experts.w_down": (slice(2, 4), slice(None), slice(24, 48)),
+    "layers.1.ffn.router.weight": (slice(None),),
+    "norm.weight": (slice(None),),
+}
+
+
+def fuse_experts(directory) -> None:
+    """Rewrite a directory's experts as transformers 5 saves them: gate_up_proj / down_proj, mlp.gate."""
+    t = load_file(directory / "model.safetensors")
+    for i in range(CFG.n_layers):
+        p = f"model.layers.{i}.block_sparse_moe."
+        gate = torch.stack([t.pop(f"{p}experts.{e}.w1.weight") for e in range(CFG.n_experts)])
+        down = torch.stack([t.pop(f"{p}experts.{e}.w2.weight") for e in range(CFG.n_experts)])
+        up = torch.stack([t.pop(f"{p}experts.{e}.w3.weight") for e in range(CFG.n_experts)])
+        t[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        t[f"model.layers.{i}.mlp.experts.down_proj"] = down
+        t[f"model.layers.{i}.mlp.gate.weight"] = t.pop(f"{p}gate.weight")
+    save_file(t, directory / "model.safetensors")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_parts_read_are_the_full_tensors_slices(tmp_path, fused):
+    save(build_model(CFG, seed=3), None, tmp_path)
+    full = dict(load(tmp_path).model.named_parameters())
+    if fused:
+        fuse_experts(tmp_path)
+    part = dict(load_part(tmp_path, PARTS.get).model.named_parameters())
+    for name, p in part.items():
+        if name in PARTS:
+            assert torch.equal(p, full[name][PARTS[name]]), name
+        else:
+            assert p.is_meta, name  # not asked for: never read
+
+
+def test_a_missing_or_misshapen_tensor_is_named(tmp_path):
+    save(build_model(CFG, seed=3), None, tmp_path)
+    t = load_file(tmp_path / "model.safetensors")
+    t.pop("model.layers.1.self_attn.q_proj.weight")
+    t["model.layers.1.self_attn.o_proj.weight"] = torch.zeros(32, 8)
+    save_file(t, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="missing tensor 'model.layers.1.self_attn.q_proj.weight'"):
+        load_part(tmp_path, PARTS.get)
+    with pytest.raises(ValueError, match=r"o_proj.weight has shape \(32, 8\), config implies \(32, 32\)"):
+        load_part(tmp_path, {"layers.1.attn.wo.weight": (slice(None),)}.get)
