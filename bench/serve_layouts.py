@@ -3,8 +3,10 @@ gloo, one thread per rank) beside the planner's prediction for the same layout o
 hardware, each rank's peak memory (RSS), and the measured pipeline bubble.
 
 Informational: two cores cannot make a sharded model faster, the collectives and the step plan
-broadcast cost what the split saves. The ``tiny`` preset (random weights, fp32), a batch of 8
-prompts of 32 tokens, 32 greedy tokens each, decode steps only; median of 3 repeats.
+broadcast cost what the split saves. Speed: the ``tiny`` preset (random weights, fp32), a batch of 8
+prompts of 32 tokens, 32 greedy tokens each, decode steps only; median of 3 repeats. Memory: the
+``small`` preset (0.52B parameters, 2.1 GB in fp32) loaded by each layout's ranks: the weight bytes
+each rank holds and its peak RSS (each rank reads only its slices of the directory).
 
     python -m bench.serve_layouts
 """
@@ -47,12 +49,12 @@ def ranks_of(hw, n: int):
                                gpus_per_nvlink_domain=n, nvlink_bytes_per_s=hw.nvlink_bytes_per_s or hw.hbm_bytes_per_s)
 
 
-def run(model_dir: str, tp: int, pp: int, ep: int) -> dict:
+def run(model_dir: str, tp: int, pp: int, ep: int, mode: str = "speed") -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // (tp * pp * ep))), "PYTHONPATH": str(ROOT),
                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        f"--nproc-per-node={tp * pp * ep}", str(WORKER), model_dir, out.name, str(tp), str(pp), str(ep)],
+                        f"--nproc-per-node={tp * pp * ep}", str(WORKER), model_dir, out.name, str(tp), str(pp), str(ep), mode],
                        env=env, check=True, capture_output=True, text=True)
         return json.loads(Path(out.name).read_text())
 
@@ -79,8 +81,17 @@ def main() -> None:
             print(f"{name:>10}: measured {got['tokens_per_s']:7.1f} tok/s   planner (local) {predicted:8.1f} tok/s   "
                   f"peak RSS per rank {', '.join(f'{m:.0f}' for m in got['peak_rss_mb'])} MB   "
                   f"bubble {', '.join(f'{b:.2f}' for b in got['bubbles'])}", flush=True)
+        memory = []
+        small = str(Path(d) / "small")
+        save(build_model(preset("small"), seed=0), tok, small)
+        for tp, pp, ep in LAYOUTS:
+            got = run(small, tp, pp, ep, "memory")
+            name = "x".join(f"{k}{v}" for k, v in (("TP", tp), ("PP", pp), ("EP", ep)) if v > 1) or "1 process"
+            memory.append({"layout": name, **got})
+            print(f"{name:>10} (small): weights per rank {', '.join(f'{w:.0f}' for w in got['weights_mb'])} MB   "
+                  f"peak RSS per rank {', '.join(f'{m:.0f}' for m in got['peak_rss_mb'])} MB", flush=True)
     print("wrote", write_result("serve_layouts", {"preset": "tiny", "batch": BATCH, "prompt": PROMPT, "new": NEW,
-                                                  "rows": rows}))
+                                                  "rows": rows, "memory_preset": "small", "memory": memory}))
 
 
 if __name__ == "__main__":

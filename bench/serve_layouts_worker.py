@@ -1,6 +1,7 @@
 """Rank program of bench.serve_layouts (started by torch.distributed.run): ``serve_layouts_worker.py
-MODEL_DIR OUT.json TP PP EP``. Rank 0 decodes a prefilled batch through the sharded engine and writes
-its tokens/s, every rank's peak memory (RSS) and pipeline times."""
+MODEL_DIR OUT.json TP PP EP MODE``. MODE ``speed``: rank 0 decodes a prefilled batch through the
+sharded engine and writes its tokens/s, every rank's peak memory (RSS) and pipeline times. MODE
+``memory``: every rank loads its shard; rank 0 writes each rank's weight bytes and peak RSS."""
 
 from __future__ import annotations
 
@@ -17,10 +18,29 @@ from moegpt.infer.llm import LLM
 from moegpt.infer.sampling_params import SamplingParams
 from moegpt.infer.scheduler import SchedulerConfig
 from moegpt.infer.sharded import start
-from moegpt.parallel.process_group import close_distributed
 from moegpt.parallel.serving import serve_layout
 
 BATCH, PROMPT, NEW = 8, 32, 32
+
+
+def peaks_mb() -> list[float]:
+    """Every rank's peak RSS (MB), on every rank."""
+    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
+    peaks = [torch.zeros_like(rss) for _ in range(dist.get_world_size())]
+    dist.all_gather(peaks, rss)
+    return [float(p) for p in peaks]
+
+
+def memory(model_dir: str, out: str, tp: int, pp: int, ep: int) -> None:
+    world = start(model_dir, serve_layout(tp, pp, ep), timeout_s=300)
+    held = torch.tensor([float(sum(p.numel() * p.element_size() for p in world.model.parameters()))],
+                        dtype=torch.float64)
+    weights = [torch.zeros_like(held) for _ in range(dist.get_world_size())]
+    dist.all_gather(weights, held)
+    peaks = peaks_mb()
+    if world.is_driver:
+        json.dump({"weights_mb": [float(w) / 2**20 for w in weights], "peak_rss_mb": peaks}, open(out, "w"))
+    world.close()
 
 
 def main(model_dir: str, out: str, tp: int, pp: int, ep: int) -> None:
@@ -43,14 +63,12 @@ def main(model_dir: str, out: str, tp: int, pp: int, ep: int) -> None:
                 tokens += sum(len(u.new_token_ids) for u in engine.step())
             rates.append(tokens / (time.perf_counter() - t0))
         times = world.stop()
-    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
-    peaks = [torch.zeros_like(rss) for _ in range(dist.get_world_size())]
-    dist.all_gather(peaks, rss)
+    peaks = peaks_mb()
     if world.is_driver:
-        json.dump({"tokens_per_s": sorted(rates)[1], "repeats": rates, "peak_rss_mb": [float(p) for p in peaks],
+        json.dump({"tokens_per_s": sorted(rates)[1], "repeats": rates, "peak_rss_mb": peaks,
                    "bubbles": [t.bubble for t in times]}, open(out, "w"))
-    close_distributed()
+    world.close()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]))
+    (memory if sys.argv[6] == "memory" else main)(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]))

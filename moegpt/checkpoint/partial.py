@@ -1,5 +1,5 @@
 """Reading part of a model directory: each tensor only in the slices the caller keeps, straight from
-the safetensors files (``safe_open(...).get_slice``), never the whole tensor. A rank of a sharded
+the safetensors files, never the whole tensor. A rank of a sharded
 model reads its shard this way, so its peak memory is its share of the weights.
 
     loaded = load_part(directory, keep)   # keep(name) -> a slice per dim, or None: not held
@@ -12,7 +12,9 @@ hold Mixtral's per-expert tensors or transformers' fused ``experts.gate_up_proj`
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,12 +29,17 @@ from moegpt.model import MoEGPT
 Keep = Callable[[str], tuple[slice, ...] | None]
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
 class _Files:
-    """The directory's safetensors files, opened lazily: tensor name -> its file's handle."""
+    """The directory's safetensors files: each tensor's file, dtype, shape and byte offset, from the
+    files' headers. A part is read with plain reads into its own tensor (no memory map, so the
+    process never holds pages of the parts it does not keep)."""
 
     def __init__(self, directory: Path):
-        from safetensors import safe_open
-
         single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
         if single.exists():
             files = [single]
@@ -40,25 +47,51 @@ class _Files:
             files = [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
         else:
             raise ValueError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-        self.where: dict[str, object] = {}
-        try:
-            for f in files:
-                handle = safe_open(str(f), framework="pt")
-                self.where.update({name: handle for name in handle.keys()})
-        except Exception as e:  # safetensors raises several types for truncated/corrupt files
-            raise ValueError(f"{directory}: cannot read weights ({type(e).__name__}: {e})") from None
+        self.where: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int]] = {}
+        for f in files:
+            try:
+                with open(f, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    header = json.loads(fh.read(n))
+                for name, entry in header.items():
+                    if name != "__metadata__":
+                        self.where[name] = (f, _DTYPES[entry["dtype"]], tuple(entry["shape"]),
+                                            8 + n + entry["data_offsets"][0])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{f}: cannot read the safetensors header ({type(e).__name__}: {e})") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
     def read(self, name: str, shape: tuple[int, ...], part: tuple[slice, ...]) -> torch.Tensor:
-        """``part`` of tensor ``name``, whose whole shape must be ``shape``."""
+        """``part`` of tensor ``name`` (unit-step slices), whose whole shape must be ``shape``."""
         if name not in self.where:
             raise ValueError(f"checkpoint is missing tensor {name!r}")
-        s = self.where[name].get_slice(name)
-        if tuple(s.get_shape()) != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(s.get_shape())}, config implies {shape}")
-        return s[part]
+        path, dtype, stored, offset = self.where[name]
+        if stored != shape:
+            raise ValueError(f"tensor {name} has shape {stored}, config implies {shape}")
+        if not shape or any(sl.step not in (None, 1) for sl in part):
+            raise ValueError(f"tensor {name}: only unit-step slices of tensors with dims are read in parts")
+        ranges = [sl.indices(n)[:2] for sl, n in zip(part, shape)]
+        out = torch.empty([hi - lo for lo, hi in ranges], dtype=dtype)
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+        item = dtype.itemsize
+        strides = [item * math.prod(shape[d + 1:]) for d in range(len(shape))]
+        # the trailing dims read whole are one contiguous run per index of the dims before them
+        k = len(shape)
+        while k > 0 and ranges[k - 1] == (0, shape[k - 1]):
+            k -= 1
+        k = max(k, 1)
+        run = (ranges[k - 1][1] - ranges[k - 1][0]) * strides[k - 1]
+        with open(path, "rb") as fh:
+            pos = 0
+            for index in itertools.product(*(range(lo, hi) for lo, hi in ranges[:k - 1])):
+                start = offset + sum(i * st for i, st in zip(index, strides)) + ranges[k - 1][0] * strides[k - 1]
+                fh.seek(start)
+                if fh.readinto(buf[pos:pos + run]) != run:
+                    raise ValueError(f"{path}: tensor {name} is truncated")
+                pos += run
+        return out
 
 
 def _expert_part(files: _Files, ours: str, layer: int, shape: tuple[int, ...], part: tuple[slice, ...],
