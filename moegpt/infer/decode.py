@@ -57,6 +57,8 @@ ExpertFFN = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  
 class Collectives(Protocol):
     """What a rank of a sharded model does at a layer's seams (infer/sharded.py); None: one process."""
 
+    splits_experts: bool  # whether the experts are divided over ranks (expert parallel)
+
     def sum_partials(self, x: torch.Tensor) -> torch.Tensor:
         """Tensor parallel: this rank's partial output (B, D) of attention or the FFN -> their sum."""
         ...
@@ -277,11 +279,16 @@ def moe(h: torch.Tensor, lw: LayerWeights, cfg: ModelConfig,
     return h.new_zeros(B, D).index_add_(0, token, y), ends
 
 
+WHOLE_LAYER, ATTENTION_PART, FFN_PART = 0, 1, 2  # decode_layer's ``part``
+
+
 def layer_with_kernel(x: torch.Tensor, w: DecodeWeights, lw: LayerWeights, kc: torch.Tensor | QuantizedSlots,
                       vc: torch.Tensor | QuantizedSlots, positions: torch.Tensor, meta: DecodeMeta,
-                      counts: torch.Tensor | None, row: int) -> torch.Tensor:
+                      counts: torch.Tensor | None, row: int, part: int = WHOLE_LAYER) -> torch.Tensor:
     """The whole layer as one C++ op (moegpt.kernels: ``decode_layer``), x (B, D) -> (B, D); the
-    chosen experts' assignments added to counts[row] (E,). An 8-bit cache: its values and scales."""
+    chosen experts' assignments added to counts[row] (E,). An 8-bit cache: its values and scales.
+    ``part``: ATTENTION_PART or FFN_PART, that half's output alone (B, D) (a sharded rank's partial
+    sum, for the caller to sum over ranks and add to x)."""
     cfg = w.cfg
     scales = (kc.scales, vc.scales) if isinstance(kc, QuantizedSlots) else (None, None)
     if isinstance(kc, QuantizedSlots):
@@ -291,16 +298,15 @@ def layer_with_kernel(x: torch.Tensor, w: DecodeWeights, lw: LayerWeights, kc: t
         lw.w_down, kc, vc, w.rope_cos, w.rope_sin, positions, meta.block_tables, meta.block_size, cfg.n_heads,
         cfg.top_k, cfg.mlp == MLPKind.SWIGLU, cfg.norm_eps, counts if lw.router is not None else None, row,
         MAX_ROWS_IN_BY_OUT, MAX_ROWS_OUT_BY_IN[x.dtype], lw.wqkv.scale, lw.wo.scale, lw.w_in_scale, lw.w_down_scale,
-        lw.bits or lw.wqkv.bits, *scales)
+        lw.bits or lw.wqkv.bits, *scales, part)
 
 
-def kernel_layers_apply(w: DecodeWeights, x: torch.Tensor, k_cache: list[torch.Tensor],
-                        comm: Collectives | None = None) -> bool:
+def kernel_layers_apply(w: DecodeWeights, x: torch.Tensor, k_cache: list[torch.Tensor]) -> bool:
     """Whether the step runs layer by layer on the C++ op: a CPU model in fp32 or bf16 (not fp8
-    weights), its cache in the same dtype, few enough assignments per expert (as for the MoE
-    kernel), and one process (a sharded layer sums partial outputs between its halves)."""
+    weights), its cache in the same dtype, and few enough assignments per expert (as for the MoE
+    kernel)."""
     cfg = w.cfg
-    return (comm is None and x.shape[0] * cfg.top_k <= KERNEL_ASSIGNMENTS * cfg.n_experts
+    return (x.shape[0] * cfg.top_k <= KERNEL_ASSIGNMENTS * cfg.n_experts
             and k_cache[0].dtype == x.dtype and w.layers[0].w_in.dtype != E4M3 and decode_layer_applies(x))
 
 
@@ -323,15 +329,25 @@ def decode_layers(w: DecodeWeights, x: torch.Tensor, positions: torch.Tensor, k_
                   comm: Collectives | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The decoder layers of ``w`` (all of a model's, or a pipeline stage's): x (B, D) -> (B, D) and
     the tokens routed to each expert of its MoE layers (Lm, E) (None without MoE layers)."""
-    if not kernel_layers_apply(w, x, k_cache, comm):
+    if not kernel_layers_apply(w, x, k_cache):
         return layers_in_pytorch(w, x, positions, k_cache, v_cache, meta, before_layer, comm)
+    cfg = w.cfg
     n_moe = sum(lw.router is not None for lw in w.layers)
-    counts = torch.zeros(n_moe, w.cfg.n_experts, dtype=torch.long) if n_moe else None  # CPU
+    counts = torch.zeros(n_moe, cfg.n_experts, dtype=torch.long) if n_moe else None  # CPU
     row = 0
     for i, (lw, kc, vc) in enumerate(zip(w.layers, k_cache, v_cache)):
         if before_layer is not None:
             x = before_layer(i, x)
-        x = layer_with_kernel(x, w, lw, kc, vc, positions, meta, counts, row)
+        if comm is None:
+            x = layer_with_kernel(x, w, lw, kc, vc, positions, meta, counts, row)
+        else:  # a sharded rank: each half's output summed over the ranks between the halves
+            x = x + comm.sum_partials(layer_with_kernel(x, w, lw, kc, vc, positions, meta, counts, row, ATTENTION_PART))
+            if comm.splits_experts and lw.router is not None:  # the experts on other ranks: PyTorch's MoE
+                y, ends = moe(rms_norm(x, lw.ffn_norm, cfg.norm_eps), lw, cfg, comm)
+                counts[row] += torch.diff(ends, prepend=ends.new_zeros(1)).cpu()
+            else:
+                y = layer_with_kernel(x, w, lw, kc, vc, positions, meta, counts, row, FFN_PART)
+            x = x + comm.sum_partials(y)
         row += lw.router is not None
     return x, counts
 

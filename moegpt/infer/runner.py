@@ -176,5 +176,5 @@ class ModelRunner:
         x, counts = decode_layers(w, x, positions, k, v, meta, before_layer, self.comm)
         if not self.last:
             return StepOutput(logits=None, expert_counts=counts, hidden=x)
-        logits = decode_logits(w, x, logit_rows, fused=kernel_layers_apply(w, x, k, self.comm))  # (L, V)
+        logits = decode_logits(w, x, logit_rows, fused=kernel_layers_apply(w, x, k))  # (L, V)
         return StepOutput(logits=logits, expert_counts=counts)

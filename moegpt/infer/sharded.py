@@ -139,7 +139,7 @@ class ShardedRunner:
         except RuntimeError as e:  # (gloo's and NCCL's errors, DistBackendError included)
             self.broken = True
             text = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ShardFailure(f"rank {self.rank.rank}: a collective failed ({text})") from e
+            raise ShardFailure(f"rank {self.rank.rank}: the sharded step failed ({text})") from e
 
     def _gather_times(self) -> list[PipelineTimes]:
         out = [None] * dist.get_world_size() if self.rank.rank == 0 else None

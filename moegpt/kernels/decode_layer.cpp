@@ -232,13 +232,18 @@ void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& 
 }
 
 
+// decode_layer's ``part``: the whole layer (x and both residual additions), or one half's output alone
+// (a tensor-parallel rank's partial sum, which the caller sums over ranks and adds to x).
+constexpr int64_t kWholeLayer = 0, kAttentionPart = 1, kFfnPart = 2;
+
 template <typename T>
 at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const Weight& wqkv, const Weight& wo,
                  const at::Tensor& ffn_norm, const c10::optional<at::Tensor>& router, const Weight& w_in,
                  const Weight& w_down, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rope_cos,
                  const at::Tensor& rope_sin, const at::Tensor& positions, const at::Tensor& block_tables,
                  int64_t block_size, int64_t n_heads, int64_t top_k, bool swiglu, double eps, int64_t* counts,
-                 Limits lim, const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale) {
+                 Limits lim, const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale,
+                 int64_t part) {
   const int64_t B = x.size(0), D = x.size(1), G = k_cache.size(1), Dh = k_cache.size(2), H = n_heads;
   const int64_t Q = (H + 2 * G) * Dh, nb = block_tables.size(1);
   const T* xp = x.data_ptr<T>();
@@ -254,6 +259,14 @@ at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const Weight&
                   "moegpt::decode_layer: block ", tables[b * nb + i], " of sequence ", b, " is outside the cache");
   }
   std::vector<float> h(B * D), qkv(B * Q), o(B * H * Dh), y(B * D);
+  at::Tensor out = at::empty_like(x);  // the residual stream after the layer (or the part's output)
+  T* op = out.data_ptr<T>();
+  if (part == kFfnPart) {  // the FFN's output of x alone
+    rms_norm<T>(xp, ffn_norm.data_ptr<T>(), B, D, static_cast<float>(eps), h.data());
+    moe<T>(h.data(), B, D, router, w_in, w_down, top_k, swiglu, counts, lim, y.data());
+    for (int64_t i = 0; i < B * D; ++i) op[i] = static_cast<T>(y[i]);
+    return out;
+  }
   rms_norm<T>(xp, attn_norm.data_ptr<T>(), B, D, static_cast<float>(eps), h.data());
   matmul(h.data(), B, wqkv, qkv.data(), lim);
   for (auto& v : qkv) v = round_to<T>(v);
@@ -278,8 +291,10 @@ at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const Weight&
   }
   for (auto& v : o) v = round_to<T>(v);
   matmul(o.data(), B, wo, y.data(), lim);
-  at::Tensor out = at::empty_like(x);  // the residual stream after the layer
-  T* op = out.data_ptr<T>();
+  if (part == kAttentionPart) {  // attention's output alone (its keys and values written)
+    for (int64_t i = 0; i < B * D; ++i) op[i] = static_cast<T>(y[i]);
+    return out;
+  }
   for (int64_t i = 0; i < B * D; ++i) op[i] = static_cast<T>(to_float(xp[i]) + round_to<T>(y[i]));
   rms_norm<T>(op, ffn_norm.data_ptr<T>(), B, D, static_cast<float>(eps), h.data());
   moe<T>(h.data(), B, D, router, w_in, w_down, top_k, swiglu, counts, lim, y.data());
@@ -296,7 +311,10 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
                         int64_t max_rows_out_by_in, const c10::optional<at::Tensor>& wqkv_scale,
                         const c10::optional<at::Tensor>& wo_scale, const c10::optional<at::Tensor>& w_in_scale,
                         const c10::optional<at::Tensor>& w_down_scale, int64_t bits,
-                        const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale) {
+                        const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale,
+                        int64_t part) {
+  TORCH_CHECK(part == kWholeLayer || part == kAttentionPart || part == kFfnPart, "moegpt::decode_layer: part ", part,
+              " is not 0 (the layer), 1 (attention's output) or 2 (the FFN's output)");
   const Weight wqkv{wqkv_, wqkv_scale, bits}, wo{wo_, wo_scale, bits}, w_in{w_in_, w_in_scale, bits},
       w_down{w_down_, w_down_scale, bits};
   for (const Weight* m : {&wqkv, &wo, &w_in, &w_down}) {
@@ -339,10 +357,6 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
               attn_norm.numel() == D && ffn_norm.numel() == D && wqkv.out_features() == (H + 2 * G) * Dh &&
               wqkv.in_features() == D && wo.out_features() == D && wo.in_features() == H * Dh && rope_cos.size(1) == Dh,
               "moegpt::decode_layer: weight shapes do not match");
-  TORCH_CHECK(w_in.w.dim() == 3 && w_down.w.dim() == 3 && w_in.w.size(0) == w_down.w.size(0) && w_in.in_features() == D &&
-              w_down.out_features() == D &&
-              w_down.in_features() == (swiglu ? w_in.out_features() / 2 : w_in.out_features()),
-              "moegpt::decode_layer: expert shapes do not match");
   for (const Weight* m : {&wqkv, &wo, &w_in, &w_down}) {
     const at::Tensor& t = m->w;
     const int64_t d = t.dim();
@@ -354,26 +368,33 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.size(0) == x.size(0) &&
               block_tables.is_contiguous(), "moegpt::decode_layer: block_tables (B, nb) int64");
   int64_t* cp = nullptr;
-  if (router.has_value()) {
-    TORCH_CHECK(router->scalar_type() == dt && router->dim() == 2 && router->size(0) == w_in.w.size(0) &&
-                router->size(1) == D &&
-                top_k >= 1 && top_k <= w_in.w.size(0), "moegpt::decode_layer: router (E, D) and 1 <= top_k <= E");
-    if (counts.has_value()) {
-      TORCH_CHECK(counts->scalar_type() == at::kLong && counts->dim() == 2 && counts->is_contiguous() &&
-                  counts->size(1) == w_in.w.size(0) && 0 <= counts_row && counts_row < counts->size(0),
-                  "moegpt::decode_layer: counts (layers, E) int64");
-      cp = counts->data_ptr<int64_t>() + counts_row * counts->size(1);
+  if (part != kAttentionPart) {  // (attention's output alone reads no expert: they may be elsewhere)
+    TORCH_CHECK(w_in.w.dim() == 3 && w_down.w.dim() == 3 && w_in.w.size(0) == w_down.w.size(0) && w_in.in_features() == D &&
+                w_down.out_features() == D &&
+                w_down.in_features() == (swiglu ? w_in.out_features() / 2 : w_in.out_features()),
+                "moegpt::decode_layer: expert shapes do not match");
+    if (router.has_value()) {
+      TORCH_CHECK(router->scalar_type() == dt && router->dim() == 2 && router->size(0) == w_in.w.size(0) &&
+                  router->size(1) == D &&
+                  top_k >= 1 && top_k <= w_in.w.size(0), "moegpt::decode_layer: router (E, D) and 1 <= top_k <= E");
+      if (counts.has_value()) {
+        TORCH_CHECK(counts->scalar_type() == at::kLong && counts->dim() == 2 && counts->is_contiguous() &&
+                    counts->size(1) == w_in.w.size(0) && 0 <= counts_row && counts_row < counts->size(0),
+                    "moegpt::decode_layer: counts (layers, E) int64");
+        cp = counts->data_ptr<int64_t>() + counts_row * counts->size(1);
+      }
+    } else {
+      TORCH_CHECK(w_in.w.size(0) == 1, "moegpt::decode_layer: a dense layer has one expert");
     }
-  } else {
-    TORCH_CHECK(w_in.w.size(0) == 1, "moegpt::decode_layer: a dense layer has one expert");
   }
   const Limits lim{max_rows_in_by_out, max_rows_out_by_in};
   if (dt == at::kFloat)
     return layer<float>(x, attn_norm, wqkv, wo, ffn_norm, router, w_in, w_down, k_cache, v_cache, rope_cos, rope_sin,
-                        positions, block_tables, block_size, n_heads, top_k, swiglu, eps, cp, lim, k_scale, v_scale);
+                        positions, block_tables, block_size, n_heads, top_k, swiglu, eps, cp, lim, k_scale, v_scale,
+                        part);
   return layer<c10::BFloat16>(x, attn_norm, wqkv, wo, ffn_norm, router, w_in, w_down, k_cache, v_cache, rope_cos,
                               rope_sin, positions, block_tables, block_size, n_heads, top_k, swiglu, eps, cp, lim,
-                              k_scale, v_scale);
+                              k_scale, v_scale, part);
 }
 
 // The final norm of a decode step (the model's rms_norm: fp32 statistics, scaled in x's dtype), one op.

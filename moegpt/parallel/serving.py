@@ -135,6 +135,10 @@ class ShardCollectives:
         self.tp_group, self.ep_group = tp_group, ep_group
         self.pipe_group = pipe_group  # every rank, for the pipeline's sends alone (its tags its own)
 
+    @property
+    def splits_experts(self) -> bool:
+        return self.ep_group is not None
+
     def sum_partials(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_group is None:
             return x

@@ -125,3 +125,31 @@ def test_bad_metadata_is_an_error_naming_the_value():
     a[1] = a[1][:-1]  # a norm of the wrong size
     with pytest.raises(RuntimeError, match="weight shapes do not match"):
         torch.ops.moegpt.decode_layer(*a)
+
+
+class _OneRank:
+    """The collectives of a sharded model of one rank: sums of one partial output are the output."""
+
+    splits_experts = False
+
+    def sum_partials(self, x):
+        return x
+
+    def experts(self, rows, expert, ends, ffn):
+        return ffn(rows, expert, ends)
+
+
+@pytest.mark.parametrize("shape", ["mqa", "dense-layers"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_layer_in_two_parts_is_the_whole_layer_bitwise(dtype, shape):
+    """What a tensor-parallel rank runs (attention's output, then the FFN's, each summed over ranks
+    between them) equals the whole layer when the sums are over one rank."""
+    model = _model(dtype, **SHAPES[shape])
+    w, tokens, positions, k, v, meta = _step(model, [5, 40, 17], block_size=4)
+    x = w.embed[tokens]
+    k2, v2 = [t.clone() for t in k], [t.clone() for t in v]
+    whole, counts = decode.decode_layers(w, x, positions, k, v, meta)
+    parts, part_counts = decode.decode_layers(w, x, positions, k2, v2, meta, comm=_OneRank())
+    assert torch.equal(whole, parts)
+    assert torch.equal(counts, part_counts)
+    assert all(torch.equal(a, b) for a, b in zip(k + v, k2 + v2))
