@@ -142,6 +142,60 @@ def test_engine_loop_refuses_bad_input_and_survives_a_failing_step():
     asyncio.run(scenario())
 
 
+def test_a_failed_shard_fails_every_stream_refuses_new_requests_and_stops_the_server():
+    """A sharded model's step or heartbeat raising ShardFailure (a rank died): the streams end with
+    the reason, new requests are refused (503), and the server is told to stop."""
+    from moegpt.infer.sampling_params import SamplingParams
+    from moegpt.infer.sharded import ShardFailure
+    from moegpt.serve.engine_loop import ShuttingDown
+
+    engine, stopped = _tiny_engine(), []
+    step = engine.step
+
+    def dying():
+        if engine.stats.steps == 2:
+            raise ShardFailure("rank 1: the sharded step failed (Connection closed by peer)")
+        return step()
+
+    engine.step = dying
+
+    async def scenario():
+        loop = EngineLoop(engine)
+        loop.on_fatal = lambda: stopped.append(True)
+        loop.start(asyncio.get_running_loop())
+        stream = await loop.submit([[1, 2, 3]], [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)], 0.0)
+        events = await _drain(stream)
+        assert isinstance(events[-1], Failed) and "rank 1" in events[-1].message
+        with pytest.raises(ShuttingDown, match="the model is unavailable: rank 1"):
+            await loop.submit([[1, 2, 3]], [SamplingParams(max_tokens=2)], 0.0)
+        assert loop.draining and loop.fatal and stopped == [True]
+
+    asyncio.run(scenario())
+
+
+def test_an_idle_engine_loop_sends_heartbeats_and_a_failed_one_is_fatal(monkeypatch):
+    import moegpt.serve.engine_loop as engine_loop
+    from moegpt.infer.sharded import ShardFailure
+
+    monkeypatch.setattr(engine_loop, "HEARTBEAT_S", 0.01)
+    engine, beats = _tiny_engine(), []
+
+    def heartbeat():
+        beats.append(1)
+        if len(beats) == 3:
+            raise ShardFailure("rank 0: the sharded step failed (timeout)")
+
+    engine.heartbeat = heartbeat
+
+    async def scenario():
+        loop = EngineLoop(engine)
+        loop.start(asyncio.get_running_loop())
+        await asyncio.to_thread(loop._thread.join, 10)
+        assert not loop._thread.is_alive() and len(beats) == 3 and "timeout" in loop.fatal
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("args,words", [
     (["--model", "{tmp}/nope"], "does not exist"),
     (["--model", "{tmp}", "--port", "70000"], "--port"),
