@@ -298,6 +298,6 @@ def start(model_dir: str | Path, dims: ParallelDims, timeout_s: float = 120.0) -
     device = init_distributed(timeout_s)
     rank = serve_rank(dims, dist.get_rank(), cfg.n_layers)
     loaded = load_part(model_dir, lambda name: shard_slices(name, cfg, rank), device)  # this rank's parts only
-    collectives = serve_groups(dims, device.type)
+    collectives = serve_groups(dims, device.type, timeout_s)
     model = shard_model(loaded.model, rank, collectives)
     return ShardedWorld(rank=rank, collectives=collectives, cfg=cfg, model=model, tokenizer=loaded.tokenizer)

@@ -77,6 +77,7 @@ TORCH_LIBRARY(moegpt, m) {
         "Tensor(c!)? counts, int counts_row, int max_rows_in_by_out, int max_rows_out_by_in, Tensor? wqkv_scale=None, "
         "Tensor? wo_scale=None, Tensor? w_in_scale=None, Tensor? w_down_scale=None, int bits=0, Tensor(d!)? k_scale=None, "
         "Tensor(e!)? v_scale=None, int part=0) -> Tensor");
+  m.def("shm_sum(Tensor x, Tensor(a!) segment, int rank, int world, int seq, float timeout_s) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moegpt, CPU, m) {
