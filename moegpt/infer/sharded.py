@@ -276,9 +276,12 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def start(model_dir: str | Path, dims: ParallelDims, timeout_s: float = 120.0) -> ShardedWorld:
+def start(model_dir: str | Path, dims: ParallelDims, timeout_s: float = 120.0,
+          shared_memory: bool = True) -> ShardedWorld:
     """Join the torchrun group and load this rank's shard of ``model_dir``. The layout is checked
-    against the world and the model first: a bad one fails at once on every rank, naming every value."""
+    against the world and the model first: a bad one fails at once on every rank, naming every value.
+    ``shared_memory``: TP and EP ranks on one CPU machine exchange through shared memory (False:
+    gloo's collectives, as between machines)."""
     from moegpt.checkpoint.model_dir import config_from_hf, read_hf_config
     from moegpt.checkpoint.partial import load_part
     from moegpt.checkpoint.vision_dir import has_vision
@@ -298,6 +301,6 @@ def start(model_dir: str | Path, dims: ParallelDims, timeout_s: float = 120.0) -
     device = init_distributed(timeout_s)
     rank = serve_rank(dims, dist.get_rank(), cfg.n_layers)
     loaded = load_part(model_dir, lambda name: shard_slices(name, cfg, rank), device)  # this rank's parts only
-    collectives = serve_groups(dims, device.type, timeout_s)
+    collectives = serve_groups(dims, device.type, timeout_s, shared_memory)
     model = shard_model(loaded.model, rank, collectives)
     return ShardedWorld(rank=rank, collectives=collectives, cfg=cfg, model=model, tokenizer=loaded.tokenizer)

@@ -176,12 +176,19 @@ class SharedMemorySum:
 
 class ShardCollectives:
     """A rank's collectives at a layer's seams (the decode program's ``Collectives``; the model's
-    forward gets the same through hooks): TP partial outputs summed, EP rows sent to their experts."""
+    forward gets the same through hooks): TP partial outputs summed, EP rows sent to their experts.
 
-    def __init__(self, tp_group=None, ep_group=None, pipe_group=None, tp_sum=None):
+    Every EP rank holds all of a step's rows. Across machines each sends its share to the experts'
+    owners with all-to-all and the results are gathered back (``to_owners`` / ``from_owners``, as
+    training dispatches); EP ranks on one CPU machine instead take their own experts' rows where
+    they lie and sum the results through shared memory (each row is one rank's, the others add
+    zeros), which costs a copy instead of four gloo round trips per layer."""
+
+    def __init__(self, tp_group=None, ep_group=None, pipe_group=None, tp_sum=None, ep_sum=None):
         self.tp_group, self.ep_group = tp_group, ep_group
         self.pipe_group = pipe_group  # every rank, for the pipeline's sends alone (its tags its own)
         self.tp_sum = tp_sum  # a SharedMemorySum over tp_group when its ranks share a machine
+        self.ep_sum = ep_sum  # ... over ep_group
 
     @property
     def splits_experts(self) -> bool:
@@ -201,51 +208,61 @@ class ShardCollectives:
         ends -> (A, D): ``ffn(rows, local expert, local ends)`` on the rows' owners."""
         if self.ep_group is None:
             return ffn(rows, expert, ends)
-        local, local_counts, plan = to_owners(rows, ends, self.ep_group)  # (A_recv, D) grouped by local expert
+        local, local_counts, plan = self.to_owners(rows, ends)  # (A_recv, D) grouped by local expert
+        if local.shape[0] == 0:  # none of this rank's experts was chosen
+            return self.from_owners(local, plan, rows.shape[0])
         local_ends = torch.cumsum(local_counts, 0).to(torch.int32)
         local_expert = torch.repeat_interleave(torch.arange(local_counts.numel(), device=rows.device), local_counts)
-        return from_owners(ffn(local, local_expert, local_ends), plan, rows.shape[0], self.ep_group)
+        return self.from_owners(ffn(local, local_expert, local_ends), plan, rows.shape[0])
 
+    def to_owners(self, rows: torch.Tensor, ends: torch.Tensor):
+        """All the step's rows (A, D) grouped by expert (``ends`` (E,)) -> the rows of this rank's
+        experts grouped by local expert (A_recv, D), their counts (El,), and the plan back."""
+        group = self.ep_group
+        R, r, A = dist.get_world_size(group), dist.get_rank(group), rows.shape[0]
+        ends = ends.long()
+        starts = ends - torch.diff(ends, prepend=ends.new_zeros(1))
+        if self.ep_sum is not None:
+            El = ends.numel() // R
+            mine = slice(r * El, (r + 1) * El)
+            lo, hi = int(starts[mine][0]), int(ends[mine][-1])
+            return rows[lo:hi], ends[mine] - starts[mine], (lo, hi)
+        lo, hi = A * r // R, A * (r + 1) // R  # this rank's share goes to the owners
+        return dispatch(rows[lo:hi], ends.clamp(lo, hi) - starts.clamp(lo, hi), group)
 
-def to_owners(rows: torch.Tensor, ends: torch.Tensor, group):
-    """Every EP rank holds all the step's rows (A, D) grouped by expert (``ends`` (E,)); each sends
-    its contiguous share to the ranks of their experts -> the rows this rank's experts got, grouped
-    by local expert (A_recv, D), their counts (El,), and the plan to send the results back."""
-    R, r, A = dist.get_world_size(group), dist.get_rank(group), rows.shape[0]
-    lo, hi = A * r // R, A * (r + 1) // R
-    ends = ends.long()
-    starts = ends - torch.diff(ends, prepend=ends.new_zeros(1))
-    return dispatch(rows[lo:hi], ends.clamp(lo, hi) - starts.clamp(lo, hi), group)
-
-
-def from_owners(y: torch.Tensor, plan, A: int, group) -> torch.Tensor:
-    """The experts' results (A_recv, D) back to the ranks that sent the rows, then every rank's
-    share gathered -> all A rows (A, D) on every rank, in order."""
-    y = combine(y, plan, group)  # (A_r, D): this rank's share
-    R = dist.get_world_size(group)
-    sizes = [A * (r + 1) // R - A * r // R for r in range(R)]
-    padded = y.new_zeros(max(sizes), *y.shape[1:])
-    padded[:y.shape[0]] = y
-    parts = [torch.empty_like(padded) for _ in range(R)]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+    def from_owners(self, y: torch.Tensor, plan, A: int) -> torch.Tensor:
+        """The experts' results (A_recv, D) -> all A rows (A, D) on every rank, in order."""
+        group = self.ep_group
+        if self.ep_sum is not None:
+            lo, hi = plan
+            out = y.new_zeros(A, *y.shape[1:])
+            out[lo:hi] = y
+            return self.ep_sum(out)
+        y = combine(y, plan, group)  # (A_r, D): this rank's share
+        R = dist.get_world_size(group)
+        sizes = [A * (r + 1) // R - A * r // R for r in range(R)]
+        padded = y.new_zeros(max(sizes), *y.shape[1:])
+        padded[:y.shape[0]] = y
+        parts = [torch.empty_like(padded) for _ in range(R)]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
 class _ExpertParallelHooks:
     """Around an MoE layer's ``Experts`` (El local experts) in the model's forward: the rows of
     every expert come in and go to their owners before the module runs, and come back after it."""
 
-    def __init__(self, group):
-        self.group, self.plan, self.n_rows = group, None, 0
+    def __init__(self, collectives: ShardCollectives):
+        self.collectives, self.plan, self.n_rows = collectives, None, 0
 
     def before(self, module, args):
         rows, counts = args  # (A, D) grouped by global expert, (E,)
         self.n_rows = rows.shape[0]
-        local, local_counts, self.plan = to_owners(rows, torch.cumsum(counts, 0), self.group)
+        local, local_counts, self.plan = self.collectives.to_owners(rows, torch.cumsum(counts, 0))
         return local, local_counts
 
     def after(self, module, args, y):
-        y, self.plan = from_owners(y, self.plan, self.n_rows, self.group), None
+        y, self.plan = self.collectives.from_owners(y, self.plan, self.n_rows), None
         return y
 
 
@@ -287,7 +304,7 @@ def shard_model(model: nn.Module, r: ServeRank, collectives: ShardCollectives) -
                 module.register_forward_hook(_sum_output(collectives))
             if isinstance(module, MoE) and ep > 1:
                 assert isinstance(module.experts, Experts)
-                hooks = _ExpertParallelHooks(collectives.ep_group)
+                hooks = _ExpertParallelHooks(collectives)
                 module.experts.register_forward_pre_hook(hooks.before)
                 module.experts.register_forward_hook(hooks.after)
     missing = [name for name, p in model.named_parameters() if p.is_meta]
@@ -297,16 +314,23 @@ def shard_model(model: nn.Module, r: ServeRank, collectives: ShardCollectives) -
     return model
 
 
-def serve_groups(dims: ParallelDims, device_type: str, timeout_s: float = 120.0) -> ShardCollectives:
-    """The process groups of a serving layout (call on every rank, after init_process_group); TP
-    ranks on one CPU machine sum through shared memory."""
+def serve_groups(dims: ParallelDims, device_type: str, timeout_s: float = 120.0,
+                 shared_memory: bool = True) -> ShardCollectives:
+    """The process groups of a serving layout (call on every rank, after init_process_group). TP and
+    EP ranks on one CPU machine exchange through shared memory (``shared_memory=False``: gloo's
+    collectives, as across machines)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device_type, (dims.pp, dims.ep, dims.tp), mesh_dim_names=SERVE_MESH_DIMS)
-    tp_group = mesh["tp"].get_group() if dims.tp > 1 else None
-    tp_sum = None
-    if tp_group is not None and SharedMemorySum.applies(tp_group, device_type):
-        tp_sum = SharedMemorySum(tp_group, timeout_s=timeout_s)
-    return ShardCollectives(tp_group=tp_group, ep_group=mesh["ep"].get_group() if dims.ep > 1 else None,
-                            pipe_group=dist.new_group(list(range(dims.world_size))) if dims.pp > 1 else None,
-                            tp_sum=tp_sum)
+
+    def group_and_sum(dim: str, size: int):
+        if size == 1:
+            return None, None
+        group = mesh[dim].get_group()
+        one_machine = SharedMemorySum.applies(group, device_type)  # (every rank takes part: no short cut)
+        return group, SharedMemorySum(group, timeout_s=timeout_s) if shared_memory and one_machine else None
+
+    tp_group, tp_sum = group_and_sum("tp", dims.tp)
+    ep_group, ep_sum = group_and_sum("ep", dims.ep)
+    return ShardCollectives(tp_group=tp_group, ep_group=ep_group, tp_sum=tp_sum, ep_sum=ep_sum,
+                            pipe_group=dist.new_group(list(range(dims.world_size))) if dims.pp > 1 else None)

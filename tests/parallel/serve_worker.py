@@ -35,6 +35,9 @@ LAYOUTS = {  # name: (layout, model, speculative)
     "tp2-ngram": (dict(tp=2), "mqa", "ngram"), "tp2-draft": (dict(tp=2), "mqa", "draft"),
     "tp2xpp2": (dict(tp=2, pp=2), "gqa", None), "ep2xtp2": (dict(ep=2, tp=2), "mqa", None),
     "pp2xep2": (dict(pp=2, ep=2), "mqa", None),
+    # the collectives between machines (all-to-all dispatch, gloo's all-reduce) instead of shared memory
+    "tp2-gloo": (dict(tp=2), "mqa", None), "ep2-alltoall": (dict(ep=2), "mqa", None),
+    "ep2xtp2-alltoall": (dict(ep=2, tp=2), "gqa", None),
 }
 BLOCK, BLOCKS = 4, 14  # a KV cache small enough that the timeline preempts
 
@@ -75,7 +78,8 @@ def main(out_dir: Path, models: Path, scenarios: list[str]) -> None:
             method=SpeculativeMethod.NGRAM if spec == "ngram" else SpeculativeMethod.DRAFT, num_tokens=3)
         draft = models / "draft" if spec == "draft" else None
         config = EngineConfig(block_size=BLOCK, num_kv_blocks=BLOCKS, speculative=speculative)
-        world = start(model_dir, serve_layout(**layout), timeout_s=60)
+        world = start(model_dir, serve_layout(**layout), timeout_s=60,
+                      shared_memory=not name.endswith(("-gloo", "-alltoall")))
         if not world.is_driver:
             world.follow(config)
             continue

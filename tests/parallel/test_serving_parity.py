@@ -17,8 +17,8 @@ from moegpt.model import build_model
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import HERE, torchrun  # noqa: E402
 
-TWO = ["tp2", "tp2-gqa", "pp2", "pp2-first1-tied", "ep2", "tp2-ngram", "tp2-draft"]
-FOUR = ["tp2xpp2", "ep2xtp2", "pp2xep2"]
+TWO = ["tp2", "tp2-gqa", "pp2", "pp2-first1-tied", "ep2", "tp2-ngram", "tp2-draft", "tp2-gloo", "ep2-alltoall"]
+FOUR = ["tp2xpp2", "ep2xtp2", "pp2xep2", "ep2xtp2-alltoall"]
 CFG = ModelConfig(vocab_size=300, d_model=64, n_layers=4, n_heads=4, n_kv_heads=1, d_ff=64, n_experts=4, top_k=2,
                   max_seq_len=128)
 MODELS = {"mqa": CFG, "gqa": CFG.replace(n_kv_heads=2), "tied": CFG.replace(tie_embeddings=True),
