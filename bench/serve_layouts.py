@@ -77,10 +77,13 @@ def main() -> None:
             name = "x".join(f"{k}{v}" for k, v in (("TP", tp), ("PP", pp), ("EP", ep)) if v > 1) or "1 process"
             rows.append({"layout": name, "tp": tp, "pp": pp, "ep": ep, "measured_tokens_per_s": got["tokens_per_s"],
                          "planner_tokens_per_s": predicted, "peak_rss_mb": got["peak_rss_mb"],
-                         "bubbles": got["bubbles"], "repeats": got["repeats"]})
+                         "bubbles": got["bubbles"], "busy_ms_per_step": got["busy_ms_per_step"],
+                         "wall_ms_per_step": got["wall_ms_per_step"], "repeats": got["repeats"]})
             print(f"{name:>10}: measured {got['tokens_per_s']:7.1f} tok/s   planner (local) {predicted:8.1f} tok/s   "
                   f"peak RSS per rank {', '.join(f'{m:.0f}' for m in got['peak_rss_mb'])} MB   "
-                  f"bubble {', '.join(f'{b:.2f}' for b in got['bubbles'])}", flush=True)
+                  f"bubble {', '.join(f'{b:.2f}' for b in got['bubbles'])} (busy / step ms per rank "
+                  f"{', '.join(f'{b:.2f}/{w:.2f}' for b, w in zip(got['busy_ms_per_step'], got['wall_ms_per_step']))})",
+                  flush=True)
         memory = []
         small = str(Path(d) / "small")
         save(build_model(preset("small"), seed=0), tok, small)

@@ -66,7 +66,9 @@ def main(model_dir: str, out: str, tp: int, pp: int, ep: int) -> None:
     peaks = peaks_mb()
     if world.is_driver:
         json.dump({"tokens_per_s": sorted(rates)[1], "repeats": rates, "peak_rss_mb": peaks,
-                   "bubbles": [t.bubble for t in times]}, open(out, "w"))
+                   "bubbles": [t.bubble for t in times],
+                   "busy_ms_per_step": [1e3 * t.busy / max(t.steps, 1) for t in times],
+                   "wall_ms_per_step": [1e3 * t.wall / max(t.steps, 1) for t in times]}, open(out, "w"))
     world.close()
 
 
