@@ -9,13 +9,15 @@ What each rank holds (gpt-fast's and Megatron's cut, the article's TP8 x PP16 se
   embedding on the first stage, the final norm and the head on the last.
 - ep: each MoE layer's experts divided across EP ranks. Every EP rank computes attention and routing
   for all the step's tokens; each dispatches its own share of the rows to the experts' owners with
-  all-to-all (parallel/expert.py, as training does), and the results are gathered back.
+  all-to-all (parallel/expert.py, as training does), and the results are gathered back (on one CPU
+  machine: each runs its own experts' rows and the results are summed in shared memory).
 
 World layout, outermost first: pp x ep x tp (TP ranks are neighbours: one node's fast links).
 
 A shard of a model is itself a model: ``local_config`` is the configuration of the layers a rank
-holds (H/tp heads, F/tp FFN, its stage's layers), and ``shard_model`` slices a loaded model down to
-it in place and puts the collectives on it as forward hooks, so the model's own forward (prefill)
+holds (H/tp heads, F/tp FFN, its stage's layers). A rank reads only its parts of each tensor
+(``shard_slices``, read by checkpoint/partial.py), and ``shard_model`` drops what it does not hold
+and puts the collectives on the model as forward hooks, so the model's own forward (prefill)
 computes what one process does. The decode program takes the same collectives as an argument
 (``ShardCollectives``).
 
@@ -114,7 +116,7 @@ def shard_slices(name: str, cfg: ModelConfig, r: ServeRank) -> tuple[slice, ...]
         return slice(size // n * i, size // n * (i + 1))
 
     tp, t = dims.tp, r.tp
-    if name.endswith(("attn.wq.weight",)):
+    if name.endswith("attn.wq.weight"):
         return part(cfg.n_heads * cfg.head_dim, tp, t), whole
     if name.endswith(("attn.wk.weight", "attn.wv.weight")):
         return (part(cfg.n_kv_heads * cfg.head_dim, tp, t) if kv_heads_split(cfg, tp) else whole), whole
