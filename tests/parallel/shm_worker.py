@@ -13,7 +13,7 @@ def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank, group = dist.get_rank(), dist.group.WORLD
     assert SharedMemorySum.applies(group, "cpu")
-    shm = SharedMemorySum(group, slot_bytes=4096, timeout_s=2.0)
+    shm = SharedMemorySum(group, slot_bytes=4096, timeout_s=5.0)
     exact = True
     for i, (shape, dtype) in enumerate([((8, 64), torch.float32), ((3, 5), torch.bfloat16), ((4, 1000), torch.float32)]
                                        * 20):

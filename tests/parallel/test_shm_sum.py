@@ -16,4 +16,4 @@ def test_ranks_sum_through_shared_memory(tmp_path):
     r = json.loads(out.read_text())
     assert r["exact"]
     assert r["rounds"] == 41  # 40 through the segment (20 were past a slot), then the lone call
-    assert "rank 1 of the group did not arrive within 2" in r["error"], r
+    assert "rank 1 of the group did not arrive within 5" in r["error"], r

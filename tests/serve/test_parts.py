@@ -168,7 +168,8 @@ def test_a_failed_shard_fails_every_stream_refuses_new_requests_and_stops_the_se
         assert isinstance(events[-1], Failed) and "rank 1" in events[-1].message
         with pytest.raises(ShuttingDown, match="the model is unavailable: rank 1"):
             await loop.submit([[1, 2, 3]], [SamplingParams(max_tokens=2)], 0.0)
-        assert loop.draining and loop.fatal and stopped == [True]
+        await asyncio.to_thread(loop._thread.join, 10)  # the engine thread ends after telling the server
+        assert loop.draining and loop.fatal and stopped == [True] and not loop._thread.is_alive()
 
     asyncio.run(scenario())
 
