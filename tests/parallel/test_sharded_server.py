@@ -40,23 +40,32 @@ def post(port: int, body: dict, timeout: float = 60) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def launch(model_dir: Path, port: int) -> subprocess.Popen:
+def launch(model_dir: Path) -> tuple[subprocess.Popen, int]:
+    """A TP2 server on a free port -> (torchrun's process, the port). A port taken between choosing
+    and binding it (the ranks' own sockets open meanwhile) is retried with another."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                             "-m", "moegpt", "serve", "--model", str(model_dir), "--tp", "2", "--port", str(port),
-                             "--dist-timeout", "30"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise AssertionError(proc.stdout.read())
-            time.sleep(0.5)
-    proc.kill()
-    raise AssertionError("the sharded server did not come up")
+    for _ in range(3):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                                 "-m", "moegpt", "serve", "--model", str(model_dir), "--tp", "2", "--port", str(port),
+                                 "--dist-timeout", "30"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    return proc, port
+            except OSError:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.5)
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("the sharded server did not come up")
+        out = proc.stdout.read()
+        if "address already in use" not in out:
+            raise AssertionError(out)
+    raise AssertionError("no free port in three tries")
 
 
 def workers(proc: subprocess.Popen) -> list[int]:
@@ -83,8 +92,7 @@ def model_dir(tmp_path_factory):
 def test_rank_0_serves_one_process_tokens_and_sigterm_drains_every_rank(model_dir):
     body = {"model": "mqa", "prompt": [5, 9, 13, 200, 7], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
     want = LLM(model_dir).generate([body["prompt"]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
-    port = free_port()
-    proc = launch(model_dir, port)
+    proc, port = launch(model_dir)
     try:
         status, got = post(port, body)
         assert status == 200, got
@@ -101,8 +109,7 @@ def test_rank_0_serves_one_process_tokens_and_sigterm_drains_every_rank(model_di
 
 
 def test_a_rank_that_dies_ends_the_server_with_an_error(model_dir):
-    port = free_port()
-    proc = launch(model_dir, port)
+    proc, _ = launch(model_dir)
     try:
         os.kill(workers(proc)[1], signal.SIGKILL)
         start = time.monotonic()
