@@ -25,6 +25,7 @@ layers of the whole model.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -168,45 +169,48 @@ class ShardedRunner:
         for j, group in enumerate(groups):
             n = sum(len(c.tokens) for c in group)
             hidden, counts = None, torch.zeros(0, E, dtype=torch.long, device=self.device)
-            if not r.is_first_stage:
-                hidden = torch.empty(n, D, dtype=self.dtype, device=self.device)
-                dist.recv(hidden, prev, group=g, tag=2 * j)
-                if self.moe_before:
-                    counts = torch.empty(self.moe_before, E, dtype=torch.long, device=self.device)
-                    dist.recv(counts, prev, group=g, tag=2 * j + 1)
+            if not r.is_first_stage:  # the previous stages' expert counts and hidden states, one message
+                counts, hidden = self._recv(prev, j, (self.moe_before, E), (n, D))
             t0 = time.perf_counter()
-            self.runner.decode_batch = self.states[j]
+            self.runner.decode_batch = self.states[j]  # each micro-batch keeps its own decode metadata
             out = self.runner.run(group, hidden)
             if out.expert_counts is not None:
-                counts = torch.cat([counts.to(self.device), out.expert_counts.to(self.device)])
+                counts = torch.cat([counts, out.expert_counts.to(self.device)])
             self.times.busy += time.perf_counter() - t0
+            msg, dst = None, None
             if not r.is_last_stage:
-                pending.append(dist.isend(out.hidden.contiguous(), nxt, group=g, tag=2 * j))
-                if self.moe_through:
-                    pending.append(dist.isend(counts, nxt, group=g, tag=2 * j + 1))
+                msg, dst = pack(counts, out.hidden), nxt
             elif r.ep == 0 and r.tp == 0:  # one rank of the last stage reports to rank 0
-                if out.logits.shape[0]:
-                    pending.append(dist.isend(out.logits.contiguous(), 0, group=g, tag=2 * j))
-                if self.moe_through:
-                    pending.append(dist.isend(counts, 0, group=g, tag=2 * j + 1))
+                msg, dst = pack(counts, out.logits), 0
+            if msg is not None and msg.numel():  # (nothing to say: no MoE layer and no logit row asked for)
+                pending.append(dist.isend(msg, dst, group=g, tag=j))
         result = None
         if r.rank == 0:
             logits, counts = [], []
             for j, group in enumerate(groups):
-                rows = torch.empty(sum(c.num_logits for c in group), cfg.vocab_size, dtype=self.dtype,
-                                   device=self.device)
-                if rows.shape[0]:
-                    dist.recv(rows, last, group=g, tag=2 * j)
+                c, rows = self._recv(last, j, (self.moe_total, E), (sum(c.num_logits for c in group), cfg.vocab_size))
                 logits.append(rows)
-                if self.moe_total:
-                    c = torch.empty(self.moe_total, E, dtype=torch.long, device=self.device)
-                    dist.recv(c, last, group=g, tag=2 * j + 1)
-                    counts.append(c)
-            result = StepOutput(logits=torch.cat(logits),
-                                expert_counts=torch.stack(counts).sum(0) if counts else None)
+                counts.append(c)
+            result = StepOutput(logits=torch.cat(logits), expert_counts=torch.stack(counts).sum(0) if self.moe_total else None)
         for work in pending:
             work.wait()
         return result
+
+    def _recv(self, src: int, j: int, counts_shape: tuple[int, int],
+              values_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch j's message from ``src``: expert counts (int64) and values (the model's dtype)."""
+        counts_bytes = math.prod(counts_shape) * 8
+        msg = torch.empty(counts_bytes + math.prod(values_shape) * self.dtype.itemsize, dtype=torch.uint8,
+                          device=self.device)
+        if msg.numel():
+            dist.recv(msg, src, group=self.pipe_group, tag=j)
+        return (msg[:counts_bytes].view(torch.long).view(counts_shape),
+                msg[counts_bytes:].view(self.dtype).view(values_shape))
+
+
+def pack(counts: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One message of a pipeline stage: expert counts (int64, first: 8-byte aligned) then values."""
+    return torch.cat([counts.contiguous().view(-1).view(torch.uint8), values.contiguous().view(-1).view(torch.uint8)])
 
 
 @dataclass(kw_only=True)
