@@ -13,7 +13,7 @@ def small_source_path(tmp_path_factory):
 
 
 # Slow: tests that start torchrun groups or servers, or train a model. `make test-quick` skips them.
-SLOW_FILES = {"test_parity.py", "test_vision_training.py", "test_vision_dp.py", "test_train_cli.py", "test_finetune_cli.py", "test_finetuned.py", "test_resume.py", "test_hf_generate.py", "test_serving_parity.py", "test_sharded_server.py", "test_shm_sum.py"}
+SLOW_FILES = {"test_parity.py", "test_vision_training.py", "test_vision_dp.py", "test_train_cli.py", "test_finetune_cli.py", "test_finetuned.py", "test_resume.py", "test_hf_generate.py", "test_serving_parity.py", "test_sharded_server.py", "test_serving_collectives.py"}
 SLOW_FIXTURES = {"servers", "server", "tight_server", "drain_server", "keyed", "vision_server"}
 
 

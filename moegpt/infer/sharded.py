@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +47,33 @@ from moegpt.parallel.dims import ParallelDims
 from moegpt.parallel.serving import ServeRank, ShardCollectives, serve_groups, serve_rank, shard_model, shard_slices
 
 RUN, PING, STOP = "run", "ping", "stop"
+PLAN_BYTES = 8192  # one broadcast carries a plan up to this size (a decode step of ~60 sequences)
 
 
 class ShardFailure(RuntimeError):
     """A collective failed: a rank died, or timed out. The sharded model cannot go on."""
+
+
+def exchange_plan(plan, device: torch.device = torch.device("cpu")):
+    """Rank 0's plan (any picklable; None on the other ranks) to every rank: one broadcast of
+    PLAN_BYTES carrying its length and its start, a second one for the rest of a longer plan (half
+    the cost of broadcast_object_list's two for every plan). -> the plan, on every rank."""
+    head = torch.zeros(PLAN_BYTES, dtype=torch.uint8, device=device)
+    if plan is not None:  # rank 0
+        data = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
+        body = torch.frombuffer(bytearray(len(data).to_bytes(8, "little") + data), dtype=torch.uint8)
+        head[:min(PLAN_BYTES, body.numel())] = body[:PLAN_BYTES]
+    dist.broadcast(head, src=0)
+    size = int.from_bytes(bytes(head[:8].tolist()), "little")
+    if plan is not None:
+        rest = body[PLAN_BYTES:].to(device)
+    else:
+        rest = torch.empty(max(0, size + 8 - PLAN_BYTES), dtype=torch.uint8, device=device)
+    if rest.numel():
+        dist.broadcast(rest, src=0)
+    if plan is not None:
+        return plan
+    return pickle.loads((head[8:].cpu().numpy().tobytes() + rest.cpu().numpy().tobytes())[:size])
 
 
 def micro_batches(chunks: list[Chunk], n: int) -> list[list[Chunk]]:
@@ -95,6 +119,7 @@ class ShardedRunner:
         self.moe_total = sum(moe)
         self.dtype = runner.model.norm.weight.dtype
         self.device = runner.model.norm.weight.device
+        self.plan_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
         self.closed = False
         self.broken = False  # a collective failed: nothing more can run on this world
 
@@ -119,9 +144,7 @@ class ShardedRunner:
     def follow(self) -> None:
         """Run rank 0's plans until it says stop (ShardFailure when rank 0 is gone)."""
         while True:
-            plan = [None]
-            self._guarded(dist.broadcast_object_list, plan, src=0)
-            kind, chunks = plan[0]
+            kind, chunks = self._guarded(exchange_plan, None, self.plan_device)
             if kind == STOP:
                 self._gather_times()
                 return
@@ -130,7 +153,7 @@ class ShardedRunner:
 
     # ---- every rank ----------------------------------------------------------------------------
     def _broadcast(self, plan) -> None:
-        self._guarded(dist.broadcast_object_list, [plan], src=0)
+        self._guarded(exchange_plan, plan, self.plan_device)
 
     def _guarded(self, fn, *args, **kwargs):
         try:

@@ -1,4 +1,4 @@
-"""Worker for test_shm_sum (torch.distributed.run, 2 ranks): ``shm_worker.py OUT.json``."""
+"""Worker for test_serving_collectives (torch.distributed.run, 2 ranks): ``collectives_worker.py OUT.json``."""
 
 import json
 import sys
@@ -6,6 +6,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from moegpt.infer.runner import Chunk
+from moegpt.infer.sharded import PLAN_BYTES, exchange_plan
 from moegpt.parallel.serving import SharedMemorySum
 
 
@@ -29,8 +31,15 @@ def main(out: str) -> None:
         except RuntimeError as e:
             error = str(e).splitlines()[0]
     dist.barrier()
+    plans = []  # a plan within one broadcast, and one past it (a long block table per sequence)
+    for n_blocks in (3, 4 * PLAN_BYTES):
+        plan = ("run", [Chunk(tokens=(i,), start=5, block_table=tuple(range(n_blocks)), num_logits=1, seq_id=i)
+                        for i in range(4)])
+        plans.append(exchange_plan(plan if rank == 0 else None) == plan)
     if rank == 0:
         json.dump({"exact": exact, "error": error, "rounds": shm.seq}, open(out, "w"))
+    else:
+        json.dump({"plans": plans}, open(out + ".1", "w"))
     dist.destroy_process_group()
 
 
