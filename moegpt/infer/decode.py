@@ -58,9 +58,18 @@ class Collectives(Protocol):
     """What a rank of a sharded model does at a layer's seams (infer/sharded.py); None: one process."""
 
     splits_experts: bool  # whether the experts are divided over ranks (expert parallel)
+    sums_experts: bool  # ... and each rank's experts' outputs summed over the ranks (one machine)
 
     def sum_partials(self, x: torch.Tensor) -> torch.Tensor:
         """Tensor parallel: this rank's partial output (B, D) of attention or the FFN -> their sum."""
+        ...
+
+    def first_expert(self, n_experts: int) -> int:
+        """Expert parallel: the first of this rank's experts among the router's ``n_experts``."""
+        ...
+
+    def sum_expert_partials(self, y: torch.Tensor) -> torch.Tensor:
+        """``sums_experts``: this rank's share (B, D) of an MoE layer's output -> the whole."""
         ...
 
     def experts(self, rows: torch.Tensor, expert: torch.Tensor, ends: torch.Tensor, ffn: ExpertFFN) -> torch.Tensor:
@@ -284,11 +293,13 @@ WHOLE_LAYER, ATTENTION_PART, FFN_PART = 0, 1, 2  # decode_layer's ``part``
 
 def layer_with_kernel(x: torch.Tensor, w: DecodeWeights, lw: LayerWeights, kc: torch.Tensor | QuantizedSlots,
                       vc: torch.Tensor | QuantizedSlots, positions: torch.Tensor, meta: DecodeMeta,
-                      counts: torch.Tensor | None, row: int, part: int = WHOLE_LAYER) -> torch.Tensor:
+                      counts: torch.Tensor | None, row: int, part: int = WHOLE_LAYER,
+                      first_expert: int = 0) -> torch.Tensor:
     """The whole layer as one C++ op (moegpt.kernels: ``decode_layer``), x (B, D) -> (B, D); the
     chosen experts' assignments added to counts[row] (E,). An 8-bit cache: its values and scales.
     ``part``: ATTENTION_PART or FFN_PART, that half's output alone (B, D) (a sharded rank's partial
-    sum, for the caller to sum over ranks and add to x)."""
+    sum, for the caller to sum over ranks and add to x); ``first_expert``: the layer's experts are
+    the router's [first_expert, first_expert + El) (an expert-parallel rank's), the others add zero."""
     cfg = w.cfg
     scales = (kc.scales, vc.scales) if isinstance(kc, QuantizedSlots) else (None, None)
     if isinstance(kc, QuantizedSlots):
@@ -298,7 +309,7 @@ def layer_with_kernel(x: torch.Tensor, w: DecodeWeights, lw: LayerWeights, kc: t
         lw.w_down, kc, vc, w.rope_cos, w.rope_sin, positions, meta.block_tables, meta.block_size, cfg.n_heads,
         cfg.top_k, cfg.mlp == MLPKind.SWIGLU, cfg.norm_eps, counts if lw.router is not None else None, row,
         MAX_ROWS_IN_BY_OUT, MAX_ROWS_OUT_BY_IN[x.dtype], lw.wqkv.scale, lw.wo.scale, lw.w_in_scale, lw.w_down_scale,
-        lw.bits or lw.wqkv.bits, *scales, part)
+        lw.bits or lw.wqkv.bits, *scales, part, first_expert)
 
 
 def kernel_layers_apply(w: DecodeWeights, x: torch.Tensor, k_cache: list[torch.Tensor]) -> bool:
@@ -342,12 +353,16 @@ def decode_layers(w: DecodeWeights, x: torch.Tensor, positions: torch.Tensor, k_
             x = layer_with_kernel(x, w, lw, kc, vc, positions, meta, counts, row)
         else:  # a sharded rank: each half's output summed over the ranks between the halves
             x = x + comm.sum_partials(layer_with_kernel(x, w, lw, kc, vc, positions, meta, counts, row, ATTENTION_PART))
-            if comm.splits_experts and lw.router is not None:  # the experts on other ranks: PyTorch's MoE
+            if comm.splits_experts and lw.router is not None and comm.sums_experts:  # its experts' share
+                y = comm.sum_expert_partials(layer_with_kernel(x, w, lw, kc, vc, positions, meta, counts, row,
+                                                               FFN_PART, comm.first_expert(cfg.n_experts)))
+            elif comm.splits_experts and lw.router is not None:  # rows to the experts' ranks: PyTorch's MoE
                 y, ends = moe(rms_norm(x, lw.ffn_norm, cfg.norm_eps), lw, cfg, comm)
+                y = comm.sum_partials(y)
                 counts[row] += torch.diff(ends, prepend=ends.new_zeros(1)).cpu()
             else:
-                y = layer_with_kernel(x, w, lw, kc, vc, positions, meta, counts, row, FFN_PART)
-            x = x + comm.sum_partials(y)
+                y = comm.sum_partials(layer_with_kernel(x, w, lw, kc, vc, positions, meta, counts, row, FFN_PART))
+            x = x + y
         row += lw.router is not None
     return x, counts
 

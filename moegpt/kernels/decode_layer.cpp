@@ -156,11 +156,15 @@ inline float gelu_tanh(float v) {
 }
 
 // The MoE (or a dense layer's one expert, router undefined) of h (B, D) -> y (B, D) fp32, rounded
-// to T as the PyTorch program's sum of routed rows is.
+// to T as the PyTorch program's sum of routed rows is. ``first_expert``: w_in / w_down hold experts
+// [first_expert, first_expert + El) of the router's E (an expert-parallel rank's); the rows routed
+// to the others add zero, so y is this rank's partial sum.
 template <typename T>
 void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& router, const Weight& w_in,
-         const Weight& w_down, int64_t top_k, bool swiglu, int64_t* counts, Limits lim, float* y) {
-  const int64_t E = w_in.w.size(0), Fin = w_in.out_features(), Fd = swiglu ? Fin / 2 : Fin;
+         const Weight& w_down, int64_t top_k, bool swiglu, int64_t* counts, Limits lim, float* y,
+         int64_t first_expert) {
+  const int64_t El = w_in.w.size(0), E = router.has_value() ? router->size(0) : El;
+  const int64_t Fin = w_in.out_features(), Fd = swiglu ? Fin / 2 : Fin;
   const bool routed = router.has_value();
   const int64_t K = routed ? top_k : 1;
   std::vector<int64_t> expert(B * K, 0);
@@ -197,12 +201,16 @@ void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& 
   std::vector<int64_t> order(B * K);
   for (int64_t a = 0; a < B * K; ++a) order[a] = a;
   std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return expert[p] < expert[q]; });
-  std::vector<float> out(B * K * D);
+  std::vector<float> out(B * K * D, 0.0f);
   std::vector<float> xs, up, act, down;
   for (int64_t start = 0; start < B * K;) {
     int64_t end = start;
     while (end < B * K && expert[order[end]] == expert[order[start]]) ++end;
-    const int64_t M = end - start, e = expert[order[start]];
+    const int64_t M = end - start, e = expert[order[start]] - first_expert;
+    if (e < 0 || e >= El) {  // another rank's expert: its rows stay zero here
+      start = end;
+      continue;
+    }
     xs.resize(M * D);
     up.resize(M * Fin);
     act.resize(M * Fd);
@@ -243,7 +251,7 @@ at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const Weight&
                  const at::Tensor& rope_sin, const at::Tensor& positions, const at::Tensor& block_tables,
                  int64_t block_size, int64_t n_heads, int64_t top_k, bool swiglu, double eps, int64_t* counts,
                  Limits lim, const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale,
-                 int64_t part) {
+                 int64_t part, int64_t first_expert) {
   const int64_t B = x.size(0), D = x.size(1), G = k_cache.size(1), Dh = k_cache.size(2), H = n_heads;
   const int64_t Q = (H + 2 * G) * Dh, nb = block_tables.size(1);
   const T* xp = x.data_ptr<T>();
@@ -263,7 +271,7 @@ at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const Weight&
   T* op = out.data_ptr<T>();
   if (part == kFfnPart) {  // the FFN's output of x alone
     rms_norm<T>(xp, ffn_norm.data_ptr<T>(), B, D, static_cast<float>(eps), h.data());
-    moe<T>(h.data(), B, D, router, w_in, w_down, top_k, swiglu, counts, lim, y.data());
+    moe<T>(h.data(), B, D, router, w_in, w_down, top_k, swiglu, counts, lim, y.data(), first_expert);
     for (int64_t i = 0; i < B * D; ++i) op[i] = static_cast<T>(y[i]);
     return out;
   }
@@ -297,7 +305,7 @@ at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const Weight&
   }
   for (int64_t i = 0; i < B * D; ++i) op[i] = static_cast<T>(to_float(xp[i]) + round_to<T>(y[i]));
   rms_norm<T>(op, ffn_norm.data_ptr<T>(), B, D, static_cast<float>(eps), h.data());
-  moe<T>(h.data(), B, D, router, w_in, w_down, top_k, swiglu, counts, lim, y.data());
+  moe<T>(h.data(), B, D, router, w_in, w_down, top_k, swiglu, counts, lim, y.data(), first_expert);
   for (int64_t i = 0; i < B * D; ++i) op[i] = static_cast<T>(to_float(op[i]) + y[i]);
   return out;
 }
@@ -312,7 +320,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
                         const c10::optional<at::Tensor>& wo_scale, const c10::optional<at::Tensor>& w_in_scale,
                         const c10::optional<at::Tensor>& w_down_scale, int64_t bits,
                         const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale,
-                        int64_t part) {
+                        int64_t part, int64_t first_expert) {
   TORCH_CHECK(part == kWholeLayer || part == kAttentionPart || part == kFfnPart, "moegpt::decode_layer: part ", part,
               " is not 0 (the layer), 1 (attention's output) or 2 (the FFN's output)");
   const Weight wqkv{wqkv_, wqkv_scale, bits}, wo{wo_, wo_scale, bits}, w_in{w_in_, w_in_scale, bits},
@@ -374,27 +382,29 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, const 
                 w_down.in_features() == (swiglu ? w_in.out_features() / 2 : w_in.out_features()),
                 "moegpt::decode_layer: expert shapes do not match");
     if (router.has_value()) {
-      TORCH_CHECK(router->scalar_type() == dt && router->dim() == 2 && router->size(0) == w_in.w.size(0) &&
-                  router->size(1) == D &&
-                  top_k >= 1 && top_k <= w_in.w.size(0), "moegpt::decode_layer: router (E, D) and 1 <= top_k <= E");
+      TORCH_CHECK(router->scalar_type() == dt && router->dim() == 2 && router->size(1) == D && first_expert >= 0 &&
+                  first_expert + w_in.w.size(0) <= router->size(0) && (part == kFfnPart ||
+                  router->size(0) == w_in.w.size(0)) && top_k >= 1 && top_k <= router->size(0),
+                  "moegpt::decode_layer: router (E, D), the experts held [first_expert, first_expert + El) within "
+                  "E (all E but for the FFN part alone), 1 <= top_k <= E");
       if (counts.has_value()) {
         TORCH_CHECK(counts->scalar_type() == at::kLong && counts->dim() == 2 && counts->is_contiguous() &&
-                    counts->size(1) == w_in.w.size(0) && 0 <= counts_row && counts_row < counts->size(0),
+                    counts->size(1) == router->size(0) && 0 <= counts_row && counts_row < counts->size(0),
                     "moegpt::decode_layer: counts (layers, E) int64");
         cp = counts->data_ptr<int64_t>() + counts_row * counts->size(1);
       }
     } else {
-      TORCH_CHECK(w_in.w.size(0) == 1, "moegpt::decode_layer: a dense layer has one expert");
+      TORCH_CHECK(w_in.w.size(0) == 1 && first_expert == 0, "moegpt::decode_layer: a dense layer has one expert");
     }
   }
   const Limits lim{max_rows_in_by_out, max_rows_out_by_in};
   if (dt == at::kFloat)
     return layer<float>(x, attn_norm, wqkv, wo, ffn_norm, router, w_in, w_down, k_cache, v_cache, rope_cos, rope_sin,
                         positions, block_tables, block_size, n_heads, top_k, swiglu, eps, cp, lim, k_scale, v_scale,
-                        part);
+                        part, first_expert);
   return layer<c10::BFloat16>(x, attn_norm, wqkv, wo, ffn_norm, router, w_in, w_down, k_cache, v_cache, rope_cos,
                               rope_sin, positions, block_tables, block_size, n_heads, top_k, swiglu, eps, cp, lim,
-                              k_scale, v_scale, part);
+                              k_scale, v_scale, part, first_expert);
 }
 
 // The final norm of a decode step (the model's rms_norm: fp32 statistics, scaled in x's dtype), one op.

@@ -76,7 +76,7 @@ TORCH_LIBRARY(moegpt, m) {
         "Tensor positions, Tensor block_tables, int block_size, int n_heads, int top_k, bool swiglu, float eps, "
         "Tensor(c!)? counts, int counts_row, int max_rows_in_by_out, int max_rows_out_by_in, Tensor? wqkv_scale=None, "
         "Tensor? wo_scale=None, Tensor? w_in_scale=None, Tensor? w_down_scale=None, int bits=0, Tensor(d!)? k_scale=None, "
-        "Tensor(e!)? v_scale=None, int part=0) -> Tensor");
+        "Tensor(e!)? v_scale=None, int part=0, int first_expert=0) -> Tensor");
   m.def("shm_sum(Tensor x, Tensor(a!) segment, int rank, int world, int seq, float timeout_s) -> Tensor");
 }
 

@@ -196,6 +196,17 @@ class ShardCollectives:
     def splits_experts(self) -> bool:
         return self.ep_group is not None
 
+    @property
+    def sums_experts(self) -> bool:
+        return self.ep_sum is not None
+
+    def first_expert(self, n_experts: int) -> int:
+        return dist.get_rank(self.ep_group) * (n_experts // dist.get_world_size(self.ep_group))
+
+    def sum_expert_partials(self, y: torch.Tensor) -> torch.Tensor:
+        """This rank's experts' share of an MoE layer's output, its own TP part -> the whole (B, D)."""
+        return self.ep_sum(self.sum_partials(y))
+
     def sum_partials(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_group is None:
             return x

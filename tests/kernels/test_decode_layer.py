@@ -153,3 +153,22 @@ def test_the_layer_in_two_parts_is_the_whole_layer_bitwise(dtype, shape):
     assert torch.equal(whole, parts)
     assert torch.equal(counts, part_counts)
     assert all(torch.equal(a, b) for a, b in zip(k + v, k2 + v2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_ffn_part_over_split_experts_sums_to_all_experts_bitwise(dtype):
+    """An expert-parallel rank's FFN part (its experts [first, first + El) of the router's E, the
+    others adding zero): the ranks' parts summed in rank order are the FFN part with every expert."""
+    import dataclasses
+
+    model = _model(dtype)
+    w, tokens, positions, k, v, meta = _step(model, [5, 40, 17, 3], block_size=4)
+    x, lw = w.embed[tokens], w.layers[0]
+    E = lw.w_in.shape[0]
+    whole = decode.layer_with_kernel(x, w, lw, k[0], v[0], positions, meta, None, 0, decode.FFN_PART)
+    parts = []
+    for first in (0, E // 2):
+        local = dataclasses.replace(lw, w_in=lw.w_in[first:first + E // 2], w_down=lw.w_down[first:first + E // 2])
+        parts.append(decode.layer_with_kernel(x, w, local, k[0], v[0], positions, meta, None, 0, decode.FFN_PART, first))
+    assert torch.equal((parts[0].float() + parts[1].float()).to(dtype), whole)
+    assert not torch.equal(parts[0], whole)  # each part alone is not the whole
