@@ -8,6 +8,11 @@ The model is built on the meta device with the whole model's config; every param
 takes is materialised at its slice's shape (in the stored dtype); the ones it does not take stay on
 meta for the caller to drop. Names are the model's (``layers.3.ffn.experts.w_up``); the files may
 hold Mixtral's per-expert tensors or transformers' fused ``experts.gate_up_proj`` / ``down_proj``.
+
+A quantized directory (checkpoint/quantized.py: compressed-tensors) gives each quantized weight's
+part as its packed bytes and scales, read the same way: rows of the packed words and scales, and
+columns on whole words (and, for int4, whole groups), so a rank holds its share of the packed
+weight, dequantized as one process would.
 """
 
 from __future__ import annotations
@@ -23,8 +28,12 @@ from torch import nn
 
 from moegpt.checkpoint.hf import EXPERT_NAMES, NAME_MAP, config_from_hf
 from moegpt.checkpoint.model_dir import LoadedModel, read_hf_config
+from moegpt.checkpoint.quantized import hf_bases, scheme_from_config
 from moegpt.data.tokenizer import SENTENCEPIECE_FILE, Tokenizer
 from moegpt.model import MoEGPT
+from moegpt.quant.fp8 import E4M3
+from moegpt.quant.model import attach, targets
+from moegpt.quant.scheme import QuantScheme
 
 Keep = Callable[[str], tuple[slice, ...] | None]
 
@@ -62,6 +71,11 @@ class _Files:
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
+
+    def dtype(self, name: str) -> torch.dtype:
+        if name not in self.where:
+            raise ValueError(f"checkpoint is missing tensor {name!r}")
+        return self.where[name][1]
 
     def read(self, name: str, shape: tuple[int, ...], part: tuple[slice, ...]) -> torch.Tensor:
         """``part`` of tensor ``name`` (unit-step slices), whose whole shape must be ``shape``."""
@@ -111,6 +125,37 @@ def _expert_part(files: _Files, ours: str, layer: int, shape: tuple[int, ...], p
                         for e in range(E)[part[0]]])
 
 
+def _quantized_part(files: _Files, base: str, O: int, I: int, rows: slice, cols: slice, scheme: QuantScheme
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` x ``cols`` of the (O, I) HF linear ``base`` stored quantized -> (packed (o, c * bits / 8)
+    uint8, or fp8 values (o, c), and scale (o, g) fp32), checked as a whole directory is loaded."""
+    (r0, r1), (c0, c1) = rows.indices(O)[:2], cols.indices(I)[:2]
+    if scheme.float8:
+        if files.dtype(f"{base}.weight") != E4M3:
+            raise ValueError(f"{base}.weight is {files.dtype(f'{base}.weight')}, fp8 weights are torch.float8_e4m3fn")
+        packed = files.read(f"{base}.weight", (O, I), (rows, cols))
+        scale = files.read(f"{base}.weight_scale", (O, 1), (rows, slice(None)))
+    else:
+        per_word, G = 32 // scheme.bits, scheme.groups(I)
+        group = I // G  # inputs per scale (I: one per channel)
+        if c0 % per_word or (c1 % per_word and c1 != I) or (G > 1 and (c0 % group or c1 % group)):
+            raise ValueError(f"{base}: columns {c0}:{c1} of {I} do not fall on whole {scheme.name} words"
+                             + (f" and groups of {group}" if G > 1 else ""))
+        if files.dtype(f"{base}.weight_packed") != torch.int32:
+            raise ValueError(f"{base}.weight_packed is {files.dtype(f'{base}.weight_packed')}, not torch.int32")
+        shape = files.read(f"{base}.weight_shape", (2,), (slice(None),))
+        if shape.tolist() != [O, I]:
+            raise ValueError(f"{base}.weight_shape is {shape.tolist()}, the config implies {[O, I]}")
+        words = files.read(f"{base}.weight_packed", (O, -(-I * scheme.bits // 32)),
+                           (rows, slice(c0 // per_word, -(-c1 // per_word))))  # (o, w) int32
+        packed = words.view(torch.uint8)[:, :(c1 - c0) * scheme.bits // 8].contiguous()
+        groups = slice(c0 // group, c1 // group) if G > 1 else slice(None)
+        scale = files.read(f"{base}.weight_scale", (O, G), (rows, groups))
+    if not scale.is_floating_point() or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise ValueError(f"{base}.weight_scale has a scale that is not finite and positive")
+    return packed, scale.float()
+
+
 def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
@@ -119,24 +164,34 @@ def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 @torch.no_grad()
 def load_part(directory: str | Path, keep: Keep, device: str | torch.device = "cpu") -> LoadedModel:
-    """The parts of ``directory``'s parameters that ``keep`` names (see the module docstring); a
-    text model directory in full precision (a quantized one: ValueError)."""
+    """The parts of ``directory``'s parameters that ``keep`` names (see the module docstring), from a
+    text model directory in full precision or quantized."""
     directory = Path(directory)
     hf_config = read_hf_config(directory)
     cfg = config_from_hf(hf_config, where=str(directory / "config.json"))
-    if "quantization_config" in hf_config:
-        raise ValueError(f"{directory} is quantized: read it with checkpoint.model_dir.load")
+    qc = hf_config.get("quantization_config")
+    scheme = None if qc is None else scheme_from_config(qc, str(directory / "config.json"))
     has_tokenizer = (directory / "tokenizer.json").exists() or (directory / SENTENCEPIECE_FILE).exists()
     tokenizer = Tokenizer.load(directory) if has_tokenizer else None
     files = _Files(directory)
     with torch.device("meta"):
         model = MoEGPT(cfg)
+    quantized = {t.name: t for t in targets(model)} if scheme is not None else {}
     for name, p in list(model.named_parameters()):
         part = keep(name)
         if part is None:
             continue
         shape = tuple(p.shape)
         part = part + (slice(None),) * (len(shape) - len(part))
+        bases = hf_bases(name, cfg.n_experts) if name in quantized else []
+        if bases and f"{bases[0]}.weight_scale" in files:  # stored quantized
+            if len(shape) == 3:  # an expert stack: the experts in part[0], each one's rows and columns
+                bases, part = bases[part[0]], part[1:]
+            values = [_quantized_part(files, b, *shape[-2:], *part, scheme) for b in bases]
+            packed, scale = (torch.stack(v) if len(shape) == 3 else v[0] for v in zip(*values))
+            t = quantized[name]
+            attach(t.module, t.attr, packed.to(device), scale.to(device), scheme, files.dtype("model.norm.weight"))
+            continue
         if ".ffn.experts." in name:
             value = _expert_part(files, name, int(name.split(".")[1]), shape, part, cfg.d_ff)
         else:

@@ -44,7 +44,8 @@ from moegpt.infer.paged_cache import PagedKVCache
 from moegpt.infer.runner import Chunk, ModelRunner, StepOutput
 from moegpt.model import MoEGPT
 from moegpt.parallel.dims import ParallelDims
-from moegpt.parallel.serving import ServeRank, ShardCollectives, serve_groups, serve_rank, shard_model, shard_slices
+from moegpt.parallel.serving import (ServeRank, ShardCollectives, check_quantized_split, serve_groups, serve_rank,
+                                     shard_model, shard_slices)
 
 RUN, PING, STOP = "run", "ping", "stop"
 PLAN_BYTES = 8192  # one broadcast carries a plan up to this size (a decode step of ~60 sequences)
@@ -324,7 +325,9 @@ def start(model_dir: str | Path, dims: ParallelDims, timeout_s: float = 120.0,
     if has_vision(Path(model_dir)):
         raise ValueError(f"{model_dir} is a vision model: vision models serve on one process")
     if "quantization_config" in hf:
-        raise ValueError(f"{model_dir} is quantized: quantized directories serve on one process")
+        from moegpt.checkpoint.quantized import scheme_from_config
+
+        check_quantized_split(cfg, scheme_from_config(hf["quantization_config"], str(model_dir)), dims.tp)
     device = init_distributed(timeout_s)
     rank = serve_rank(dims, dist.get_rank(), cfg.n_layers)
     loaded = load_part(model_dir, lambda name: shard_slices(name, cfg, rank), device)  # this rank's parts only

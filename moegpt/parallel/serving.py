@@ -26,6 +26,7 @@ Legend: A rows grouped by expert, D d_model, E experts, El = E/ep local experts,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,7 @@ from torch import nn
 from moegpt.config import ModelConfig
 from moegpt.parallel.dims import ParallelDims, stage_layers
 from moegpt.parallel.expert import combine, dispatch
+from moegpt.quant.scheme import ACTIVATION_BLOCK, QuantScheme, int8_activations
 
 SERVE_MESH_DIMS = ("pp", "ep", "tp")
 
@@ -127,6 +129,26 @@ def shard_slices(name: str, cfg: ModelConfig, r: ServeRank) -> tuple[slice, ...]
         ff = part(cfg.d_ff, tp, t)
         return (experts, ff, whole) if not name.endswith("w_down") else (experts, whole, ff)
     return (whole,)
+
+
+def check_quantized_split(cfg: ModelConfig, scheme: QuantScheme, tp: int) -> None:
+    """A quantized model splits over ``tp`` ranks only where each rank's share of a row-parallel
+    weight's inputs (wo's H * Dh, w_down's F) is whole packed words, whole scale groups and, where one
+    process quantizes the activations in blocks of ACTIVATION_BLOCK inputs, whole blocks: so each
+    rank computes its part of the product as one process does. One-line error naming the values."""
+    if tp == 1:
+        return
+    if scheme.float8:
+        raise ValueError(f"--tp {tp}: fp8 weights scale each row's activations as a whole, which a rank holding "
+                         "part of the row cannot: serve fp8 with --pp or --ep")
+    group = scheme.group_size or 1
+    for what, inputs in (("wo", cfg.n_heads * cfg.head_dim), ("w_down", cfg.d_ff)):
+        share = inputs // tp
+        blocks = ACTIVATION_BLOCK if int8_activations(inputs) else 1
+        step = math.lcm(32 // scheme.bits, group, blocks)
+        if share % step:
+            raise ValueError(f"--tp {tp} gives each rank {share} of {what}'s {inputs} inputs, which {scheme.name} "
+                             f"weights split only in multiples of {step}: use fewer TP ranks, or --pp / --ep")
 
 
 class SharedMemorySum:

@@ -1,5 +1,6 @@
 """checkpoint/partial.py reads exactly the asked-for slices of a directory's tensors, from Mixtral's
-per-expert tensors or transformers' fused experts, and names what is missing or misshapen."""
+per-expert tensors or transformers' fused experts, or a quantized directory's packed weights and
+scales, and names what is missing or misshapen."""
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from moegpt.checkpoint.model_dir import load, save
 from moegpt.checkpoint.partial import load_part
 from moegpt.config import ModelConfig
 from moegpt.model import build_model
+from moegpt.quant.model import is_quantized, quantize_model
+from moegpt.quant.scheme import parse_scheme
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, n_experts=4, top_k=2,
                   max_seq_len=32)
@@ -61,3 +64,49 @@ def test_a_missing_or_misshapen_tensor_is_named(tmp_path):
         load_part(tmp_path, PARTS.get)
     with pytest.raises(ValueError, match=r"o_proj.weight has shape \(32, 8\), config implies \(32, 32\)"):
         load_part(tmp_path, {"layers.1.attn.wo.weight": (slice(None),)}.get)
+
+
+QCFG = CFG.replace(d_model=64, n_heads=4, head_dim=16, d_ff=64)  # whole int4 groups of 32 in every split below
+QPARTS = {
+    "layers.1.attn.wq.weight": (slice(16, 48),),
+    "layers.1.attn.wo.weight": (slice(None), slice(0, 32)),
+    "layers.1.ffn.experts.w_gate": (slice(2, 4), slice(32, 64)),
+    "layers.1.ffn.experts.w_down": (slice(0, 2), slice(None), slice(32, 64)),
+    "lm_head.weight": (slice(None),),
+    "norm.weight": (slice(None),),
+}
+
+
+def _owner(model, name):
+    """(module, attribute) of a weight's name."""
+    module, _, attr = name.rpartition(".")
+    return model.get_submodule(module), attr
+
+
+def _weight(model, name):
+    return getattr(*_owner(model, name))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+def test_a_quantized_directory_gives_each_part_its_packed_bytes_and_scales(tmp_path, scheme):
+    """A rank reads its rows and columns of the packed weights and their scales: dequantized, its part
+    is exactly the slice of the whole model's dequantized weight."""
+    model = quantize_model(build_model(QCFG, seed=3), parse_scheme(scheme, 32 if scheme == "int4" else None))
+    save(model, None, tmp_path)
+    full, part = load(tmp_path).model, load_part(tmp_path, QPARTS.get).model
+    for name, sl in QPARTS.items():
+        assert torch.equal(_weight(part, name), _weight(full, name)[sl]), name
+        if name != "norm.weight":
+            assert is_quantized(*_owner(part, name)), name  # held packed, not dequantized at load
+    assert part.layers[0].attn.wq.weight.is_meta  # not asked for: never read
+
+
+def test_a_quantized_part_off_its_groups_or_missing_its_scale_is_named(tmp_path):
+    save(quantize_model(build_model(QCFG, seed=3), parse_scheme("int4", 32)), None, tmp_path)
+    with pytest.raises(ValueError, match="o_proj: columns 16:48 of 64 do not fall on whole int4-g32 words and groups"):
+        load_part(tmp_path, {"layers.1.attn.wo.weight": (slice(None), slice(16, 48))}.get)
+    t = load_file(tmp_path / "model.safetensors")
+    t.pop("model.layers.1.self_attn.q_proj.weight_shape")
+    save_file(t, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing tensor 'model.layers.1.self_attn.q_proj.weight_shape'"):
+        load_part(tmp_path, QPARTS.get)

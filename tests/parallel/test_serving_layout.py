@@ -9,7 +9,8 @@ import pytest
 from moegpt.config import ModelConfig
 from moegpt.infer.runner import Chunk
 from moegpt.infer.sharded import micro_batches
-from moegpt.parallel.serving import local_config, serve_layout, serve_rank, shard_slices
+from moegpt.parallel.serving import check_quantized_split, local_config, serve_layout, serve_rank, shard_slices
+from moegpt.quant.scheme import parse_scheme
 
 CFG = ModelConfig(vocab_size=300, d_model=64, n_layers=5, n_heads=4, n_kv_heads=1, d_ff=64, n_experts=4, top_k=2,
                   max_seq_len=128)
@@ -60,3 +61,20 @@ def test_a_layout_without_its_processes_is_a_one_line_error(tmp_path, flags, mes
     proc = subprocess.run([sys.executable, "-m", "moegpt", "generate", "--model", str(tmp_path), "--prompt", "to",
                            *flags], capture_output=True, text=True)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_quantized_model_splits_over_tp_only_on_whole_words_groups_and_activation_blocks():
+    big = ModelConfig(vocab_size=300, d_model=128, n_layers=2, n_heads=8, head_dim=32, n_kv_heads=1, d_ff=256,
+                      n_experts=4, top_k=2, max_seq_len=64)
+    for name in ("int8", "int4"):
+        check_quantized_split(big, parse_scheme(name, 32 if name == "int4" else None), 2)  # 128 of 256 inputs: fine
+    # wo's 256 inputs come in blocks of 128 that one process quantizes together: 4 ranks would cut them
+    with pytest.raises(ValueError, match=r"--tp 4 gives each rank 64 of wo's 256 inputs, which int8 weights split "
+                                         r"only in multiples of 128"):
+        check_quantized_split(big, parse_scheme("int8"), 4)
+    small = big.replace(n_heads=4, head_dim=16, d_ff=64)  # 64 inputs, no activation blocks: 16 per rank
+    with pytest.raises(ValueError, match="16 of wo's 64 inputs, which int4-g32 weights split only in multiples of 32"):
+        check_quantized_split(small, parse_scheme("int4", 32), 4)
+    with pytest.raises(ValueError, match="--tp 2: fp8 weights scale each row's activations as a whole"):
+        check_quantized_split(big, parse_scheme("fp8"), 2)
+    check_quantized_split(big, parse_scheme("fp8"), 1)  # one TP rank: any layout
