@@ -5,8 +5,9 @@ hardware, each rank's peak memory (RSS), and the measured pipeline bubble.
 Informational: two cores cannot make a sharded model faster, the collectives and the step plan
 broadcast cost what the split saves. Speed: the ``tiny`` preset (random weights, fp32), a batch of 8
 prompts of 32 tokens, 32 greedy tokens each, decode steps only; median of 3 repeats. Memory: the
-``small`` preset (0.52B parameters, 2.1 GB in fp32) loaded by each layout's ranks: the weight bytes
-each rank holds and its peak RSS (each rank reads only its slices of the directory).
+``small`` preset (0.52B parameters, 2.1 GB in fp32), in fp32 and quantized to int8, loaded by each
+layout's ranks: the weight bytes each rank holds (packed bytes and scales for quantized weights) and
+its peak RSS (each rank reads only its slices of the directory).
 
     python -m bench.serve_layouts
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +32,8 @@ from moegpt.planner.cli import default_cache_dir
 from moegpt.planner.inputs import make_inputs
 from moegpt.planner.local import local_hardware
 from moegpt.planner.plan import plan
+from moegpt.quant.model import quantize_model
+from moegpt.quant.scheme import parse_scheme
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]  # (tp, pp, ep)
@@ -85,14 +89,18 @@ def main() -> None:
                   f"{', '.join(f'{b:.2f}/{w:.2f}' for b, w in zip(got['busy_ms_per_step'], got['wall_ms_per_step']))})",
                   flush=True)
         memory = []
-        small = str(Path(d) / "small")
-        save(build_model(preset("small"), seed=0), tok, small)
-        for tp, pp, ep in LAYOUTS:
-            got = run(small, tp, pp, ep, "memory")
-            name = "x".join(f"{k}{v}" for k, v in (("TP", tp), ("PP", pp), ("EP", ep)) if v > 1) or "1 process"
-            memory.append({"layout": name, **got})
-            print(f"{name:>10} (small): weights per rank {', '.join(f'{w:.0f}' for w in got['weights_mb'])} MB   "
-                  f"peak RSS per rank {', '.join(f'{m:.0f}' for m in got['peak_rss_mb'])} MB", flush=True)
+        for scheme in ("fp32", "int8"):
+            small = str(Path(d) / f"small-{scheme}")
+            model = build_model(preset("small"), seed=0)
+            save(model if scheme == "fp32" else quantize_model(model, parse_scheme(scheme)), tok, small)
+            del model
+            for tp, pp, ep in LAYOUTS:
+                got = run(small, tp, pp, ep, "memory")
+                name = "x".join(f"{k}{v}" for k, v in (("TP", tp), ("PP", pp), ("EP", ep)) if v > 1) or "1 process"
+                memory.append({"layout": name, "weights": scheme, **got})
+                print(f"{name:>10} (small {scheme}): weights per rank {', '.join(f'{w:.0f}' for w in got['weights_mb'])}"
+                      f" MB   peak RSS per rank {', '.join(f'{m:.0f}' for m in got['peak_rss_mb'])} MB", flush=True)
+            shutil.rmtree(small)
     print("wrote", write_result("serve_layouts", {"preset": "tiny", "batch": BATCH, "prompt": PROMPT, "new": NEW,
                                                   "rows": rows, "memory_preset": "small", "memory": memory}))
 

@@ -19,6 +19,7 @@ from moegpt.infer.sampling_params import SamplingParams
 from moegpt.infer.scheduler import SchedulerConfig
 from moegpt.infer.sharded import start
 from moegpt.parallel.serving import serve_layout
+from moegpt.quant.model import weight_bytes
 
 BATCH, PROMPT, NEW = 8, 32, 32
 
@@ -33,8 +34,7 @@ def peaks_mb() -> list[float]:
 
 def memory(model_dir: str, out: str, tp: int, pp: int, ep: int) -> None:
     world = start(model_dir, serve_layout(tp, pp, ep), timeout_s=300)
-    held = torch.tensor([float(sum(p.numel() * p.element_size() for p in world.model.parameters()))],
-                        dtype=torch.float64)
+    held = torch.tensor([float(weight_bytes(world.model))], dtype=torch.float64)  # packed bytes and scales if quantized
     weights = [torch.zeros_like(held) for _ in range(dist.get_world_size())]
     dist.all_gather(weights, held)
     peaks = peaks_mb()
