@@ -19,8 +19,10 @@ import typing
 from pathlib import Path
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of the dataclass ``cls``: its type, default and help text (``metadata``)."""
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, shown: dict[str, str] | None = None) -> None:
+    """One flag per field of the dataclass ``cls``: its type, default and help text (``metadata``);
+    ``shown``: the default a command applies itself, as its help shows it, for the fields it names."""
+    shown = shown or {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind, flag = hints[f.name], "--" + f.name.replace("_", "-")
@@ -32,9 +34,12 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_text)
         else:
-            shown = "" if f.default is None else f" (default: {f.default:g})" if kind is float else f" (default: {f.default})"
+            default = ("" if f.default is None else f" (default: {f.default:g})" if kind is float
+                       else f" (default: {f.default})")
+            if f.name in shown:
+                default = f" (default: {shown[f.name]})"
             parser.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=f.name.upper(),
-                                help=(help_text or "") + shown)
+                                help=(help_text or "") + default)
 
 
 def config_from_args(cls: type, args: argparse.Namespace):
@@ -284,6 +289,22 @@ FINETUNE_DEFAULTS = {"steps": 1100, "seq_len": 256, "lr": 3e-3, "warmup_steps": 
 CONTEXT_DEFAULTS = {"data": "passkey:1,text:1", "steps": 600, "lr": 1e-3, "batch_size": 8, "micro_batch": 4}
 
 
+def finetune_defaults_shown() -> dict[str, str]:
+    """The defaults ``apply_finetune_defaults`` fills in, as the help shows them."""
+    from moegpt.train.config import TrainConfig
+
+    def text(v) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    shown = {k: text(v) for k, v in FINETUNE_DEFAULTS.items()}
+    for key, value in CONTEXT_DEFAULTS.items():
+        if key in fields:
+            shown[key] = f"{shown.get(key, text(fields[key]))}; with --context {text(value)}"
+    shown["seq_len"] += "; with --context the extended length"
+    return shown
+
+
 def add_finetune_parser(subparsers, func) -> argparse.ArgumentParser:
     """``moegpt finetune``: the training flags (fine-tuning defaults) and what fine-tuning adds;
     ``func`` runs it (the top-level CLI's, which evaluates the result with the inference engine)."""
@@ -311,7 +332,8 @@ def add_finetune_parser(subparsers, func) -> argparse.ArgumentParser:
                    help="with --context: passkey conversations per length and depth in the report")
     p.add_argument("--eval-max", type=int, default=200, help="held-out conversations per source for exact match")
     p.add_argument("--no-eval", action="store_true", help="skip the exact-match evaluation")
-    add_config_flags(p.add_argument_group("training (TrainConfig; fine-tuning defaults)"), TrainConfig)
+    add_config_flags(p.add_argument_group("training (TrainConfig; fine-tuning defaults)"), TrainConfig,
+                     finetune_defaults_shown())
     add_parallel_args(p)
     p.set_defaults(**{k: None for k in {**FINETUNE_DEFAULTS, **CONTEXT_DEFAULTS}})  # apply_finetune_defaults
     p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)

@@ -170,3 +170,16 @@ def test_moegpt_finetune_refuses_bad_input_in_one_line(tmp_path, base_dir, capsy
             main(["finetune", "--model", str(base_dir), "--out", str(tmp_path / "o"), *extra])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_help_shows_the_defaults_finetune_runs_with(capsys):
+    """Fine-tuning fills its own defaults in (1,100 steps of 256 tokens...): the help names those, not
+    pre-training's."""
+    from moegpt.train.cli import CONTEXT_DEFAULTS, FINETUNE_DEFAULTS
+
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {FINETUNE_DEFAULTS['steps']}; with --context {CONTEXT_DEFAULTS['steps']})" in text
+    assert f"(default: {FINETUNE_DEFAULTS['seq_len']}; with --context the extended length)" in text
+    assert "(default: 0.003; with --context 0.001)" in text
