@@ -285,6 +285,15 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Write --model as the GGUF file --gguf (llama.cpp's llama architecture with experts)."""
+    from moegpt.checkpoint.gguf import export_gguf
+
+    size = export_gguf(args.model, args.gguf, args.type)
+    print(f"wrote {args.gguf} ({size / 1e6:.1f} MB, matrices {args.type})  (try: llama-cli -m {args.gguf})")
+    return 0
+
+
 def cmd_quantize(args) -> int:
     """Quantize --model into --out, refused (exit 2, nothing written) past the quality gates."""
     from moegpt.infer.quantize import (DEFAULT_MAX_PERPLEXITY_INCREASE, DEFAULT_MIN_TOP1_AGREEMENT, Gates, describe,
@@ -414,6 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per validation block (default 128)")
     p.add_argument("--cache-dir", default=None, help="tokenized-corpus cache (default as training's)")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export", help="write a model directory as one GGUF file (llama.cpp)")
+    p.add_argument("--model", required=True, help="model directory (HF Mixtral format; quantized ones are dequantized)")
+    p.add_argument("--gguf", required=True, metavar="FILE", help="the GGUF file to write")
+    p.add_argument("--type", default="q8_0", choices=["q8_0", "f16", "bf16", "f32"],
+                   help="the matrices' type (default q8_0; norms and routers stay f32)")
+    p.set_defaults(func=cmd_export)
 
     from moegpt.planner.cli import add_plan_parser
 

@@ -1,0 +1,225 @@
+"""GGUF export: a model directory as one GGUF file, the format llama.cpp runs (``moegpt export``).
+
+The model is written as llama.cpp's ``llama`` architecture with experts, the layout its converter
+gives Mixtral (GGUF names; dims as ggml counts them, innermost first):
+
+    token_embd.weight        (D, V)          output_norm.weight (D)      output.weight (D, V)
+    blk.{i}.attn_norm.weight (D)             blk.{i}.ffn_norm.weight (D)
+    blk.{i}.attn_q.weight    (D, H * Dh)     blk.{i}.attn_k.weight / attn_v.weight (D, G * Dh)
+    blk.{i}.attn_output.weight (H * Dh, D)   blk.{i}.ffn_gate_inp.weight (D, E)   (the router)
+    blk.{i}.ffn_gate_exps.weight / ffn_up_exps.weight (D, F, E)   blk.{i}.ffn_down_exps.weight (F, D, E)
+
+llama.cpp rotates interleaved pairs of a head's dims (2j, 2j + 1) where moegpt (as HF) rotates
+halves (j, j + Dh/2), so the rows of the q and k projections are reordered within each head
+(``interleave_heads``), as llama.cpp's own converter does; the product is the same.
+
+Matrices are written in one of ``TYPES``; norms and routers stay f32, as llama.cpp keeps them. Q8_0
+is ggml's: blocks of 32 inputs, each an fp16 scale d = max|w| / 127 and 32 int8 round(w / d)
+(halves away from zero), computed as ggml's reference computes it (``q8_0``), so the bytes are the
+gguf package's own quantizer's (tested).
+
+The file (GGUF version 3, little-endian): magic, version, tensor count, metadata count; the metadata
+(key, type, value); each tensor's name, dims, type and offset; then the tensors' data, each aligned
+to ALIGNMENT bytes. The tokenizer goes in as llama.cpp's ``gpt2`` byte-level BPE (moegpt's own
+tokenizers and any GPT-2-style ``tokenizer.json``), with the chat template.
+
+Legend: V vocab, D d_model, H query heads, G kv heads, Dh head dim, F d_ff, E experts.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moegpt.atomic import write_atomic
+from moegpt.checkpoint.model_dir import load
+from moegpt.config import MLPKind, ModelConfig, RopeType
+from moegpt.data.tokenizer import Tokenizer
+from moegpt.model import MoEGPT
+
+ALIGNMENT = 32
+VERSION = 3
+QK8_0 = 32  # inputs per Q8_0 block
+# a matrix type -> (ggml type id, llama.cpp's file type id)
+TYPES = {"f32": (0, 0), "f16": (1, 1), "q8_0": (8, 7), "bf16": (30, 32)}
+F32 = 0
+# GGUF metadata value types
+U8, I8, U16, I16, U32, I32, FLOAT32, BOOL, STRING, ARRAY, U64, I64, FLOAT64 = range(13)
+TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # llama.cpp's token types
+
+
+def interleave_heads(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """w (n_heads * Dh, D), rows of each head in halves (HF rope) -> rows in interleaved pairs
+    (llama.cpp's): row 2j of a head is its row j, row 2j + 1 its row j + Dh/2."""
+    rows, D = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, D).transpose(1, 2).reshape(rows, D)
+
+
+def q8_0(w: torch.Tensor) -> bytes:
+    """w (..., I), I a multiple of 32 -> ggml's Q8_0 blocks: per 32 inputs, the fp16 scale then the
+    32 int8 values (the reference's rounding: scale and products in fp32, halves away from zero)."""
+    x = w.float().reshape(-1, QK8_0)  # (blocks, 32)
+    d = x.abs().amax(dim=1, keepdim=True) / 127
+    v = x * torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    a = v.abs()
+    whole = a.floor()
+    q = torch.sign(v) * (whole + (2 * (a - whole)).floor())
+    blocks = torch.cat([d.half().view(torch.uint8), q.to(torch.int8).view(torch.uint8)], dim=1)  # (blocks, 34)
+    return blocks.numpy().tobytes()
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dims: tuple[int, ...]  # ggml's order: innermost first
+    ggml_type: int
+    data: bytes
+
+
+def _tensor(name: str, w: torch.Tensor, kind: str) -> Tensor:
+    """A weight (..., I) in matrix type ``kind`` (a vector: f32)."""
+    w = w.detach().cpu().contiguous()
+    dims = tuple(reversed(w.shape))
+    if w.dim() == 1 or kind == "f32":
+        return Tensor(name, dims, F32, w.float().numpy().tobytes())
+    if kind == "q8_0":
+        return Tensor(name, dims, TYPES["q8_0"][0], q8_0(w))
+    dtype = torch.float16 if kind == "f16" else torch.bfloat16
+    return Tensor(name, dims, TYPES[kind][0], w.to(dtype).view(torch.uint16).numpy().tobytes())
+
+
+def model_tensors(model: MoEGPT, kind: str) -> list[Tensor]:
+    """The model's weights under llama.cpp's names, matrices in ``kind`` (q and k rows interleaved)."""
+    cfg = model.cfg
+    out = [_tensor("token_embd.weight", model.embed.weight, kind)]
+    for i, block in enumerate(model.layers):
+        p = f"blk.{i}."
+        attn, ffn = block.attn, block.ffn
+        out += [_tensor(p + "attn_norm.weight", block.attn_norm.weight, kind),
+                _tensor(p + "attn_q.weight", interleave_heads(attn.wq.weight, cfg.n_heads), kind),
+                _tensor(p + "attn_k.weight", interleave_heads(attn.wk.weight, cfg.n_kv_heads), kind),
+                _tensor(p + "attn_v.weight", attn.wv.weight, kind),
+                _tensor(p + "attn_output.weight", attn.wo.weight, kind),
+                _tensor(p + "ffn_norm.weight", block.ffn_norm.weight, kind),
+                _tensor(p + "ffn_gate_inp.weight", ffn.router.weight, "f32"),
+                _tensor(p + "ffn_gate_exps.weight", ffn.experts.w_gate, kind),
+                _tensor(p + "ffn_up_exps.weight", ffn.experts.w_up, kind),
+                _tensor(p + "ffn_down_exps.weight", ffn.experts.w_down, kind)]
+    out.append(_tensor("output_norm.weight", model.norm.weight, kind))
+    if model.lm_head is not None:  # tied: llama.cpp reads token_embd as the head when output is absent
+        out.append(_tensor("output.weight", model.lm_head.weight, kind))
+    return out
+
+
+def check_exportable(cfg: ModelConfig, kind: str) -> None:
+    """One-line errors for what this exporter (llama.cpp's llama architecture) cannot write."""
+    if kind not in TYPES:
+        raise ValueError(f"--type {kind!r} is not one of {', '.join(TYPES)}")
+    if cfg.mlp != MLPKind.SWIGLU or cfg.moe_every != 1:
+        raise ValueError("GGUF export writes models whose every layer is a SwiGLU MoE (llama.cpp's llama architecture "
+                         f"with experts); this one has mlp={cfg.mlp.value!r}, moe_every={cfg.moe_every}")
+    if cfg.rope_scaling is not None and cfg.rope_scaling.type != RopeType.LINEAR:
+        raise ValueError(f"GGUF export writes linear rope scaling only; this model has {cfg.rope_scaling.type.value}")
+    if kind == "q8_0":
+        for name, width in (("d_model", cfg.d_model), ("d_ff", cfg.d_ff), ("n_heads * head_dim", cfg.q_dim)):
+            if width % QK8_0:
+                raise ValueError(f"--type q8_0 quantizes rows in blocks of {QK8_0}: {name} = {width} is not a multiple")
+
+
+def model_metadata(cfg: ModelConfig, kind: str, name: str) -> list[tuple[str, int, object]]:
+    """llama.cpp's hyper-parameter keys for the llama architecture, with the types it reads them as."""
+    a = "llama."
+    meta = [("general.architecture", STRING, "llama"), ("general.name", STRING, name),
+            ("general.file_type", U32, TYPES[kind][1]), ("general.alignment", U32, ALIGNMENT),
+            (a + "vocab_size", U32, cfg.vocab_size), (a + "context_length", U32, cfg.max_seq_len),
+            (a + "embedding_length", U32, cfg.d_model), (a + "block_count", U32, cfg.n_layers),
+            (a + "feed_forward_length", U32, cfg.d_ff), (a + "attention.head_count", U32, cfg.n_heads),
+            (a + "attention.head_count_kv", U32, cfg.n_kv_heads),
+            (a + "attention.key_length", U32, cfg.head_dim), (a + "attention.value_length", U32, cfg.head_dim),
+            (a + "rope.dimension_count", U32, cfg.head_dim), (a + "rope.freq_base", FLOAT32, cfg.rope_theta),
+            (a + "attention.layer_norm_rms_epsilon", FLOAT32, cfg.norm_eps),
+            (a + "expert_count", U32, cfg.n_experts), (a + "expert_used_count", U32, cfg.top_k)]
+    if cfg.rope_scaling is not None:
+        meta += [(a + "rope.scaling.type", STRING, "linear"), (a + "rope.scaling.factor", FLOAT32, cfg.rope_scaling.factor),
+                 (a + "rope.scaling.original_context_length", U32, cfg.rope_scaling.original_max_seq_len)]
+    return meta
+
+
+def tokenizer_metadata(tok: Tokenizer) -> list[tuple[str, int, object]]:
+    """The vocabulary as llama.cpp's ``gpt2`` BPE: tokens by id, their types, the merges, the special
+    ids and the chat template; refuses a tokenizer that is not byte-level BPE."""
+    spec = json.loads(tok.to_json())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+        raise ValueError("GGUF export writes byte-level BPE tokenizers (GPT-2 style, as moegpt trains them); this "
+                         f"one is {model.get('type')!r} with a {pre.get('type')!r} pre-tokenizer")
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    tokens = [tok.id_to_token(i) for i in range(tok.vocab_size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    meta = [("tokenizer.ggml.model", STRING, "gpt2"), ("tokenizer.ggml.pre", STRING, "gpt-2"),
+            ("tokenizer.ggml.tokens", ARRAY, (STRING, tokens)),
+            ("tokenizer.ggml.token_type", ARRAY, (I32, [TOKEN_CONTROL if i in special else TOKEN_NORMAL
+                                                        for i in range(len(tokens))])),
+            ("tokenizer.ggml.merges", ARRAY, (STRING, merges)),
+            ("tokenizer.ggml.add_bos_token", BOOL, False), ("tokenizer.ggml.add_eos_token", BOOL, False)]
+    for key, token_id in (("bos", tok.bos_id), ("eos", tok.eos_id), ("padding", tok.pad_id)):
+        if token_id is not None:
+            meta.append((f"tokenizer.ggml.{key}_token_id", U32, token_id))
+    if tok.chat_template:
+        meta.append(("tokenizer.chat_template", STRING, tok.chat_template))
+    return meta
+
+
+_SCALARS = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", FLOAT32: "<f", BOOL: "<?",
+            U64: "<Q", I64: "<q", FLOAT64: "<d"}
+
+
+def _string(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def _value(kind: int, value) -> bytes:
+    if kind == STRING:
+        return _string(value)
+    if kind == ARRAY:
+        item, values = value
+        return struct.pack("<IQ", item, len(values)) + b"".join(_value(item, v) for v in values)
+    return struct.pack(_SCALARS[kind], value)
+
+
+def gguf_bytes(metadata: list[tuple[str, int, object]], tensors: list[Tensor]) -> bytes:
+    """The whole file: header, metadata, tensor infos, then the tensors' data, each aligned."""
+    head = [b"GGUF", struct.pack("<IQQ", VERSION, len(tensors), len(metadata))]
+    head += [_string(key) + struct.pack("<I", kind) + _value(kind, value) for key, kind, value in metadata]
+    offset, data = 0, []
+    for t in tensors:
+        head.append(_string(t.name) + struct.pack("<I", len(t.dims)) + struct.pack(f"<{len(t.dims)}Q", *t.dims)
+                    + struct.pack("<IQ", t.ggml_type, offset))
+        pad = -len(t.data) % ALIGNMENT
+        data += [t.data, b"\0" * pad]
+        offset += len(t.data) + pad
+    header = b"".join(head)
+    return header + b"\0" * (-len(header) % ALIGNMENT) + b"".join(data)
+
+
+def export_gguf(model_dir: str | Path, out: str | Path, kind: str = "q8_0") -> int:
+    """Write ``model_dir`` (a text model directory, full precision or quantized: dequantized first) as
+    the GGUF file ``out`` with matrices in ``kind``; returns the file's size in bytes."""
+    loaded = load(model_dir)
+    if not isinstance(loaded.model, MoEGPT):
+        raise ValueError(f"{model_dir} is a vision model: GGUF export writes text models")
+    if loaded.tokenizer is None:
+        raise ValueError(f"{model_dir} has no tokenizer: GGUF files carry theirs")
+    cfg = loaded.model.cfg
+    check_exportable(cfg, kind)
+    with torch.no_grad():
+        tensors = model_tensors(loaded.model, kind)
+    blob = gguf_bytes(model_metadata(cfg, kind, Path(model_dir).resolve().name)
+                      + tokenizer_metadata(loaded.tokenizer), tensors)
+    write_atomic(out, lambda tmp: Path(tmp).write_bytes(blob))
+    return len(blob)
