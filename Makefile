@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 # index serves CUDA builds: make demo TORCH_PIP_ARGS="--index-url <your CPU-only wheel index>"
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo demo-context demo-vision test test-quick bench install install-dev clean
+.PHONY: demo demo-context demo-vision test test-quick bench bench-llama-cpp install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,12 @@ test-quick: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/run_all.py
+
+# moegpt against llama.cpp on the same weights (bench/llama_cpp.py): installs llama-cpp-python first,
+# which builds llama.cpp from source (~15 min on 2 cores, once); `make bench` runs it when installed
+bench-llama-cpp: $(VENV)/.installed-dev
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install "llama-cpp-python==0.3.36"
+	$(BIN)/python -m bench.llama_cpp
 
 clean:
 	rm -rf $(VENV) runs bench/results

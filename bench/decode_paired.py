@@ -58,8 +58,9 @@ def weight_bytes(model) -> tuple[int, int]:
     expert = nbytes(x for t in expert_stacks for x in stored_tensors(t.module, t.attr))
     expert //= len(expert_stacks) // 3 * model.cfg.n_experts if expert_stacks else 1
     others = [x for t in targets(model) if ".experts." not in t.name for x in stored_tensors(t.module, t.attr)]
+    counted = {id(x) for x in others}  # (a full-precision target is a plain parameter too: count it once)
     plain = [p for n, p in model.named_parameters() if ".parametrizations." not in n and "experts" not in n
-             and n != "embed.weight"]
+             and n != "embed.weight" and id(p) not in counted]
     head = [model.embed.weight] if model.lm_head is None else []  # the table is read as the head if tied
     return nbytes(others + plain + head), expert
 

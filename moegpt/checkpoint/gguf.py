@@ -192,19 +192,28 @@ def _value(kind: int, value) -> bytes:
     return struct.pack(_SCALARS[kind], value)
 
 
-def gguf_bytes(metadata: list[tuple[str, int, object]], tensors: list[Tensor]) -> bytes:
-    """The whole file: header, metadata, tensor infos, then the tensors' data, each aligned."""
+def write_gguf(path: str | Path, metadata: list[tuple[str, int, object]], tensors: list[Tensor]) -> int:
+    """Write the file (atomically): header, metadata, tensor infos, then each tensor's data, aligned;
+    returns its size in bytes."""
     head = [b"GGUF", struct.pack("<IQQ", VERSION, len(tensors), len(metadata))]
     head += [_string(key) + struct.pack("<I", kind) + _value(kind, value) for key, kind, value in metadata]
-    offset, data = 0, []
+    offset = 0
     for t in tensors:
         head.append(_string(t.name) + struct.pack("<I", len(t.dims)) + struct.pack(f"<{len(t.dims)}Q", *t.dims)
                     + struct.pack("<IQ", t.ggml_type, offset))
-        pad = -len(t.data) % ALIGNMENT
-        data += [t.data, b"\0" * pad]
-        offset += len(t.data) + pad
+        offset += len(t.data) + -len(t.data) % ALIGNMENT
     header = b"".join(head)
-    return header + b"\0" * (-len(header) % ALIGNMENT) + b"".join(data)
+    header += b"\0" * (-len(header) % ALIGNMENT)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for t in tensors:
+                f.write(t.data)
+                f.write(b"\0" * (-len(t.data) % ALIGNMENT))
+
+    write_atomic(path, write)
+    return len(header) + offset
 
 
 def export_gguf(model_dir: str | Path, out: str | Path, kind: str = "q8_0") -> int:
@@ -219,7 +228,5 @@ def export_gguf(model_dir: str | Path, out: str | Path, kind: str = "q8_0") -> i
     check_exportable(cfg, kind)
     with torch.no_grad():
         tensors = model_tensors(loaded.model, kind)
-    blob = gguf_bytes(model_metadata(cfg, kind, Path(model_dir).resolve().name)
-                      + tokenizer_metadata(loaded.tokenizer), tensors)
-    write_atomic(out, lambda tmp: Path(tmp).write_bytes(blob))
-    return len(blob)
+    metadata = model_metadata(cfg, kind, Path(model_dir).resolve().name) + tokenizer_metadata(loaded.tokenizer)
+    return write_gguf(out, metadata, tensors)
