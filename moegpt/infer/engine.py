@@ -37,7 +37,7 @@ from moegpt.infer.layout import lay_out_for_decoding
 from moegpt.infer.outputs import OutputCollector, RequestOutput, StepUpdate, TokenLogprob
 from moegpt.infer.paged_cache import PagedKVCache
 from moegpt.infer.runner import Chunk, ModelRunner
-from moegpt.infer.sampling import apply_penalties, filtered_probs, sample, top_logprobs
+from moegpt.infer.sampling import apply_penalties, filtered_probs, greedy, sample, top_logprobs
 from moegpt.infer.sampling_params import SamplingParams
 from moegpt.infer.scheduler import Batch, Scheduler, SchedulerConfig
 from moegpt.infer.sequence import FinishReason, Sequence
@@ -288,14 +288,19 @@ class LLMEngine:
         logprobs: dict[int, list[TokenLogprob]] = {}
         row = 0
         no_proposal = Proposal(tokens=(), probs=None)
+        argmaxes = None  # every row's argmax, taken once for the plain greedy sequences (one op, not one each)
         for e, chunk in zip(batch.entries, chunks):
             if not chunk.num_logits:
                 continue
             live = self.live[e.seq.seq_id]
             rows = out.logits[row:row + chunk.num_logits]  # (k+1, V)
-            row += chunk.num_logits
             proposal = proposals.get(e.seq.seq_id, no_proposal)
-            tokens = self._sample(live, rows, proposal)
+            if live.params.greedy and not live.params.has_penalties and not proposal.tokens:
+                argmaxes = greedy(out.logits).tolist() if argmaxes is None else argmaxes
+                tokens = [argmaxes[row]]
+            else:
+                tokens = self._sample(live, rows, proposal)
+            row += chunk.num_logits
             self.stats.spec_proposed += len(proposal.tokens)
             self.stats.spec_accepted += len(tokens) - 1
             sampled[e.seq.seq_id] = tokens
@@ -312,15 +317,15 @@ class LLMEngine:
     def _sample(self, live: _Live, rows: torch.Tensor, proposal: Proposal) -> list[int]:
         """rows (k+1, V): the target's logits after the last token and after each draft token."""
         params, seq = live.params, live.seq
-        history = list(seq.output_ids)
-        processed = []
-        for i in range(rows.shape[0]):
-            processed.append(apply_penalties(rows[i], params, seq.prompt_ids, history + list(proposal.tokens[:i])))
-        logits = torch.stack(processed)  # (k+1, V)
+        logits = rows
+        if params.has_penalties:
+            history = list(seq.output_ids)
+            logits = torch.stack([apply_penalties(rows[i], params, seq.prompt_ids, history + list(proposal.tokens[:i]))
+                                  for i in range(rows.shape[0])])  # (k+1, V)
         if not proposal.tokens:
             return [int(sample(logits, params, live.generator)[0])]
         if params.greedy:  # verify's rule with one-hot target distributions, in one argmax
-            return verify_greedy(logits.argmax(-1).tolist(), proposal)
+            return verify_greedy(greedy(logits).tolist(), proposal)
         return verify(filtered_probs(logits, params), proposal, live.generator)
 
     def _emit(self, sid: int, before: int, logprobs: list[TokenLogprob] | None) -> StepUpdate:
