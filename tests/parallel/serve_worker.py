@@ -43,7 +43,7 @@ LAYOUTS = {  # name: (layout, model, speculative)
     # quantized directories: each rank reads its share of the packed weights and scales
     "tp2-int8": (dict(tp=2), "int8", None), "tp2-int4": (dict(tp=2), "int4", None),
     "ep2-int8": (dict(ep=2), "int8", None), "pp2-fp8": (dict(pp=2), "fp8", None),
-    "ep2xtp2-int4": (dict(ep=2, tp=2), "int4", None),
+    "ep2xtp2-int4": (dict(ep=2, tp=2), "int4", None), "ep2-int8-alltoall": (dict(ep=2), "int8", None),
 }
 BLOCK, BLOCKS = 4, 14  # a KV cache small enough that the timeline preempts
 
