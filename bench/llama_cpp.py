@@ -4,7 +4,7 @@ at batch 1 beside moegpt's engine, the two taking turns, each timing paired with
 bandwidth (a 1 GiB sum before and after it, as bench/decode_paired.py does), and the two models'
 logits compared.
 
-Rows: moegpt fp32 / llama.cpp F32; moegpt bf16 / llama.cpp BF16 and F16 (the same bytes); moegpt int8
+Rows (decode, and the prefill of a 512-token prompt): moegpt fp32 / llama.cpp F32; moegpt bf16 / llama.cpp BF16 and F16 (the same bytes); moegpt int8
 (per channel) / llama.cpp Q8_0 (blocks of 32). Decode: a prompt of 128 tokens, then ``--steps`` greedy
 tokens one at a time; the bytes a token reads are the shared weights, the top-k experts of every
 layer and the KV cache (llama.cpp in its own formats: Q8_0 is 34 bytes per 32 weights). Parity: the
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import prefilled_engine, write_result
+from bench.common import interleaved_medians, prefilled_engine, write_result
 from bench.decode_paired import SUM_BYTES, step_bytes, sum_bandwidth, weight_bytes
 from moegpt.checkpoint.gguf import export_gguf
 from moegpt.checkpoint.model_dir import save
@@ -40,6 +40,7 @@ from moegpt.quant.model import quantize_model
 from moegpt.quant.scheme import parse_scheme
 
 PROMPT = 128
+PREFILL = 512
 GGUF_BYTES_PER_WEIGHT = {"f32": 4.0, "bf16": 2.0, "f16": 2.0, "q8_0": 34 / 32}
 PAIRS = [("fp32", "none", "f32"), ("bf16", "none", "bf16"), ("bf16", "none", "f16"), ("fp32", "int8", "q8_0")]
 
@@ -116,6 +117,28 @@ def theirs(Llama, path: Path, kind: str, cfg, repeats: int, steps: int):
     return llm, run
 
 
+def prefill_rates(Llama, path: Path, model, repeats: int) -> tuple[float, float]:
+    """Prefill tokens/s of a PREFILL-token prompt: (moegpt's engine, no prefix cache; llama.cpp in one
+    batch), taking turns, medians."""
+    from moegpt.infer.engine import EngineConfig, LLMEngine
+    from moegpt.infer.sampling_params import SamplingParams
+
+    prompt = torch.randint(0, model.cfg.vocab_size, (PREFILL,), generator=torch.Generator().manual_seed(2)).tolist()
+    engine = LLMEngine(model, EngineConfig(kv_cache_bytes=256 * 2**20, prefix_caching=False))
+    llm = Llama(model_path=str(path), n_ctx=PREFILL + 16, n_threads=2, n_threads_batch=2, n_batch=PREFILL,
+                n_ubatch=PREFILL, verbose=False)
+
+    def ours_once():
+        engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0))
+
+    def theirs_once():
+        llm.reset()
+        llm.eval(prompt)
+
+    t_ours, t_theirs = interleaved_medians([ours_once, theirs_once], repeats)
+    return PREFILL / t_ours, PREFILL / t_theirs
+
+
 @torch.no_grad()
 def parity(Llama, path: Path, model) -> dict:
     """The F32 file's logits and greedy tokens against moegpt's on the same prompt."""
@@ -169,15 +192,19 @@ def main() -> None:
                 export_gguf(Path(d) / "fp32", Path(d) / f"{kind}.gguf", kind)
             llm, run_theirs = theirs(Llama, Path(d) / f"{kind}.gguf", kind, cfg, args.repeats, args.steps)
             a, b = paired([ours(dtype_name, m, args.repeats, args.steps), run_theirs], big, args.repeats, args.steps)
-            del m, llm
-            a, b = {"engine": "moegpt", "dtype": dtype_name, "weights": scheme, **a}, {"engine": "llama.cpp", "gguf": kind, **b}
+            del llm
+            pre_ours, pre_theirs = prefill_rates(Llama, Path(d) / f"{kind}.gguf", m, 3)
+            del m
+            a = {"engine": "moegpt", "dtype": dtype_name, "weights": scheme, "prefill_tokens_per_s": pre_ours, **a}
+            b = {"engine": "llama.cpp", "gguf": kind, "prefill_tokens_per_s": pre_theirs, **b}
             rows += [a, b]
             print(f"batch 1  moegpt {dtype_name}{'' if scheme == 'none' else ' ' + scheme:>10}: "
                   f"{a['tokens_per_s_median']:6.1f} tok/s, {a['fraction_median']:.2f} of the paired sum (best "
                   f"{a['fraction_best']:.2f}, sum {a['sum_gb_s_median']:.1f} GB/s)   llama.cpp {kind.upper():>5}: "
                   f"{b['tokens_per_s_median']:6.1f} tok/s, {b['fraction_median']:.2f} (best {b['fraction_best']:.2f}, "
-                  f"sum {b['sum_gb_s_median']:.1f} GB/s)   ratio {a['tokens_per_s_median'] / b['tokens_per_s_median']:.2f}x",
-                  flush=True)
+                  f"sum {b['sum_gb_s_median']:.1f} GB/s)   ratio {a['tokens_per_s_median'] / b['tokens_per_s_median']:.2f}x\n"
+                  f"prefill {PREFILL}: moegpt {pre_ours:6.0f} tok/s   llama.cpp {pre_theirs:6.0f} tok/s   ratio "
+                  f"{pre_ours / pre_theirs:.2f}x", flush=True)
     print("wrote", write_result("llama_cpp", {"preset": "small", "prompt": PROMPT, "steps": args.steps,
                                               "parity": check, "rows": rows}))
 

@@ -149,16 +149,20 @@ def model_metadata(cfg: ModelConfig, kind: str, name: str) -> list[tuple[str, in
     return meta
 
 
-def tokenizer_metadata(tok: Tokenizer) -> list[tuple[str, int, object]]:
-    """The vocabulary as llama.cpp's ``gpt2`` BPE: tokens by id, their types, the merges, the special
-    ids and the chat template; refuses a tokenizer that is not byte-level BPE."""
+def tokenizer_metadata(tok: Tokenizer, vocab_size: int) -> list[tuple[str, int, object]]:
+    """The vocabulary as llama.cpp's ``gpt2`` BPE: tokens by id (padded with unused control tokens to
+    the model's ``vocab_size``, as llama.cpp wants one per logit), their types, the merges, the special
+    ids and the chat template; refuses a tokenizer that is not byte-level BPE or is larger."""
     spec = json.loads(tok.to_json())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
         raise ValueError("GGUF export writes byte-level BPE tokenizers (GPT-2 style, as moegpt trains them); this "
                          f"one is {model.get('type')!r} with a {pre.get('type')!r} pre-tokenizer")
-    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size {vocab_size}")
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")} | set(range(tok.vocab_size, vocab_size))
     tokens = [tok.id_to_token(i) for i in range(tok.vocab_size)]
+    tokens += [f"<|unused_{i}|>" for i in range(tok.vocab_size, vocab_size)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     meta = [("tokenizer.ggml.model", STRING, "gpt2"), ("tokenizer.ggml.pre", STRING, "gpt-2"),
             ("tokenizer.ggml.tokens", ARRAY, (STRING, tokens)),
@@ -228,5 +232,6 @@ def export_gguf(model_dir: str | Path, out: str | Path, kind: str = "q8_0") -> i
     check_exportable(cfg, kind)
     with torch.no_grad():
         tensors = model_tensors(loaded.model, kind)
-    metadata = model_metadata(cfg, kind, Path(model_dir).resolve().name) + tokenizer_metadata(loaded.tokenizer)
+    metadata = (model_metadata(cfg, kind, Path(model_dir).resolve().name)
+                + tokenizer_metadata(loaded.tokenizer, cfg.vocab_size))
     return write_gguf(out, metadata, tensors)

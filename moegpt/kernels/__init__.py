@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(s) for s in ("gemv.cpp", "decode_layer.cpp", "shm_sum.cpp"))
+SOURCES = tuple(Path(__file__).with_name(s) for s in ("gemv.cpp", "decode_layer.cpp", "shm_sum.cpp", "dequantize.cpp"))
 HEADERS = tuple(Path(__file__).with_name(h) for h in ("gemv.h", "paged_attention.h", "qcommon.h", "qrows.h", "qgemv.h", "qtiles.h"))
 # Rows up to which gemv beats the library's matmul (measured on a 2-core EPYC, 2048 x 768, cold,
 # as fractions of a paired 1 GiB sum): fp32 stored (in, out) 33 vs 15 GB/s at 2 rows, equal at 6;

@@ -162,3 +162,11 @@ def test_what_the_exporter_cannot_write_is_a_one_line_error(tmp_path, model_dir,
             main(["export", "--model", str(tmp_path / model), "--gguf", str(tmp_path / "x.gguf")])
         assert e.value.code == 2 and message in capsys.readouterr().err
         assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_tokenizer_smaller_than_the_vocabulary_is_padded_to_one_token_per_logit(tmp_path, model_dir):
+    save(build_model(CFG.replace(vocab_size=320), seed=0), Tokenizer.load(model_dir), tmp_path / "m")
+    export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
+    meta = _fields(GGUFReader(tmp_path / "m.gguf"))
+    assert len(meta["tokenizer.ggml.tokens"]) == 320 and meta["tokenizer.ggml.tokens"][-1] == "<|unused_319|>"
+    assert meta["tokenizer.ggml.token_type"][300:] == [3] * 20  # control: never produced by tokenizing text

@@ -10,7 +10,7 @@ from moegpt.config import preset
 from moegpt.infer.decode import decode_step, decode_weights, kernel_layers_apply
 from moegpt.model import build_model
 from moegpt.quant.model import quantize_model
-from moegpt.quant.scheme import QuantScheme, quantize, quantized_matmul, tile, tile_scales
+from moegpt.quant.scheme import QuantScheme, dequantize, quantize, quantized_matmul, rows, tile, tile_scales
 
 SCHEMES = [QuantScheme(bits=8), QuantScheme(bits=8, group_size=32), QuantScheme(bits=4, group_size=32),
            QuantScheme(bits=4, group_size=128)]
@@ -99,3 +99,29 @@ def test_the_decode_program_reads_the_packed_bytes_not_a_dequantized_copy():
     assert w.layers[0].w_in.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()  # fused in place
     assert w.layers[0].w_in_scale.untyped_storage().data_ptr() == \
         experts.parametrizations.w_gate[0].scale.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(bits=8), QuantScheme(bits=4, group_size=32),
+                                    QuantScheme(bits=4, group_size=128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantizing_tiles_is_bitwise_the_reference(scheme, dtype):
+    """What a plain model's forward multiplies by (prefill): the C++ pass over the tiles equals
+    untile + unpack + scale in PyTorch ops, bit for bit, for a stack of experts and one matrix."""
+    assert kernels.available()
+    for shape in ((3, 48, 256), (32, 384)):
+        packed, scale = quantize(torch.randn(shape) * torch.rand(shape[-2], 1), scheme)
+        t, s = tile(packed, scheme.bits), tile_scales(scale)
+        want = dequantize(*rows(t, s, scheme.bits), scheme.bits, dtype)
+        assert torch.equal(torch.ops.moegpt.dequantize_tiles(t, s, scheme.bits, dtype), want)
+
+
+def test_a_quantized_model_in_tiles_forwards_as_in_rows():
+    """The parametrization takes the tile kernel once the decode program has laid the weights out in
+    tiles: the model's forward (prefill) gives the same logits as before the layout."""
+    model = quantize_model(build_model(preset("tiny"), seed=0), QuantScheme(bits=4, group_size=32)).eval()
+    tokens = torch.randint(0, 4096, (1, 12))
+    with torch.no_grad():
+        before = model(tokens).logits
+        decode_weights(model)  # tiles the quantized weights in place
+        assert model.layers[0].ffn.experts.parametrizations.w_gate[0].scale.dim() == 4  # (E, T, G, 16): tiled
+        assert torch.equal(model(tokens).logits, before)
