@@ -4,11 +4,13 @@ at batch 1 beside moegpt's engine, the two taking turns, each timing paired with
 bandwidth (a 1 GiB sum before and after it, as bench/decode_paired.py does), and the two models'
 logits compared.
 
-Rows (decode, and the prefill of a 512-token prompt): moegpt fp32 / llama.cpp F32; moegpt bf16 / llama.cpp BF16 and F16 (the same bytes); moegpt int8
-(per channel) / llama.cpp Q8_0 (blocks of 32). Decode: a prompt of 128 tokens, then ``--steps`` greedy
-tokens one at a time; the bytes a token reads are the shared weights, the top-k experts of every
-layer and the KV cache (llama.cpp in its own formats: Q8_0 is 34 bytes per 32 weights). Parity: the
-F32 file's logits over a 64-token prompt against moegpt's, and 32 greedy tokens from each.
+Rows (decode, and the prefill of a 512-token prompt): moegpt fp32 / llama.cpp F32; moegpt bf16 /
+llama.cpp BF16 and F16 (the same bytes); moegpt int8 (per channel) / llama.cpp Q8_0 (blocks of 32);
+moegpt int4 (groups of 32, fp32 scales) / Q4_0 (blocks of 32, fp16 scales). Decode: a prompt of 128
+tokens, then ``--steps`` greedy tokens one at a time; the bytes a token reads are the shared
+weights, the top-k experts of every layer and the KV cache (llama.cpp in its own formats: Q8_0 is 34
+bytes per 32 weights, Q4_0 18). Parity: the F32 file's logits over a 64-token prompt against
+moegpt's, and 32 greedy tokens from each.
 
 Needs llama-cpp-python (``make bench-llama-cpp`` installs it: it builds llama.cpp, ~15 min on 2 cores);
 without it the bench says so and writes nothing.
@@ -41,8 +43,9 @@ from moegpt.quant.scheme import parse_scheme
 
 PROMPT = 128
 PREFILL = 512
-GGUF_BYTES_PER_WEIGHT = {"f32": 4.0, "bf16": 2.0, "f16": 2.0, "q8_0": 34 / 32}
-PAIRS = [("fp32", "none", "f32"), ("bf16", "none", "bf16"), ("bf16", "none", "f16"), ("fp32", "int8", "q8_0")]
+GGUF_BYTES_PER_WEIGHT = {"f32": 4.0, "bf16": 2.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+PAIRS = [("fp32", "none", "f32"), ("bf16", "none", "bf16"), ("bf16", "none", "f16"), ("fp32", "int8", "q8_0"),
+         ("fp32", "int4", "q4_0")]
 
 
 def paired(runs, big: torch.Tensor, repeats: int, tokens: int) -> list[dict]:
@@ -187,7 +190,7 @@ def main() -> None:
         for dtype_name, scheme, kind in PAIRS:
             m = build_model(cfg, seed=0, dtype=torch.float32 if dtype_name == "fp32" else torch.bfloat16).eval()
             if scheme != "none":
-                quantize_model(m, parse_scheme(scheme))
+                quantize_model(m, parse_scheme(scheme, 32 if scheme == "int4" else None))
             if kind != "f32":
                 export_gguf(Path(d) / "fp32", Path(d) / f"{kind}.gguf", kind)
             llm, run_theirs = theirs(Llama, Path(d) / f"{kind}.gguf", kind, cfg, args.repeats, args.steps)

@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a model directory as one GGUF file (llama.cpp)")
     p.add_argument("--model", required=True, help="model directory (HF Mixtral format; quantized ones are dequantized)")
     p.add_argument("--gguf", required=True, metavar="FILE", help="the GGUF file to write")
-    p.add_argument("--type", default="q8_0", choices=["q8_0", "f16", "bf16", "f32"],
+    p.add_argument("--type", default="q8_0", choices=["q8_0", "q4_0", "f16", "bf16", "f32"],
                    help="the matrices' type (default q8_0; norms and routers stay f32)")
     p.set_defaults(func=cmd_export)
 

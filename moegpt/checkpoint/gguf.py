@@ -14,9 +14,10 @@ halves (j, j + Dh/2), so the rows of the q and k projections are reordered withi
 (``interleave_heads``), as llama.cpp's own converter does; the product is the same.
 
 Matrices are written in one of ``TYPES``; norms and routers stay f32, as llama.cpp keeps them. Q8_0
-is ggml's: blocks of 32 inputs, each an fp16 scale d = max|w| / 127 and 32 int8 round(w / d)
-(halves away from zero), computed as ggml's reference computes it (``q8_0``), so the bytes are the
-gguf package's own quantizer's (tested).
+and Q4_0 are ggml's: blocks of 32 inputs, each an fp16 scale and 32 int8 values (Q8_0: d = max|w| /
+127, round(w / d), halves away from zero) or nibbles (Q4_0: d = the signed extreme over -8), computed
+as ggml's reference computes them (``q8_0``, ``q4_0``), so the bytes are the gguf package's own
+quantizer's (tested).
 
 The file (GGUF version 3, little-endian): magic, version, tensor count, metadata count; the metadata
 (key, type, value); each tensor's name, dims, type and offset; then the tensors' data, each aligned
@@ -45,7 +46,8 @@ ALIGNMENT = 32
 VERSION = 3
 QK8_0 = 32  # inputs per Q8_0 block
 # a matrix type -> (ggml type id, llama.cpp's file type id)
-TYPES = {"f32": (0, 0), "f16": (1, 1), "q8_0": (8, 7), "bf16": (30, 32)}
+TYPES = {"f32": (0, 0), "f16": (1, 1), "q8_0": (8, 7), "q4_0": (2, 2), "bf16": (30, 32)}
+BLOCKED = ("q8_0", "q4_0")  # types quantizing rows in blocks of 32 inputs
 F32 = 0
 # GGUF metadata value types
 U8, I8, U16, I16, U32, I32, FLOAT32, BOOL, STRING, ARRAY, U64, I64, FLOAT64 = range(13)
@@ -72,6 +74,17 @@ def q8_0(w: torch.Tensor) -> bytes:
     return blocks.numpy().tobytes()
 
 
+def q4_0(w: torch.Tensor) -> bytes:
+    """w (..., I), I a multiple of 32 -> ggml's Q4_0 blocks: per 32 inputs, the fp16 scale d (the
+    block's value of largest magnitude, signed, over -8) then 16 bytes, the low nibbles holding inputs
+    0-15 and the high ones 16-31, each trunc(w / d + 8.5) clipped to 15 (the reference's rounding)."""
+    x = w.float().reshape(-1, QK8_0)  # (blocks, 32)
+    d = x.gather(1, x.abs().argmax(dim=1, keepdim=True)) / -8  # (the first of equal magnitudes, as ggml)
+    q = (x * torch.where(d == 0, torch.zeros_like(d), 1 / d) + 8.5).trunc().clamp(0, 15).to(torch.uint8)
+    blocks = torch.cat([d.half().view(torch.uint8), q[:, :16] | (q[:, 16:] << 4)], dim=1)  # (blocks, 18)
+    return blocks.numpy().tobytes()
+
+
 @dataclass(frozen=True)
 class Tensor:
     name: str
@@ -86,8 +99,8 @@ def _tensor(name: str, w: torch.Tensor, kind: str) -> Tensor:
     dims = tuple(reversed(w.shape))
     if w.dim() == 1 or kind == "f32":
         return Tensor(name, dims, F32, w.float().numpy().tobytes())
-    if kind == "q8_0":
-        return Tensor(name, dims, TYPES["q8_0"][0], q8_0(w))
+    if kind in BLOCKED:
+        return Tensor(name, dims, TYPES[kind][0], (q8_0 if kind == "q8_0" else q4_0)(w))
     dtype = torch.float16 if kind == "f16" else torch.bfloat16
     return Tensor(name, dims, TYPES[kind][0], w.to(dtype).view(torch.uint16).numpy().tobytes())
 
@@ -124,10 +137,10 @@ def check_exportable(cfg: ModelConfig, kind: str) -> None:
                          f"with experts); this one has mlp={cfg.mlp.value!r}, moe_every={cfg.moe_every}")
     if cfg.rope_scaling is not None and cfg.rope_scaling.type != RopeType.LINEAR:
         raise ValueError(f"GGUF export writes linear rope scaling only; this model has {cfg.rope_scaling.type.value}")
-    if kind == "q8_0":
+    if kind in BLOCKED:
         for name, width in (("d_model", cfg.d_model), ("d_ff", cfg.d_ff), ("n_heads * head_dim", cfg.q_dim)):
             if width % QK8_0:
-                raise ValueError(f"--type q8_0 quantizes rows in blocks of {QK8_0}: {name} = {width} is not a multiple")
+                raise ValueError(f"--type {kind} quantizes rows in blocks of {QK8_0}: {name} = {width} is not a multiple")
 
 
 def model_metadata(cfg: ModelConfig, kind: str, name: str) -> list[tuple[str, int, object]]:

@@ -11,7 +11,7 @@ from gguf import GGUFReader
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from moegpt.checkpoint.gguf import export_gguf, interleave_heads, q8_0
+from moegpt.checkpoint.gguf import export_gguf, interleave_heads, q4_0, q8_0
 from moegpt.checkpoint.model_dir import save
 from moegpt.cli import main
 from moegpt.config import ModelConfig, RopeScaling, RopeType
@@ -32,12 +32,14 @@ def model_dir(tmp_path_factory):
     return d
 
 
-def test_q8_0_is_byte_identical_to_the_gguf_packages_quantizer():
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_blocks_are_byte_identical_to_the_gguf_packages_quantizer(kind):
     w = torch.randn(48, 256) * torch.logspace(-3, 1, 48)[:, None]
     w[5, 32:64] = 0  # an all-zero block: scale 0
     w[7, :32] = torch.arange(32) - 15.5  # values on .5 after scaling
-    want = quantize(w.numpy(), GGMLQuantizationType.Q8_0)
-    assert np.frombuffer(q8_0(w), dtype=np.uint8).tobytes() == want.tobytes()
+    w[9, 64:96] = torch.tensor([1.0, -1.0] * 16)  # equal magnitudes of both signs: the first one sets Q4_0's scale
+    qtype = GGMLQuantizationType.Q8_0 if kind == "q8_0" else GGMLQuantizationType.Q4_0
+    assert (q8_0 if kind == "q8_0" else q4_0)(w) == quantize(w.numpy(), qtype).tobytes()
 
 
 def _fields(reader) -> dict:
