@@ -30,11 +30,14 @@ Legend: V vocab, D d_model, H query heads, G kv heads, Dh head dim, F d_ff, E ex
 from __future__ import annotations
 
 import json
+import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from moegpt.atomic import write_atomic
 from moegpt.checkpoint.model_dir import load
@@ -51,7 +54,7 @@ BLOCKED = ("q8_0", "q4_0")  # types quantizing rows in blocks of 32 inputs
 F32 = 0
 # GGUF metadata value types
 U8, I8, U16, I16, U32, I32, FLOAT32, BOOL, STRING, ARRAY, U64, I64, FLOAT64 = range(13)
-TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # llama.cpp's token types
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER = 1, 3, 4  # llama.cpp's token types
 
 
 def interleave_heads(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -90,41 +93,50 @@ class Tensor:
     name: str
     dims: tuple[int, ...]  # ggml's order: innermost first
     ggml_type: int
-    data: bytes
+    nbytes: int
+    data: Callable[[], bytes]  # made as the file is written: one tensor's bytes in memory at a time
 
 
-def _tensor(name: str, w: torch.Tensor, kind: str) -> Tensor:
-    """A weight (..., I) in matrix type ``kind`` (a vector: f32)."""
-    w = w.detach().cpu().contiguous()
-    dims = tuple(reversed(w.shape))
-    if w.dim() == 1 or kind == "f32":
-        return Tensor(name, dims, F32, w.float().numpy().tobytes())
-    if kind in BLOCKED:
-        return Tensor(name, dims, TYPES[kind][0], (q8_0 if kind == "q8_0" else q4_0)(w))
-    dtype = torch.float16 if kind == "f16" else torch.bfloat16
-    return Tensor(name, dims, TYPES[kind][0], w.to(dtype).view(torch.uint16).numpy().tobytes())
+def _tensor(name: str, get: Callable[[], torch.Tensor], kind: str) -> Tensor:
+    """The weight ``get()`` (..., I) in matrix type ``kind`` (a vector: f32)."""
+    shape = tuple(get().shape)  # (a quantized stack is dequantized again when written)
+    numel = math.prod(shape)
+    if len(shape) == 1 or kind == "f32":
+        ggml_type, nbytes, encode = F32, numel * 4, lambda w: w.float().numpy().tobytes()
+    elif kind in BLOCKED:
+        ggml_type, encode = TYPES[kind][0], q8_0 if kind == "q8_0" else q4_0
+        nbytes = numel // QK8_0 * (2 + (QK8_0 if kind == "q8_0" else QK8_0 // 2))
+    else:
+        dtype = torch.float16 if kind == "f16" else torch.bfloat16
+        ggml_type, nbytes = TYPES[kind][0], numel * 2
+        encode = lambda w: w.to(dtype).view(torch.uint16).numpy().tobytes()  # noqa: E731
+    return Tensor(name, tuple(reversed(shape)), ggml_type, nbytes, lambda: encode(get().detach().cpu().contiguous()))
 
 
 def model_tensors(model: MoEGPT, kind: str) -> list[Tensor]:
     """The model's weights under llama.cpp's names, matrices in ``kind`` (q and k rows interleaved)."""
     cfg = model.cfg
-    out = [_tensor("token_embd.weight", model.embed.weight, kind)]
+
+    def read(module: nn.Module, attr: str) -> Callable[[], torch.Tensor]:
+        return lambda: getattr(module, attr)
+
+    out = [_tensor("token_embd.weight", read(model.embed, "weight"), kind)]
     for i, block in enumerate(model.layers):
         p = f"blk.{i}."
         attn, ffn = block.attn, block.ffn
-        out += [_tensor(p + "attn_norm.weight", block.attn_norm.weight, kind),
-                _tensor(p + "attn_q.weight", interleave_heads(attn.wq.weight, cfg.n_heads), kind),
-                _tensor(p + "attn_k.weight", interleave_heads(attn.wk.weight, cfg.n_kv_heads), kind),
-                _tensor(p + "attn_v.weight", attn.wv.weight, kind),
-                _tensor(p + "attn_output.weight", attn.wo.weight, kind),
-                _tensor(p + "ffn_norm.weight", block.ffn_norm.weight, kind),
-                _tensor(p + "ffn_gate_inp.weight", ffn.router.weight, "f32"),
-                _tensor(p + "ffn_gate_exps.weight", ffn.experts.w_gate, kind),
-                _tensor(p + "ffn_up_exps.weight", ffn.experts.w_up, kind),
-                _tensor(p + "ffn_down_exps.weight", ffn.experts.w_down, kind)]
-    out.append(_tensor("output_norm.weight", model.norm.weight, kind))
+        out += [_tensor(p + "attn_norm.weight", read(block.attn_norm, "weight"), kind),
+                _tensor(p + "attn_q.weight", lambda a=attn: interleave_heads(a.wq.weight, cfg.n_heads), kind),
+                _tensor(p + "attn_k.weight", lambda a=attn: interleave_heads(a.wk.weight, cfg.n_kv_heads), kind),
+                _tensor(p + "attn_v.weight", read(attn.wv, "weight"), kind),
+                _tensor(p + "attn_output.weight", read(attn.wo, "weight"), kind),
+                _tensor(p + "ffn_norm.weight", read(block.ffn_norm, "weight"), kind),
+                _tensor(p + "ffn_gate_inp.weight", read(ffn.router, "weight"), "f32"),
+                _tensor(p + "ffn_gate_exps.weight", read(ffn.experts, "w_gate"), kind),
+                _tensor(p + "ffn_up_exps.weight", read(ffn.experts, "w_up"), kind),
+                _tensor(p + "ffn_down_exps.weight", read(ffn.experts, "w_down"), kind)]
+    out.append(_tensor("output_norm.weight", read(model.norm, "weight"), kind))
     if model.lm_head is not None:  # tied: llama.cpp reads token_embd as the head when output is absent
-        out.append(_tensor("output.weight", model.lm_head.weight, kind))
+        out.append(_tensor("output.weight", read(model.lm_head, "weight"), kind))
     return out
 
 
@@ -157,8 +169,9 @@ def model_metadata(cfg: ModelConfig, kind: str, name: str) -> list[tuple[str, in
             (a + "attention.layer_norm_rms_epsilon", FLOAT32, cfg.norm_eps),
             (a + "expert_count", U32, cfg.n_experts), (a + "expert_used_count", U32, cfg.top_k)]
     if cfg.rope_scaling is not None:
-        meta += [(a + "rope.scaling.type", STRING, "linear"), (a + "rope.scaling.factor", FLOAT32, cfg.rope_scaling.factor),
-                 (a + "rope.scaling.original_context_length", U32, cfg.rope_scaling.original_max_seq_len)]
+        meta += [(a + "rope.scaling.type", STRING, "linear"), (a + "rope.scaling.factor", FLOAT32, cfg.rope_scaling.factor)]
+        if cfg.rope_scaling.original_max_seq_len is not None:
+            meta.append((a + "rope.scaling.original_context_length", U32, cfg.rope_scaling.original_max_seq_len))
     return meta
 
 
@@ -168,19 +181,27 @@ def tokenizer_metadata(tok: Tokenizer, vocab_size: int) -> list[tuple[str, int, 
     ids and the chat template; refuses a tokenizer that is not byte-level BPE or is larger."""
     spec = json.loads(tok.to_json())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
-        raise ValueError("GGUF export writes byte-level BPE tokenizers (GPT-2 style, as moegpt trains them); this "
-                         f"one is {model.get('type')!r} with a {pre.get('type')!r} pre-tokenizer")
+    if (model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True)
+            or pre.get("add_prefix_space") or spec.get("normalizer")):
+        raise ValueError("GGUF export writes byte-level BPE tokenizers as GPT-2 splits text (as moegpt trains them: "
+                         "no normalizer, no prefix space); this one is "
+                         f"{model.get('type')!r} with a {pre.get('type')!r} pre-tokenizer"
+                         + (", a normalizer" if spec.get("normalizer") else "")
+                         + (", a prefix space" if pre.get("add_prefix_space") else ""))
     if tok.vocab_size > vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size {vocab_size}")
-    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")} | set(range(tok.vocab_size, vocab_size))
+    added = {t["id"]: t.get("special", False) for t in spec.get("added_tokens", [])}
     tokens = [tok.id_to_token(i) for i in range(tok.vocab_size)]
+    if None in tokens:
+        raise ValueError(f"the tokenizer has no token with id {tokens.index(None)}: GGUF lists one per id")
     tokens += [f"<|unused_{i}|>" for i in range(tok.vocab_size, vocab_size)]
+    # llama.cpp's types: special added tokens (and the padding) are control, other added ones user-defined
+    types = [TOKEN_CONTROL if added.get(i, i >= tok.vocab_size) else TOKEN_USER if i in added else TOKEN_NORMAL
+             for i in range(len(tokens))]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     meta = [("tokenizer.ggml.model", STRING, "gpt2"), ("tokenizer.ggml.pre", STRING, "gpt-2"),
             ("tokenizer.ggml.tokens", ARRAY, (STRING, tokens)),
-            ("tokenizer.ggml.token_type", ARRAY, (I32, [TOKEN_CONTROL if i in special else TOKEN_NORMAL
-                                                        for i in range(len(tokens))])),
+            ("tokenizer.ggml.token_type", ARRAY, (I32, types)),
             ("tokenizer.ggml.merges", ARRAY, (STRING, merges)),
             ("tokenizer.ggml.add_bos_token", BOOL, False), ("tokenizer.ggml.add_eos_token", BOOL, False)]
     for key, token_id in (("bos", tok.bos_id), ("eos", tok.eos_id), ("padding", tok.pad_id)):
@@ -218,7 +239,7 @@ def write_gguf(path: str | Path, metadata: list[tuple[str, int, object]], tensor
     for t in tensors:
         head.append(_string(t.name) + struct.pack("<I", len(t.dims)) + struct.pack(f"<{len(t.dims)}Q", *t.dims)
                     + struct.pack("<IQ", t.ggml_type, offset))
-        offset += len(t.data) + -len(t.data) % ALIGNMENT
+        offset += t.nbytes + -t.nbytes % ALIGNMENT
     header = b"".join(head)
     header += b"\0" * (-len(header) % ALIGNMENT)
 
@@ -226,8 +247,10 @@ def write_gguf(path: str | Path, metadata: list[tuple[str, int, object]], tensor
         with open(tmp, "wb") as f:
             f.write(header)
             for t in tensors:
-                f.write(t.data)
-                f.write(b"\0" * (-len(t.data) % ALIGNMENT))
+                data = t.data()
+                assert len(data) == t.nbytes, (t.name, len(data), t.nbytes)
+                f.write(data)
+                f.write(b"\0" * (-len(data) % ALIGNMENT))
 
     write_atomic(path, write)
     return len(header) + offset
@@ -243,8 +266,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, kind: str = "q8_0") -> i
         raise ValueError(f"{model_dir} has no tokenizer: GGUF files carry theirs")
     cfg = loaded.model.cfg
     check_exportable(cfg, kind)
-    with torch.no_grad():
-        tensors = model_tensors(loaded.model, kind)
     metadata = (model_metadata(cfg, kind, Path(model_dir).resolve().name)
                 + tokenizer_metadata(loaded.tokenizer, cfg.vocab_size))
-    return write_gguf(out, metadata, tensors)
+    with torch.no_grad():
+        return write_gguf(out, metadata, model_tensors(loaded.model, kind))

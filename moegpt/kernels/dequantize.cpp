@@ -52,7 +52,7 @@ at::Tensor dequantize_tiles(const at::Tensor& tiles, const at::Tensor& scale, in
               "dequantize_tiles: scale must be fp32 (..., T, G, 16)");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize_tiles: dtype must be float32 or bfloat16");
   const int64_t T = tiles.size(-2), B = tiles.size(-1), G = scale.size(-2);
-  TORCH_CHECK(B % (TILE * 4) == 0, "dequantize_tiles: a tile's bytes (", B, ") are not whole 64-byte chunks");
+  TORCH_CHECK(B > 0 && B % (TILE * 4) == 0, "dequantize_tiles: a tile's bytes (", B, ") are not whole 64-byte chunks");
   const int64_t I = B / TILE * 8 / bits;
   const int64_t step = bits == 8 ? 4 : 8;
   TORCH_CHECK(G > 0 && I % G == 0 && (I / G) % step == 0, "dequantize_tiles: ", G, " groups do not divide ", I,

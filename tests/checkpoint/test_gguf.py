@@ -38,6 +38,9 @@ def test_blocks_are_byte_identical_to_the_gguf_packages_quantizer(kind):
     w[5, 32:64] = 0  # an all-zero block: scale 0
     w[7, :32] = torch.arange(32) - 15.5  # values on .5 after scaling
     w[9, 64:96] = torch.tensor([1.0, -1.0] * 16)  # equal magnitudes of both signs: the first one sets Q4_0's scale
+    halves = torch.tensor([0.5, -0.5, 1.5, -1.5, 2.5, -2.5] * 5 + [0.0])
+    w[11, :32] = torch.cat([torch.tensor([127.0]), halves])  # Q8_0 scale 1: halves round away from zero
+    w[13, :32] = torch.cat([torch.tensor([-8.0]), halves])  # Q4_0 scale 1: w + 8.5 lands on whole numbers
     qtype = GGMLQuantizationType.Q8_0 if kind == "q8_0" else GGMLQuantizationType.Q4_0
     assert (q8_0 if kind == "q8_0" else q4_0)(w) == quantize(w.numpy(), qtype).tobytes()
 
@@ -172,3 +175,22 @@ def test_a_tokenizer_smaller_than_the_vocabulary_is_padded_to_one_token_per_logi
     meta = _fields(GGUFReader(tmp_path / "m.gguf"))
     assert len(meta["tokenizer.ggml.tokens"]) == 320 and meta["tokenizer.ggml.tokens"][-1] == "<|unused_319|>"
     assert meta["tokenizer.ggml.token_type"][300:] == [3] * 20  # control: never produced by tokenizing text
+
+
+def test_linear_rope_scaling_goes_in_llama_cpps_keys(tmp_path, model_dir):
+    cfg = CFG.replace(rope_scaling=RopeScaling(type=RopeType.LINEAR, factor=2.0), max_seq_len=128)
+    save(build_model(cfg, seed=0), Tokenizer.load(model_dir), tmp_path / "m")
+    export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
+    meta = _fields(GGUFReader(tmp_path / "m.gguf"))
+    assert meta["llama.rope.scaling.type"] == "linear" and meta["llama.rope.scaling.factor"] == 2.0
+    assert "llama.rope.scaling.original_context_length" not in meta  # not given: not written
+
+
+def test_a_tokenizer_llama_cpp_would_split_otherwise_is_refused(tmp_path, model_dir):
+    from tokenizers import pre_tokenizers
+
+    tok = Tokenizer.load(model_dir)
+    tok.hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    save(build_model(CFG, seed=0), tok, tmp_path / "m")
+    with pytest.raises(ValueError, match="no normalizer, no prefix space.*a prefix space"):
+        export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
