@@ -7,12 +7,26 @@ SwiGLU: down(silu(gate x) * up x).  GELU: down(gelu(up x)).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moegpt.config import MLPKind
 from moegpt.model.grouped import grouped_linear
+
+
+def expert_mlp(x: torch.Tensor, weight: Callable[[str], object], kind: MLPKind,
+               linear: Callable[[torch.Tensor, object], torch.Tensor]) -> torch.Tensor:
+    """The expert MLP on rows x (A, D) -> (A, D): ``weight(name)`` gives the matrix named w_gate, w_up
+    or w_down, and ``linear(rows, matrix)`` multiplies by it (a stack of experts over grouped rows, or
+    one expert's matrix)."""
+    if kind == MLPKind.SWIGLU:
+        h = F.silu(linear(x, weight("w_gate"))) * linear(x, weight("w_up"))  # (A, F)
+    else:
+        h = F.gelu(linear(x, weight("w_up")), approximate="tanh")  # (A, F)
+    return linear(h, weight("w_down"))  # (A, D)
 
 
 class Experts(nn.Module):
@@ -28,11 +42,7 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (A, D) grouped by expert, counts (E,) -> (A, D): every expert's MLP on its own rows."""
         sizes = counts.tolist()
-        if self.kind == MLPKind.SWIGLU:
-            h = F.silu(grouped_linear(x, self.w_gate, sizes)) * grouped_linear(x, self.w_up, sizes)  # (A, F)
-        else:
-            h = F.gelu(grouped_linear(x, self.w_up, sizes), approximate="tanh")  # (A, F)
-        return grouped_linear(h, self.w_down, sizes)  # (A, D)
+        return expert_mlp(x, lambda name: getattr(self, name), self.kind, lambda h, w: grouped_linear(h, w, sizes))
 
 
 class DenseMLP(nn.Module):

@@ -13,15 +13,17 @@ Legend: E experts, O out features, G groups per row, P packed bytes per row.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 import moegpt.kernels as kernels
 from moegpt.model.attention import Attention
-from moegpt.model.experts import Experts
+from moegpt.model.experts import Experts, expert_mlp
 from moegpt.quant.scheme import QuantScheme, dequantize, quantize, rows
 
 
@@ -37,11 +39,16 @@ class Dequantized(nn.Module):
         self.dtype = dtype
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        tiled = self.scale.dim() == packed.dim() + 1
+        return self.values(packed, self.scale)
+
+    def values(self, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``packed`` and ``scale`` (the whole weight's, or one expert's: packed[e], scale[e]) -> the
+        weight in ``dtype``."""
+        tiled = scale.dim() == packed.dim() + 1
         if tiled and self.dtype in (torch.float32, torch.bfloat16) and packed.device.type == "cpu" and kernels.available():
             # the tiles dequantized in one pass (bitwise the reference below, ~4x faster on `small`'s experts)
-            return torch.ops.moegpt.dequantize_tiles(packed, self.scale, self.scheme.bits, self.dtype)
-        return dequantize(*rows(packed, self.scale, self.scheme.bits), self.scheme.bits, self.dtype)
+            return torch.ops.moegpt.dequantize_tiles(packed, scale, self.scheme.bits, self.dtype)
+        return dequantize(*rows(packed, scale, self.scheme.bits), self.scheme.bits, self.dtype)
 
     def _apply(self, fn, recurse=True):
         """``model.to(device / dtype)``: the scales move but stay fp32 (a cast would round them); the
@@ -109,11 +116,36 @@ def stored_tensors(module: nn.Module, attr: str) -> list[torch.Tensor]:
 
 def attach(module: nn.Module, attr: str, packed: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme,
            dtype: torch.dtype) -> None:
-    """Make ``module.attr`` the weight that ``packed`` and ``scale`` hold, read in ``dtype``."""
+    """Make ``module.attr`` the weight that ``packed`` and ``scale`` hold, read in ``dtype`` (an expert
+    stack's forward then goes expert by expert: ``expert_by_expert``)."""
     if parametrize.is_parametrized(module, attr):
         raise ValueError(f"{type(module).__name__}.{attr} is quantized already")
     module._parameters[attr] = nn.Parameter(packed, requires_grad=False)
     parametrize.register_parametrization(module, attr, Dequantized(scale, scheme, dtype), unsafe=True)
+    if isinstance(module, Experts):
+        module.forward = types.MethodType(expert_by_expert, module)  # (bound: a deepcopy binds the copy)
+
+
+def expert_weight(experts: Experts, name: str, e: int) -> torch.Tensor:
+    """Expert e's matrix ``name`` (out, in), dequantized on its own if the stack is quantized."""
+    if not is_quantized(experts, name):
+        return getattr(experts, name)[e]
+    packed, dq = stored(experts, name)
+    return dq.values(packed[e], dq.scale[e])
+
+
+def expert_by_expert(experts: Experts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """A quantized stack's forward, x (A, D) grouped by expert, counts (E,) -> (A, D): each expert that
+    has rows dequantized on its own (a few MB, which the allocator hands back the next time) and
+    multiplied by its rows; the whole stack dequantized per forward would be tens of MB of fresh
+    memory each time, whose page faults cost more than the dequantization (a quantized prefill)."""
+    outs, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            outs.append(expert_mlp(x[start:start + n], lambda name: expert_weight(experts, name, e), experts.kind,
+                                   F.linear))
+            start += n
+    return torch.cat(outs) if outs else x.new_zeros(x.shape)
 
 
 @torch.no_grad()
