@@ -20,6 +20,7 @@ from moegpt.checkpoint.hf import config_from_hf, config_to_hf, from_hf_state_dic
 from moegpt.config import ModelConfig
 from moegpt.data.tokenizer import SENTENCEPIECE_FILE, Tokenizer
 from moegpt.model import MoEGPT, build_model
+from moegpt.quant.scheme import QuantScheme
 
 
 class LoadedModel(NamedTuple):
@@ -52,21 +53,29 @@ def read_hf_config(directory: str | Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
+def read_directory(directory: Path) -> tuple[ModelConfig, QuantScheme | None, Tokenizer | None]:
+    """A model directory's config, its quantization scheme (None: full precision) and its tokenizer
+    (None: it has none), before any tensor is read."""
+    from moegpt.checkpoint.quantized import scheme_from_config
+
+    hf_config = read_hf_config(directory)
+    cfg = config_from_hf(hf_config, where=str(directory / "config.json"))
+    qc = hf_config.get("quantization_config")
+    scheme = None if qc is None else scheme_from_config(qc, str(directory / "config.json"))
+    has_tokenizer = (directory / "tokenizer.json").exists() or (directory / SENTENCEPIECE_FILE).exists()
+    return cfg, scheme, Tokenizer.load(directory) if has_tokenizer else None
+
+
 def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          text_only: bool = False) -> LoadedModel:
     """Load a Mixtral-format model directory. ``dtype`` None keeps the stored dtype. A directory with
     a vision part loads as a VisionMoEGPT, unless ``text_only`` (text-only rows compute the same)."""
     from moegpt.checkpoint.vision_dir import attach_vision, has_vision
 
-    from moegpt.checkpoint.quantized import attach_quantized, scheme_from_config, split_quantized
+    from moegpt.checkpoint.quantized import attach_quantized, split_quantized
 
     directory = Path(directory)
-    hf_config = read_hf_config(directory)
-    cfg = config_from_hf(hf_config, where=str(directory / "config.json"))
-    qc = hf_config.get("quantization_config")
-    scheme = None if qc is None else scheme_from_config(qc, str(directory / "config.json"))
-    has_tokenizer = (directory / "tokenizer.json").exists() or (directory / SENTENCEPIECE_FILE).exists()
-    tokenizer = Tokenizer.load(directory) if has_tokenizer else None
+    cfg, scheme, tokenizer = read_directory(directory)
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"{directory}: tokenizer vocab ({tokenizer.vocab_size}) exceeds model vocab_size ({cfg.vocab_size})")
     tensors = read_safetensors(directory)

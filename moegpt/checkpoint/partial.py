@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moegpt.checkpoint.hf import EXPERT_NAMES, NAME_MAP, config_from_hf
-from moegpt.checkpoint.model_dir import LoadedModel, read_hf_config
-from moegpt.checkpoint.quantized import hf_bases, scheme_from_config
-from moegpt.data.tokenizer import SENTENCEPIECE_FILE, Tokenizer
+from moegpt.checkpoint.hf import EXPERT_NAMES, NAME_MAP
+from moegpt.checkpoint.model_dir import LoadedModel, read_directory
+from moegpt.checkpoint.quantized import hf_bases
 from moegpt.model import MoEGPT
 from moegpt.quant.fp8 import E4M3
 from moegpt.quant.model import attach, targets
@@ -167,12 +166,7 @@ def load_part(directory: str | Path, keep: Keep, device: str | torch.device = "c
     """The parts of ``directory``'s parameters that ``keep`` names (see the module docstring), from a
     text model directory in full precision or quantized."""
     directory = Path(directory)
-    hf_config = read_hf_config(directory)
-    cfg = config_from_hf(hf_config, where=str(directory / "config.json"))
-    qc = hf_config.get("quantization_config")
-    scheme = None if qc is None else scheme_from_config(qc, str(directory / "config.json"))
-    has_tokenizer = (directory / "tokenizer.json").exists() or (directory / SENTENCEPIECE_FILE).exists()
-    tokenizer = Tokenizer.load(directory) if has_tokenizer else None
+    cfg, scheme, tokenizer = read_directory(directory)
     files = _Files(directory)
     with torch.device("meta"):
         model = MoEGPT(cfg)
