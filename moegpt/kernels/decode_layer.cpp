@@ -56,6 +56,42 @@ inline float round_to(float v) {
 }
 
 
+#if defined(__AVX512F__)
+// round_to on 16 lanes: bf16's round to nearest even (NaN to its quiet NaN), as c10::BFloat16's
+// conversion rounds; fp32 unchanged.
+template <typename T>
+inline __m512 round_to(__m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)),
+                                          _mm512_set1_epi32(0x7FFF));
+    const __m512i r = _mm512_and_si512(_mm512_add_epi32(bits, bias), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+    return _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                                                     _mm512_set1_epi32(0x7FC00000)));
+  }
+}
+
+// 16 values of a table in T, as fp32.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+#endif
+
+// x[i] = round_to<T>(x[i]) for n values.
+template <typename T>
+void round_all(float* x, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) return;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, round_to<T>(_mm512_loadu_ps(x + i)));
+#endif
+  for (; i < n; ++i) x[i] = round_to<T>(x[i]);
+}
+
 struct Limits {
   int64_t in_by_out, out_by_in;  // rows up to which the gemv kernel runs (past them: the library's mm)
 };
@@ -135,15 +171,28 @@ void rms_norm(const T* x, const T* weight, int64_t B, int64_t D, float eps, floa
 template <typename T>
 void rope(float* x, int64_t n, int64_t Dh, const T* cos, const T* sin) {
   const int64_t half = Dh / 2;
-  std::vector<float> tmp(Dh);
   for (int64_t h = 0; h < n; ++h) {
     float* xh = x + h * Dh;
-    for (int64_t d = 0; d < Dh; ++d) {
-      const float a = round_to<T>(xh[d] * to_float(cos[d]));
-      const float b = round_to<T>(xh[(d + half) % Dh] * to_float(sin[d]));
-      tmp[d] = round_to<T>(a + b);
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    if (half % 16 == 0) {
+      for (; d < half; d += 16) {  // both halves at once: each reads the other's old values
+        const __m512 x1 = _mm512_loadu_ps(xh + d), x2 = _mm512_loadu_ps(xh + half + d);
+        const __m512 a1 = round_to<T>(_mm512_mul_ps(x1, load16(cos + d)));
+        const __m512 b1 = round_to<T>(_mm512_mul_ps(x2, load16(sin + d)));
+        const __m512 a2 = round_to<T>(_mm512_mul_ps(x2, load16(cos + half + d)));
+        const __m512 b2 = round_to<T>(_mm512_mul_ps(x1, load16(sin + half + d)));
+        _mm512_storeu_ps(xh + d, round_to<T>(_mm512_add_ps(a1, b1)));
+        _mm512_storeu_ps(xh + half + d, round_to<T>(_mm512_add_ps(a2, b2)));
+      }
+      continue;
     }
-    std::memcpy(xh, tmp.data(), Dh * sizeof(float));
+#endif
+    for (; d < half; ++d) {
+      const float x1 = xh[d], x2 = xh[half + d];
+      xh[d] = round_to<T>(round_to<T>(x1 * to_float(cos[d])) + round_to<T>(x2 * to_float(sin[d])));
+      xh[half + d] = round_to<T>(round_to<T>(x2 * to_float(cos[half + d])) + round_to<T>(x1 * to_float(sin[half + d])));
+    }
   }
 }
 
@@ -153,6 +202,31 @@ inline float silu(float v) { return v / (1.0f + exp_approx(-v)); }
 inline float gelu_tanh(float v) {
   const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
   return 0.5f * v * (1.0f + (1.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f)));
+}
+
+// The expert's activation of one row: a (Fd,) = silu(gate) * up of u = gate|up (2 Fd,), or
+// gelu(up) of u = up (Fd,), rounded to T where the PyTorch program's ops round.
+template <typename T>
+void activate(const float* u, int64_t Fd, bool swiglu, float* a) {
+  int64_t f = 0;
+#if defined(__AVX512F__)
+  const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
+  for (; f + 16 <= Fd; f += 16) {
+    const __m512 v = round_to<T>(_mm512_loadu_ps(u + f));
+    if (swiglu) {
+      const __m512 s = _mm512_div_ps(v, _mm512_add_ps(one, exp_approx(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+      _mm512_storeu_ps(a + f, round_to<T>(_mm512_mul_ps(round_to<T>(s), round_to<T>(_mm512_loadu_ps(u + Fd + f)))));
+    } else {
+      const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), v), v), v);
+      const __m512 w = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f), _mm512_add_ps(v, cube));
+      const __m512 t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(exp_approx(_mm512_mul_ps(two, w)), one)));
+      _mm512_storeu_ps(a + f, round_to<T>(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, t))));
+    }
+  }
+#endif
+  for (; f < Fd; ++f)
+    a[f] = swiglu ? round_to<T>(round_to<T>(silu(round_to<T>(u[f]))) * round_to<T>(u[Fd + f]))
+                  : round_to<T>(gelu_tanh(round_to<T>(u[f])));
 }
 
 // The MoE (or a dense layer's one expert, router undefined) of h (B, D) -> y (B, D) fp32, rounded
@@ -217,15 +291,7 @@ void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& 
     down.resize(M * D);
     for (int64_t r = 0; r < M; ++r) std::memcpy(&xs[r * D], h + (order[start + r] / K) * D, D * sizeof(float));
     kernel_product(xs.data(), M, w_in, e, up.data());
-    for (int64_t r = 0; r < M; ++r) {
-      const float* u = up.data() + r * Fin;
-      float* a = act.data() + r * Fd;
-      if (swiglu) {
-        for (int64_t f = 0; f < Fd; ++f) a[f] = round_to<T>(round_to<T>(silu(round_to<T>(u[f]))) * round_to<T>(u[Fd + f]));
-      } else {
-        for (int64_t f = 0; f < Fd; ++f) a[f] = round_to<T>(gelu_tanh(round_to<T>(u[f])));
-      }
-    }
+    for (int64_t r = 0; r < M; ++r) activate<T>(up.data() + r * Fin, Fd, swiglu, act.data() + r * Fd);
     kernel_product(act.data(), M, w_down, e, down.data());
     for (int64_t r = 0; r < M; ++r) std::memcpy(&out[order[start + r] * D], &down[r * D], D * sizeof(float));
     start = end;
@@ -277,7 +343,7 @@ at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const Weight&
   }
   rms_norm<T>(xp, attn_norm.data_ptr<T>(), B, D, static_cast<float>(eps), h.data());
   matmul(h.data(), B, wqkv, qkv.data(), lim);
-  for (auto& v : qkv) v = round_to<T>(v);
+  round_all<T>(qkv.data(), B * Q);
   const T* cos = rope_cos.data_ptr<T>();
   const T* sin = rope_sin.data_ptr<T>();
   for (int64_t b = 0; b < B; ++b)
@@ -297,7 +363,7 @@ at::Tensor layer(const at::Tensor& x, const at::Tensor& attn_norm, const Weight&
       write_and_attend<T, T>(qkv.data(), Q, k_cache, v_cache, k_scale, v_scale, B, H, G, Dh, tables, nb, pos,
                              block_size, q.data(), o.data());
   }
-  for (auto& v : o) v = round_to<T>(v);
+  round_all<T>(o.data(), B * H * Dh);
   matmul(o.data(), B, wo, y.data(), lim);
   if (part == kAttentionPart) {  // attention's output alone (its keys and values written)
     for (int64_t i = 0; i < B * D; ++i) op[i] = static_cast<T>(y[i]);
