@@ -137,6 +137,38 @@ void kernel_product(const float* x, int64_t M, const Weight& wt, int64_t e, floa
     }));
 }
 
+// An expert's rows among a step's assignments sorted by expert: [start, start + rows), of expert e.
+struct ExpertRows {
+  int64_t start, rows, e;
+};
+
+// out (A, O) = each group's rows of x (A, I) times its expert's matrix of the stack wt (E, O, I): as
+// kernel_product does them one at a time, but full-precision stacks stored (out, in) in one parallel
+// region (moegpt::gemv_out_by_in_many), the same numbers.
+void expert_products(const float* x, const std::vector<ExpertRows>& groups, const Weight& wt, float* out) {
+  const at::Tensor& w = wt.w;
+  const int64_t I = wt.in_features(), O = wt.out_features();
+  if (wt.quantized() || w.stride(2) != 1 || (w.stride(1) == 1 && O > 1)) {
+    for (const ExpertRows& g : groups) kernel_product(x + g.start * I, g.rows, wt, g.e, out + g.start * O);
+    return;
+  }
+  AT_DISPATCH_SWITCH(w.scalar_type(), "moegpt_expert_products",
+    AT_DISPATCH_CASE(at::kFloat, [&] {
+      std::vector<moegpt::OutByIn<float>> jobs;
+      for (const ExpertRows& g : groups)
+        jobs.push_back({x + g.start * I, w.data_ptr<float>() + g.e * w.stride(0), g.rows, I, O, w.stride(1),
+                        out + g.start * O});
+      moegpt::gemv_out_by_in_many(jobs.data(), static_cast<int64_t>(jobs.size()));
+    })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] {
+      std::vector<moegpt::OutByIn<c10::BFloat16>> jobs;
+      for (const ExpertRows& g : groups)
+        jobs.push_back({x + g.start * I, w.data_ptr<c10::BFloat16>() + g.e * w.stride(0), g.rows, I, O, w.stride(1),
+                        out + g.start * O});
+      moegpt::gemv_out_by_in_many(jobs.data(), static_cast<int64_t>(jobs.size()), /*x_is_bf16=*/true);
+    }));
+}
+
 // out (M, O) fp32 = x (M, I) fp32 times w (O, I) as nn.Linear stores it: the gemv kernel for a few
 // rows, the library's matmul in w's dtype for more (as the PyTorch program does).
 void matmul(const float* x, int64_t M, const Weight& wt, float* out, Limits lim) {
@@ -275,27 +307,21 @@ void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& 
   std::vector<int64_t> order(B * K);
   for (int64_t a = 0; a < B * K; ++a) order[a] = a;
   std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return expert[p] < expert[q]; });
-  std::vector<float> out(B * K * D, 0.0f);
-  std::vector<float> xs, up, act, down;
-  for (int64_t start = 0; start < B * K;) {
-    int64_t end = start;
+  std::vector<ExpertRows> groups;  // this rank's chosen experts, their rows among the sorted assignments
+  for (int64_t start = 0, end = 0; start < B * K; start = end) {
     while (end < B * K && expert[order[end]] == expert[order[start]]) ++end;
-    const int64_t M = end - start, e = expert[order[start]] - first_expert;
-    if (e < 0 || e >= El) {  // another rank's expert: its rows stay zero here
-      start = end;
-      continue;
-    }
-    xs.resize(M * D);
-    up.resize(M * Fin);
-    act.resize(M * Fd);
-    down.resize(M * D);
-    for (int64_t r = 0; r < M; ++r) std::memcpy(&xs[r * D], h + (order[start + r] / K) * D, D * sizeof(float));
-    kernel_product(xs.data(), M, w_in, e, up.data());
-    for (int64_t r = 0; r < M; ++r) activate<T>(up.data() + r * Fin, Fd, swiglu, act.data() + r * Fd);
-    kernel_product(act.data(), M, w_down, e, down.data());
-    for (int64_t r = 0; r < M; ++r) std::memcpy(&out[order[start + r] * D], &down[r * D], D * sizeof(float));
-    start = end;
+    const int64_t e = expert[order[start]] - first_expert;
+    if (0 <= e && e < El) groups.push_back({start, end - start, e});  // (another rank's expert: its rows stay zero)
   }
+  std::vector<float> xs(B * K * D), up(B * K * Fin), act(B * K * Fd), down(B * K * D), out(B * K * D, 0.0f);
+  for (const ExpertRows& g : groups)
+    for (int64_t r = g.start; r < g.start + g.rows; ++r) std::memcpy(&xs[r * D], h + (order[r] / K) * D, D * sizeof(float));
+  expert_products(xs.data(), groups, w_in, up.data());  // (rows, Fin)
+  for (const ExpertRows& g : groups)
+    for (int64_t r = g.start; r < g.start + g.rows; ++r) activate<T>(&up[r * Fin], Fd, swiglu, &act[r * Fd]);
+  expert_products(act.data(), groups, w_down, down.data());  // (rows, D)
+  for (const ExpertRows& g : groups)
+    for (int64_t r = g.start; r < g.start + g.rows; ++r) std::memcpy(&out[order[r] * D], &down[r * D], D * sizeof(float));
   for (int64_t b = 0; b < B; ++b) {  // each token's K rows, weighted in fp32, summed in order
     for (int64_t d = 0; d < D; ++d) {
       float s = 0.0f;

@@ -231,50 +231,80 @@ inline void dot_range(const typename K::X* x, const typename K::W* w, int64_t ld
 constexpr bool HAS_BF16_DOT = false;
 #endif
 
-// w stored (O, I) with row stride ld: out[m, o] = dot(x[m], w[o]). Threads split the O rows; each
-// weight row is read once for all M rows of x. x_is_bf16: x's values are bf16 values (x came from
-// a bf16 tensor), so a bf16 weight may take the bf16 dot product.
+// One product of gemv_out_by_in_many: out (M, O) = x (M, I) fp32 times w stored (O, I) with row
+// stride ld.
 template <typename T>
-inline void gemv_out_by_in(const float* x, const T* w, int64_t M, int64_t I, int64_t O, int64_t ld, float* out,
-                           bool x_is_bf16 = false) {
-  int nt = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(O)));
-  if (O * I * static_cast<int64_t>(sizeof(T)) < ONE_THREAD_BYTES) nt = 1;
-  std::vector<c10::BFloat16> xb;
+struct OutByIn {
+  const float* x;
+  const T* w;
+  int64_t M, I, O, ld;
+  float* out;
+};
+
+// Several products in one parallel region (a step's chosen experts: one fork and join, and each core
+// streams on from one matrix into the next): each thread takes its share of every product's weight
+// rows; each weight row is read once for all M rows of x. x_is_bf16: x's values are bf16 values (x
+// came from a bf16 tensor), so a bf16 weight may take the bf16 dot product. A row's result does not
+// depend on the other products or the thread that computes it.
+template <typename T>
+inline void gemv_out_by_in_many(const OutByIn<T>* jobs, int64_t n_jobs, bool x_is_bf16 = false) {
+  int64_t bytes = 0, rows = 1;
+  for (int64_t j = 0; j < n_jobs; ++j) {
+    bytes += jobs[j].O * jobs[j].I * static_cast<int64_t>(sizeof(T));
+    rows = std::max(rows, jobs[j].O);
+  }
+  int nt = std::max(1, static_cast<int>(std::min<int64_t>(at::get_num_threads(), rows)));
+  if (bytes < ONE_THREAD_BYTES) nt = 1;
+  std::vector<std::vector<c10::BFloat16>> xb(n_jobs);
   if (std::is_same_v<T, c10::BFloat16> && HAS_BF16_DOT && x_is_bf16) {
-    xb.resize(M * I);
-    for (int64_t k = 0; k < M * I; ++k) xb[k] = static_cast<c10::BFloat16>(x[k]);  // exact
+    for (int64_t j = 0; j < n_jobs; ++j) {
+      const OutByIn<T>& p = jobs[j];
+      xb[j].resize(p.M * p.I);
+      for (int64_t k = 0; k < p.M * p.I; ++k) xb[j][k] = static_cast<c10::BFloat16>(p.x[k]);  // exact
+    }
   }
 #pragma omp parallel num_threads(nt)
   {
     const int t = omp_get_thread_num(), n = omp_get_num_threads();
-    const int64_t o0 = O * t / n, o1 = O * (t + 1) / n;
+    for (int64_t j = 0; j < n_jobs; ++j) {
+      const OutByIn<T>& p = jobs[j];
+      const int64_t o0 = p.O * t / n, o1 = p.O * (t + 1) / n;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-    if constexpr (std::is_same_v<T, float>) {
-      dot_range<Fp32>(x, w, ld, M, I, out, O, o0, o1);
-    } else {
-#if defined(__AVX512BF16__)
-      if (!xb.empty()) {
-        dot_range<Bf16Dot>(xb.data(), w, ld, M, I, out, O, o0, o1);
+      if constexpr (std::is_same_v<T, float>) {
+        dot_range<Fp32>(p.x, p.w, p.ld, p.M, p.I, p.out, p.O, o0, o1);
       } else {
-        dot_range<Bf16Widened>(x, w, ld, M, I, out, O, o0, o1);
+#if defined(__AVX512BF16__)
+        if (!xb[j].empty()) {
+          dot_range<Bf16Dot>(xb[j].data(), p.w, p.ld, p.M, p.I, p.out, p.O, o0, o1);
+        } else {
+          dot_range<Bf16Widened>(p.x, p.w, p.ld, p.M, p.I, p.out, p.O, o0, o1);
+        }
+#else
+        dot_range<Bf16Widened>(p.x, p.w, p.ld, p.M, p.I, p.out, p.O, o0, o1);
+#endif
       }
 #else
-      dot_range<Bf16Widened>(x, w, ld, M, I, out, O, o0, o1);
-#endif
-    }
-#else
-    for (int64_t o = o0; o < o1; ++o) {
-      const T* row = w + o * ld;
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xm = x + m * I;
-        float acc = 0.0f;
+      for (int64_t o = o0; o < o1; ++o) {
+        const T* row = p.w + o * p.ld;
+        for (int64_t m = 0; m < p.M; ++m) {
+          const float* xm = p.x + m * p.I;
+          float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < I; ++i) acc += xm[i] * to_float(row[i]);
-        out[m * O + o] = acc;
+          for (int64_t i = 0; i < p.I; ++i) acc += xm[i] * to_float(row[i]);
+          p.out[m * p.O + o] = acc;
+        }
       }
-    }
 #endif
+    }
   }
+}
+
+// w stored (O, I) with row stride ld: out[m, o] = dot(x[m], w[o]) (one product of the above).
+template <typename T>
+inline void gemv_out_by_in(const float* x, const T* w, int64_t M, int64_t I, int64_t O, int64_t ld, float* out,
+                           bool x_is_bf16 = false) {
+  const OutByIn<T> job{x, w, M, I, O, ld, out};
+  gemv_out_by_in_many(&job, 1, x_is_bf16);
 }
 
 // out (M, O) = x (M, I) fp32 times w (O, I) stored either way (strides so, si of its O and I dims).
