@@ -206,15 +206,17 @@ inline void dot_block(const typename K::X* x, const typename K::W* w, int64_t ld
 // One weight row at a time for a few rows of x (two rows read side by side stream slower: 0.66 vs
 // 0.94 of the read bandwidth at one row), two from PAIR_ROWS rows of x on, where loads, not the
 // memory, bound the product. Prefetching PREFETCH_ROWS ahead (to L2/L3): fp32 from 3 rows of x
-// (0.54-0.73 -> 0.82-0.89 at 3-4 rows; at 1-2 it cost 10-20%), bf16 dot products at every row
-// count (0.70-0.79 -> 0.85-0.88 at 1-2 rows).
+// (0.54-0.73 -> 0.82-0.89 at 3-4 rows; at 1-2 it cost 10-20%), bf16 dot products from 2 rows (a
+// batch-16 step of small: 0.41-0.54 -> 0.65-0.68 of the paired sum at ~44 GB/s). At one bf16 row it
+// gained ~3% while the machine read ~33 GB/s (0.88-0.93 vs 0.84-0.89) and lost more at ~44 GB/s
+// (0.81 vs 0.87-0.89; 175 vs 195-199 tok/s), so one row streams on the hardware prefetcher alone.
 constexpr int64_t PAIR_ROWS = 8;
 constexpr int64_t L2_BLOCK_BYTES = 192 * 1024;
 
 template <class K>
 inline void dot_range(const typename K::X* x, const typename K::W* w, int64_t ld, int64_t M, int64_t I, float* out,
                       int64_t O, int64_t o0, int64_t o1) {
-  const bool prefetch = sizeof(typename K::X) == 2 || M >= 3;
+  const bool prefetch = M >= (sizeof(typename K::X) == 2 ? 2 : 3);
   const int64_t step = M >= PAIR_ROWS ? 2 : 1;
   if (M <= 4) {
     dot_block<K>(x, w, ld, 0, M, I, out, O, o0, o1, o1, prefetch, step);
