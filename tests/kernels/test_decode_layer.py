@@ -18,6 +18,10 @@ SHAPES = {
     "mha-top1": dict(n_kv_heads=4, top_k=1),
     "dense-layers": dict(moe_every=2),
     "gelu": dict(mlp=MLPKind.GELU),
+    # the kernel's vector paths: 20 query heads on one kv head (two 16-head blocks), head dim 64
+    # (rope and the weighted values on 16 lanes); 3 heads per kv head of dim 96 (a 32-dim tail)
+    "mqa-20-heads-dim-64": dict(n_heads=20, head_dim=64),
+    "gqa-dim-96": dict(n_heads=6, n_kv_heads=2, head_dim=96),
 }
 
 
