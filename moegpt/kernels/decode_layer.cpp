@@ -142,31 +142,29 @@ struct ExpertRows {
   int64_t start, rows, e;
 };
 
+// The full-precision case of expert_products: a stack w (E, O, I) of T stored (out, in).
+template <typename T>
+void stacked_products(const float* x, const std::vector<ExpertRows>& groups, const at::Tensor& w, float* out) {
+  const int64_t O = w.size(1), I = w.size(2);
+  std::vector<moegpt::OutByIn<T>> jobs;
+  for (const ExpertRows& g : groups)
+    jobs.push_back({x + g.start * I, w.data_ptr<T>() + g.e * w.stride(0), g.rows, I, O, w.stride(1), out + g.start * O});
+  moegpt::gemv_out_by_in_many(jobs.data(), static_cast<int64_t>(jobs.size()), /*x_is_bf16=*/true);
+}
+
 // out (A, O) = each group's rows of x (A, I) times its expert's matrix of the stack wt (E, O, I): as
 // kernel_product does them one at a time, but full-precision stacks stored (out, in) in one parallel
 // region (moegpt::gemv_out_by_in_many), the same numbers.
 void expert_products(const float* x, const std::vector<ExpertRows>& groups, const Weight& wt, float* out) {
   const at::Tensor& w = wt.w;
-  const int64_t I = wt.in_features(), O = wt.out_features();
-  if (wt.quantized() || w.stride(2) != 1 || (w.stride(1) == 1 && O > 1)) {
+  if (wt.quantized() || w.stride(2) != 1 || (w.stride(1) == 1 && w.size(1) > 1)) {
+    const int64_t I = wt.in_features(), O = wt.out_features();
     for (const ExpertRows& g : groups) kernel_product(x + g.start * I, g.rows, wt, g.e, out + g.start * O);
-    return;
+  } else if (w.scalar_type() == at::kFloat) {
+    stacked_products<float>(x, groups, w, out);
+  } else {  // bf16 (the layer's checks allow no other dtype)
+    stacked_products<c10::BFloat16>(x, groups, w, out);
   }
-  AT_DISPATCH_SWITCH(w.scalar_type(), "moegpt_expert_products",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      std::vector<moegpt::OutByIn<float>> jobs;
-      for (const ExpertRows& g : groups)
-        jobs.push_back({x + g.start * I, w.data_ptr<float>() + g.e * w.stride(0), g.rows, I, O, w.stride(1),
-                        out + g.start * O});
-      moegpt::gemv_out_by_in_many(jobs.data(), static_cast<int64_t>(jobs.size()));
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      std::vector<moegpt::OutByIn<c10::BFloat16>> jobs;
-      for (const ExpertRows& g : groups)
-        jobs.push_back({x + g.start * I, w.data_ptr<c10::BFloat16>() + g.e * w.stride(0), g.rows, I, O, w.stride(1),
-                        out + g.start * O});
-      moegpt::gemv_out_by_in_many(jobs.data(), static_cast<int64_t>(jobs.size()), /*x_is_bf16=*/true);
-    }));
 }
 
 // out (M, O) fp32 = x (M, I) fp32 times w (O, I) as nn.Linear stores it: the gemv kernel for a few

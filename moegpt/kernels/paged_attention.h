@@ -222,7 +222,6 @@ void attention(const float* q, const KV* kc, const KV* vc, const float* ks, cons
     vf.resize(CHUNK * Dh);
     st.resize(CHUNK * RP);
     qt.resize(RP * Dh);
-    int64_t qt_for = -1;  // the (sequence, kv head) whose query heads qt holds
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
       const Item w = items[it];
@@ -252,13 +251,10 @@ void attention(const float* q, const KV* kc, const KV* vc, const float* ks, cons
           }
         }
       }
-      if (qt_for != w.b * G + w.g) {  // (a thread's items come in order: mostly the same heads as its last)
-        qt_for = w.b * G + w.g;
-        const float* qb = q + (w.b * H + w.g * R) * Dh;  // (R, Dh): this kv head's query heads
-        std::fill(qt.begin(), qt.end(), 0.0f);  // (padding heads score 0)
-        for (int64_t r = 0; r < R; ++r)  // transposed, in blocks of HEADS heads: qt[(r / HEADS, d, r % HEADS)]
-          for (int64_t d = 0; d < Dh; ++d) qt[((r / HEADS) * Dh + d) * HEADS + r % HEADS] = qb[r * Dh + d] * scale;
-      }
+      const float* qb = q + (w.b * H + w.g * R) * Dh;  // (R, Dh): this kv head's query heads
+      std::fill(qt.begin(), qt.end(), 0.0f);  // (padding heads score 0)
+      for (int64_t r = 0; r < R; ++r)  // transposed, in blocks of HEADS heads: qt[(r / HEADS, d, r % HEADS)]
+        for (int64_t d = 0; d < Dh; ++d) qt[((r / HEADS) * Dh + d) * HEADS + r % HEADS] = qb[r * Dh + d] * scale;
       scores(qt.data(), kf.data(), w.n, Dh, RP, st.data());  // st (n, RP): key j's scores for every head
       softmax_numerators(st.data(), w.n, RP, R, m.data() + it * R, l.data() + it * R);
       weighted_values(st.data(), vf.data(), w.n, RP, R, Dh, acc.data() + it * R * Dh);
