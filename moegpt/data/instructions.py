@@ -3,9 +3,15 @@ answers the prompt determines, so exact match measures what instruction tuning t
 
 Tasks (a user turn, the assistant's answer):
 - ``speaker``: a two-speech passage, "Who speaks first/second?" -> the speaker's name (answering from a passage);
-- ``first_word`` / ``last_word``: a line -> its first / last word (words split on whitespace);
+- ``first_word`` / ``last_word``: a line -> its first word / "The last word is WORD" (words split on whitespace);
 - ``count_words``: a line of at most MAX_COUNT words -> how many;
-- ``reverse_words``: 2 or 3 words -> the same words in reverse order.
+- ``reverse_words``: 2 or 3 words -> "Reversed: " and the same words in reverse order.
+
+An answer copies each word in the token form the prompt shows it in: after a space where the prompt
+has one before it, at the start of the reply where the prompt starts a line with it (a byte-level
+BPE token for " like" is not the one for "like"). Copying then needs no second spelling of each
+word; measured on the demo model, this took last_word from 7.5% to 55% and reverse_words from 0 to
+35% in 400 steps (docs/finetune.md).
 
 The held-out split is made from the last HELD_OUT of the corpus's speeches, the training split from
 the rest, so no held-out line was seen in fine-tuning. Generation is a pure function of the seed.
@@ -55,7 +61,7 @@ def _task(kind: str, rng: random.Random, pool: list[tuple[str, list[str]]], line
                 n = rng.randint(2, min(3, len(words)))
                 start = rng.randrange(len(words) - n + 1)
                 chosen = words[start:start + n]
-                return f"Reverse the order of these words:\n{' '.join(chosen)}", " ".join(reversed(chosen))
+                return f"Reverse the order of these words: {' '.join(chosen)}", "Reversed: " + " ".join(reversed(chosen))
             continue
         if kind == "count_words" and not 1 <= len(words) <= MAX_COUNT:
             continue
@@ -65,7 +71,7 @@ def _task(kind: str, rng: random.Random, pool: list[tuple[str, list[str]]], line
         if kind == "first_word":
             return f"What is the first word of this line?\n{line}", words[0]
         if kind == "last_word":
-            return f"What is the last word of this line?\n{line}", words[-1]
+            return f"What is the last word of this line?\n{line}", f"The last word is {words[-1]}"
         return f"How many words are in this line?\n{line}", str(len(words))
 
 

@@ -99,6 +99,8 @@ def test_the_instruction_set_is_reproducible_and_its_held_out_lines_unseen():
             assert conv[0]["content"].split("\n", 1)[1] not in train_text
         if task == "count_words":
             assert conv[1]["content"] == str(len(conv[0]["content"].split("\n", 1)[1].split()))
+        if task == "last_word":
+            assert conv[1]["content"] == "The last word is " + conv[0]["content"].split()[-1]
         if task == "reverse_words":
-            words = conv[0]["content"].split("\n", 1)[1].split()
-            assert conv[1]["content"].split() == words[::-1]
+            words = conv[0]["content"].removeprefix("Reverse the order of these words:").split()
+            assert conv[1]["content"].removeprefix("Reversed:").split() == words[::-1]
