@@ -15,7 +15,7 @@ from moegpt.data.chat import chat_format
 from moegpt.data.sft import IGNORE, PackedBatch, pack
 from moegpt.data.tokenizer import Tokenizer
 from moegpt.model import build_model
-from moegpt.train.step import LossWeights, packed_forward, train_step
+from moegpt.train.step import LossWeights, packed_forward, packed_target_forward, train_step
 
 NO_ROUTER_LOSS = LossWeights(aux=0.0, z=0.0)  # the router losses are per micro-batch by design (see step.py)
 
@@ -57,6 +57,28 @@ def test_packed_rows_give_the_unpacked_loss_and_gradients(tok, examples):
     assert abs(loss_p - loss_u) <= 1e-6
     for n in g_p:
         torch.testing.assert_close(g_p[n], g_u[n], atol=1e-6, rtol=0, msg=n)
+
+
+def test_the_head_at_the_targets_alone_gives_the_full_heads_loss_and_gradients(tok, examples):
+    """train_step runs the output head only at target positions (packed_target_forward); the oracle
+    is the head over every position, with the non-targets ignored by the loss."""
+    batch = pack(examples, 96, 0)
+    losses, grads_of = [], []
+    for forward in (packed_target_forward, lambda m, rows: (packed_forward(m, rows), rows.targets)):
+        model = micro(tok.vocab_size)
+        out, targets = forward(model, batch)
+        logits = out.logits.reshape(-1, out.logits.shape[-1])
+        loss = torch.nn.functional.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        loss.backward()
+        losses.append(float(loss))
+        grads_of.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert out.logits.shape[:2] == batch.targets.shape  # the oracle: every position's logits
+    assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[1])
+    for n in grads_of[0]:
+        torch.testing.assert_close(grads_of[0][n], grads_of[1][n], atol=1e-6, rtol=1e-5, msg=n)
+    keep = int((batch.targets != IGNORE).sum())
+    assert 0 < keep < batch.targets.numel()
+    assert packed_target_forward(micro(tok.vocab_size), batch)[0].logits.shape == (keep, tok.vocab_size)
 
 
 def test_a_packed_conversation_sees_only_itself(tok, examples):
