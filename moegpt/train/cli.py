@@ -282,8 +282,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 
 # Measured on the tiny demo model and the generated instruction set (docs/finetune.md): lr 3e-3 beat
-# 1e-3 and 5e-3; 1100 steps (about one pass over its 100,000 training conversations) take ~12 min here.
-FINETUNE_DEFAULTS = {"steps": 1100, "seq_len": 256, "lr": 3e-3, "warmup_steps": 20, "eval_every": 100,
+# 1e-3 and 5e-3; 1500 steps (1.4 passes over its 100,000 training conversations) take ~11.5 min on 2
+# cores, evaluation included, and beat 1100 (61.5% vs 52.5% exact match).
+FINETUNE_DEFAULTS = {"steps": 1500, "seq_len": 256, "lr": 3e-3, "warmup_steps": 20, "eval_every": 100,
                      "ckpt_every": 100}
 # With --context: rows of the extended length, passkey conversations beside plain text (docs/finetune.md).
 CONTEXT_DEFAULTS = {"data": "passkey:1,text:1", "steps": 600, "lr": 1e-3, "batch_size": 8, "micro_batch": 4}

@@ -195,7 +195,7 @@ def test_moegpt_finetune_refuses_bad_input_in_one_line(tmp_path, base_dir, capsy
 
 
 def test_the_help_shows_the_defaults_finetune_runs_with(capsys):
-    """Fine-tuning fills its own defaults in (1,100 steps of 256 tokens...): the help names those, not
+    """Fine-tuning fills its own defaults in (1,500 steps of 256 tokens...): the help names those, not
     pre-training's."""
     from moegpt.train.cli import CONTEXT_DEFAULTS, FINETUNE_DEFAULTS
 
