@@ -55,6 +55,20 @@ inline float round_to(float v) {
   }
 }
 
+// a * b rounded to fp32 on its own, as PyTorch's separate multiply and add round it: the compiler may
+// not fuse it into the addition that follows (one fused multiply-add rounds once, and -march=native
+// lets GCC contract where it likes; it did on one x86 CPU and not another).
+inline float separate_product(float a, float b) {
+  float p = a * b;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __asm__("" : "+x"(p));  // p must exist, rounded, in a register before it is added
+#else
+  volatile float kept = p;
+  p = kept;
+#endif
+  return p;
+}
+
 
 #if defined(__AVX512F__)
 // round_to on 16 lanes: bf16's round to nearest even (NaN to its quiet NaN), as c10::BFloat16's
@@ -323,7 +337,7 @@ void moe(const float* h, int64_t B, int64_t D, const c10::optional<at::Tensor>& 
   for (int64_t b = 0; b < B; ++b) {  // each token's K rows, weighted in fp32, summed in order
     for (int64_t d = 0; d < D; ++d) {
       float s = 0.0f;
-      for (int64_t k = 0; k < K; ++k) s += round_to<T>(round_to<T>(out[(b * K + k) * D + d]) * weight[b * K + k]);
+      for (int64_t k = 0; k < K; ++k) s += round_to<T>(separate_product(round_to<T>(out[(b * K + k) * D + d]), weight[b * K + k]));
       y[b * D + d] = round_to<T>(s);
     }
   }
