@@ -50,18 +50,22 @@ def autocast_context(bf16: bool, device_type: str):
     return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+def document_views(model, rows: PackedBatch) -> list[DocumentMask]:
+    """One attention view per layer that keeps each packed conversation to itself."""
+    layers = getattr(model, "module", model).cfg.n_layers  # (a DDP-wrapped model's own model)
+    return [DocumentMask.of(rows.docs)] * layers
+
+
 def packed_forward(model: MoEGPT, rows: PackedBatch) -> ModelOutput:
     """The model over packed rows: positions restart at each conversation, attention stays inside it."""
-    view = DocumentMask.of(rows.docs)
-    layers = getattr(model, "module", model).cfg.n_layers  # (a DDP-wrapped model's own model)
-    return model(rows.inputs, rows.positions, [view] * layers)
+    return model(rows.inputs, rows.positions, document_views(model, rows))
 
 
 def packed_target_forward(model: MoEGPT, rows: PackedBatch) -> tuple[ModelOutput, torch.Tensor]:
     """``packed_forward`` with the output head only where a row has a target: logits (N, V) and their
     targets (N,). Fine-tuning's targets are the assistant's tokens, a small share of each row, and the
     head (a (V, D) product and a V-way softmax per position) is otherwise a third of the step's work."""
-    x, stats = model.trunk(rows.inputs, rows.positions, [DocumentMask.of(rows.docs)] * model.cfg.n_layers)  # (M, T, D)
+    x, stats = model.trunk(rows.inputs, rows.positions, document_views(model, rows))  # (M, T, D)
     keep = rows.targets != IGNORE  # (M, T)
     return ModelOutput(logits=model.head(x[keep]), router=stats), rows.targets[keep]
 
