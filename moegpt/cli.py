@@ -240,13 +240,13 @@ def cmd_finetune(args) -> int:
     from moegpt.atomic import write_text_atomic
     from moegpt.checkpoint.model_dir import load
     from moegpt.infer.chat_eval import exact_match
-    from moegpt.train.cli import CONTEXT_DEFAULTS, apply_finetune_defaults, run_training
+    from moegpt.train.cli import CONTEXT_DEFAULTS, FINETUNE_DATA, apply_finetune_defaults, run_training
     from moegpt.train.finetune import finetune_inputs
 
     if args.eval_max < 0 or args.passkey_per_cell < 1:
         raise ValueError(f"--eval-max {args.eval_max} must be >= 0 and --passkey-per-cell {args.passkey_per_cell} >= 1")
     template = read_chat_template(args.chat_template)
-    data = args.data or (CONTEXT_DEFAULTS["data"] if args.context else "instructions:1")
+    data = args.data or (CONTEXT_DEFAULTS["data"] if args.context else FINETUNE_DATA)
     ft = finetune_inputs(args.model, data, chat_template=template, packing=not args.no_packing,
                          drop_long=args.long == "drop", context=args.context, rope_type=args.rope_scaling)
     apply_finetune_defaults(args, ft.model_cfg.max_seq_len if args.context else None)

@@ -108,11 +108,26 @@ def jsonl_source(name: str, path: str | Path, epochs: float, val_fraction: float
 class CorpusSet:
     """Plain text among the conversations (a context-extension fine-tune keeps modelling text at
     every position): a pre-training source cut into rows of seq_len + 1 tokens, every token a
-    target, its held-out split the one pre-training held out (dataset.split_blocks)."""
+    target, its held-out split the one pre-training held out (dataset.split_blocks).
+
+    With ``repeat_span`` S, each example is instead S tokens of the text followed by the same S
+    tokens again (2S tokens, a document of its own), the second S the targets: they are predictable
+    by copying from S tokens back. A model pre-trained on plain text alone may never learn to copy;
+    the instruction tasks answer by copying words from the prompt, and these rows teach it
+    (docs/finetune.md: a fixed distance is learnt in a few hundred steps, varied ones or a match by
+    content were not)."""
 
     name: str
     epochs: float
     source: Source
+    repeat_span: int | None = None
+
+    def __post_init__(self):
+        if self.repeat_span is not None and self.repeat_span < 1:
+            raise ValueError(f"source {self.name!r}: repeat_span {self.repeat_span} must be >= 1")
+
+
+COPY_SPAN = 32  # tokens of text each ``copy`` example repeats
 
 
 def conversations_digest(sources: Sequence[ConversationSet | CorpusSet]) -> str:
@@ -121,7 +136,8 @@ def conversations_digest(sources: Sequence[ConversationSet | CorpusSet]) -> str:
     h = hashlib.sha256()
     for s in sources:
         if isinstance(s, CorpusSet):
-            h.update(json.dumps([s.name, s.epochs]).encode() + files_signature(s.source.paths))
+            spec = [s.name, s.epochs] + ([s.repeat_span] if s.repeat_span is not None else [])
+            h.update(json.dumps(spec).encode() + files_signature(s.source.paths))
         else:
             h.update(json.dumps([s.name, s.epochs, s.train, s.val], sort_keys=True).encode())
     return h.hexdigest()
@@ -133,7 +149,8 @@ def parse_conversation_mixture(spec: str, val_fraction: float, seed: int = 0, *,
     """A CLI mixture of fine-tuning sources, e.g. "instructions:1", "instructions:1,mine=chats.jsonl:2"
     or "passkey:1,text:1": ``instructions`` and ``passkey`` are generated (instructions.py,
     passkey.py: its lengths run up to ``max_tokens`` as ``count_tokens`` counts them), ``text`` and
-    ``code`` the pre-training corpora as plain text rows, ``NAME=FILE.jsonl`` conversations, ``NAME=PATH``
+    ``code`` the pre-training corpora as plain text rows, ``copy`` spans of the Shakespeare corpus
+    each followed by itself (CorpusSet.repeat_span), ``NAME=FILE.jsonl`` conversations, ``NAME=PATH``
     (any other file, or a directory) plain text rows."""
     from moegpt.data.instructions import instruction_source
     from moegpt.data.passkey import passkey_source
@@ -160,6 +177,8 @@ def parse_conversation_mixture(spec: str, val_fraction: float, seed: int = 0, *,
         elif head in ("text", "code"):
             corpus = shakespeare_source(epochs) if head == "text" else stdlib_code_source(epochs)
             source = CorpusSet(name=head, epochs=epochs, source=corpus)
+        elif head == "copy":
+            source = CorpusSet(name=head, epochs=epochs, source=shakespeare_source(epochs), repeat_span=COPY_SPAN)
         elif "=" in head and head.partition("=")[0] and head.partition("=")[2]:
             name, _, path = head.partition("=")
             if path.endswith(".jsonl"):
@@ -168,7 +187,7 @@ def parse_conversation_mixture(spec: str, val_fraction: float, seed: int = 0, *,
                 source = CorpusSet(name=name, epochs=epochs, source=files_source(name, path, epochs))
         else:
             raise ValueError(f"--data item {item!r}: unknown source {head!r} "
-                             "(use instructions, passkey, text, code, NAME=FILE.jsonl or NAME=PATH)")
+                             "(use instructions, passkey, text, code, copy, NAME=FILE.jsonl or NAME=PATH)")
         if any(s.name == source.name for s in out):
             raise ValueError(f"--data item {item!r} repeats source name {source.name!r}")
         out.append(source)
@@ -283,14 +302,24 @@ def _gather(parts: tuple[PackedBatch, ...], pairs: torch.Tensor) -> PackedBatch:
 
 def corpus_examples(source: CorpusSet, tokenizer: Tokenizer, seq_len: int, cache_dir: str | Path,
                     val_fraction: float) -> tuple[list, list]:
-    """A corpus's training and held-out rows as (ids, all-target mask) examples of seq_len + 1 tokens."""
+    """A corpus's training and held-out rows as (ids, target mask) examples: seq_len + 1 tokens, all
+    targets, or with ``repeat_span`` S, S tokens twice over, the second S targets."""
     tokens = load_tokens(tokenize_source(source.source, tokenizer, cache_dir))
+    span = source.repeat_span
+    if span is not None and 2 * span > seq_len + 1:
+        raise ValueError(f"source {source.name!r}: a span of {span} tokens repeated needs rows of at least "
+                         f"{2 * span - 1} tokens (--seq-len {seq_len})")
+    block = seq_len if span is None else span
     try:
-        splits = split_blocks(len(tokens), seq_len, val_fraction)
+        splits = split_blocks(len(tokens), block, val_fraction)
     except ValueError as e:
         raise ValueError(f"source {source.name!r}: {e}") from None
-    return [[(tokens[start + i * seq_len:start + (i + 1) * seq_len + 1].astype(np.int64).tolist(), [True] * (seq_len + 1))
-             for i in range(n)] for start, n in splits]
+
+    def example(at: int) -> tuple[list[int], list[bool]]:
+        ids = tokens[at:at + block + 1] if span is None else np.tile(tokens[at:at + span], 2)
+        return ids.astype(np.int64).tolist(), [True] * len(ids) if span is None else [False] * span + [True] * span
+
+    return [[example(at) for at in range(start, start + n * block, block)] for start, n in splits]
 
 
 def build_sft_data(sources: Sequence[ConversationSet | CorpusSet], tokenizer: Tokenizer, fmt: ChatFormat,

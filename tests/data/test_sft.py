@@ -9,7 +9,7 @@ import torch
 
 from moegpt.data.chat import TemplateError, chat_format
 from moegpt.data.instructions import TASKS, instruction_source
-from moegpt.data.sft import IGNORE, ConversationSet, build_sft_data, pack, parse_conversation_mixture, read_jsonl
+from moegpt.data.sft import COPY_SPAN, IGNORE, ConversationSet, build_sft_data, pack, parse_conversation_mixture, read_jsonl
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a king."},
         {"role": "assistant", "content": "Lear"}, {"role": "user", "content": "Another?"},
@@ -60,7 +60,9 @@ def test_jsonl_sources_hold_out_their_tail(tmp_path):
     (s,) = parse_conversation_mixture(f"mine={path}:2", val_fraction=0.2)
     assert (s.name, s.epochs, len(s.train), len(s.val)) == ("mine", 2.0, 8, 2)
     assert s.val[-1][-1]["content"] == "a9"
-    for bad in ("mine=x.jsonl", "instructions:0", "other:1"):
+    (text, copy) = parse_conversation_mixture("text:1,copy:2", val_fraction=0.2)
+    assert (text.repeat_span, copy.name, copy.epochs, copy.repeat_span) == (None, "copy", 2.0, COPY_SPAN)
+    for bad in ("mine=x.jsonl", "instructions:0", "other:1", "copy:0"):
         with pytest.raises(ValueError, match="--data item"):
             parse_conversation_mixture(bad, 0.1)
 

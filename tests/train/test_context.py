@@ -74,6 +74,30 @@ def test_plain_text_rows_are_the_corpus_blocks_with_every_token_a_target(tmp_pat
     assert val[0][0] == tokens[val_start:val_start + 65].tolist()
 
 
+def test_copy_rows_repeat_each_span_of_the_corpus_and_learn_the_second_copy(tmp_path, tok):
+    f = tmp_path / "corpus.txt"
+    f.write_text(TEXT * 30)
+    source = Source(name="copy", epochs=1.0, paths=(f,))
+    tokens = load_tokens(tokenize_source(source, tok, tmp_path)).tolist()
+    (_, n_train), (val_start, n_val) = split_blocks(len(tokens), 16, 0.1)
+    fixed = CorpusSet(name="copy", epochs=1.0, source=source, repeat_span=16)
+    data = build_sft_data([fixed], tok, chat_format(tok), 64, cache_dir=tmp_path, val_fraction=0.1)
+    rows = data.train[0]
+    assert len(rows) == -(-n_train // 2) and len(data.val[0]) == -(-n_val // 2)  # two 31-entry examples a row
+    span = tokens[16:32]  # the second example, in the first row's second half
+    assert rows.inputs[0, 31:62].tolist() == (span + span)[:-1]
+    assert rows.targets[0, 31:46].tolist() == [IGNORE] * 15 and rows.targets[0, 46:62].tolist() == span  # the copy
+    assert rows.positions[0, 31:62].tolist() == list(range(31)) and (rows.docs[0, 31:62] == 1).all()
+    assert (rows.targets[0, 62:] == IGNORE).all()  # padding
+    _, val = corpus_examples(fixed, tok, 64, tmp_path, 0.1)
+    assert val[0][0] == tokens[val_start:val_start + 16] * 2
+
+    with pytest.raises(ValueError, match="needs rows of at least 31 tokens"):
+        corpus_examples(fixed, tok, 20, tmp_path, 0.1)
+    with pytest.raises(ValueError, match="repeat_span 0 must be >= 1"):
+        CorpusSet(name="copy", epochs=1.0, source=source, repeat_span=0)
+
+
 def test_the_extended_config_scales_rope_by_the_context_factor():
     cfg = preset("tiny").replace(max_seq_len=128)
     four = extended_config(cfg, "4x", "yarn")
