@@ -218,7 +218,8 @@ def cmd_demo(args) -> int:
     tok, model = trainer.tokenizer, trainer.model.eval()
     for prompt in DEMO_PROMPTS:
         ids = tok.encode(prompt, add_special_tokens=True)  # as moegpt generate and the server encode it
-        gen = generate(model, torch.tensor([ids]), 120, SamplingParams(temperature=0.8, top_k=50), tok.eos_id,
+        new = min(120, model.cfg.max_seq_len - len(ids))  # a model of a short context samples up to it
+        gen = generate(model, torch.tensor([ids]), new, SamplingParams(temperature=0.8, top_k=50), tok.eos_id,
                        seed=args.seed)
         print(f"\n--- sample: {prompt!r} ---\n{prompt}{tok.decode(gen[0, len(ids):].tolist())}")
     print(f"\nmodel directory: {out}  (try: moegpt generate --model {out} --prompt 'JULIET:')")

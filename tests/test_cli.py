@@ -76,6 +76,7 @@ def test_train_stop_resume_then_generate_from_the_model_directory(tmp_path, smal
 def test_demo_trains_saves_and_prints_samples(tmp_path, small_source_path):
     argv = [sys.executable, "-m", "moegpt", "demo", "--out", str(tmp_path / "demo"), "--steps", "4",
             "--set", "vocab_size=512", "--set", "d_model=64", "--set", "n_layers=2", "--set", "d_ff=64",
+            "--set", "max_seq_len=64",  # shorter than a prompt and 120 sampled tokens: the samples stop at it
             "--seq-len", "32", "--eval-every", "2", "--eval-sequences", "8", "--ramp-tokens", "128",
             "--data", f"plays={small_source_path}:1", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     done = subprocess.run(argv, capture_output=True, text=True)
