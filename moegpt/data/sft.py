@@ -316,8 +316,10 @@ def corpus_examples(source: CorpusSet, tokenizer: Tokenizer, seq_len: int, cache
         raise ValueError(f"source {source.name!r}: {e}") from None
 
     def example(at: int) -> tuple[list[int], list[bool]]:
-        ids = tokens[at:at + block + 1] if span is None else np.tile(tokens[at:at + span], 2)
-        return ids.astype(np.int64).tolist(), [True] * len(ids) if span is None else [False] * span + [True] * span
+        if span is None:  # a block of text, every token a target
+            return tokens[at:at + block + 1].astype(np.int64).tolist(), [True] * (block + 1)
+        copy = tokens[at:at + span].astype(np.int64).tolist()  # the span, then the span again as the targets
+        return copy + copy, [False] * span + [True] * span
 
     return [[example(at) for at in range(start, start + n * block, block)] for start, n in splits]
 
