@@ -235,6 +235,23 @@ def read_chat_template(path: str | None) -> str | None:
     return Path(path).read_text(encoding="utf-8")
 
 
+def check_reference(directory: Path, ft, context: str | None) -> None:
+    """--reference DIR: a model of the base's shape and context (one-line errors before training starts)."""
+    import dataclasses
+
+    from moegpt.checkpoint.model_dir import read_directory
+
+    if context is None:
+        raise ValueError("--reference compares text perplexity after a context extension: give --context too")
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"--reference {directory} is not a model directory (no config.json)")
+    cfg = read_directory(directory)[0]
+    base = ft.model_cfg.replace(max_seq_len=ft.model_cfg.rope_scaling.original_max_seq_len, rope_scaling=None)
+    for field in dataclasses.fields(base):
+        if (theirs := getattr(cfg, field.name)) != (ours := getattr(base, field.name)):
+            raise ValueError(f"--reference {directory} has {field.name} {theirs}; the model extended has {ours}")
+
+
 def cmd_finetune(args) -> int:
     """Fine-tune --model on --data's conversations; exact match of greedy answers on the held-out
     conversations before (the base model) and after, printed and written to OUT/finetune_eval.json."""
@@ -251,6 +268,8 @@ def cmd_finetune(args) -> int:
     ft = finetune_inputs(args.model, data, chat_template=template, packing=not args.no_packing,
                          drop_long=args.long == "drop", context=args.context, rope_type=args.rope_scaling)
     apply_finetune_defaults(args, ft.model_cfg.max_seq_len if args.context else None)
+    if args.reference is not None:
+        check_reference(Path(args.reference), ft, args.context)
     out = Path(args.out)
 
     def evaluate(directory: Path, trainer) -> dict:
@@ -273,7 +292,8 @@ def cmd_finetune(args) -> int:
         from moegpt.train.trainer import default_cache_dir
 
         context_evaluation(Path(args.model), out, ft, trainer, args.passkey_per_cell,
-                           Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+                           Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+                           reference_dir=Path(args.reference) if args.reference else None)
         return 0
     report = {"base": evaluate(Path(args.model), trainer), "tuned": evaluate(out, trainer)}
     write_text_atomic(out / "finetune_eval.json", json.dumps(report, indent=2) + "\n")

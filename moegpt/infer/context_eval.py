@@ -52,24 +52,32 @@ def bucketed_perplexity(losses: np.ndarray, bucket: int) -> list[float]:
     return [math.exp(float(losses[i:i + bucket].mean())) for i in range(0, len(losses), bucket)]
 
 
+def perplexities(model: MoEGPT, windows: torch.Tensor, original: int, bucket: int) -> dict:
+    """Perplexity of held-out windows (N, L + 1): by position (means over ``bucket``), below the
+    original context, and over all L positions."""
+    losses = loss_by_position(model, windows)
+    return {"perplexity_by_position": bucketed_perplexity(losses, bucket),
+            "perplexity_below_original": math.exp(float(losses[:original].mean())),
+            "perplexity_all": math.exp(float(losses.mean()))}
+
+
 def context_report(before: MoEGPT, after: MoEGPT, tokenizer: Tokenizer, fmt: ChatFormat, original: int,
-                   windows: torch.Tensor, per_cell: int = 20, bucket: int = 32) -> dict:
+                   windows: torch.Tensor, per_cell: int = 20, bucket: int = 32, reference: MoEGPT | None = None) -> dict:
     """Both models on the same passkey grid (lengths original/2 .. 4x, as the extension allows) and
-    the same held-out windows; ``before`` must accept the extended length (its max_seq_len raised)."""
+    the same held-out windows; ``before`` must accept the extended length (its max_seq_len raised).
+    ``reference``: the pre-trained model whose text perplexity the extension is compared with, when
+    ``before`` was tuned at its context first (its max_seq_len raised too); default ``before``."""
     extended = after.cfg.max_seq_len
     lengths = sorted({original // 2, original, *range(2 * original, extended + 1, original)} | {extended})
     report: dict = {"original_context": original, "extended_context": extended, "depths": list(DEPTHS),
                     "lengths": lengths, "per_cell": per_cell, "bucket": bucket, "windows": int(windows.shape[0])}
     for name, model in (("before", before), ("after", after)):
-        losses = loss_by_position(model, windows)
-        report[name] = {
-            "passkey": passkey_table(model, tokenizer, fmt, lengths, per_cell),
-            "perplexity_by_position": bucketed_perplexity(losses, bucket),
-            "perplexity_below_original": math.exp(float(losses[:original].mean())),
-            "perplexity_all": math.exp(float(losses.mean())),
-        }
+        report[name] = {"passkey": passkey_table(model, tokenizer, fmt, lengths, per_cell),
+                        **perplexities(model, windows, original, bucket)}
+    if reference is not None:
+        report["reference"] = perplexities(reference, windows, original, bucket)
     report["perplexity_below_original_ratio"] = (report["after"]["perplexity_below_original"]
-                                                 / report["before"]["perplexity_below_original"])
+                                                 / report.get("reference", report["before"])["perplexity_below_original"])
     return report
 
 
@@ -85,14 +93,17 @@ def print_report(report: dict) -> None:
             b, a = report["before"]["passkey"][key]["exact_match"], report["after"]["passkey"][key]["exact_match"]
             cells.append(f"  {b:4.0%} -> {a:4.0%}  ")
         print(f"  {length:6d} " + "".join(cells))
-    b, a = report["before"], report["after"]
-    print(f"held-out {report.get('perplexity_text', 'text')} perplexity at positions < {report['original_context']}: {b['perplexity_below_original']:.3f} "
-          f"-> {a['perplexity_below_original']:.3f} ({report['perplexity_below_original_ratio'] - 1:+.2%}); "
+    b, a = report.get("reference", report["before"]), report["after"]
+    against = f" (the reference {report.get('reference_model', 'model')} -> after)" if "reference" in report else ""
+    print(f"held-out {report.get('perplexity_text', 'text')} perplexity at positions < {report['original_context']}"
+          f"{against}: {b['perplexity_below_original']:.3f} -> {a['perplexity_below_original']:.3f} "
+          f"({report['perplexity_below_original_ratio'] - 1:+.2%}); "
           f"all positions: {b['perplexity_all']:.3f} -> {a['perplexity_all']:.3f}")
 
 
 def plot_perplexity(report: dict, path: Path) -> Path | None:
-    """Perplexity by position before and after (PNG); None, with a line printed, without matplotlib."""
+    """Perplexity by position before (or the reference) and after (PNG); None, with a line printed,
+    without matplotlib."""
     try:
         import matplotlib
 
@@ -103,9 +114,11 @@ def plot_perplexity(report: dict, path: Path) -> Path | None:
         return None
     bucket = report["bucket"]
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name in ("before", "after"):
+    # with a reference, the text curves are its and the tuned model's (the base's is in the report)
+    for name in ("reference", "after") if "reference" in report else ("before", "after"):
         ppl = report[name]["perplexity_by_position"]
-        ax.plot([bucket * (i + 0.5) for i in range(len(ppl))], ppl, marker="o", label=name)
+        label = {"reference": "reference (pre-trained, plain RoPE)", "before": "before (plain RoPE)"}.get(name, name)
+        ax.plot([bucket * (i + 0.5) for i in range(len(ppl))], ppl, marker="o", label=label)
     ax.axvline(report["original_context"], color="grey", linestyle="--", label="original context")
     ax.set_yscale("log")
     ax.set_xlabel("position")
@@ -132,23 +145,31 @@ def held_out_windows(data, tokenizer: Tokenizer, length: int, cache_dir: Path, v
     return "text", torch.tensor([ids for ids, _ in held_out])
 
 
-def context_evaluation(base_dir: Path, out: Path, ft, trainer, per_cell: int, cache_dir: Path) -> dict:
+def context_evaluation(base_dir: Path, out: Path, ft, trainer, per_cell: int, cache_dir: Path,
+                       reference_dir: Path | None = None) -> dict:
     """``moegpt finetune --context``'s report: the base directory (plain RoPE, its max_seq_len raised
-    to the extended one) against the tuned one."""
+    to the extended one) against the tuned one; ``reference_dir``: the model whose text perplexity
+    the tuned one's is compared with (default: the base)."""
     import json
 
     from moegpt.atomic import write_text_atomic
     from moegpt.checkpoint.model_dir import load
     from moegpt.model import build_model
 
-    base, tokenizer = load(base_dir)
-    original = base.cfg.max_seq_len
-    before = build_model(ft.model_cfg.replace(rope_scaling=None), device="meta")
-    before.load_state_dict(base.state_dict(), assign=True)
+    def past_its_context(directory: Path):  # plain RoPE, max_seq_len raised to the extended one
+        loaded, tokenizer = load(directory)
+        model = build_model(ft.model_cfg.replace(rope_scaling=None), device="meta")
+        model.load_state_dict(loaded.state_dict(), assign=True)
+        return model.eval(), tokenizer, loaded.cfg.max_seq_len
+
+    before, tokenizer, original = past_its_context(base_dir)
+    reference = past_its_context(reference_dir)[0] if reference_dir is not None else None
     after, _ = load(out)
     name, windows = held_out_windows(trainer.data, tokenizer, after.cfg.max_seq_len, cache_dir, trainer.cfg.val_fraction)
-    report = context_report(before.eval(), after.eval(), tokenizer, ft.chat, original, windows, per_cell)
+    report = context_report(before, after.eval(), tokenizer, ft.chat, original, windows, per_cell, reference=reference)
     report["perplexity_text"] = name
+    if reference_dir is not None:
+        report["reference_model"] = str(reference_dir)
     write_text_atomic(out / "context_eval.json", json.dumps(report, indent=2) + "\n")
     print_report(report)
     png = plot_perplexity(report, out / "context_ppl.png")

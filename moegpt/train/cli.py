@@ -333,6 +333,10 @@ def add_finetune_parser(subparsers, func) -> argparse.ArgumentParser:
                         "default to that length")
     p.add_argument("--rope-scaling", choices=["linear", "dynamic", "yarn"], default="yarn",
                    help="how --context stretches RoPE (default yarn)")
+    p.add_argument("--reference", default=None, metavar="DIR",
+                   help="with --context: the pre-trained model (same context as --model) whose text perplexity "
+                        "the report compares the extension's with (default: --model; give it when --model was "
+                        "tuned at its context first, e.g. on pass keys)")
     p.add_argument("--passkey-per-cell", type=int, default=20,
                    help="with --context: passkey conversations per length and depth in the report")
     p.add_argument("--eval-max", type=int, default=200, help="held-out conversations per source for exact match")

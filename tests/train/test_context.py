@@ -142,9 +142,18 @@ def base_dir(tmp_path, tok):
     return d
 
 
+def _other_model(base_dir, directory, **changes):
+    """A model directory beside ``base_dir``: its config with ``changes``, other weights."""
+    base = load(base_dir)
+    save(build_model(base.model.cfg.replace(**changes), seed=1), base.tokenizer, directory)
+    return directory
+
+
 def test_moegpt_finetune_context_extends_the_model_and_reports_passkey_and_perplexity(tmp_path, base_dir, capsys):
     out = tmp_path / "long"
+    pretrained = _other_model(base_dir, tmp_path / "pretrained")  # --model tuned from it, say
     args = ["finetune", "--model", str(base_dir), "--out", str(out), "--context", "2x", "--rope-scaling", "linear",
+            "--reference", str(pretrained),
             "--data", f"passkey:1,notes={tmp_path / 'corpus.txt'}:1", "--steps", "2", "--batch-size", "2",
             "--micro-batch", "1", "--eval-every", "2", "--ckpt-every", "2", "--warmup-steps", "1", "--no-progress",
             "--peak-flops", "1e11", "--passkey-per-cell", "1", "--activation-checkpointing", "--cache-dir", str(tmp_path)]
@@ -163,13 +172,32 @@ def test_moegpt_finetune_context_extends_the_model_and_reports_passkey_and_perpl
     assert set(report["before"]["passkey"]) == {"all"} | {f"{n}@{d:.2f}" for n in (64, 128, 256)
                                                          for d in (0, 0.25, 0.5, 0.75, 1)}
     assert len(report["after"]["perplexity_by_position"]) == 256 // 32
+    # the text perplexity is compared with the reference's (another model: not the base's)
+    assert report["reference_model"] == str(pretrained)
+    ppl = {k: report[k]["perplexity_below_original"] for k in ("reference", "before", "after")}
+    assert ppl["reference"] != ppl["before"]
+    assert report["perplexity_below_original_ratio"] == pytest.approx(ppl["after"] / ppl["reference"])
     assert (out / "context_ppl.png").stat().st_size > 1000
     printed = capsys.readouterr().out
-    assert "passkey retrieval" in printed and "perplexity at positions < 128" in printed
+    assert "passkey retrieval" in printed and "perplexity at positions < 128 (the reference" in printed
     assert "data passkey x1, notes x1" in printed
     with pytest.raises(SystemExit):  # a resume with another scaling is refused, naming it
         main(args + ["--resume", "--steps", "3"] + ["--rope-scaling", "yarn"])
     assert "rope_scaling" in capsys.readouterr().err
+
+
+def test_a_reference_of_another_context_or_without_context_is_a_one_line_error(tmp_path, base_dir, capsys):
+    longer = _other_model(base_dir, tmp_path / "longer", max_seq_len=256)
+    wider = _other_model(base_dir, tmp_path / "wider", d_model=128)
+    for extra, message in ((["--context", "2x", "--reference", str(longer)], "has max_seq_len 256; the model extended has 128"),
+                           (["--context", "2x", "--reference", str(wider)], "has d_model 128; the model extended has 64"),
+                           (["--context", "2x", "--reference", str(tmp_path / "none")], "is not a model directory"),
+                           (["--reference", str(base_dir)], "give --context too")):
+        with pytest.raises(SystemExit) as e:
+            main(["finetune", "--model", str(base_dir), "--out", str(tmp_path / "o"), *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_measuring_saved_activations_leaves_no_reference_cycle():
