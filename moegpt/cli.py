@@ -249,7 +249,7 @@ def check_reference(directory: Path, ft, context: str | None) -> None:
     base = ft.model_cfg.replace(max_seq_len=ft.model_cfg.rope_scaling.original_max_seq_len, rope_scaling=None)
     for field in dataclasses.fields(base):
         if (theirs := getattr(cfg, field.name)) != (ours := getattr(base, field.name)):
-            raise ValueError(f"--reference {directory} has {field.name} {theirs}; the model extended has {ours}")
+            raise ValueError(f"--reference {directory} has {field.name} {theirs}; --model has {ours}")
 
 
 def cmd_finetune(args) -> int:

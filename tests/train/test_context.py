@@ -186,11 +186,11 @@ def test_moegpt_finetune_context_extends_the_model_and_reports_passkey_and_perpl
     assert "rope_scaling" in capsys.readouterr().err
 
 
-def test_a_reference_of_another_context_or_without_context_is_a_one_line_error(tmp_path, base_dir, capsys):
+def test_a_reference_unlike_the_base_or_without_context_is_a_one_line_error(tmp_path, base_dir, capsys):
     longer = _other_model(base_dir, tmp_path / "longer", max_seq_len=256)
     wider = _other_model(base_dir, tmp_path / "wider", d_model=128)
-    for extra, message in ((["--context", "2x", "--reference", str(longer)], "has max_seq_len 256; the model extended has 128"),
-                           (["--context", "2x", "--reference", str(wider)], "has d_model 128; the model extended has 64"),
+    for extra, message in ((["--context", "2x", "--reference", str(longer)], "has max_seq_len 256; --model has 128"),
+                           (["--context", "2x", "--reference", str(wider)], "has d_model 128; --model has 64"),
                            (["--context", "2x", "--reference", str(tmp_path / "none")], "is not a model directory"),
                            (["--reference", str(base_dir)], "give --context too")):
         with pytest.raises(SystemExit) as e:
