@@ -322,7 +322,7 @@ def add_finetune_parser(subparsers, func) -> argparse.ArgumentParser:
                    help="sources as name:epochs,...: instructions or passkey (generated), text or code (the "
                         "bundled corpora as plain text), NAME=FILE.jsonl (OpenAI-style messages), NAME=PATH (a "
                         "text file or directory), copy (corpus spans each followed by itself: teaches copying); "
-                        f"default {FINETUNE_DATA}, with --context passkey:1,text:1")
+                        f"default {FINETUNE_DATA}, with --context {CONTEXT_DEFAULTS['data']}")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="Jinja chat template (default: the model's, else moegpt's ChatML)")
     p.add_argument("--no-packing", action="store_true", help="one conversation per row (default: packed)")
