@@ -7,7 +7,9 @@ Every subcommand validates its inputs before doing any work and reports bad inpu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -198,7 +200,7 @@ def cmd_demo(args) -> int:
 
         if marker.exists():
             shutil.rmtree(out)
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)  # empty, or made here (an interrupted run leaves it empty)
 
     def mark():
         marker.write_text("made by 'moegpt demo', which replaces this directory on each run\n")
@@ -350,8 +352,17 @@ def cmd_train_vision(args) -> int:
     vision = vision_inputs(args.model, tower=args.tower, cross_attention_every=args.cross_attention_every,
                            n_latents=args.latents, freeze_tower=args.freeze_tower, train_text=args.train_text,
                            chat_template=template)
+    if args.pretrain_steps < 0 or not args.pretrain_lr > 0:
+        raise ValueError(f"--pretrain-steps {args.pretrain_steps} must be >= 0 and --pretrain-lr {args.pretrain_lr} > 0")
+    vision = dataclasses.replace(vision, settings={**vision.settings, "pretrain_steps": args.pretrain_steps,
+                                                   "pretrain_lr": args.pretrain_lr})
     out = Path(args.out)
+    pretrained = None
+    if args.pretrain_steps and not args.resume:  # a resumed run's checkpoint holds the pre-trained weights
+        vision, pretrained = pretrain_vision(vision, args)
     trainer, result = run_training(args, out, args.resume, finetune=vision)
+    if pretrained is not None and trainer.runtime.is_main:
+        write_text_atomic(out / "image_pretraining.json", json.dumps(dataclasses.asdict(pretrained), indent=2) + "\n")
     if args.no_eval or not result.finished or not trainer.runtime.is_main:
         return 0
     model = load(out)[0]
@@ -360,6 +371,25 @@ def cmd_train_vision(args) -> int:
     print_vision_report(report)
     print(f"vision model directory: {out}")
     return 0
+
+
+def pretrain_vision(vision, args):
+    """Train ``vision``'s tower and resampler on their own first (train/vision_pretrain.py), on
+    --data's sources -> (vision with those weights, the report)."""
+    from moegpt.data.vision_data import parse_vision_mixture
+    from moegpt.train.vision_pretrain import pretrain_image_side
+
+    model = vision.make_model(args.seed)
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    report = pretrain_image_side(model, parse_vision_mixture(args.data), vision.processing, steps=args.pretrain_steps,
+                                 batch_size=args.batch_size, lr=args.pretrain_lr, seed=args.seed,
+                                 log=None if quiet else lambda line: print(line, flush=True))
+    if not quiet:
+        print(f"moegpt: image side pre-trained for {report.steps} steps in {report.seconds:.0f} s; held-out "
+              + ", ".join(f"{k} {v:.1%}" for k, v in report.accuracy.items()), flush=True)
+    weights = {part: {k: v.detach().clone() for k, v in getattr(model, part).state_dict().items()}
+               for part in ("tower", "resampler")}
+    return dataclasses.replace(vision, image_weights=weights), report
 
 
 def print_vision_report(report: dict) -> None:

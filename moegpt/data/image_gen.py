@@ -112,7 +112,7 @@ def render_shapes(rng: random.Random, size: int):
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
     cell = size // 3
-    side = max(4, cell * 2 // 5)  # up to three shapes fit in a cell side by side or stacked
+    side = max(4, cell // 2 - 2)  # up to three shapes fit in a cell side by side or stacked
     slots = [(r, c) for r in range(2) for c in range(2)]  # a 2x2 layout inside the cell
     rng.shuffle(slots)
     jitter = max(1, cell // 2 - side)

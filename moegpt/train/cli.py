@@ -355,6 +355,7 @@ def add_finetune_parser(subparsers, func) -> argparse.ArgumentParser:
 # Sized for the tiny demo model on 2 cores (docs/vision.md): ~0.6 s a step, so 1200 steps in ~12
 # minutes; short rows (a prompt, an image token, a line of text); the router losses off, since the
 # routers are frozen.
+VISION_PRETRAIN_STEPS = 600
 VISION_DEFAULTS = {"steps": 1200, "seq_len": 64, "batch_size": 32, "micro_batch": 32, "lr": 1e-3, "warmup_steps": 50,
                    "eval_every": 200, "ckpt_every": 200, "eval_sequences": 200, "aux_loss_coef": 0.0,
                    "z_loss_coef": 0.0}
@@ -381,6 +382,11 @@ def add_vision_parser(subparsers, func) -> argparse.ArgumentParser:
     p.add_argument("--latents", type=int, default=64, help="resampler latents per image (default 64, as Flamingo)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="Jinja chat template (default: the model's, else moegpt's ChatML)")
+    p.add_argument("--pretrain-steps", type=int, default=VISION_PRETRAIN_STEPS,
+                   help="first train the tower and resampler on their own, this many steps naming what the pictures "
+                        "show (scenes' fields, screenshots' characters) "
+                        f"(Flamingo's order: docs/vision.md; default {VISION_PRETRAIN_STEPS}; 0: none)")
+    p.add_argument("--pretrain-lr", type=float, default=1e-3, help="their learning rate (default 1e-3)")
     p.add_argument("--eval-max", type=int, default=200, help="held-out pictures per source for the accuracy report")
     p.add_argument("--no-eval", action="store_true", help="skip the accuracy report")
     add_config_flags(p.add_argument_group("training (TrainConfig; vision defaults)"), TrainConfig)

@@ -43,6 +43,9 @@ class VisionTraining:
     train_tower: bool
     train_text: bool
     settings: dict  # what the run records
+    # the tower's and resampler's weights after pre-training them on their own (vision_pretrain.py),
+    # by part; None: as add_vision initialises them (or as loaded)
+    image_weights: dict[str, dict[str, torch.Tensor]] | None = None
 
     def record(self, out: Path) -> None:
         write_text_atomic(out / "vision_training.json", json.dumps(self.settings, indent=2) + "\n")
@@ -59,6 +62,8 @@ class VisionTraining:
             tower = VisionTower(self.vision_cfg.tower)
             tower.load_state_dict(self.tower_weights)
         model = add_vision(text, self.vision_cfg, tower=tower, seed=seed)
+        for part, weights in (self.image_weights or {}).items():
+            getattr(model, part).load_state_dict(weights)
         freeze(model, train_text=self.train_text, train_tower=self.train_tower)
         return model
 

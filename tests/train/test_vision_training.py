@@ -32,7 +32,7 @@ def _args(base, out, *extra):
     return ["train-vision", "--model", str(base), "--out", str(out), "--tower", "tiny", "--data", "shapes:1",
             "--seq-len", "64", "--batch-size", "4", "--micro-batch", "2", "--eval-every", "2", "--ckpt-every", "2",
             "--eval-sequences", "4", "--warmup-steps", "1", "--lr", "1e-2", "--no-progress", "--peak-flops", "1e11",
-            "--no-eval", *extra]
+            "--no-eval", "--pretrain-steps", "2", *extra]
 
 
 def test_the_text_model_stays_bit_identical_and_the_new_parts_learn(tmp_path, base_dir):
@@ -47,6 +47,8 @@ def test_the_text_model_stays_bit_identical_and_the_new_parts_learn(tmp_path, ba
     settings = json.loads((out / "vision_training.json").read_text())
     assert settings["train_text"] is False and settings["train_tower"] is True
     assert (out / "vision_tower" / "config.json").is_file()
+    pretrained = json.loads((out / "image_pretraining.json").read_text())
+    assert pretrained["steps"] == 2 and set(pretrained["accuracy"]) == {"count", "colour", "shape", "position"}
 
 
 def test_train_text_unfreezes_the_language_model(tmp_path, base_dir):
@@ -76,7 +78,8 @@ def test_a_stopped_run_resumes_bit_exactly_and_refuses_other_settings(tmp_path, 
     (["--tower", "nowhere"], "unknown vision tower preset 'nowhere'"),
     (["--data", "pictures:1"], "unknown image source 'pictures'"),
     (["--cross-attention-every", "3"], "cross_attention_every=3 is more than the text model's 2 layers"),
-], ids=["freeze-fresh", "tower", "data", "interval"])
+    (["--pretrain-steps", "-1"], "--pretrain-steps -1 must be >= 0"),
+], ids=["freeze-fresh", "tower", "data", "interval", "pretrain-steps"])
 def test_bad_choices_are_one_line_errors(tmp_path, base_dir, capsys, extra, message):
     with pytest.raises(SystemExit) as e:
         main(_args(base_dir, tmp_path / "x", "--steps", "1", *extra))
