@@ -28,7 +28,8 @@ def base(tmp_path_factory):
     save(build_model(cfg, seed=0), tok, root / "base")
     args = ["--model", str(root / "base"), "--tower", "tiny", "--data", "shapes:1", "--steps", "3", "--seq-len", "64",
             "--batch-size", "8", "--micro-batch", "2", "--warmup-steps", "1", "--lr", "1e-3", "--eval-every", "3",
-            "--eval-sequences", "4", "--ckpt-every", "3", "--no-progress", "--no-eval", "--peak-flops", "1e11"]
+            "--eval-sequences", "4", "--ckpt-every", "3", "--no-progress", "--no-eval", "--peak-flops", "1e11",
+            "--pretrain-steps", "2"]
     return root, args
 
 
