@@ -357,6 +357,8 @@ def cmd_train_vision(args) -> int:
     vision = dataclasses.replace(vision, settings={**vision.settings, "pretrain_steps": args.pretrain_steps,
                                                    "pretrain_lr": args.pretrain_lr})
     out = Path(args.out)
+    if not args.resume and out.exists() and any(out.iterdir()):  # before minutes of pre-training, not after
+        raise ValueError(f"--out {out} exists and is not empty; pass --resume to continue a run, or choose another --out")
     pretrained = None
     if args.pretrain_steps and not args.resume:  # a resumed run's checkpoint holds the pre-trained weights
         vision, pretrained = pretrain_vision(vision, args)

@@ -73,6 +73,15 @@ def test_a_stopped_run_resumes_bit_exactly_and_refuses_other_settings(tmp_path, 
     assert losses[0] == losses[1]
 
 
+def test_a_used_out_directory_is_refused_before_any_pre_training(tmp_path, base_dir, capsys):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "log.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit) as e:
+        main(_args(base_dir, tmp_path / "used", "--steps", "1"))
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and "exists and is not empty" in captured.err and "pre-train" not in captured.out
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--freeze-tower"], "--freeze-tower with the fresh 'tiny' tower would train nothing"),
     (["--tower", "nowhere"], "unknown vision tower preset 'nowhere'"),
