@@ -342,7 +342,10 @@ def cmd_train_vision(args) -> int:
     held-out ones (and with the images shuffled), printed and written to OUT/vision_eval.json."""
     from moegpt.atomic import write_text_atomic
     from moegpt.checkpoint.model_dir import load
+    from moegpt.parallel.checkpoint import latest
+    from moegpt.parallel.process_group import restart_count
     from moegpt.train.cli import run_training
+    from moegpt.train.trainer import check_fresh_out
     from moegpt.train.vision import vision_inputs
     from moegpt.train.vision_eval import vision_report
 
@@ -357,10 +360,12 @@ def cmd_train_vision(args) -> int:
     vision = dataclasses.replace(vision, settings={**vision.settings, "pretrain_steps": args.pretrain_steps,
                                                    "pretrain_lr": args.pretrain_lr})
     out = Path(args.out)
-    if not args.resume and out.exists() and any(out.iterdir()):  # before minutes of pre-training, not after
-        raise ValueError(f"--out {out} exists and is not empty; pass --resume to continue a run, or choose another --out")
+    restarted = restart_count() > 0  # torchrun restarted the group after a failure
+    if not (args.resume or restarted):
+        check_fresh_out(out)  # before minutes of pre-training, not after
     pretrained = None
-    if args.pretrain_steps and not args.resume:  # a resumed run's checkpoint holds the pre-trained weights
+    resumes = args.resume or (restarted and latest(out / "checkpoints") is not None)  # as run_training decides
+    if args.pretrain_steps and not resumes:  # a resumed run's checkpoint holds the pre-trained weights
         vision, pretrained = pretrain_vision(vision, args)
     trainer, result = run_training(args, out, args.resume, finetune=vision)
     if pretrained is not None and trainer.runtime.is_main:

@@ -80,6 +80,12 @@ def check_resume_compatible(ckpt: dict, model_cfg: ModelConfig, train_cfg: Train
         raise ValueError(f"cannot resume {where}: fine-tuning settings differ ({'; '.join(diffs)})")
 
 
+def check_fresh_out(out: Path) -> None:
+    """A run that starts afresh writes into an empty or new ``out``, never over another run's."""
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} exists and is not empty; pass --resume to continue a run, or choose another --out")
+
+
 class Trainer:
     """Builds everything a run needs, checking inputs and any checkpoint before the costly work.
 
@@ -123,8 +129,8 @@ class Trainer:
             train_state = rt.read_train_state(existing)
             check_resume_compatible(train_state, model_cfg, train_cfg, self.mixture, existing, settings)
             self.resumed_from = existing
-        elif self.out.exists() and any(self.out.iterdir()) and not rt.restarted:
-            raise ValueError(f"--out {self.out} exists and is not empty; pass --resume to continue a run, or choose another --out")
+        elif not rt.restarted:
+            check_fresh_out(self.out)
         rt.barrier()  # every rank has checked the directory before rank 0 writes into it
 
         # Rank 0 trains the tokenizer and tokenizes the sources (both cached); the others then load them.
