@@ -11,8 +11,9 @@ sums differ by more than 15% is dropped; best and median of the rest are reporte
 
 Rows: the decode program with the C++ kernels, and the same program in PyTorch ops (the fallback
 without a compiler; full-precision weights only); with ``--schemes``, also the model's weights
-quantized (moegpt/quant: int8 per channel, int4 in groups of 32), whose bytes are the packed bytes
-and scales as stored; with ``--kv-cache-dtypes``, an 8-bit KV cache too.
+quantized (moegpt/quant: int8 per channel, int4 in groups of 32, the embedding table too), whose
+bytes are the packed bytes and scales as stored (each row also gives the model's stored weight bytes
+over its fp32 bytes); with ``--kv-cache-dtypes``, an 8-bit KV cache too.
 
     python -m bench.decode_paired [--dtypes fp32 bf16] [--batches 1 16] [--repeats 7] [--steps 16]
                                   [--schemes none int8 int4]
@@ -33,7 +34,8 @@ from bench.common import prefilled_engine, write_result
 from moegpt.config import preset
 from moegpt.counts import KV_SCALE_BYTES, kv_cache_bytes_per_token
 from moegpt.model import build_model
-from moegpt.quant.model import quantize_model, stored_tensors, targets
+from moegpt.quant.model import EMBEDDING, quantize_model, stored_tensors, targets
+from moegpt.quant.model import weight_bytes as stored_weight_bytes  # (this module's weight_bytes: a step's)
 from moegpt.quant.scheme import parse_scheme
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -57,10 +59,12 @@ def weight_bytes(model) -> tuple[int, int]:
     expert_stacks = [t for t in targets(model) if ".experts." in t.name]
     expert = nbytes(x for t in expert_stacks for x in stored_tensors(t.module, t.attr))
     expert //= len(expert_stacks) // 3 * model.cfg.n_experts if expert_stacks else 1
-    others = [x for t in targets(model) if ".experts." not in t.name for x in stored_tensors(t.module, t.attr)]
+    # (a lookup reads one row of the embedding table per token: not counted, quantized or not)
+    others = [x for t in targets(model) if ".experts." not in t.name and t.name != EMBEDDING
+              for x in stored_tensors(t.module, t.attr)]
     counted = {id(x) for x in others}  # (a full-precision target is a plain parameter too: count it once)
     plain = [p for n, p in model.named_parameters() if ".parametrizations." not in n and "experts" not in n
-             and n != "embed.weight" and id(p) not in counted]
+             and n != EMBEDDING and id(p) not in counted]
     head = [model.embed.weight] if model.lm_head is None else []  # the table is read as the head if tied
     return nbytes(others + plain + head), expert
 
@@ -92,8 +96,10 @@ def bench(dtype_name: str, batch: int, kernels: bool, repeats: int, steps: int, 
     dtype = DTYPES[dtype_name]
     cfg = preset("small")
     model = build_model(cfg, seed=0, dtype=dtype).eval()
-    if scheme != "none":
-        quantize_model(model, parse_scheme(scheme))
+    fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
+    if scheme != "none":  # as `moegpt quantize --quantize-embedding` (the table's rows cost the same to look up)
+        quantize_model(model, parse_scheme(scheme), embedding=True)
+    stored = stored_weight_bytes(model)
     new = (repeats + 2) * steps + 2
     kv_per_token = (kv_cache_bytes_per_token(cfg, dtype.itemsize) if kv_cache_dtype == "auto"
                     else kv_cache_bytes_per_token(cfg, 1, KV_SCALE_BYTES))
@@ -122,7 +128,7 @@ def bench(dtype_name: str, batch: int, kernels: bool, repeats: int, steps: int, 
     fr = [r["fraction"] for r in kept]
     tps = [r["tokens_per_s"] for r in kept]
     return {"dtype": dtype_name, "weights": scheme, "kv_cache": kv_cache_dtype, "prompt": prompt, "batch": batch, "program": "kernels" if kernels else "pytorch",
-            "bytes_per_step_mean": nbytes / steps, "fraction_best": max(fr), "fraction_median": statistics.median(fr),
+            "weight_bytes_over_fp32": stored / fp32_bytes, "bytes_per_step_mean": nbytes / steps, "fraction_best": max(fr), "fraction_median": statistics.median(fr),
             "tokens_per_s_median": statistics.median(tps), "sum_gb_s_median": statistics.median(
                 [(r["sum_before"] + r["sum_after"]) / 2e9 for r in kept]), "kept": len(kept), "repetitions": reps}
 
@@ -153,7 +159,8 @@ def main() -> None:
         print(f"{weights}{name} batch {batch:>2} {r['program']:>7}: {r['tokens_per_s_median']:7.1f} tok/s, "
               f"{r['fraction_median']:.2f} of the paired 1 GiB sum (best {r['fraction_best']:.2f}; "
               f"sum {r['sum_gb_s_median']:.1f} GB/s, {r['bytes_per_step_mean'] / 1e6:.0f} MB/step, "
-              f"{r['kept']}/{len(r['repetitions'])} kept)", flush=True)
+              f"{r['kept']}/{len(r['repetitions'])} kept; weights {r['weight_bytes_over_fp32']:.3f}x fp32's bytes)",
+              flush=True)
     path = write_result("decode_paired", {"rows": rows})
     print(f"wrote {path}")
 

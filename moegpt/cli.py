@@ -331,7 +331,7 @@ def cmd_quantize(args) -> int:
                                       if args.min_top1_agreement is None else args.min_top1_agreement),
                   eval_sequences=args.eval_sequences, seq_len=args.seq_len)
     report = quantize_directory(args.model, args.out, scheme, gates,
-                                Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+                                Path(args.cache_dir) if args.cache_dir else default_cache_dir(), args.quantize_embedding)
     print(describe(report))
     print(f"quantized model directory: {args.out}  (try: moegpt generate --model {args.out} --prompt ...)")
     return 0
@@ -471,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: one scale per output channel; int4: one per group of --group-size inputs; fp8: e4m3 "
                         "weights per channel, activations quantized per token at run time (for GPUs' fp8 matmuls)")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None, help="int4 default 32")
+    p.add_argument("--quantize-embedding", action="store_true",
+                   help="the token embedding table too, with the same scheme (int8 / int4; untied models): a lookup "
+                        "dequantizes the rows it reads. transformers and recent vLLM load it; older loaders expect "
+                        "a full-precision table")
     p.add_argument("--max-perplexity-increase", type=float, default=None, metavar="PCT",
                    help="refuse past this perplexity increase on the validation split, in percent "
                         "(default 1 for int8, 5 for int4)")

@@ -72,14 +72,15 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     a vision part loads as a VisionMoEGPT, unless ``text_only`` (text-only rows compute the same)."""
     from moegpt.checkpoint.vision_dir import attach_vision, has_vision
 
-    from moegpt.checkpoint.quantized import attach_quantized, split_quantized
+    from moegpt.checkpoint.quantized import attach_quantized, quantizes_embedding, split_quantized
 
     directory = Path(directory)
     cfg, scheme, tokenizer = read_directory(directory)
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"{directory}: tokenizer vocab ({tokenizer.vocab_size}) exceeds model vocab_size ({cfg.vocab_size})")
     tensors = read_safetensors(directory)
-    quantized = {} if scheme is None else split_quantized(tensors, cfg, scheme, str(directory))
+    quantized = {} if scheme is None else split_quantized(
+        tensors, cfg, scheme, str(directory), quantizes_embedding(read_hf_config(directory)["quantization_config"]))
     state = from_hf_state_dict(tensors, cfg)
     with torch.device("meta"):
         model = MoEGPT(cfg)

@@ -170,7 +170,7 @@ def load_part(directory: str | Path, keep: Keep, device: str | torch.device = "c
     files = _Files(directory)
     with torch.device("meta"):
         model = MoEGPT(cfg)
-    quantized = {t.name: t for t in targets(model)} if scheme is not None else {}
+    quantized = {t.name: t for t in targets(model, embedding=True)} if scheme is not None else {}
     for name, p in list(model.named_parameters()):
         part = keep(name)
         if part is None:

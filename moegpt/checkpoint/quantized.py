@@ -32,7 +32,7 @@ from moegpt.checkpoint.hf import EXPERT_NAMES, NAME_MAP
 from moegpt.config import ModelConfig
 from moegpt.model import MoEGPT
 from moegpt.quant.fp8 import E4M3
-from moegpt.quant.model import attach, is_quantized, model_scheme, row_packed, stored, targets
+from moegpt.quant.model import EMBEDDING, attach, is_quantized, model_scheme, row_packed, stored, targets
 from moegpt.quant.scheme import QuantScheme
 
 FORMAT = "pack-quantized"
@@ -44,8 +44,9 @@ _LAYER = re.compile(r"^layers\.(\d+)\.")
 _EXPERT = re.compile(r"experts\.\d+\.")
 
 
-def quantization_config(scheme: QuantScheme, head_quantized: bool) -> dict:
-    """config.json's quantization_config for ``scheme``."""
+def quantization_config(scheme: QuantScheme, head_quantized: bool, embedding_quantized: bool = False) -> dict:
+    """config.json's quantization_config for ``scheme``; a quantized embedding table is targeted by its
+    class name, ``Embedding`` (as llm-compressor's embedding recipe writes it)."""
     weights = {"num_bits": scheme.bits, "type": "float" if scheme.float8 else "int", "symmetric": True,
                "strategy": "channel" if scheme.group_size is None else "group", "group_size": scheme.group_size,
                "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None}
@@ -55,7 +56,8 @@ def quantization_config(scheme: QuantScheme, head_quantized: bool) -> dict:
     fmt = FLOAT_FORMAT if scheme.float8 else FORMAT
     return {
         "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
+        "config_groups": {"group_0": {"targets": ["Linear"] + (["Embedding"] if embedding_quantized else []),
+                                      "weights": weights, "input_activations": activations,
                                       "output_activations": None, "format": fmt}},
         "ignore": list(ROUTER_IGNORE) + ([] if head_quantized else ["lm_head"]),
         "kv_cache_scheme": None, "sparsity_config": {},
@@ -149,17 +151,21 @@ def hf_quantized_tensors(model: MoEGPT) -> dict[str, torch.Tensor]:
     return out
 
 
-def split_quantized(tensors: dict[str, torch.Tensor], cfg: ModelConfig, scheme: QuantScheme, where: str
-                    ) -> dict[str, Stored]:
+def split_quantized(tensors: dict[str, torch.Tensor], cfg: ModelConfig, scheme: QuantScheme, where: str,
+                    embedding: bool = False) -> dict[str, Stored]:
     """Take every ``X.weight_*`` trio out of ``tensors`` (checked against ``cfg`` and ``scheme``) and put
     a meta ``X.weight`` of its shape in its place, so the name mapping runs as for a full-precision
-    directory; returns {X: Stored}."""
+    directory; returns {X: Stored}. ``embedding``: whether the config quantizes the embedding table
+    (its tensors must then be there, and must not be otherwise)."""
     with torch.device("meta"):
         expected = {}
         for name, p in MoEGPT(cfg).state_dict().items():
             for e, base in enumerate(hf_bases(name, cfg.n_experts)):
                 expected[base] = tuple(p.shape[1:] if p.dim() == 3 else p.shape)
     if scheme.float8:
+        if embedding:
+            raise ValueError(f"{where}: an fp8 quantization_config targeting Embedding is not supported "
+                             "(fp8 is for matmuls; int8 or int4 tables are)")
         return _split_float8(tensors, expected, where)
     bases = sorted({k.rsplit(".", 1)[0] for k in tensors if k.rsplit(".", 1)[-1] in SUFFIXES})
     found: dict[str, Stored] = {}
@@ -186,6 +192,12 @@ def split_quantized(tensors: dict[str, torch.Tensor], cfg: ModelConfig, scheme: 
         found[base] = Stored(packed=packed.view(torch.uint8)[:, :I * scheme.bits // 8], scale=scale.float())
         tensors[f"{base}.weight"] = torch.empty(O, I, device="meta")
     _check_whole_stacks(found, expected, "weight_packed", where)
+    table = hf_bases(EMBEDDING, cfg.n_experts)[0]
+    if embedding and table not in found:
+        raise ValueError(f"{where}: the quantization_config targets Embedding but {table}.weight_packed is missing")
+    if not embedding and table in found:
+        raise ValueError(f"{where}: unexpected quantized tensor {table}.weight_packed (the quantization_config's "
+                         "targets do not name Embedding)")
     return found
 
 
@@ -227,7 +239,7 @@ def _split_float8(tensors: dict[str, torch.Tensor], expected: dict, where: str) 
 def attach_quantized(model: MoEGPT, found: dict[str, Stored], scheme: QuantScheme, dtype: torch.dtype) -> None:
     """Give each target weight stored quantized in ``found`` its packed bytes and scales (experts
     stacked); a stack must be quantized for every expert or none."""
-    for t in targets(model):
+    for t in targets(model, embedding=True):
         bases = hf_bases(t.name, model.cfg.n_experts)
         have = [b for b in bases if b in found]
         if not have:
@@ -246,4 +258,12 @@ def quantized_config(model: MoEGPT) -> dict | None:
     if scheme is None:
         return None
     head = getattr(model, "lm_head", None)
-    return quantization_config(scheme, head is not None and is_quantized(head, "weight"))
+    return quantization_config(scheme, head is not None and is_quantized(head, "weight"),
+                               is_quantized(model.embed, "weight"))
+
+
+def quantizes_embedding(qc: dict) -> bool:
+    """Whether a (parsed) quantization_config's group targets the embedding table."""
+    (group,) = qc["config_groups"].values()
+    targets = group.get("targets") or []
+    return "Embedding" in targets or any(t.startswith("re:") and "embed_tokens" in t for t in targets)

@@ -105,6 +105,23 @@ class Matrix:
         return torch.mm(x, self.w_t)
 
 
+class Table:
+    """The embedding table the program looks tokens up in: tokens (B,) -> rows (B, D). Quantized
+    (packed (V, P) bytes and fp32 scales (V, G), in rows): only the rows looked up are dequantized."""
+
+    __slots__ = ("w", "scale", "bits", "dtype")
+
+    def __init__(self, w: torch.Tensor, scale: torch.Tensor | None = None, bits: int = 0,
+                 dtype: torch.dtype | None = None):
+        self.w, self.scale, self.bits, self.dtype = w, scale, bits, dtype
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        found = self.w.index_select(0, tokens)
+        if self.scale is None:
+            return found
+        return dequantize(found, self.scale.index_select(0, tokens), self.bits, self.dtype)
+
+
 KERNEL_ASSIGNMENTS = 8  # the C++ layer for up to this many assignments per expert on average (B*K / E):
 # measured at batch 64 of small (8 per expert): 199 ms a step vs 292 in PyTorch ops
 MAX_QUERY_TOKENS = 8  # a sequence's tokens in one decode-program step (a token and its draft tokens)
@@ -130,7 +147,7 @@ class LayerWeights:
 @dataclass(frozen=True, kw_only=True)
 class DecodeWeights:
     cfg: ModelConfig
-    embed: torch.Tensor | None  # (V, D); None on a pipeline stage after the first
+    embed: Table | None  # (V, D); None on a pipeline stage after the first
     layers: tuple[LayerWeights, ...]
     norm: torch.Tensor  # (D,)
     head: Matrix | None  # (V, D); None on a pipeline stage before the last
@@ -144,10 +161,15 @@ def decode_weights(model: MoEGPT) -> DecodeWeights:
     lay_out_for_decoding(model)
     cfg = model.cfg
     bits = scheme.bits if (scheme := model_scheme(model)) is not None else 0
+    dtype, device = model.norm.weight.dtype, model.norm.weight.device
 
     def matrix(*linears: nn.Linear) -> Matrix:  # one matrix (fused rows where several)
         parts = [fused_view(list(t), 0) for t in zip(*(stored_tensors(m, "weight") for m in linears))]
         return Matrix(parts[0], None if len(parts) == 1 else parts[1], bits if len(parts) == 2 else 0)
+
+    def table(embedding: nn.Embedding) -> Table:
+        w, *scale = stored_tensors(embedding, "weight")
+        return Table(w, scale[0], bits, dtype) if scale else Table(w)
 
     layers = []
     for block in model.layers:
@@ -164,16 +186,15 @@ def decode_weights(model: MoEGPT) -> DecodeWeights:
                                     device=w_in.device),
             w_in_scale=in_scale[0] if in_scale else None, w_down_scale=down_scale[0] if down_scale else None,
             bits=bits if in_scale else 0))
-    dtype, device = model.norm.weight.dtype, model.norm.weight.device
     # every position a sequence can reach; a dynamic scaling is fixed at max_seq_len (model/rope.py)
     cos, sin = rope_cos_sin(torch.arange(cfg.max_seq_len, device=device), cfg.head_dim, cfg.rope_theta,
                             cfg.rope_scaling, seq_len=cfg.max_seq_len)
     half = cfg.head_dim // 2
     sin[:, :half].neg_()  # the rotation's sign folded into the table: rope is x*cos + roll(x)*sin
     # a pipeline stage may hold neither the embedding (not the first) nor the head (not the last)
-    embed = model.embed.weight if model.embed is not None else None
+    embed = table(model.embed) if model.embed is not None else None
     head = (matrix(model.lm_head) if model.lm_head is not None
-            else Matrix(embed) if embed is not None else None)
+            else matrix(model.embed) if model.embed is not None else None)
     return DecodeWeights(cfg=cfg, embed=embed, layers=tuple(layers), norm=model.norm.weight,
                          head=head, rope_cos=cos.to(dtype), rope_sin=sin.to(dtype))
 
@@ -330,7 +351,7 @@ def decode_step(w: DecodeWeights, tokens: torch.Tensor, positions: torch.Tensor,
     Dh) -> logits (L, V) of ``logit_rows`` (L,) (None: every row) and the tokens routed to each
     expert (Lm, E) (None without MoE layers). ``before_layer(i, x)``: what runs on the rows before
     decoder layer i (a vision model's gated cross-attention)."""
-    x = w.embed.index_select(0, tokens)  # (B, D)
+    x = w.embed(tokens)  # (B, D)
     x, counts = decode_layers(w, x, positions, k_cache, v_cache, meta, before_layer)
     return decode_logits(w, x, logit_rows, fused=kernel_layers_apply(w, x, k_cache)), counts
 

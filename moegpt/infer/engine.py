@@ -42,7 +42,7 @@ from moegpt.infer.sampling_params import SamplingParams
 from moegpt.infer.scheduler import Batch, Scheduler, SchedulerConfig
 from moegpt.infer.sequence import FinishReason, Sequence
 from moegpt.infer.speculative import Proposal, SpeculativeConfig, SpeculativeMethod, verify, verify_greedy
-from moegpt.model import MoEGPT
+from moegpt.model import MoEGPT, compute_weight
 from moegpt.model.vision.vision_model import VisionMoEGPT
 
 
@@ -122,7 +122,7 @@ def _generator(seed: int | None, index: int, device: torch.device) -> torch.Gene
 
 def kv_bytes_per_block(model: MoEGPT, block_size: int, kv_dtype: str) -> int:
     if kv_dtype == "auto":
-        return kv_cache_bytes_per_token(model.cfg, next(model.parameters()).dtype.itemsize) * block_size
+        return kv_cache_bytes_per_token(model.cfg, compute_weight(model).dtype.itemsize) * block_size
     return kv_cache_bytes_per_token(model.cfg, kv_storage(kv_dtype).itemsize, KV_SCALE_BYTES) * block_size
 
 
@@ -166,7 +166,7 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of {per_block} bytes")
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching, self.draft is not None)
-        param = next(model.parameters())
+        param = compute_weight(model)
         self.cache = PagedKVCache(model.cfg, num_blocks, config.block_size, param.dtype, param.device,
                                   config.kv_cache_dtype)
         sched = config.scheduler
@@ -180,7 +180,7 @@ class LLMEngine:
                        else shards.runner(model, self.cache, images))
         self.drafter = None
         if self.draft is not None:
-            dparam = next(self.draft.parameters())
+            dparam = compute_weight(self.draft)
             self.drafter = DraftModelProposer(ModelRunner(self.draft, PagedKVCache(
                 self.draft.cfg, num_blocks, config.block_size, dparam.dtype, dparam.device, config.kv_cache_dtype)))
         self.max_len = min(model.cfg.max_seq_len, self.draft.cfg.max_seq_len if self.draft else model.cfg.max_seq_len)

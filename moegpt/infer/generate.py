@@ -12,7 +12,7 @@ import torch
 from moegpt.infer.kv_cache import KVCache
 from moegpt.infer.sampling import sample
 from moegpt.infer.sampling_params import SamplingParams
-from moegpt.model import MoEGPT
+from moegpt.model import MoEGPT, compute_weight
 
 
 @torch.no_grad()
@@ -27,7 +27,7 @@ def generate_tokens(model: MoEGPT, prompt: torch.Tensor, max_new_tokens: int, pa
     max_len = T + max_new_tokens
     if max_len > model.cfg.max_seq_len:
         raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len ({model.cfg.max_seq_len})")
-    dtype = next(model.parameters()).dtype
+    dtype = compute_weight(model).dtype
     cache = KVCache(model.cfg, B, max_len, device=prompt.device, dtype=dtype)
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     tokens, positions = prompt, torch.arange(T, device=prompt.device)

@@ -34,7 +34,7 @@ from torch import nn
 import moegpt.kernels as kernels
 from moegpt.model.attention import Attention
 from moegpt.model.experts import Experts
-from moegpt.quant.model import has_weight, is_quantized, stored, stored_tensors, targets
+from moegpt.quant.model import EMBEDDING, Target, has_weight, is_quantized, stored, stored_tensors, targets
 from moegpt.quant.scheme import TILE, in_features, int8_activations, tile, tile_scales
 
 
@@ -53,7 +53,7 @@ def store_in_by_out(w: torch.Tensor) -> torch.Tensor:
 def matmul_weights(model: nn.Module) -> list[nn.Parameter]:
     """The weights the model multiplies activations by: nn.Linear weights and expert stacks, but not
     an embedding table (a lookup reads rows), even where a linear layer shares it (a tied head)."""
-    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and not is_quantized(m, "weight")}
     weights = []
     for module in model.modules():  # (a quantized weight is bytes the kernels read as stored)
         if isinstance(module, nn.Linear) and not is_quantized(module, "weight"):
@@ -116,10 +116,16 @@ def fuse(params: list[nn.Parameter], dim: int) -> torch.Tensor:
     return whole
 
 
+def products(model: nn.Module) -> list[Target]:
+    """The quantization targets the model multiplies by: all but an embedding table (a lookup reads
+    its rows as stored)."""
+    return [t for t in targets(model) if t.name != EMBEDDING]
+
+
 def tiles_apply(model: nn.Module) -> bool:
     """Whether the model's quantized weights go in the C++ kernels' tiles (quant/scheme.py: tile): on
     a CPU with the kernels, when every quantized weight has whole tiles of rows and int8 activations."""
-    quantized = [stored(t.module, t.attr) for t in targets(model) if is_quantized(t.module, t.attr)]
+    quantized = [stored(t.module, t.attr) for t in products(model) if is_quantized(t.module, t.attr)]
     if not quantized or quantized[0][0].device.type != "cpu" or not kernels.available():
         return False
     if any(p.dtype != torch.uint8 for p, _ in quantized):  # fp8 weights: scaled matmuls, not the integer kernels
@@ -132,7 +138,7 @@ def tiles_apply(model: nn.Module) -> bool:
 def tile_quantized(model: nn.Module) -> None:
     """Each quantized weight's packed bytes and scales into tiles, in place (before fusing: the tiles of
     q|k|v or gate|up then fuse along the same dims as their rows)."""
-    for t in targets(model):
+    for t in products(model):
         if is_quantized(t.module, t.attr):
             packed, dq = stored(t.module, t.attr)
             if dq.scale.dim() == packed.dim():

@@ -47,9 +47,10 @@ class QualityGateFailed(ValueError):
 
 
 def quantize_directory(model_dir: str | Path, out: str | Path, scheme: QuantScheme, gates: Gates,
-                       cache_dir: str | Path) -> dict:
-    """Quantize ``model_dir`` into ``out`` if it passes ``gates``; returns the report (also written as
-    OUT/quantize.json). Raises ValueError (QualityGateFailed for a missed gate) before writing."""
+                       cache_dir: str | Path, embedding: bool = False) -> dict:
+    """Quantize ``model_dir`` into ``out`` if it passes ``gates``, the embedding table too with
+    ``embedding``; returns the report (also written as OUT/quantize.json). Raises ValueError
+    (QualityGateFailed for a missed gate) before writing."""
     model_dir, out = Path(model_dir), Path(out)
     if "quantization_config" in read_hf_config(model_dir):
         raise ValueError(f"{model_dir} is quantized already")
@@ -64,7 +65,7 @@ def quantize_directory(model_dir: str | Path, out: str | Path, scheme: QuantSche
         raise ValueError(f"{model_dir} has no tokenizer: the quality gates read the validation split with it")
     quantized = copy.deepcopy(reference)
     full_bytes = weight_bytes(reference)
-    quantize_model(quantized, scheme)  # raises naming a weight whose inputs a group size does not divide
+    quantize_model(quantized, scheme, embedding)  # raises naming a weight whose inputs a group size does not divide
     seq_len = min(gates.seq_len, reference.cfg.max_seq_len)
     data = build_mixture(default_mixture(), tokenizer, seq_len, cache_dir)
     blocks = list(data.val_batches(8, max_sequences=gates.eval_sequences))
@@ -72,7 +73,8 @@ def quantize_directory(model_dir: str | Path, out: str | Path, scheme: QuantSche
     # what generation gets: the decode program, with its int8 activations (quant/scheme.py)
     quality = compare(lambda x: reference(x).logits, lambda x: torch.stack(list(decoded_logits(quantized, x)), 1),
                       blocks)
-    report = {"scheme": scheme.name, "format": "compressed-tensors pack-quantized", **asdict(quality),
+    report = {"scheme": scheme.name, "format": "compressed-tensors pack-quantized", "embedding_quantized": embedding,
+              **asdict(quality),
               "perplexity_increase": quality.perplexity_increase, "forward_perplexity": forward.perplexity,
               "forward_top1_agreement": forward.top1_agreement, "weight_bytes": weight_bytes(quantized),
               "full_precision_weight_bytes": full_bytes, "gates": asdict(gates)}
@@ -91,5 +93,6 @@ def describe(report: dict) -> str:
             f"({q.perplexity_increase:+.2%}), top-1 agreement {q.top1_agreement:.2%} over {q.tokens} validation "
             f"tokens, decoding as generation does (the forward, activations unquantized: "
             f"{report['forward_perplexity']:.3f}, {report['forward_top1_agreement']:.2%}); weights {report['full_precision_weight_bytes'] / 1e6:.1f} MB -> "
-            f"{report['weight_bytes'] / 1e6:.1f} MB ({report['weight_bytes'] / report['full_precision_weight_bytes']:.3f}x)")
+            f"{report['weight_bytes'] / 1e6:.1f} MB ({report['weight_bytes'] / report['full_precision_weight_bytes']:.3f}x"
+            f"{', the embedding table included' if report.get('embedding_quantized') else ''})")
 

@@ -172,7 +172,7 @@ class ModelRunner:
         if images is not None:  # each decoder layer's gated block on the rows, as one row of tokens
             before_layer = lambda i, x: self.model.cross_attend(i, x[None], images)[0]  # noqa: E731
         w, k, v = self.weights, self.cache.k, self.cache.v
-        x = w.embed.index_select(0, tokens) if self.first else hidden  # (N, D)
+        x = w.embed(tokens) if self.first else hidden  # (N, D)
         x, counts = decode_layers(w, x, positions, k, v, meta, before_layer, self.comm)
         if not self.last:
             return StepOutput(logits=None, expert_counts=counts, hidden=x)

@@ -133,6 +133,13 @@ class MoEGPT(nn.Module):
             p.copy_(torch.randn(p.shape, generator=g) * s)
 
 
+def compute_weight(model: nn.Module) -> torch.Tensor:
+    """A full-precision parameter in the dtype and on the device ``model`` computes in: its final
+    norm's scale (a quantized model's first parameter may be packed bytes). A model holding a text
+    model as ``text`` (vision) answers with that one's."""
+    return getattr(model, "text", model).norm.weight
+
+
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0,
                 dtype: torch.dtype = torch.float32) -> MoEGPT:
     """Build on the meta device, then materialise on ``device`` and initialise (meta stays empty)."""

@@ -6,7 +6,9 @@ themselves.
 
 What is quantized (as gpt-fast's MoE quantizer and llm-compressor's Mixtral recipes do): the
 attention projections, every expert's matrices (each expert with its own scales) and an untied LM
-head. The router, the norms and the embedding table stay in full precision.
+head. The router and the norms stay in full precision; the embedding table too, unless asked for
+(llm-compressor's embedding recipe, llama.cpp's default): a lookup then dequantizes only the rows
+it reads.
 
 Legend: E experts, O out features, G groups per row, P packed bytes per row.
 """
@@ -68,9 +70,16 @@ class Target:
     attr: str
 
 
-def targets(model: nn.Module) -> list[Target]:
-    """The weights ``quantize_model`` quantizes, in state-dict order."""
+EMBEDDING = "embed.weight"  # the token embedding table's name
+
+
+def targets(model: nn.Module, embedding: bool = False) -> list[Target]:
+    """The weights ``quantize_model`` quantizes, in state-dict order; the embedding table where it is
+    quantized, or with ``embedding`` whether or not."""
     found = []
+    table = getattr(model, "embed", None)
+    if isinstance(table, nn.Embedding) and (embedding or is_quantized(table, "weight")):
+        found.append(Target(EMBEDDING, table, "weight"))
     for prefix, module in model.named_modules():
         dot = f"{prefix}." if prefix else ""
         if isinstance(module, Attention):
@@ -124,6 +133,15 @@ def attach(module: nn.Module, attr: str, packed: torch.Tensor, scale: torch.Tens
     parametrize.register_parametrization(module, attr, Dequantized(scale, scheme, dtype), unsafe=True)
     if isinstance(module, Experts):
         module.forward = types.MethodType(expert_by_expert, module)  # (bound: a deepcopy binds the copy)
+    elif isinstance(module, nn.Embedding):
+        module.forward = types.MethodType(quantized_lookup, module)
+
+
+def quantized_lookup(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """A quantized embedding table's forward, ids (...) -> rows (..., D): only the rows looked up are
+    dequantized (the whole table would be the model's largest tensor, in full precision, per call)."""
+    packed, dq = stored(table, "weight")
+    return dequantize(packed[ids], dq.scale[ids], dq.scheme.bits, dq.dtype)
 
 
 def expert_weight(experts: Experts, name: str, e: int) -> torch.Tensor:
@@ -149,10 +167,16 @@ def expert_by_expert(experts: Experts, x: torch.Tensor, counts: torch.Tensor) ->
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, scheme: QuantScheme) -> nn.Module:
+def quantize_model(model: nn.Module, scheme: QuantScheme, embedding: bool = False) -> nn.Module:
     """Quantize every target weight of ``model`` in place (scales in the weight's own dtype, as a
-    directory stores them); returns the model."""
-    for t in targets(model):
+    directory stores them), the embedding table too with ``embedding``; returns the model."""
+    if embedding:
+        if scheme.float8:
+            raise ValueError("fp8 is for matmuls (GPUs' scaled products); quantize the embedding table as int8 or int4")
+        if getattr(model, "lm_head", True) is None:
+            raise ValueError("the model ties its LM head to the embedding table; quantizing the table is for "
+                             "untied models")
+    for t in targets(model, embedding):
         w = getattr(t.module, t.attr)
         packed, scale = quantize(w, scheme)
         attach(t.module, t.attr, packed, scale, scheme, w.dtype)

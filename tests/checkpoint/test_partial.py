@@ -101,6 +101,15 @@ def test_a_quantized_directory_gives_each_part_its_packed_bytes_and_scales(tmp_p
     assert part.layers[0].attn.wq.weight.is_meta  # not asked for: never read
 
 
+def test_a_quantized_embedding_table_is_read_packed_by_the_rank_that_holds_it(tmp_path):
+    save(quantize_model(build_model(QCFG, seed=3), parse_scheme("int4", 32), embedding=True), None, tmp_path)
+    full = load(tmp_path).model
+    part = load_part(tmp_path, lambda name: () if name == "embed.weight" else None).model
+    assert is_quantized(part.embed, "weight") and torch.equal(part.embed.weight, full.embed.weight)
+    ids = torch.tensor([0, 5, 5, 63])
+    assert torch.equal(part.embed(ids), full.embed(ids))
+
+
 def test_a_quantized_part_off_its_groups_or_missing_its_scale_is_named(tmp_path):
     save(quantize_model(build_model(QCFG, seed=3), parse_scheme("int4", 32)), None, tmp_path)
     with pytest.raises(ValueError, match="o_proj: columns 16:48 of 64 do not fall on whole int4-g32 words and groups"):

@@ -11,15 +11,15 @@ from safetensors.torch import load_file, save_file
 from moegpt.checkpoint.model_dir import load, save
 from moegpt.config import preset
 from moegpt.model import build_model
-from moegpt.quant.model import model_scheme, quantize_model
+from moegpt.quant.model import is_quantized, model_scheme, quantize_model
 from moegpt.quant.scheme import QuantScheme, dequantize
 
 SCHEMES = [QuantScheme(bits=8), QuantScheme(bits=4, group_size=32)]
 
 
-def _quantized_dir(path, scheme, dtype=torch.float32):
+def _quantized_dir(path, scheme, dtype=torch.float32, embedding=False):
     model = build_model(preset("tiny").replace(vocab_size=256, n_layers=2, n_experts=4), seed=5, dtype=dtype).eval()
-    quantize_model(model, scheme)
+    quantize_model(model, scheme, embedding)
     save(model, None, path)
     return model
 
@@ -42,6 +42,21 @@ def test_round_trip_gives_the_same_model(tmp_path, scheme, dtype):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+def test_a_quantized_embedding_table_round_trips_under_the_embedding_target(tmp_path, scheme):
+    model = _quantized_dir(tmp_path, scheme, embedding=True)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["targets"] == ["Linear", "Embedding"]
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert "model.embed_tokens.weight" not in tensors
+    assert tensors["model.embed_tokens.weight_packed"].shape == (256, 128 * scheme.bits // 32)
+    loaded, _ = load(tmp_path)
+    assert is_quantized(loaded.embed, "weight")
+    x = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded(x).logits)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
 def test_the_compressed_tensors_library_reads_our_config_and_weights(tmp_path, scheme):
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig
@@ -56,14 +71,23 @@ def test_the_compressed_tensors_library_reads_our_config_and_weights(tmp_path, s
     experts = model.layers[0].ffn.experts
     packed, dq = experts.parametrizations.w_gate.original, experts.parametrizations.w_gate[0]
     assert torch.equal(theirs["weight"], dequantize(packed[2], dq.scale[2], scheme.bits))
+    _quantized_dir(tmp_path, scheme, embedding=True)  # and an embedding table
+    tensors = load_file(tmp_path / "model.safetensors")
+    theirs = PackedQuantizationCompressor.decompress({s: tensors[f"model.embed_tokens.{s}"] for s in
+                                                      ("weight_packed", "weight_scale", "weight_shape")}, group)
+    assert torch.equal(theirs["weight"], load(tmp_path)[0].embed.weight)
 
 
 @pytest.mark.slow
-def test_transformers_loads_the_directory_and_gives_our_logits(tmp_path):
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("embedding", [False, True])
+def test_transformers_loads_the_directory_and_gives_our_logits(tmp_path, embedding):
+    """A quantized embedding table loads with ``CompressedTensorsConfig(dequantize=True)``: transformers
+    5.24's default path initialises an Embedding's ``weight``, which compressed-tensors replaced."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    model = _quantized_dir(tmp_path, QuantScheme(bits=4, group_size=32))
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = _quantized_dir(tmp_path, QuantScheme(bits=4, group_size=32), embedding=embedding)
+    options = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if embedding else {}
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, **options).eval()
     x = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
@@ -98,6 +122,22 @@ def test_a_broken_quantized_directory_fails_at_load_naming_the_tensor(tmp_path, 
     _quantized_dir(tmp_path, QuantScheme(bits=4, group_size=32))
     _rewrite(tmp_path, edit)
     with pytest.raises(ValueError, match=message):
+        load(tmp_path)
+
+
+def test_an_embedding_table_at_odds_with_the_config_fails_at_load_naming_it(tmp_path):
+    _quantized_dir(tmp_path, QuantScheme(bits=8), embedding=True)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["targets"] = ["Linear"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unexpected quantized tensor model.embed_tokens.weight_packed"):
+        load(tmp_path)
+    _quantized_dir(tmp_path, QuantScheme(bits=8))  # a full-precision table under a config that targets it
+    config = json.loads(path.read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["targets"] = ["Linear", "Embedding"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="targets Embedding but model.embed_tokens.weight_packed is missing"):
         load(tmp_path)
 
 

@@ -64,7 +64,7 @@ def test_the_fused_layer_on_an_8bit_cache_is_the_pytorch_program(kind, batch, mo
     k, v = _quantized_caches(k, KV_DTYPES[kind]), _quantized_caches(v, KV_DTYPES[kind])
     k2, v2 = _quantized_caches([c.index_select(0, torch.arange(c.shape[0])) for c in k], KV_DTYPES[kind]), \
         _quantized_caches([c.index_select(0, torch.arange(c.shape[0])) for c in v], KV_DTYPES[kind])
-    assert kernel_layers_apply(w, w.embed[tokens], k)
+    assert kernel_layers_apply(w, w.embed(tokens), k)
     got, _ = decode_step(w, tokens, positions, k, v, meta)
     with monkeypatch.context() as m:
         m.setattr(decode, "kernel_layers_apply", lambda *a: False)

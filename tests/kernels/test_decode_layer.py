@@ -51,7 +51,7 @@ def _step(model, lens, block_size, seed=0):
 
 def _both(model, lens, block_size, monkeypatch):
     w, tokens, positions, k, v, meta = _step(model, lens, block_size)
-    assert kernel_layers_apply(w, w.embed[tokens], k)
+    assert kernel_layers_apply(w, w.embed(tokens), k)
     k2, v2 = [t.clone() for t in k], [t.clone() for t in v]
     fused = decode_step(w, tokens, positions, k, v, meta)
     with monkeypatch.context() as m:
@@ -107,7 +107,7 @@ def test_bad_metadata_is_an_error_naming_the_value():
     model = _model(torch.float32)
     w, tokens, positions, k, v, meta = _step(model, [10], 4)
     lw = w.layers[0]
-    args = lambda pos, tables: (w.embed[tokens], lw.attn_norm, lw.wqkv.w, lw.wo.w, lw.ffn_norm, lw.router.w, lw.w_in,
+    args = lambda pos, tables: (w.embed(tokens), lw.attn_norm, lw.wqkv.w, lw.wo.w, lw.ffn_norm, lw.router.w, lw.w_in,
                                 lw.w_down, k[0], v[0], w.rope_cos, w.rope_sin, pos, tables, 4, 4, 2, True, 1e-5,
                                 None, 0, 6, 8)
     with pytest.raises(RuntimeError, match="position 300 of sequence 0"):
@@ -150,7 +150,7 @@ def test_the_layer_in_two_parts_is_the_whole_layer_bitwise(dtype, shape):
     between them) equals the whole layer when the sums are over one rank."""
     model = _model(dtype, **SHAPES[shape])
     w, tokens, positions, k, v, meta = _step(model, [5, 40, 17], block_size=4)
-    x = w.embed[tokens]
+    x = w.embed(tokens)
     k2, v2 = [t.clone() for t in k], [t.clone() for t in v]
     whole, counts = decode.decode_layers(w, x, positions, k, v, meta)
     parts, part_counts = decode.decode_layers(w, x, positions, k2, v2, meta, comm=_OneRank())
@@ -167,7 +167,7 @@ def test_the_ffn_part_over_split_experts_sums_to_all_experts_bitwise(dtype):
 
     model = _model(dtype)
     w, tokens, positions, k, v, meta = _step(model, [5, 40, 17, 3], block_size=4)
-    x, lw = w.embed[tokens], w.layers[0]
+    x, lw = w.embed(tokens), w.layers[0]
     E = lw.w_in.shape[0]
     whole = decode.layer_with_kernel(x, w, lw, k[0], v[0], positions, meta, None, 0, decode.FFN_PART)
     parts = []

@@ -71,7 +71,7 @@ def test_the_fused_layer_with_quantized_weights_is_the_pytorch_program(scheme, d
     lens = torch.randint(1, 200, (batch,), generator=g).tolist()
     w, tokens, positions, k, v, meta = _step(model, lens, 8)
     assert w.layers[0].bits == scheme.bits and w.head.scale is not None
-    assert kernel_layers_apply(w, w.embed[tokens], k)
+    assert kernel_layers_apply(w, w.embed(tokens), k)
     k2, v2 = [t.clone() for t in k], [t.clone() for t in v]
     logits, counts = decode_step(w, tokens, positions, k, v, meta)
     with monkeypatch.context() as m:
