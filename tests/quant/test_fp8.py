@@ -75,6 +75,34 @@ def test_an_fp8_tensor_without_its_scale_fails_at_load_naming_it(tmp_path):
         load(tmp_path)
 
 
+@pytest.mark.slow
+def test_transformers_reads_our_fp8_directory_as_its_dynamic_activation_scheme(tmp_path):
+    """transformers 5.24 on CPU computes an fp8 directory with our weights, each Linear's input
+    quantized per token to e4m3 on the fly (compressed-tensors' fake quantization: the attention
+    projections and the LM head) but the experts' inputs not (transformers fuses Mixtral's experts
+    into 3-D parameters, which that wrapping does not reach): our model with exactly that, to 1e-5.
+    (The decode program quantizes the experts' inputs too, as vLLM's fp8 MoE does.)"""
+    import types
+
+    from transformers import AutoModelForCausalLM
+
+    from moegpt.quant.fp8 import fp8_activation_values
+
+    model = _fp8_dir(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+
+    def per_token(x):  # (..., I) -> its e4m3 values per row, times their scales
+        return fp8_activation_values(x.reshape(-1, x.shape[-1])).view_as(x)
+
+    for block in model.layers:
+        for linear in (block.attn.wq, block.attn.wk, block.attn.wv, block.attn.wo):
+            linear.register_forward_pre_hook(lambda _, args: (per_token(args[0]),))
+    model.head = types.MethodType(lambda self, h: per_token(h) @ self.lm_head.weight.t(), model)
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_an_fp8_model_decodes_close_to_its_forward_and_serves():
     """Teacher-forced through the decode program (fp8 scaled matmuls, activations quantized per token),
     an fp8 model's logits follow its forward's (dequantized weights, activations unquantized) up to
