@@ -25,6 +25,7 @@ from moegpt.vision_config import VisionConfig
 TOWER_DIR = "vision_tower"
 CONFIG_FILE = "vision_config.json"
 ADAPTER_FILE = "vision_adapter.safetensors"
+IO_FILE = "vision_io.json"  # the training data's measured I/O per token (the planner reads it)
 
 
 def has_vision(directory: Path) -> bool:
@@ -38,6 +39,32 @@ def read_vision_config(directory: Path) -> VisionConfig:
         return VisionConfig.from_dict(d)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def write_vision_io(directory: Path, measured: dict[str, float]) -> None:
+    """What a vision training run measured of its data's I/O per training token (VisionData.
+    bytes_per_token), with the planner's two figures: the bundled text's bytes per token and the
+    image sources' raw pixel bytes per token (their mean), the article's ~600 vs ~4."""
+    pixels = [v for k, v in measured.items() if k.endswith("_pixel_bytes_per_token")]
+    summary = {"text_bytes_per_token": measured["text_bytes_per_token"],
+               "vision_bytes_per_token": sum(pixels) / len(pixels), "measured": measured}
+    write_text_atomic(directory / IO_FILE, json.dumps(summary, indent=2) + "\n")
+
+
+def read_vision_io(directory: Path) -> dict[str, float] | None:
+    """``write_vision_io``'s two figures ({"text_bytes_per_token", "vision_bytes_per_token"}); None
+    where the directory has no record (one-line errors for a malformed one)."""
+    path = directory / IO_FILE
+    if not path.exists():
+        return None
+    d = read_json_object(path)
+    out = {}
+    for key in ("text_bytes_per_token", "vision_bytes_per_token"):
+        v = d.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+            raise ValueError(f"{path}: {key}={v!r} is not a positive number")
+        out[key] = float(v)
+    return out
 
 
 def adapter_state(model: VisionMoEGPT) -> dict[str, torch.Tensor]:

@@ -49,6 +49,11 @@ def add_plan_parser(subparsers, decode_measurers: Callable[[], DecodeMeasurers] 
     g.add_argument("--gated-mlp", action=argparse.BooleanOptionalAction, default=None, help="SwiGLU (else GELU)")
     g.add_argument("--tied-embeddings", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--params", **n, help="set the depth so the total comes nearest this many parameters")
+    g.add_argument("--vision", default=None, metavar="TOWER",
+                   help="a Flamingo-style image side joined to the model (tiny, clip-vit-b-16, clip-vit-l-14, "
+                        "siglip-so400m-14-384): the vision section; a --model directory with one brings its own")
+    g.add_argument("--cross-attention-every", type=number, default=4,
+                   help="with --vision: a gated cross-attention block before every Nth layer (default 4)")
     g = p.add_argument_group("hardware and layout")
     g.add_argument("--hardware", default="a100-40gb", help=f"one of {', '.join(HARDWARE_NAMES)}")
     g.add_argument("--cache-dir", default=None, help="where `local` is cached ($MOEGPT_CACHE or ~/.cache/moegpt)")
@@ -84,8 +89,12 @@ def add_plan_parser(subparsers, decode_measurers: Callable[[], DecodeMeasurers] 
                    "cached) and plan with it (refinement; default: on for --hardware local --model DIR in "
                    "inference mode on one device without --hbm-efficiency, off otherwise)")
     for flag in ("days", "gpu_hour_usd", "target_tps", "words_per_min", "tokens_per_word", "draft_tokens",
-                 "acceptance_rate", "nic_gbps_per_gpu", "bytes_per_token_text", "bytes_per_token_vision"):
+                 "acceptance_rate", "nic_gbps_per_gpu"):
         g.add_argument("--" + flag.replace("_", "-"), dest=flag, **n)
+    for kind in ("text", "vision"):
+        g.add_argument(f"--bytes-per-token-{kind}", dest=f"bytes_per_token_{kind}", **n,
+                       help=f"I/O per {kind} training token (default with a vision --model DIR: what its training "
+                            f"measured, {'the bundled text' if kind == 'text' else 'raw pixels per image token'})")
     g.add_argument("--tokens-per-param", type=number, default=20)
     g.add_argument("--embedding-lookup", action=argparse.BooleanOptionalAction, default=None,
                    help="decode reads only the looked-up rows of an untied input embedding, and spends no FLOPs "
@@ -124,15 +133,19 @@ def inputs_from_args(args):
 
         cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
         hardware = local_hardware(cache_dir, remeasure=args.remeasure)
-    model, preset = None, args.preset
+    model, preset, vision, measured_io = None, args.preset, None, {}
     default_bytes = default_weight_bytes = 2
     if args.model is not None:
         from moegpt.checkpoint.model_dir import read_config
+        from moegpt.checkpoint.vision_dir import has_vision, read_vision_config, read_vision_io
         from moegpt.planner.inputs import model_dir_bytes, model_dir_weight_bytes
 
         model, preset = read_config(args.model), str(args.model)
         default_bytes = model_dir_bytes(args.model)  # fp32 directories: 4-byte weights and KV
         default_weight_bytes = model_dir_weight_bytes(args.model)  # quantized directories: bits / 8
+        if has_vision(Path(args.model)):  # its image side, and the I/O per token its training measured
+            vision = read_vision_config(Path(args.model))
+            measured_io = read_vision_io(Path(args.model)) or {}
     overrides = {field: getattr(args, flag) for flag, field in OVERRIDES.items() if getattr(args, flag) is not None}
     if args.gated_mlp is not None:
         overrides["mlp"] = "swiglu" if args.gated_mlp else "gelu"
@@ -153,7 +166,11 @@ def inputs_from_args(args):
     values = {k: getattr(args, k) for k in names}
     if values["hbm_efficiency"] is None:
         values["hbm_efficiency"] = 1.0
-    inp = make_inputs(preset=preset, model=model, overrides=overrides, hardware=hardware, **byte_widths, **values)
+    for kind in ("text", "vision"):
+        if values[f"bytes_per_token_{kind}"] is None:
+            values[f"bytes_per_token_{kind}"] = measured_io.get(f"{kind}_bytes_per_token")
+    inp = make_inputs(preset=preset, model=model, overrides=overrides, hardware=hardware, **byte_widths, **values,
+                      vision=vision, vision_tower=args.vision, cross_attention_every=args.cross_attention_every)
     if measure:
         from moegpt.planner.local_decode import measure_decode_efficiency, with_measured_efficiency
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moegpt.config import ModelConfig
+from moegpt.vision_config import VisionConfig, tower_preset
 from moegpt.planner.hardware import Hardware, datasheet
 from moegpt.planner.presets import planner_preset, reshaped, with_total_params
 
@@ -153,6 +154,7 @@ class PlanInputs:
     days: float | None
     options: Options
     compare_model: ModelConfig
+    vision: VisionConfig | None = None  # a Flamingo-style image side joined to the model (the vision section)
 
     @property
     def gpus(self) -> float:
@@ -207,7 +209,9 @@ def make_inputs(*, preset: str = "gpt4", model: ModelConfig | None = None, overr
                 compare_tokens: float | None = None, train_flops: float | None = None,
                 tokens_per_param: float = 20.0, nic_gbps_per_gpu: float | None = None,
                 bytes_per_token_text: float | None = None,
-                bytes_per_token_vision: float | None = None, embedding_lookup: bool | None = None) -> PlanInputs:
+                bytes_per_token_vision: float | None = None, embedding_lookup: bool | None = None,
+                vision: VisionConfig | None = None, vision_tower: str | None = None,
+                cross_attention_every: int = 4) -> PlanInputs:
     """Resolve and check every input; the keyword names mirror the CLI's flags.
 
     ``embedding_lookup=None`` turns the refinement on for measured hardware (``local``): that plan
@@ -217,6 +221,13 @@ def make_inputs(*, preset: str = "gpt4", model: ModelConfig | None = None, overr
         cfg = reshaped(cfg, **overrides)
     if params is not None:
         cfg = with_total_params(cfg, params)
+    if vision_tower is not None:  # a tower preset joined to the (reshaped) model, as `moegpt info --vision`
+        if vision is not None:
+            raise ValueError(f"--vision {vision_tower}: the model directory has its own vision part")
+        _int("--cross-attention-every", cross_attention_every)
+        vision = VisionConfig.for_text(cfg, tower_preset(vision_tower), cross_attention_every=cross_attention_every)
+    if vision is not None:
+        vision.check_fits(cfg)
     hw = hardware if isinstance(hardware, Hardware) else datasheet(hardware)
     if embedding_lookup is None:
         embedding_lookup = hw.measured_on is not None
@@ -286,5 +297,5 @@ def make_inputs(*, preset: str = "gpt4", model: ModelConfig | None = None, overr
                         compare_tokens=compare_tokens, train_flops=train_flops, tokens_per_param=tokens_per_param,
                         nic_gbps_per_gpu=nic_gbps_per_gpu, bytes_per_token_text=bytes_per_token_text,
                         bytes_per_token_vision=bytes_per_token_vision, embedding_lookup=bool(embedding_lookup)),
-        compare_model=planner_preset(compare_preset),
+        compare_model=planner_preset(compare_preset), vision=vision,
     )

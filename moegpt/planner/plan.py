@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, is_dataclass
 
-from moegpt.counts import attention_flops_per_token, param_counts
+from moegpt.counts import (attention_flops_per_token, cross_attention_flops_per_token, image_flops, param_counts,
+                           vision_param_counts)
 from moegpt.planner.decode import MoE, Decode, Roofline, StepReads, decode, moe_for_training
 from moegpt.planner.inputs import PlanInputs
 from moegpt.planner.memory import Memory, memory
 from moegpt.planner.training import Training, training
+from moegpt.vision_config import VisionConfig
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: the vision section
 BUBBLE_WARNING = 0.1  # a pipeline idle more than 10% of each step
 
 
@@ -85,6 +87,21 @@ class Derived:
 
 
 @dataclass(frozen=True)
+class Vision:
+    """A Flamingo-style image side (issue 15; beyond PLANNER.md's sections): its parameters, the
+    FLOPs to encode one image, and a text token's FLOPs in the gated cross-attention blocks."""
+
+    tower_params: int
+    resampler_params: int
+    cross_attention_params: int
+    added_params: int
+    cross_attention_layers: int  # gated blocks
+    tokens_per_image: int  # the resampler's latents each text token may attend to
+    flops_per_image: int
+    cross_attention_flops_per_token: int
+
+
+@dataclass(frozen=True)
 class PlanWarning:
     code: str
     message: str
@@ -104,6 +121,7 @@ class Plan:
     training: Training | None  # training only
     inference_cost: InferenceCost | None  # inference only
     derived: Derived
+    vision: Vision | None  # with an image side only
     warnings: tuple[PlanWarning, ...]
     reads: StepReads | None  # inference only; not a PLANNER.md field (the table shows it)
 
@@ -111,7 +129,8 @@ class Plan:
         """The JSON object of PLANNER.md: every section present, null fields where not applicable."""
         out: dict = {"schema_version": SCHEMA_VERSION, "inputs": self.inputs.to_dict(),
                      "hardware": self.inputs.hardware.to_dict()}
-        nulls = {"roofline": Roofline, "decode": Decode, "training": Training, "inference_cost": InferenceCost}
+        nulls = {"roofline": Roofline, "decode": Decode, "training": Training, "inference_cost": InferenceCost,
+                 "vision": Vision}
         for f in fields(self):
             if f.name in ("inputs", "warnings", "reads"):
                 continue
@@ -177,7 +196,16 @@ def plan(inp: PlanInputs) -> Plan:
     )
     return Plan(inputs=inp, model=model, params=params, flops=flops, parallelism=par, memory=mem, moe=moe,
                 roofline=roof, decode=dec, training=train, inference_cost=cost, derived=derived,
+                vision=None if inp.vision is None else vision(inp.vision),
                 warnings=tuple(warnings(inp, mem, dec, train, reading)), reads=reads)
+
+
+def vision(v: VisionConfig) -> Vision:
+    counts = vision_param_counts(v)
+    return Vision(tower_params=counts.tower, resampler_params=counts.resampler,
+                  cross_attention_params=counts.cross_attention, added_params=counts.added,
+                  cross_attention_layers=len(v.cross_attention_layers), tokens_per_image=v.n_latents,
+                  flops_per_image=image_flops(v), cross_attention_flops_per_token=cross_attention_flops_per_token(v))
 
 
 def warnings(inp: PlanInputs, mem: Memory, dec: Decode | None, train: Training | None,

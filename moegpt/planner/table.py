@@ -10,7 +10,7 @@ from __future__ import annotations
 from moegpt.planner.plan import Plan
 
 SECTIONS = ("model", "params", "flops", "parallelism", "memory", "moe", "roofline", "decode", "training",
-            "inference_cost", "derived")
+            "inference_cost", "derived", "vision")
 
 
 def si(x: float, unit: str = "", digits: int = 3) -> str:

@@ -239,6 +239,9 @@ def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=N
                       f"training {', '.join(k for k, on in _vision_parts(finetune).items() if on)}", flush=True)
                 io = trainer.data.bytes_per_token()
                 print("moegpt: I/O per training token: " + ", ".join(f"{k} {v:.1f}" for k, v in io.items()), flush=True)
+                from moegpt.checkpoint.vision_dir import write_vision_io
+
+                write_vision_io(out, io)  # (the planner reads it: moegpt plan --model OUT)
             where = "" if dims is None else f" on {trainer.runtime.world_size} ranks, layout {dims.describe()},"
             what = args.preset if finetune is None else f"from {args.model}"
             dropped = getattr(trainer.data, "dropped", {})

@@ -164,3 +164,16 @@ def test_vision_model_directory_with_a_missing_or_mismatched_part_is_one_line_er
     (tmp_path / "vision_tower" / "config.json").unlink()
     with pytest.raises(ValueError, match="vision_tower/config.json is missing"):
         load(tmp_path)
+
+
+def test_the_recorded_io_per_token_reads_back_and_a_bad_record_is_one_line(tmp_path):
+    from moegpt.checkpoint.vision_dir import IO_FILE, read_vision_io, write_vision_io
+
+    assert read_vision_io(tmp_path) is None  # no record: the planner takes the flags' values
+    write_vision_io(tmp_path, {"shapes_png_bytes_per_token": 9.0, "shapes_pixel_bytes_per_token": 700.0,
+                               "screenshots_png_bytes_per_token": 50.0, "screenshots_pixel_bytes_per_token": 800.0,
+                               "text_bytes_per_token": 3.0})
+    assert read_vision_io(tmp_path) == {"text_bytes_per_token": 3.0, "vision_bytes_per_token": 750.0}
+    (tmp_path / IO_FILE).write_text('{"text_bytes_per_token": 3, "vision_bytes_per_token": -1}')
+    with pytest.raises(ValueError, match=r"vision_io.json: vision_bytes_per_token=-1 is not a positive number"):
+        read_vision_io(tmp_path)

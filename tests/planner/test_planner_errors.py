@@ -37,6 +37,8 @@ def plan_args(argv):
     (["--mode", "train", "--tokens", "13e12", "--days", "1"], "--days 1"),  # over 100% MFU
     (["--n-heads", "7"], "n_heads"),
     (["--markdown"], "--markdown"),
+    (["--vision", "clip-vit-h-99"], "'clip-vit-h-99'"),
+    (["--vision", "tiny", "--cross-attention-every", "0"], "--cross-attention-every 0"),
 ])
 def test_bad_input_is_one_line_naming_it(argv, named):
     args = plan_args(argv)

@@ -1,4 +1,5 @@
-"""`moegpt plan --json` has exactly PLANNER.md's sections and fields, null where not applicable."""
+"""`moegpt plan --json` has exactly PLANNER.md's sections and fields (and the vision section issue 15
+added: schema 1.1), null where not applicable."""
 
 import argparse
 import json
@@ -36,6 +37,8 @@ SECTIONS = {
     "inference_cost": {"usd_per_1k_tokens", "gpu_hour_usd", "cluster_tokens_per_s", "implied_mfu"},
     "derived": {"reading_speed_tok_s", "params_ratio_vs_gpt3", "active_params_ratio_vs_davinci",
                 "train_compute_ratio_vs_gpt3", "chinchilla_token_multiple", "vision_io_ratio"},
+    "vision": {"tower_params", "resampler_params", "cross_attention_params", "added_params", "cross_attention_layers",
+               "tokens_per_image", "flops_per_image", "cross_attention_flops_per_token"},
 }
 INPUTS = {"preset", "hardware", "mode", "parallelism", "workload", "precision", "efficiency", "prices", "gpus", "days"}
 
@@ -52,7 +55,7 @@ def run_plan(argv, capsys) -> dict:
 def test_json_has_exactly_the_planner_fields(mode, capsys):
     d = run_plan(["--mode", mode, "--tp", "8", "--pp", "16", "--gpus", "128", "--tokens", "1e12"], capsys)
     assert set(d) == {"schema_version", "inputs", "warnings", *SECTIONS}
-    assert d["schema_version"] == "1.0"
+    assert d["schema_version"] == "1.1"
     for section, names in SECTIONS.items():
         assert set(d[section]) == names, section
     assert set(d["inputs"]) == INPUTS

@@ -12,6 +12,7 @@ import torch
 from moegpt.checkpoint.model_dir import load, save
 from moegpt.cli import main
 from moegpt.config import preset
+from moegpt.counts import vision_param_counts
 from moegpt.data.tokenizer import Tokenizer
 from moegpt.model import build_model
 from moegpt.model.vision.vision_model import VisionMoEGPT
@@ -35,7 +36,7 @@ def _args(base, out, *extra):
             "--no-eval", "--pretrain-steps", "2", *extra]
 
 
-def test_the_text_model_stays_bit_identical_and_the_new_parts_learn(tmp_path, base_dir):
+def test_the_text_model_stays_bit_identical_and_the_new_parts_learn(tmp_path, base_dir, capsys):
     out = tmp_path / "seeing"
     assert main(_args(base_dir, out, "--steps", "3")) == 0
     base, trained = load(base_dir).model.state_dict(), load(out)
@@ -49,6 +50,12 @@ def test_the_text_model_stays_bit_identical_and_the_new_parts_learn(tmp_path, ba
     assert (out / "vision_tower" / "config.json").is_file()
     pretrained = json.loads((out / "image_pretraining.json").read_text())
     assert pretrained["steps"] == 2 and set(pretrained["accuracy"]) == {"count", "colour", "shape", "position"}
+    # the planner reads the image side and the I/O per token this run measured (issue 15, item 8)
+    capsys.readouterr()
+    assert main(["plan", "--model", str(out), "--json"]) == 0
+    d, io = json.loads(capsys.readouterr().out), json.loads((out / "vision_io.json").read_text())
+    assert d["vision"]["added_params"] == vision_param_counts(trained.model.vision_cfg).added
+    assert d["derived"]["vision_io_ratio"] == io["vision_bytes_per_token"] / io["text_bytes_per_token"] > 10
 
 
 def test_train_text_unfreezes_the_language_model(tmp_path, base_dir):
