@@ -23,7 +23,7 @@ CASES = [(s, layout, O, I) for s in SCHEMES for layout, O, I in [("rows", 301, 2
 
 
 @pytest.mark.parametrize("scheme,layout,O,I", CASES, ids=lambda v: getattr(v, "name", str(v)))
-@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qgemv_is_the_quantized_matmul(scheme, rows, dtype, layout, O, I):
     assert kernels.available()
