@@ -167,11 +167,22 @@ void stacked_products(const float* x, const std::vector<ExpertRows>& groups, con
 }
 
 // out (A, O) = each group's rows of x (A, I) times its expert's matrix of the stack wt (E, O, I): as
-// kernel_product does them one at a time, but full-precision stacks stored (out, in) in one parallel
-// region (moegpt::gemv_out_by_in_many), the same numbers.
+// kernel_product does them one at a time, but full-precision stacks stored (out, in) and quantized
+// ones in tiles each in one parallel region (moegpt::gemv_out_by_in_many, moegpt::tiled_products),
+// the same numbers.
 void expert_products(const float* x, const std::vector<ExpertRows>& groups, const Weight& wt, float* out) {
   const at::Tensor& w = wt.w;
-  if (wt.quantized() || w.stride(2) != 1 || (w.stride(1) == 1 && w.size(1) > 1)) {
+  if (wt.tiled()) {  // quantized in tiles: every chosen expert in one parallel region (moegpt::tiled_products)
+    const at::Tensor& s = *wt.scale;
+    const int64_t I = wt.in_features(), O = wt.out_features();
+    std::vector<moegpt::TiledJob> jobs;
+    for (const ExpertRows& g : groups)
+      jobs.push_back({x + g.start * I,
+                      moegpt::TiledWeight{w.data_ptr<uint8_t>() + g.e * w.stride(0), s.data_ptr<float>() + g.e * s.stride(0),
+                                          wt.bits, s.size(-2), w.stride(1), s.stride(1)},
+                      g.rows, I, O, out + g.start * O});
+    moegpt::tiled_products(jobs.data(), static_cast<int64_t>(jobs.size()));
+  } else if (wt.quantized() || w.stride(2) != 1 || (w.stride(1) == 1 && w.size(1) > 1)) {
     const int64_t I = wt.in_features(), O = wt.out_features();
     for (const ExpertRows& g : groups) kernel_product(x + g.start * I, g.rows, wt, g.e, out + g.start * O);
   } else if (w.scalar_type() == at::kFloat) {

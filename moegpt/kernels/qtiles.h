@@ -211,42 +211,79 @@ inline int32_t tile_byte(const uint8_t* tile, int64_t i, int64_t j, int64_t bits
   return (i & 4) ? b >> 4 : b & 0xF;
 }
 
+// One product of tiled_products: out (M, O) = the int8 activations of x (M, I) times the tiled weight q.
+struct TiledJob {
+  const float* x;
+  TiledWeight q;
+  int64_t M, I, O;
+  float* out;
+};
+
+// Tiles [t0, t1) of job j against its rows (xr: its activations).
+inline void job_tiles(const TiledJob& j, const TileRows& xr, int64_t t0, int64_t t1) {
+  const TiledWeight& q = j.q;
+  const int64_t M = j.M, I = j.I, O = j.O;
+  float* out = j.out;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  if (q.bits == 8) {
+    q.G > 1 ? tiles_range<8, true>(xr, M, I, q, t0, t1, out, O) : tiles_range<8, false>(xr, M, I, q, t0, t1, out, O);
+  } else {
+    q.G > 1 ? tiles_range<4, true>(xr, M, I, q, t0, t1, out, O) : tiles_range<4, false>(xr, M, I, q, t0, t1, out, O);
+  }
+#else
+  const int64_t span = q.G > 1 ? I / q.G : BLOCK, spans = I / span, blocks = I / BLOCK;
+  for (int64_t t = t0; t < t1; ++t) {  // the same sums, one output at a time
+    const uint8_t* tile = q.w + t * q.ldt;
+    const float* s = q.scale + t * q.lds;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < 16; ++r) {
+        float acc = 0.0f;
+        for (int64_t p = 0; p < spans; ++p) {
+          int32_t d = xr.init[m * spans + p];
+          for (int64_t i = p * span; i < (p + 1) * span; ++i) d += tile_byte(tile, i, r, q.bits) * xr.q[m * I + i];
+          const float f = static_cast<float>(d) * (q.G > 1 ? s[16 * p + r] : 1.0f);
+          acc += f * xr.sx[m * blocks + p * span / BLOCK];
+        }
+        out[m * O + 16 * t + r] = q.G > 1 ? acc : acc * s[r];
+      }
+  }
+#endif
+}
+
+// Several products in one parallel region (a step's chosen experts): the jobs' tiles, in order, split
+// into one contiguous range per thread, so each thread streams its tiles one after another and the
+// threads fork and join once (the experts of a batch-16 step are ~14 products of ~2 rows each).
+inline void tiled_products(const TiledJob* jobs, int64_t n) {
+  std::vector<TileRows> rows;
+  std::vector<int64_t> first(n + 1, 0);  // the jobs' first tiles in the joined order
+  int64_t bytes = 0;
+  rows.reserve(n);
+  for (int64_t j = 0; j < n; ++j) {
+    const TiledJob& job = jobs[j];
+    const int64_t T = job.M > 0 ? job.O / 16 : 0;  // (a job without rows adds no tiles)
+    rows.push_back(tile_rows(job.x, job.M, job.I, job.q.bits, job.q.G > 1 ? job.I / job.q.G : BLOCK));
+    first[j + 1] = first[j] + T;
+    bytes += T * 16 * job.I * job.q.bits / 8;
+  }
+  const int64_t total = first[n];
+  if (total == 0) return;
+  int nt = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(total)));
+  if (bytes < 96 * 1024) nt = 1;  // as gemv.h's ONE_THREAD_BYTES
+#pragma omp parallel num_threads(nt)
+  {  // each thread a contiguous range of the joined tiles
+    const int th = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t a = total * th / nth, b = total * (th + 1) / nth;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t t0 = std::max(a, first[j]), t1 = std::min(b, first[j + 1]);
+      if (t0 < t1) job_tiles(jobs[j], rows[j], t0 - first[j], t1 - first[j]);
+    }
+  }
+}
+
 // out (M, O) = the int8 activations of x (M, I) times the tiled weight.
 inline void tiled_product(const float* x, const TiledWeight& q, int64_t M, int64_t I, int64_t O, float* out) {
-  if (M == 0 || O == 0) return;
-  const int64_t T = O / 16, span = q.G > 1 ? I / q.G : BLOCK;
-  const TileRows xr = tile_rows(x, M, I, q.bits, span);
-  int nt = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(T)));
-  if (O * I * q.bits / 8 < 96 * 1024) nt = 1;  // as gemv.h's ONE_THREAD_BYTES
-#pragma omp parallel num_threads(nt)
-  {  // each thread a contiguous range of tiles
-    const int th = omp_get_thread_num(), nth = omp_get_num_threads();
-    const int64_t t0 = T * th / nth, t1 = T * (th + 1) / nth;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-    if (q.bits == 8) {
-      q.G > 1 ? tiles_range<8, true>(xr, M, I, q, t0, t1, out, O) : tiles_range<8, false>(xr, M, I, q, t0, t1, out, O);
-    } else {
-      q.G > 1 ? tiles_range<4, true>(xr, M, I, q, t0, t1, out, O) : tiles_range<4, false>(xr, M, I, q, t0, t1, out, O);
-    }
-#else
-    const int64_t spans = I / span, blocks = I / BLOCK;
-    for (int64_t t = t0; t < t1; ++t) {  // the same sums, one output at a time
-      const uint8_t* tile = q.w + t * q.ldt;
-      const float* s = q.scale + t * q.lds;
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < 16; ++j) {
-          float acc = 0.0f;
-          for (int64_t p = 0; p < spans; ++p) {
-            int32_t d = xr.init[m * spans + p];
-            for (int64_t i = p * span; i < (p + 1) * span; ++i) d += tile_byte(tile, i, j, q.bits) * xr.q[m * I + i];
-            const float f = static_cast<float>(d) * (q.G > 1 ? s[16 * p + j] : 1.0f);
-            acc += f * xr.sx[m * blocks + p * span / BLOCK];
-          }
-          out[m * O + 16 * t + j] = q.G > 1 ? acc : acc * s[j];
-        }
-    }
-#endif
-  }
+  const TiledJob job{x, q, M, I, O, out};
+  tiled_products(&job, 1);
 }
 
 // Checks a tiled weight w (..., T, 16 * P) and its scale (..., T, G, 16); returns I.
