@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from moegpt.checkpoint.hf import EXPERT_NAMES, NAME_MAP
-from moegpt.checkpoint.model_dir import LoadedModel, read_directory
-from moegpt.checkpoint.quantized import hf_bases
+from moegpt.checkpoint.model_dir import LoadedModel, read_directory, read_hf_config
+from moegpt.checkpoint.quantized import check_table, hf_bases, quantizes_embedding
 from moegpt.model import MoEGPT
 from moegpt.quant.fp8 import E4M3
-from moegpt.quant.model import attach, targets
+from moegpt.quant.model import EMBEDDING, attach, targets
 from moegpt.quant.scheme import QuantScheme
 
 Keep = Callable[[str], tuple[slice, ...] | None]
@@ -171,6 +171,10 @@ def load_part(directory: str | Path, keep: Keep, device: str | torch.device = "c
     with torch.device("meta"):
         model = MoEGPT(cfg)
     quantized = {t.name: t for t in targets(model, embedding=True)} if scheme is not None else {}
+    if scheme is not None:  # the embedding table as the config says, whichever rank reads it
+        table = hf_bases(EMBEDDING, cfg.n_experts)[0]
+        check_table(f"{table}.weight_scale" in files, quantizes_embedding(read_hf_config(directory)["quantization_config"]),
+                    scheme, cfg, str(directory))
     for name, p in list(model.named_parameters()):
         part = keep(name)
         if part is None:

@@ -162,11 +162,11 @@ def split_quantized(tensors: dict[str, torch.Tensor], cfg: ModelConfig, scheme: 
         for name, p in MoEGPT(cfg).state_dict().items():
             for e, base in enumerate(hf_bases(name, cfg.n_experts)):
                 expected[base] = tuple(p.shape[1:] if p.dim() == 3 else p.shape)
+    table = hf_bases(EMBEDDING, cfg.n_experts)[0]
     if scheme.float8:
-        if embedding:
-            raise ValueError(f"{where}: an fp8 quantization_config targeting Embedding is not supported "
-                             "(fp8 is for matmuls; int8 or int4 tables are)")
-        return _split_float8(tensors, expected, where)
+        found = _split_float8(tensors, expected, where)
+        check_table(table in found, embedding, scheme, cfg, where)
+        return found
     bases = sorted({k.rsplit(".", 1)[0] for k in tensors if k.rsplit(".", 1)[-1] in SUFFIXES})
     found: dict[str, Stored] = {}
     for base in bases:
@@ -192,13 +192,26 @@ def split_quantized(tensors: dict[str, torch.Tensor], cfg: ModelConfig, scheme: 
         found[base] = Stored(packed=packed.view(torch.uint8)[:, :I * scheme.bits // 8], scale=scale.float())
         tensors[f"{base}.weight"] = torch.empty(O, I, device="meta")
     _check_whole_stacks(found, expected, "weight_packed", where)
-    table = hf_bases(EMBEDDING, cfg.n_experts)[0]
-    if embedding and table not in found:
-        raise ValueError(f"{where}: the quantization_config targets Embedding but {table}.weight_packed is missing")
-    if not embedding and table in found:
-        raise ValueError(f"{where}: unexpected quantized tensor {table}.weight_packed (the quantization_config's "
-                         "targets do not name Embedding)")
+    check_table(table in found, embedding, scheme, cfg, where)
     return found
+
+
+def check_table(stored: bool, targeted: bool, scheme: QuantScheme, cfg: ModelConfig, where: str) -> None:
+    """A quantized embedding table (``stored``) must be what the config's targets say (``targeted``),
+    int8 or int4, and in an untied model; one-line errors naming the tensor."""
+    table = hf_bases(EMBEDDING, cfg.n_experts)[0]
+    suffix = "weight" if scheme.float8 else "weight_packed"
+    if targeted and scheme.float8 or stored and scheme.float8:
+        raise ValueError(f"{where}: an fp8 embedding table ({table}) is not supported (fp8 is for matmuls; int8 "
+                         "or int4 tables are)")
+    if targeted and not stored:
+        raise ValueError(f"{where}: the quantization_config targets Embedding but {table}.{suffix} is missing")
+    if stored and not targeted:
+        raise ValueError(f"{where}: unexpected quantized tensor {table}.{suffix} (the quantization_config's "
+                         "targets do not name Embedding)")
+    if stored and cfg.tie_embeddings:
+        raise ValueError(f"{where}: {table} is quantized but the model ties its LM head to it; a quantized table "
+                         "is for untied models")
 
 
 def _check_whole_stacks(found: dict[str, Stored], expected: dict, suffix: str, where: str) -> None:
@@ -263,7 +276,11 @@ def quantized_config(model: MoEGPT) -> dict | None:
 
 
 def quantizes_embedding(qc: dict) -> bool:
-    """Whether a (parsed) quantization_config's group targets the embedding table."""
+    """Whether a (parsed: ``scheme_from_config`` accepted it) quantization_config's group targets the
+    embedding table, by class name or by a regex naming embed_tokens."""
     (group,) = qc["config_groups"].values()
     targets = group.get("targets") or []
-    return "Embedding" in targets or any(t.startswith("re:") and "embed_tokens" in t for t in targets)
+    if isinstance(targets, str):
+        targets = [targets]
+    return any(isinstance(t, str) and (t == "Embedding" or (t.startswith("re:") and "embed_tokens" in t))
+               for t in targets)

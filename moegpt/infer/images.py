@@ -13,13 +13,14 @@ import torch
 
 from moegpt.data.tokenizer import IMAGE, Tokenizer
 from moegpt.infer.image_cache import ImageCacheFull, ImageKVCache
+from moegpt.model import compute_weight
 from moegpt.model.vision.vision_model import VisionMoEGPT
 
 
 class RequestImages:
     def __init__(self, model: VisionMoEGPT, num_blocks: int):
         self.model = model
-        v, param = model.vision_cfg, next(model.parameters())
+        v, param = model.vision_cfg, compute_weight(model)
         self.cache = ImageKVCache(v.cross_attention_layers, num_blocks, v.n_latents, v.cross_attention_heads,
                                   v.cross_attention_head_dim, param.dtype, param.device)
 
@@ -41,7 +42,7 @@ class RequestImages:
     def _filler(self, pixels: torch.Tensor):
         def fill(block: int) -> None:
             with torch.no_grad():
-                latents = self.model.encode_images(pixels[None].to(self.model.text.embed.weight.device))  # (1, L, Dv)
+                latents = self.model.encode_images(pixels[None].to(compute_weight(self.model).device))  # (1, L, Dv)
                 self.cache.write(block, self.model.image_keys_values(latents))
         return fill
 

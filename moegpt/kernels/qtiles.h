@@ -25,6 +25,7 @@
 namespace moegpt {
 
 constexpr int64_t PREFETCH_TILES = 2;  // tiles ahead of the ones being multiplied
+constexpr int64_t STREAM_ROWS = 4;  // up to this many rows of x: one tile after another (tiles_range)
 
 struct TiledWeight {
   const uint8_t* w;  // (T, 16 * I * bits / 8) tiles, ldt bytes apart
@@ -151,8 +152,6 @@ inline void tile_block(const TileRows& xr, int64_t m0, int64_t I, int64_t G, con
       _mm512_storeu_ps(out + m * O + 16 * t, GROUPED ? acc[t][m] : _mm512_mul_ps(acc[t][m], _mm512_loadu_ps(s + t * lds)));
 }
 
-constexpr int64_t STREAM_ROWS = 4;  // up to this many rows of x: one tile after another (tiles_range)
-
 // Tiles [t0, t1) against every row of x. Up to STREAM_ROWS rows, one tile after another without
 // software prefetch: a tile's 16 rows are contiguous and so are consecutive tiles, so each thread
 // reads one sequential stream, the hardware prefetcher's best case (the SPLIT chains keep VPDPBUSD
@@ -252,17 +251,20 @@ inline void job_tiles(const TiledJob& j, const TileRows& xr, int64_t t0, int64_t
 
 // Several products in one parallel region (a step's chosen experts): the jobs' tiles, in order, split
 // into one contiguous range per thread, so each thread streams its tiles one after another and the
-// threads fork and join once (the experts of a batch-16 step are ~14 products of ~2 rows each).
+// threads fork and join once (the experts of a batch-16 step are ~14 products of ~2 rows each). A
+// tile weighs one unit per STREAM_ROWS rows of its job (more rows are compute-bound), and belongs
+// to the thread whose range holds its first unit, so every tile is done once.
 inline void tiled_products(const TiledJob* jobs, int64_t n) {
   std::vector<TileRows> rows;
-  std::vector<int64_t> first(n + 1, 0);  // the jobs' first tiles in the joined order
+  std::vector<int64_t> first(n + 1, 0), units(n, 0);  // each job's first unit in the joined order; per tile
   int64_t bytes = 0;
   rows.reserve(n);
   for (int64_t j = 0; j < n; ++j) {
     const TiledJob& job = jobs[j];
     const int64_t T = job.M > 0 ? job.O / 16 : 0;  // (a job without rows adds no tiles)
     rows.push_back(tile_rows(job.x, job.M, job.I, job.q.bits, job.q.G > 1 ? job.I / job.q.G : BLOCK));
-    first[j + 1] = first[j] + T;
+    units[j] = (job.M + STREAM_ROWS - 1) / STREAM_ROWS;
+    first[j + 1] = first[j] + T * units[j];
     bytes += T * 16 * job.I * job.q.bits / 8;
   }
   const int64_t total = first[n];
@@ -270,12 +272,15 @@ inline void tiled_products(const TiledJob* jobs, int64_t n) {
   int nt = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(total)));
   if (bytes < 96 * 1024) nt = 1;  // as gemv.h's ONE_THREAD_BYTES
 #pragma omp parallel num_threads(nt)
-  {  // each thread a contiguous range of the joined tiles
+  {  // each thread a contiguous range [a, b) of the joined units
     const int th = omp_get_thread_num(), nth = omp_get_num_threads();
     const int64_t a = total * th / nth, b = total * (th + 1) / nth;
     for (int64_t j = 0; j < n; ++j) {
-      const int64_t t0 = std::max(a, first[j]), t1 = std::min(b, first[j + 1]);
-      if (t0 < t1) job_tiles(jobs[j], rows[j], t0 - first[j], t1 - first[j]);
+      if (units[j] == 0) continue;
+      const int64_t lo = std::max(a, first[j]) - first[j], hi = std::min(b, first[j + 1]) - first[j];
+      if (lo >= hi) continue;
+      const int64_t t0 = (lo + units[j] - 1) / units[j], t1 = (hi + units[j] - 1) / units[j];  // first units inside
+      if (t0 < t1) job_tiles(jobs[j], rows[j], t0, t1);
     }
   }
 }
@@ -295,8 +300,9 @@ inline int64_t tiled_in_features(const at::Tensor& w, const at::Tensor& scale, i
               "rows contiguous and an fp32 scale (..., T, G, 16) on the CPU, got ", w.sizes(), " and ", scale.sizes());
   const int64_t I = w.size(-1) / 16 * 8 / bits, G = scale.size(-2);
   TORCH_CHECK(scale.size(-1) == 16 && scale.size(-3) == w.size(-2) && G >= 1 && I % BLOCK == 0 && I % G == 0 &&
-              (G == 1 || BLOCK % (I / G) == 0), op, ": scale ", scale.sizes(), " does not match tiled weight ",
-              w.sizes(), " (inputs a multiple of ", BLOCK, ", groups dividing ", BLOCK, ")");
+              (G == 1 || (BLOCK % (I / G) == 0 && (I / G) % 32 == 0)), op, ": scale ", scale.sizes(),
+              " does not match tiled weight ", w.sizes(), " (inputs a multiple of ", BLOCK,
+              ", groups of 32 to ", BLOCK, " inputs dividing ", BLOCK, ")");
   return I;
 }
 

@@ -52,7 +52,7 @@ def add_plan_parser(subparsers, decode_measurers: Callable[[], DecodeMeasurers] 
     g.add_argument("--vision", default=None, metavar="TOWER",
                    help="a Flamingo-style image side joined to the model (tiny, clip-vit-b-16, clip-vit-l-14, "
                         "siglip-so400m-14-384): the vision section; a --model directory with one brings its own")
-    g.add_argument("--cross-attention-every", type=number, default=4,
+    g.add_argument("--cross-attention-every", type=number, default=None,
                    help="with --vision: a gated cross-attention block before every Nth layer (default 4)")
     g = p.add_argument_group("hardware and layout")
     g.add_argument("--hardware", default="a100-40gb", help=f"one of {', '.join(HARDWARE_NAMES)}")

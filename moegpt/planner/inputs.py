@@ -211,7 +211,7 @@ def make_inputs(*, preset: str = "gpt4", model: ModelConfig | None = None, overr
                 bytes_per_token_text: float | None = None,
                 bytes_per_token_vision: float | None = None, embedding_lookup: bool | None = None,
                 vision: VisionConfig | None = None, vision_tower: str | None = None,
-                cross_attention_every: int = 4) -> PlanInputs:
+                cross_attention_every: int | None = None) -> PlanInputs:
     """Resolve and check every input; the keyword names mirror the CLI's flags.
 
     ``embedding_lookup=None`` turns the refinement on for measured hardware (``local``): that plan
@@ -224,8 +224,10 @@ def make_inputs(*, preset: str = "gpt4", model: ModelConfig | None = None, overr
     if vision_tower is not None:  # a tower preset joined to the (reshaped) model, as `moegpt info --vision`
         if vision is not None:
             raise ValueError(f"--vision {vision_tower}: the model directory has its own vision part")
-        _int("--cross-attention-every", cross_attention_every)
-        vision = VisionConfig.for_text(cfg, tower_preset(vision_tower), cross_attention_every=cross_attention_every)
+        every = _int("--cross-attention-every", 4 if cross_attention_every is None else cross_attention_every)
+        vision = VisionConfig.for_text(cfg, tower_preset(vision_tower), cross_attention_every=every)
+    elif cross_attention_every is not None:
+        raise ValueError(f"--cross-attention-every {cross_attention_every} goes with --vision TOWER")
     if vision is not None:
         vision.check_fits(cfg)
     hw = hardware if isinstance(hardware, Hardware) else datasheet(hardware)

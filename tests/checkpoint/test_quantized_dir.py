@@ -141,6 +141,20 @@ def test_an_embedding_table_at_odds_with_the_config_fails_at_load_naming_it(tmp_
         load(tmp_path)
 
 
+def test_a_quantized_table_in_a_tied_model_fails_at_load_naming_it(tmp_path):
+    from moegpt.checkpoint.partial import load_part
+
+    _quantized_dir(tmp_path, QuantScheme(bits=8), embedding=True)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    config["tie_word_embeddings"] = True
+    path.write_text(json.dumps(config))
+    _rewrite(tmp_path, lambda t: [t.pop(k) for k in list(t) if k.startswith("lm_head.")])
+    for read in (load, lambda d: load_part(d, lambda name: ())):  # one process, and a serving rank
+        with pytest.raises(ValueError, match="model.embed_tokens is quantized but the model ties its LM head"):
+            read(tmp_path)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("quant_method", "gptq", "quant_method='gptq' is not supported"),
     ("format", "marlin-24", "quantization format 'marlin-24' is not supported"),

@@ -39,6 +39,7 @@ def plan_args(argv):
     (["--markdown"], "--markdown"),
     (["--vision", "clip-vit-h-99"], "'clip-vit-h-99'"),
     (["--vision", "tiny", "--cross-attention-every", "0"], "--cross-attention-every 0"),
+    (["--cross-attention-every", "2"], "--cross-attention-every 2 goes with --vision"),
 ])
 def test_bad_input_is_one_line_naming_it(argv, named):
     args = plan_args(argv)

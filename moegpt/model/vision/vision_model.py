@@ -95,7 +95,7 @@ class VisionMoEGPT(nn.Module):
     def image_keys_values(self, latents: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """latents (N, L, Dv) -> each gated layer's image keys and values (N, L, H, Dh), by decoder
         layer: what a serving cache computes once per image and keeps."""
-        return {int(i): block.attn.keys_values(latents.to(self.text.embed.weight.dtype))
+        return {int(i): block.attn.keys_values(latents.to(self.text.norm.weight.dtype))
                 for i, block in self.cross_attn.items()}
 
     def cross_attend(self, layer: int, x: torch.Tensor, images: ImageContext) -> torch.Tensor:
@@ -143,7 +143,7 @@ def add_vision(model: MoEGPT, cfg: VisionConfig, tower: VisionTower | None = Non
     """Join ``model`` to an image tower (``tower``, e.g. a loaded CLIP, or a fresh one) through a new
     resampler and gated cross-attention blocks; the new parts take the text model's device and dtype."""
     cfg.check_fits(model.cfg)
-    weight = model.embed.weight
+    weight = model.norm.weight  # (dtype and device, without dequantizing a quantized table)
     fresh = tower is None
     if fresh:
         with torch.device("meta"):
