@@ -201,7 +201,7 @@ def check_table(stored: bool, targeted: bool, scheme: QuantScheme, cfg: ModelCon
     int8 or int4, and in an untied model; one-line errors naming the tensor."""
     table = hf_bases(EMBEDDING, cfg.n_experts)[0]
     suffix = "weight" if scheme.float8 else "weight_packed"
-    if targeted and scheme.float8 or stored and scheme.float8:
+    if scheme.float8 and (targeted or stored):
         raise ValueError(f"{where}: an fp8 embedding table ({table}) is not supported (fp8 is for matmuls; int8 "
                          "or int4 tables are)")
     if targeted and not stored:
