@@ -34,7 +34,7 @@ demo: $(VENV)/.installed
 	$(BIN)/moegpt demo
 
 # context extension (docs/finetune.md): a tiny model pre-trained at 128 tokens, taught passkey
-# retrieval at 128, then extended to 512 (YaRN) on pass keys and text; passkey by length and depth
+# retrieval at 128, then extended to 512 (YaRN) on pass keys of 128-512 tokens and text; passkey by length and depth
 # before and after, and text perplexity by position against the pre-trained model's; about 14.5 minutes
 demo-context: $(VENV)/.installed-dev
 	$(BIN)/moegpt demo --set max_seq_len=128 --out runs/demo-128

@@ -58,18 +58,20 @@ class Lengths:
         return self.base
 
 
-def passkey_source(epochs: float, count_tokens: CountTokens, max_tokens: int, *, n_train: int = 4000,
-                   n_val: int = 200, seed: int = 0) -> ConversationSet:
-    """Conversations whose lengths run uniformly from the shortest to ``max_tokens`` (a row), at
-    uniform depths; the held-out set is drawn by another seed (its keys are fresh draws)."""
+def passkey_source(epochs: float, count_tokens: CountTokens, max_tokens: int, *, min_tokens: int | None = None,
+                   n_train: int = 4000, n_val: int = 200, seed: int = 0) -> ConversationSet:
+    """Conversations whose lengths run uniformly from the shortest (or from about ``min_tokens``) to
+    ``max_tokens`` (a row), at uniform depths; the held-out set is drawn by another seed (its keys
+    are fresh draws)."""
     lengths = Lengths(count_tokens)
     most = lengths.repeats_for(max_tokens)
     if most < 1:
         raise ValueError(f"a passkey conversation needs more than {lengths.shortest} tokens; a row holds {max_tokens}")
+    least = 0 if min_tokens is None else min(lengths.repeats_for(min_tokens), most)
 
     def draw(n: int, salt: int) -> tuple[Conversation, ...]:
         rng = random.Random(f"passkey-{seed}-{salt}")
-        return tuple(passkey_conversation(rng.randrange(10_000, 100_000), rng.randint(0, most), rng.random())
+        return tuple(passkey_conversation(rng.randrange(10_000, 100_000), rng.randint(least, most), rng.random())
                      for _ in range(n))
 
     return ConversationSet(name="passkey", epochs=epochs, train=draw(n_train, 0), val=draw(n_val, 1),

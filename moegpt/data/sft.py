@@ -145,10 +145,12 @@ def conversations_digest(sources: Sequence[ConversationSet | CorpusSet]) -> str:
 
 def parse_conversation_mixture(spec: str, val_fraction: float, seed: int = 0, *,
                                count_tokens: Callable[[Conversation], int] | None = None,
-                               max_tokens: int | None = None) -> tuple[ConversationSet | CorpusSet, ...]:
+                               max_tokens: int | None = None,
+                               min_tokens: int | None = None) -> tuple[ConversationSet | CorpusSet, ...]:
     """A CLI mixture of fine-tuning sources, e.g. "instructions:1", "instructions:1,mine=chats.jsonl:2"
     or "passkey:1,text:1": ``instructions`` and ``passkey`` are generated (instructions.py,
-    passkey.py: its lengths run up to ``max_tokens`` as ``count_tokens`` counts them), ``text`` and
+    passkey.py: its lengths run up to ``max_tokens`` as ``count_tokens`` counts them, from about
+    ``min_tokens`` where given), ``text`` and
     ``code`` the pre-training corpora as plain text rows, ``copy`` spans of the Shakespeare corpus
     each followed by itself (CorpusSet.repeat_span), ``NAME=FILE.jsonl`` conversations, ``NAME=PATH``
     (any other file, or a directory) plain text rows."""
@@ -173,7 +175,7 @@ def parse_conversation_mixture(spec: str, val_fraction: float, seed: int = 0, *,
         elif head == "passkey":
             if count_tokens is None or max_tokens is None:
                 raise ValueError("--data passkey needs the model's tokenizer and a row length")
-            source = passkey_source(epochs, count_tokens, max_tokens, seed=seed)
+            source = passkey_source(epochs, count_tokens, max_tokens, min_tokens=min_tokens, seed=seed)
         elif head in ("text", "code"):
             corpus = shakespeare_source(epochs) if head == "text" else stdlib_code_source(epochs)
             source = CorpusSet(name=head, epochs=epochs, source=corpus)

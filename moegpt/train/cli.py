@@ -197,8 +197,12 @@ def run_training(args, out: Path, resume: bool, before_setup=None, after_setup=N
         model_cfg, sources = finetune.model_cfg, parse_vision_mixture(args.data)
     else:
         model_cfg = finetune.model_cfg
+        # a context extension's pass keys are at least the original context long: the base retrieves
+        # within it already, and the rows' compute goes to the distances it has never seen
+        extends = "context" in finetune.settings
         sources = parse_conversation_mixture(
             args.data, train_cfg.val_fraction, train_cfg.seed, max_tokens=train_cfg.seq_len + 1,
+            min_tokens=model_cfg.rope_scaling.original_max_seq_len if extends else None,
             count_tokens=lambda conv: len(finetune.chat.tokens(finetune.tokenizer, list(conv))[0]))
         # the conversations themselves, so a resume refuses a data file edited since
         finetune = dataclasses.replace(finetune, settings={**finetune.settings,

@@ -57,6 +57,10 @@ def test_passkey_conversations_fill_their_length_and_hide_the_key_at_its_depth(t
     assert {c[1]["content"] for c in source.val}.isdisjoint({c[1]["content"] for c in source.train[:20]})
     again = passkey_source(1.0, count, 300, n_train=200, n_val=20)
     assert again.train == source.train  # deterministic
+    # a context extension's: from about the original context (within one filler sentence) to the row
+    longer = passkey_source(1.0, count, 300, min_tokens=150, n_train=200, n_val=20)
+    lengths = [count(c) for c in longer.train + longer.val]
+    assert 150 - 40 < min(lengths) <= 150 < 250 < max(lengths) <= 300
 
 
 def test_plain_text_rows_are_the_corpus_blocks_with_every_token_a_target(tmp_path, tok):
