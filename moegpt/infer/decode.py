@@ -47,7 +47,7 @@ from moegpt.model.layers import rms_norm
 from moegpt.model.rope import rope_cos_sin
 from moegpt.quant.fp8 import E4M3, fp8_matmul
 from moegpt.quant.model import has_weight, model_scheme, stored_tensors
-from moegpt.quant.scheme import dequantize, product_activations, quantized_matmul, rows
+from moegpt.quant.scheme import dequantize, dequantize_rows, product_activations, quantized_matmul, rows
 
 
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]  # (decoder layer, x (B, D)) -> x (B, D)
@@ -116,10 +116,9 @@ class Table:
         self.w, self.scale, self.bits, self.dtype = w, scale, bits, dtype
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        found = self.w.index_select(0, tokens)
         if self.scale is None:
-            return found
-        return dequantize(found, self.scale.index_select(0, tokens), self.bits, self.dtype)
+            return self.w.index_select(0, tokens)
+        return dequantize_rows(self.w, self.scale, tokens, self.bits, self.dtype)
 
 
 KERNEL_ASSIGNMENTS = 8  # the C++ layer for up to this many assignments per expert on average (B*K / E):

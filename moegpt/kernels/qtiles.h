@@ -163,9 +163,11 @@ inline void tile_block(const TileRows& xr, int64_t m0, int64_t I, int64_t G, con
 template <int BITS, bool GROUPED>
 inline void tiles_range(const TileRows& xr, int64_t M, int64_t I, const TiledWeight& q, int64_t t0, int64_t t1,
                         float* out, int64_t O) {
+  const bool stream = M <= STREAM_ROWS;  // one tile at a time, no software prefetch
   auto run = [&](auto mr, auto nt, int64_t m0, int64_t t) {
     constexpr int MR = decltype(mr)::value, NT = decltype(nt)::value;
-    const uint8_t* ahead = m0 == 0 && t + PREFETCH_TILES + NT <= t1 ? q.w + (t + PREFETCH_TILES) * q.ldt : nullptr;
+    const uint8_t* ahead = !stream && m0 == 0 && t + PREFETCH_TILES + NT <= t1 ? q.w + (t + PREFETCH_TILES) * q.ldt
+                                                                                : nullptr;
     tile_block<MR, NT, BITS, GROUPED>(xr, m0, I, q.G, q.w + t * q.ldt, q.ldt, q.scale + t * q.lds, q.lds,
                                       out + m0 * O + 16 * t, O, ahead);
   };
@@ -173,18 +175,13 @@ inline void tiles_range(const TileRows& xr, int64_t M, int64_t I, const TiledWei
   using I2 = std::integral_constant<int, 2>;
   using I3 = std::integral_constant<int, 3>;
   using I4 = std::integral_constant<int, 4>;
-  if (M <= STREAM_ROWS) {
-    auto one = [&](auto mr, int64_t t) {
-      constexpr int MR = decltype(mr)::value;
-      tile_block<MR, 1, BITS, GROUPED>(xr, 0, I, q.G, q.w + t * q.ldt, q.ldt, q.scale + t * q.lds, q.lds,
-                                       out + 16 * t, O, nullptr);
-    };
+  if (stream) {
     for (int64_t t = t0; t < t1; ++t) {
       switch (M) {
-        case 4: one(I4{}, t); break;
-        case 3: one(I3{}, t); break;
-        case 2: one(I2{}, t); break;
-        default: one(I1{}, t); break;
+        case 4: run(I4{}, I1{}, 0, t); break;
+        case 3: run(I3{}, I1{}, 0, t); break;
+        case 2: run(I2{}, I1{}, 0, t); break;
+        default: run(I1{}, I1{}, 0, t); break;
       }
     }
     return;

@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 import moegpt.kernels as kernels
 from moegpt.model.attention import Attention
 from moegpt.model.experts import Experts, expert_mlp
-from moegpt.quant.scheme import QuantScheme, dequantize, quantize, rows
+from moegpt.quant.scheme import QuantScheme, dequantize, dequantize_rows, quantize, rows
 
 
 class Dequantized(nn.Module):
@@ -141,7 +141,7 @@ def quantized_lookup(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     """A quantized embedding table's forward, ids (...) -> rows (..., D): only the rows looked up are
     dequantized (the whole table would be the model's largest tensor, in full precision, per call)."""
     packed, dq = stored(table, "weight")
-    return dequantize(packed[ids], dq.scale[ids], dq.scheme.bits, dq.dtype)
+    return dequantize_rows(packed, dq.scale, ids, dq.scheme.bits, dq.dtype)
 
 
 def expert_weight(experts: Experts, name: str, e: int) -> torch.Tensor:

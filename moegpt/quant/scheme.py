@@ -134,6 +134,13 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torc
     return w.view(*lead, O, I).to(dtype)
 
 
+def dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor, bits: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows ``ids`` (...) of a row-packed (V, P) weight with scale (V, G) -> (..., I) in ``dtype``: an
+    embedding table's lookup, only the rows read dequantized."""
+    return dequantize(packed[ids], scale[ids], bits, dtype)
+
+
 def in_features(packed: torch.Tensor, bits: int) -> int:
     """I of a packed (..., O, P) weight."""
     return packed.shape[-1] * 8 // bits
